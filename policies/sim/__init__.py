@@ -1,0 +1,1 @@
+"""Discrete-event simulator: the same policy objects as the live service, on synthetic or real load."""

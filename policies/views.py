@@ -1,0 +1,127 @@
+"""Typed, immutable views the policies see, and the decisions they return.
+
+The live service builds these from Redis stats and the worker pool; the simulator builds them from its
+own state. Policies never see anything else, which is what lets one policy object run in both places.
+Times are seconds on the caller's clock (`now_s`); the simulator's clock starts at 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """One job as level 1 sees it when routing."""
+
+    job_id: str
+    job_type: str
+    arrival_s: float
+    # Expected service seconds on one worker of the job's queue; 0.0 when nothing is known.
+    size_estimate_s: float = 0.0
+    priority: int = 0
+    # Absolute deadline on the same clock as arrival_s; None means no deadline.
+    deadline_s: float | None = None
+    tenant: str | None = None
+    tags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """One task queue and the workers assigned to it, as both levels see it."""
+
+    name: str
+    # Job types this queue accepts; rule routing only sends these here.
+    job_types: frozenset[str]
+    depth: int = 0
+    # Expected seconds of work waiting, for one worker (sum of size estimates).
+    backlog_s: float = 0.0
+    oldest_wait_s: float = 0.0
+    arrival_rate_per_s: float = 0.0
+    # Mean service seconds of one job on one worker.
+    service_time_s: float = 1.0
+    # Workers with the model loaded (idle or busy); busy is a subset of ready.
+    workers_ready: int = 0
+    workers_busy: int = 0
+    # Workers assigned to this queue but still loading its model.
+    workers_loading: int = 0
+    # Seconds a worker spends loading this queue's model when it is moved here.
+    model_load_s: float = 0.0
+    # Target job completion time; None means no SLO.
+    slo_s: float | None = None
+    # Tags a job must carry (all of them) to be routed here by rule; empty means any.
+    required_tags: frozenset[str] = frozenset()
+
+    @property
+    def allocated(self) -> int:
+        """Workers currently assigned to this queue, loaded or loading."""
+        return self.workers_ready + self.workers_loading
+
+    @property
+    def in_system(self) -> int:
+        """Jobs waiting or in service."""
+        return self.depth + self.workers_busy
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """Everything level 2 sees at one tick."""
+
+    now_s: float
+    tick_s: float
+    # Total workers the allocation may use.
+    budget: int
+    queues: tuple[QueueView, ...]
+
+    def allocation(self) -> dict[str, int]:
+        """The current allocation, {queue: workers}."""
+        return {q.name: q.allocated for q in self.queues}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Level 1's answer for a job no queue may take; `reason` is shown to the user."""
+
+    reason: str
+
+
+# Level 1 decides a queue name (or a rejection) per job; level 2 a target {queue: workers}.
+RouteDecision = str | Rejection
+Allocation = dict[str, int]
+
+
+class Router(Protocol):
+    """Level 1: picks a queue for each job of a batch, in order."""
+
+    name: str
+
+    def route_batch(
+        self,
+        jobs: Sequence[JobView],
+        queues: Sequence[QueueView],
+        rng: np.random.Generator,
+    ) -> list[RouteDecision]: ...
+
+
+class Allocator(Protocol):
+    """Level 2: a target number of workers per queue for this tick."""
+
+    name: str
+
+    def allocate(self, view: ClusterView) -> Allocation: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationBounds:
+    """Guardrail limits; queues missing from the maps get the defaults."""
+
+    min_workers: Mapping[str, int] = field(default_factory=dict)
+    max_workers: Mapping[str, int] = field(default_factory=dict)
+    default_min: int = 0
+    default_max: int | None = None
+    # At most this many workers change queue per tick; None means no cap.
+    max_moves_per_tick: int | None = None
