@@ -1,0 +1,353 @@
+"""The Python client: submit jobs, wait for results, cancel. `AsyncClient` is the core; `Client`
+runs it on a private event loop thread for synchronous code. Both are context managers.
+
+With no Redis URL (argument, settings or BILEVEL_REDIS_URL) the client starts a private embedded Redis
+server and stops it on close: handy on a laptop, useless to other processes unless given its `url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from pydantic import SecretStr
+
+from scheduler.codes import Code
+from scheduler.connection import check_connection, client_from_url
+from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.errors import InvalidJob, JobCancelled, JobFailed, JobTimeout
+from scheduler.logs import configure_logging
+from scheduler.models import Job, JobStatus, build_spec, new_job_id
+from scheduler.settings import Settings
+from scheduler.store import NewJob, Store, StoreStats
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One job for `submit_many`; the options mean what `submit`'s keyword arguments mean."""
+
+    job_type: str
+    payload: Any = None
+    priority: int = 0
+    deadline_s: float | None = None
+    delay_s: float = 0.0
+    idempotency_key: str | None = None
+    tenant: str | None = None
+    tags: Sequence[str] = field(default_factory=tuple)
+    max_retries: int = 3
+    timeout_s: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "priority": self.priority,
+            "deadline_s": self.deadline_s,
+            "delay_s": self.delay_s,
+            "idempotency_key": self.idempotency_key,
+            "tenant": self.tenant,
+            "tags": tuple(self.tags),
+            "max_retries": self.max_retries,
+            "timeout_s": self.timeout_s,
+        }
+
+
+def _outcome(job: Job) -> Any:
+    """The result of a finished job, or the exception that stands for its failure."""
+    if job.status is JobStatus.SUCCEEDED:
+        return job.result
+    if job.status is JobStatus.CANCELLED:
+        raise JobCancelled(job.id)
+    error = job.error
+    raise JobFailed(
+        job.id,
+        error.type if error else "UnknownError",
+        error.message if error else "the job died without an error record",
+        error.traceback if error else None,
+    )
+
+
+class AsyncJobHandle:
+    """A submitted job. `created` is False when an idempotency key returned an earlier job."""
+
+    def __init__(self, client: AsyncClient, job_id: str, *, created: bool = True) -> None:
+        self.client = client
+        self.id = job_id
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"AsyncJobHandle({self.id!r})"
+
+    async def info(self) -> Job:
+        """The job's full record."""
+        return await self.client.get(self.id)
+
+    async def status(self) -> JobStatus:
+        return (await self.info()).status
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the result. Raises JobFailed, JobCancelled, or JobTimeout after `timeout` s.
+        Wakes as soon as the job finishes: it blocks on the job's done list, it does not poll."""
+        try:
+            job = await self.client.store.wait_finished(self.id, timeout)
+        except TimeoutError:
+            raise JobTimeout(self.id, timeout or 0.0) from None
+        return _outcome(job)
+
+    async def cancel(self) -> bool:
+        """Cancel the job; True if it is cancelled or its worker was told to stop it."""
+        code = await self.client.store.cancel(self.id)
+        return code in (Code.OK, Code.CANCEL_PENDING)
+
+
+class AsyncClient:
+    """Submits jobs to a bilevel deployment. Use `async with AsyncClient(...) as client:`."""
+
+    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+        settings = settings or Settings()
+        if url is not None:
+            settings = settings.model_copy(update={"redis_url": SecretStr(url)})
+        self.settings = settings
+        self.embedded: EmbeddedRedis | None = None
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("client is not connected: use `async with` or await connect()")
+        return self._store
+
+    @property
+    def url(self) -> str:
+        """The Redis URL in use (an embedded server's included); contains credentials if any."""
+        url = self.settings.url()
+        if url is None:
+            raise RuntimeError("client is not connected")
+        return url
+
+    async def connect(self) -> Self:
+        if self._store is not None:
+            return self
+        configure_logging(self.settings.log_format, self.settings.log_level)
+        url = self.settings.url()
+        if url is None:
+            self.embedded = EmbeddedRedis().start()
+            url = self.embedded.url
+            self.settings = self.settings.model_copy(update={"redis_url": SecretStr(url)})
+        redis = client_from_url(url)
+        try:
+            await check_connection(redis, url)
+        except BaseException:
+            await redis.aclose()
+            self._stop_embedded()
+            raise
+        self._store = Store(redis, self.settings)
+        return self
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.redis.aclose()
+            self._store = None
+        self._stop_embedded()
+
+    def _stop_embedded(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def submit(
+        self,
+        job_type: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        deadline_s: float | None = None,
+        delay_s: float = 0.0,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+        tags: Sequence[str] = (),
+        max_retries: int = 3,
+        timeout_s: float | None = None,
+    ) -> AsyncJobHandle:
+        """Submit one job. Raises InvalidJob (naming the field) before anything is written."""
+        request = JobRequest(
+            job_type, payload, priority, deadline_s, delay_s, idempotency_key, tenant, tags,
+            max_retries, timeout_s,
+        )  # fmt: skip
+        return (await self.submit_many([request]))[0]
+
+    async def submit_many(self, requests: Iterable[JobRequest]) -> list[AsyncJobHandle]:
+        """Submit many jobs in one round trip. All are validated first: if one is invalid,
+        InvalidJob names it (`jobs[i].field`) and none is written."""
+        new_jobs: list[NewJob] = []
+        for i, request in enumerate(requests):
+            try:
+                spec, text = build_spec(
+                    request.job_type,
+                    request.payload,
+                    request.options(),
+                    max_payload_bytes=self.settings.max_payload_bytes,
+                )
+            except InvalidJob as exc:
+                raise InvalidJob(f"jobs[{i}].{exc.field}", exc.message) from None
+            new_jobs.append(NewJob(new_job_id(), spec, text))
+        if not new_jobs:
+            return []
+        results = await self.store.submit(new_jobs)
+        return [AsyncJobHandle(self, job_id, created=code is Code.OK) for code, job_id in results]
+
+    def handle(self, job_id: str) -> AsyncJobHandle:
+        """A handle for a job submitted earlier (by id)."""
+        return AsyncJobHandle(self, job_id, created=False)
+
+    async def get(self, job_id: str) -> Job:
+        """The job's record; JobNotFound if there is none."""
+        return await self.store.get(job_id)
+
+    async def stats(self, queues: Iterable[str] = ()) -> StoreStats:
+        return await self.store.stats(queues)
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread, for calling async code from sync code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="bilevel-client", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+class JobHandle:
+    """The synchronous face of AsyncJobHandle."""
+
+    def __init__(self, inner: AsyncJobHandle, runner: _LoopThread) -> None:
+        self._inner = inner
+        self._runner = runner
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def created(self) -> bool:
+        return self._inner.created
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def _run(self, awaitable: Awaitable[T]) -> T:
+        async def wrap() -> T:
+            return await awaitable
+
+        return self._runner.run(wrap())
+
+    def info(self) -> Job:
+        return self._run(self._inner.info())
+
+    def status(self) -> JobStatus:
+        return self._run(self._inner.status())
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the result; see AsyncJobHandle.result."""
+        return self._run(self._inner.result(timeout))
+
+    def cancel(self) -> bool:
+        return self._run(self._inner.cancel())
+
+
+class Client:
+    """Synchronous client: the same API as AsyncClient, for code without an event loop."""
+
+    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+        self._async = AsyncClient(url, settings=settings)
+        self._runner: _LoopThread | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self._async.settings
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    @property
+    def async_client(self) -> AsyncClient:
+        return self._async
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._runner is None:
+            raise RuntimeError("client is not connected: use `with Client(...)` or connect()")
+        return self._runner.run(coro)
+
+    def connect(self) -> Self:
+        if self._runner is None:
+            self._runner = _LoopThread()
+            try:
+                self._runner.run(self._async.connect())
+            except BaseException:
+                self._runner.stop()
+                self._runner = None
+                raise
+        return self
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.run(self._async.close())
+            self._runner.stop()
+            self._runner = None
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _wrap(self, handle: AsyncJobHandle) -> JobHandle:
+        assert self._runner is not None
+        return JobHandle(handle, self._runner)
+
+    def submit(self, job_type: str, payload: Any = None, **options: Any) -> JobHandle:
+        """Submit one job; keyword options as for AsyncClient.submit."""
+        return self._wrap(self._run(self._async.submit(job_type, payload, **options)))
+
+    def submit_many(self, requests: Iterable[JobRequest]) -> list[JobHandle]:
+        return [self._wrap(h) for h in self._run(self._async.submit_many(list(requests)))]
+
+    def handle(self, job_id: str) -> JobHandle:
+        return self._wrap(self._async.handle(job_id))
+
+    def get(self, job_id: str) -> Job:
+        return self._run(self._async.get(job_id))
+
+    def stats(self, queues: Iterable[str] = ()) -> StoreStats:
+        return self._run(self._async.stats(list(queues)))

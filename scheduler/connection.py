@@ -1,0 +1,78 @@
+"""Opening Redis connections from settings, with errors that name the server but never a secret."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from scheduler.errors import RedisUnavailable
+
+_SCHEMES = ("redis", "rediss", "unix")
+_DEFAULT_PORT = 6379
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """Host and port of a Redis URL; safe to print."""
+
+    host: str
+    port: int | None
+
+    def __str__(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+
+def parse_address(url: str) -> ServerAddress:
+    """Validate a Redis URL's shape and return where it points; errors never echo the URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise RedisUnavailable("<unparsable URL>", None, f"invalid Redis URL ({exc})") from None
+    if parts.scheme not in _SCHEMES:
+        raise RedisUnavailable(
+            parts.hostname or "<no host>",
+            port,
+            f"URL scheme {parts.scheme or '(none)'!r} is not one of {', '.join(_SCHEMES)}",
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise RedisUnavailable("<no socket path>", None, "unix:// URL has no socket path")
+        return ServerAddress(parts.path, None)
+    if not parts.hostname:
+        raise RedisUnavailable("<no host>", port, "Redis URL has no host")
+    return ServerAddress(parts.hostname, port or _DEFAULT_PORT)
+
+
+def client_from_url(url: str, *, max_connections: int | None = None) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (no I/O yet). Responses are decoded to str."""
+    parse_address(url)
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+        max_connections=max_connections,
+    )
+
+
+async def check_connection(client: aioredis.Redis, url: str) -> None:
+    """PING the server; turn failures into RedisUnavailable naming host and port only."""
+    address = parse_address(url)
+    try:
+        await client.ping()
+    except (AuthenticationError, AuthorizationError):
+        raise RedisUnavailable(
+            address.host, address.port, "authentication failed (check the user and password)"
+        ) from None
+    except ResponseError as exc:
+        reason = "authentication required" if "NOAUTH" in str(exc) else "server refused PING"
+        raise RedisUnavailable(address.host, address.port, reason) from None
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        kind = "timed out" if isinstance(exc, RedisTimeoutError) else "connection failed"
+        raise RedisUnavailable(address.host, address.port, kind) from None

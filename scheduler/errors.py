@@ -1,0 +1,67 @@
+"""Exceptions raised to users of the client and the store."""
+
+from __future__ import annotations
+
+
+class BilevelError(Exception):
+    """Base class of every error bilevel raises on purpose."""
+
+
+class InvalidJob(BilevelError, ValueError):
+    """A job (or its options) failed validation; nothing was written. `field` names what was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class JobNotFound(BilevelError, KeyError):
+    """No record for this job id: it never existed, or its record expired after the result TTL."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} not found (never submitted, or its record expired)"
+
+
+class JobFailed(BilevelError):
+    """The job ran and failed for good (dead-lettered); carries the remote error."""
+
+    def __init__(
+        self, job_id: str, error_type: str, message: str, traceback: str | None = None
+    ) -> None:
+        super().__init__(f"job {job_id} failed: {error_type}: {message}")
+        self.job_id = job_id
+        self.error_type = error_type
+        self.message = message
+        self.traceback = traceback
+
+
+class JobCancelled(BilevelError):
+    """The job was cancelled before it produced a result."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
+
+
+class JobTimeout(BilevelError, TimeoutError):
+    """Waiting for a job's result took longer than the caller allowed; the job itself goes on."""
+
+    def __init__(self, job_id: str, timeout_s: float) -> None:
+        super().__init__(f"job {job_id} did not finish within {timeout_s:g} s")
+        self.job_id = job_id
+        self.timeout_s = timeout_s
+
+
+class RedisUnavailable(BilevelError, ConnectionError):
+    """Redis could not be reached or refused our credentials. Names host and port, never secrets."""
+
+    def __init__(self, host: str, port: int | None, reason: str) -> None:
+        where = f"{host}:{port}" if port is not None else host
+        super().__init__(f"cannot use Redis at {where}: {reason}")
+        self.host = host
+        self.port = port

@@ -1,0 +1,107 @@
+"""Every Redis key name bilevel uses, built in one place.
+
+All keys of one deployment share the hash tag `{namespace}`. The Lua scripts move a job between the
+ingress, its queue, the lease set and the dead-letter set in one atomic step; Redis (and Redis Cluster)
+only runs a script atomically over keys of one slot, so a tag per queue would turn every routing and
+every move between queues into a two-phase protocol. One tag per namespace keeps each transition a
+single script; a Redis Cluster holds a deployment on one slot, and several namespaces spread over it.
+The scripts build per-job keys from `prefix` themselves, which is cluster-safe because of that tag.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Queue names and namespaces end up inside key names and log lines: keep them plain.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+# The dead-letter set of jobs that never reached a queue (unroutable or corrupt in the ingress).
+# '~' is not allowed in queue names, so it cannot clash with a real queue.
+INGRESS_QUEUE = "~ingress"
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Return `name` if it is a valid queue name or namespace, else raise ValueError naming it."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"{kind} {name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . - "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one namespace; `prefix` is what the Lua scripts receive as KEYS[1]."""
+
+    namespace: str = "default"
+
+    def __post_init__(self) -> None:
+        validate_name("namespace", self.namespace)
+
+    @property
+    def prefix(self) -> str:
+        # The braces are the Redis Cluster hash tag: every key below lands on one slot.
+        return f"bilevel:{{{self.namespace}}}:"
+
+    def job(self, job_id: str) -> str:
+        """HASH: one job's record (spec, status, queue, times, lease, result or error)."""
+        return f"{self.prefix}job:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        """LIST: gets one element when the job finishes, so waiters block on it instead of polling."""
+        return f"{self.prefix}done:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        """STRING: idempotency key -> job id, so a retried submit returns the first job."""
+        return f"{self.prefix}idem:{key}"
+
+    @property
+    def ingress(self) -> str:
+        """ZSET: submitted jobs waiting for level 1, scored by submit sequence (FIFO)."""
+        return f"{self.prefix}ingress"
+
+    @property
+    def ingress_signal(self) -> str:
+        """LIST: a token per submit batch, so the router blocks instead of polling the ingress."""
+        return f"{self.prefix}ingress:signal"
+
+    @property
+    def seq(self) -> str:
+        """STRING counter: the submit sequence, the 'arrival' part of every queue order."""
+        return f"{self.prefix}seq"
+
+    @property
+    def queues(self) -> str:
+        """SET: names of every queue a job was ever enqueued into (for expiry sweeps and stats)."""
+        return f"{self.prefix}queues"
+
+    @property
+    def delayed(self) -> str:
+        """ZSET: delayed and retrying jobs scored by the ms time they become due."""
+        return f"{self.prefix}delayed"
+
+    def queue(self, name: str) -> str:
+        """ZSET (all scores 0): queued job ids ordered by their lexicographic order member."""
+        return f"{self.prefix}q:{name}"
+
+    def queue_age(self, name: str) -> str:
+        """ZSET: queued job ids scored by enqueue ms, for the oldest wait in O(1)."""
+        return f"{self.prefix}qage:{name}"
+
+    def queue_signal(self, name: str) -> str:
+        """LIST (at most one token): pushed when a queue gets jobs, so idle workers block on it."""
+        return f"{self.prefix}qsig:{name}"
+
+    def leased(self, name: str) -> str:
+        """ZSET: running job ids of a queue scored by lease deadline ms."""
+        return f"{self.prefix}leased:{name}"
+
+    def dead(self, name: str) -> str:
+        """ZSET: dead-lettered job ids of a queue scored by the ms time they died; kept (no TTL)."""
+        return f"{self.prefix}dead:{name}"
+
+    def leader(self, role: str) -> str:
+        """STRING: the holder of a leader lock (router, controller) with a TTL renewed by it."""
+        return f"{self.prefix}leader:{role}"

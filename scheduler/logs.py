@@ -1,0 +1,55 @@
+"""structlog, configured once per process: JSON lines when not on a terminal (or when asked),
+readable console lines otherwise. Job ids and queues are bound with `bound_job`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import structlog
+
+_configured = False
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
+    """Set up structlog for this process; later calls are no-ops so libraries can call it too."""
+    global _configured
+    if _configured:
+        return
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    _configured = True
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger
+
+
+@contextmanager
+def bound_job(job_id: str, queue: str | None = None) -> Iterator[None]:
+    """Bind job_id (and queue) to every log line inside the block, in this context only."""
+    values = {"job_id": job_id} if queue is None else {"job_id": job_id, "queue": queue}
+    with structlog.contextvars.bound_contextvars(**values):
+        yield

@@ -1,0 +1,90 @@
+--[[
+  Shared fragment: included by every transition script (scheduler/scripts.py splices it in where a
+  script says "-- @include _common.lua"); never run on its own.
+
+  Every script gets KEYS[1] = the namespace prefix ("bilevel:{ns}:"). Per-job and per-queue keys are
+  built from it here; they all carry the same hash tag, so they share one Redis Cluster slot.
+  Return codes mirror scheduler.codes.Code.
+]]
+local prefix = KEYS[1]
+local INGRESS = prefix .. 'ingress'
+local DELAYED = prefix .. 'delayed'
+local QUEUES = prefix .. 'queues'
+local INGRESS_QUEUE = '~ingress'
+
+local C_OK, C_DUPLICATE, C_NOT_FOUND, C_WRONG_STATE, C_STALE_LEASE = 0, 1, 2, 3, 4
+local C_ALREADY_FINISHED, C_CANCEL_REQUESTED, C_RETRY_SCHEDULED = 5, 6, 7
+local C_DEAD_LETTERED, C_CORRUPT, C_DELAYED, C_CANCEL_PENDING = 8, 9, 10, 11
+
+-- Queue order members are "<4 digits 9999-priority><15 digits deadline ms><15 digits seq>:<id>":
+-- equal scores make the sorted set order them as strings, i.e. priority, then deadline, then arrival.
+local ORDER_HEAD = 35
+
+local function jobkey(id) return prefix .. 'job:' .. id end
+local function qkey(q) return prefix .. 'q:' .. q end
+local function qagekey(q) return prefix .. 'qage:' .. q end
+local function qsignalkey(q) return prefix .. 'qsig:' .. q end
+local function leasedkey(q) return prefix .. 'leased:' .. q end
+local function deadkey(q) return prefix .. 'dead:' .. q end
+local function donekey(id) return prefix .. 'done:' .. id end
+
+local FINISHED = {succeeded = true, dead = true, cancelled = true}
+
+-- Wake one waiting worker of queue q (a list holding at most one token).
+local function signal_queue(q)
+  redis.call('LPUSH', qsignalkey(q), '1')
+  redis.call('LTRIM', qsignalkey(q), 0, 0)
+end
+
+-- Put job id into queue q now (its record must exist). Keeps its order member across requeues.
+local function push_queued(id, q, now)
+  local k = jobkey(id)
+  local f = redis.call('HMGET', k, 'order', 'prio', 'deadline_ms', 'seq')
+  local member = f[1]
+  if not member then
+    local prio = tonumber(f[2]) or 0
+    local deadline = tonumber(f[3]) or 999999999999999
+    member = string.format('%04d%015d%015d', 9999 - prio, deadline, tonumber(f[4]) or 0) .. ':' .. id
+  end
+  redis.call('ZADD', qkey(q), 0, member)
+  redis.call('ZADD', qagekey(q), now, id)
+  redis.call('HSET', k, 'status', 'queued', 'queue', q, 'order', member)
+end
+
+-- Remove job id from whichever structure its status says it is in.
+local function detach(id, status, q, member)
+  if status == 'pending' then
+    redis.call('ZREM', INGRESS, id)
+  elseif status == 'queued' then
+    if member then redis.call('ZREM', qkey(q), member) end
+    redis.call('ZREM', qagekey(q), id)
+  elseif status == 'delayed' or status == 'retrying' then
+    redis.call('ZREM', DELAYED, id)
+  elseif status == 'running' then
+    redis.call('ZREM', leasedkey(q), id)
+  end
+end
+
+-- Mark a job finished, start its record's TTL, and wake whoever waits on its result.
+local function finish(id, status, now, ttl_ms)
+  local k = jobkey(id)
+  redis.call('HSET', k, 'status', status, 'finished_ms', now)
+  redis.call('HDEL', k, 'lease_until')
+  if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
+  redis.call('RPUSH', donekey(id), status)
+  if ttl_ms > 0 then redis.call('PEXPIRE', donekey(id), ttl_ms) end
+end
+
+-- Dead-letter a job that is currently in `status` (in queue q, or the ingress when q is false).
+local function dead_letter(id, status, q, member, reason, now, ttl_ms)
+  detach(id, status, q, member)
+  local dq = q or INGRESS_QUEUE
+  redis.call('ZADD', deadkey(dq), now, id)
+  redis.call('HSET', jobkey(id), 'error', reason)
+  finish(id, 'dead', now, ttl_ms)
+end
+
+-- A JSON error object built without cjson.encode's float quirks.
+local function error_json(etype, message)
+  return cjson.encode({type = etype, message = message})
+end

@@ -1,0 +1,39 @@
+--[[
+  complete: record the results of jobs and finish them. Idempotent: the first result stands.
+
+  KEYS[1]  namespace prefix
+  ARGV[1]  now_ms
+  ARGV[2]  TTL in ms of the finished record and its result
+  ARGV[3]  number of jobs N, then 3 values per job: id, lease token, result JSON
+  Returns  one code per job
+           C_OK                result stored, job succeeded
+           C_ALREADY_FINISHED  the job finished before (a second completion): refused
+           C_STALE_LEASE       another lease of the job is current: refused
+           C_NOT_FOUND         no such job (or its record expired)
+  A lease that expired is still honoured while the job waits for its next lease (same token):
+  the work is done, and running it again would only repeat it.
+  Events   one element on the job's done list, waking every waiter.
+]]
+-- @include _common.lua
+
+local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i = 0, n - 1 do
+  local b = 4 + i * 3
+  local id, token = ARGV[b], tonumber(ARGV[b + 1])
+  local k = jobkey(id)
+  local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order')
+  if not f[1] then
+    out[#out + 1] = C_NOT_FOUND
+  elseif FINISHED[f[1]] then
+    out[#out + 1] = C_ALREADY_FINISHED
+  elseif tonumber(f[2]) ~= token or f[1] == 'pending' then
+    out[#out + 1] = C_STALE_LEASE
+  else
+    detach(id, f[1], f[3], f[4])
+    redis.call('HSET', k, 'result', ARGV[b + 2])
+    finish(id, 'succeeded', now, ttl)
+    out[#out + 1] = C_OK
+  end
+end
+return out

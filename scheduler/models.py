@@ -1,0 +1,186 @@
+"""Job models: what a client submits, what the store keeps, and the states a job goes through."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scheduler import jsonvalue
+from scheduler.errors import InvalidJob
+
+# Priorities order a queue: higher first. Encoded in four digits inside the queue's order key.
+MAX_PRIORITY = 9999
+MAX_JOB_TYPE_LEN = 128
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life. Exactly one at any time."""
+
+    # Submitted and waiting in the ingress for level 1 to pick its queue.
+    PENDING = "pending"
+    # In a task queue, waiting for a worker.
+    QUEUED = "queued"
+    # Routed, but held until its delay has passed.
+    DELAYED = "delayed"
+    # Leased by a worker, which renews the lease by heartbeat while it runs.
+    RUNNING = "running"
+    # Finished with a result, which is kept for the result TTL.
+    SUCCEEDED = "succeeded"
+    # Failed at least once and waits out its backoff before running again.
+    RETRYING = "retrying"
+    # Failed more than max_retries times, or could not be run at all; kept in the dead-letter set.
+    DEAD = "dead"
+    # Cancelled before it produced a result.
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """True for the states a job never leaves."""
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
+
+
+class JobOptions(BaseModel):
+    """Submit options, validated before anything is written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY)
+    # Seconds after submission by which the job should finish; orders the queue after priority.
+    deadline_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Seconds to hold the job after routing before any worker may take it.
+    delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    max_retries: int = Field(default=3, ge=0, le=100)
+    # Seconds one attempt may run before the worker abandons it and records a failure.
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    tenant: str | None = Field(default=None, min_length=1, max_length=128)
+    tags: tuple[str, ...] = Field(default=(), max_length=32)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("tags")
+    @classmethod
+    def _plain_tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
+        for tag in tags:
+            if not tag or len(tag) > 64:
+                raise ValueError(f"tag {tag!r} must have 1-64 characters")
+        return tuple(sorted(set(tags)))
+
+
+class JobSpec(BaseModel):
+    """Everything about a job fixed at submission: stored once as JSON in the job record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_type: str = Field(min_length=1, max_length=MAX_JOB_TYPE_LEN)
+    payload: Any = None
+    options: JobOptions = JobOptions()
+
+    @field_validator("job_type")
+    @classmethod
+    def _printable_job_type(cls, job_type: str) -> str:
+        if not job_type.isprintable() or job_type != job_type.strip():
+            raise ValueError("must be printable with no leading or trailing spaces")
+        return job_type
+
+
+class ErrorInfo(BaseModel):
+    """A failure as the worker saw it: exception type, message and traceback text."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class Job(BaseModel):
+    """A job record as read back from the store."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    spec: JobSpec
+    status: JobStatus
+    queue: str | None = None
+    attempts: int = 0
+    created_s: float
+    started_s: float | None = None
+    finished_s: float | None = None
+    result: Any = None
+    error: ErrorInfo | None = None
+    cancel_requested: bool = False
+
+    @property
+    def job_type(self) -> str:
+        return self.spec.job_type
+
+    @property
+    def payload(self) -> Any:
+        return self.spec.payload
+
+
+def new_job_id() -> str:
+    """A random 128-bit id, hex: unguessable, so a job id works as a capability for its result."""
+    return uuid.uuid4().hex
+
+
+def _field_path(error: Any) -> str:
+    loc = [str(p) for p in error["loc"] if p != "options"]
+    return ".".join(loc) or "job"
+
+
+def build_spec(
+    job_type: Any, payload: Any, options: dict[str, Any], *, max_payload_bytes: int
+) -> tuple[JobSpec, str]:
+    """Validate a submission and return it with its JSON text; InvalidJob names the bad field."""
+    jsonvalue.check_json(payload, "payload")
+    try:
+        spec = JobSpec(job_type=job_type, payload=payload, options=JobOptions(**options))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidJob(_field_path(first), first["msg"]) from None
+    except TypeError as exc:  # an unknown keyword argument
+        raise InvalidJob("options", str(exc)) from None
+    text = spec_json(spec)
+    size = len(text.encode())
+    if size > max_payload_bytes:
+        raise InvalidJob(
+            "payload", f"job is {size} bytes encoded, over the limit of {max_payload_bytes} bytes"
+        )
+    return spec, text
+
+
+def spec_json(spec: JobSpec) -> str:
+    """The stored JSON form of a spec (options flattened away from defaults to keep it small)."""
+    opts = spec.options.model_dump(exclude_defaults=True)
+    if "tags" in opts:
+        opts["tags"] = list(opts["tags"])
+    return jsonvalue.dumps({"t": spec.job_type, "p": spec.payload, "o": opts})
+
+
+def parse_spec(text: str) -> JobSpec:
+    """Inverse of `spec_json`; raises ValueError on anything that is not a valid stored spec."""
+    raw = json.loads(text)
+    if not isinstance(raw, dict) or "t" not in raw:
+        raise ValueError("stored spec is not an object with a job type")
+    return JobSpec(job_type=raw["t"], payload=raw.get("p"), options=JobOptions(**raw.get("o", {})))
+
+
+class SubmitResult(BaseModel):
+    """What submit returns per job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    # False when an idempotency key matched an existing job, whose id is job_id.
+    created: bool
+
+    @classmethod
+    def of(cls, job_id: str, created: bool) -> Self:
+        return cls(job_id=job_id, created=created)

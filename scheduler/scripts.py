@@ -1,0 +1,69 @@
+"""Loads the Lua job-store scripts and registers them with a Redis client.
+
+A script line `-- @include NAME` is replaced by the file NAME from the same folder, so shared
+fragments are written once (BullMQ's approach), and each script still runs as one atomic EVALSHA.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+_INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
+
+SCRIPT_NAMES = (
+    "submit",
+    "enqueue",
+    "promote",
+    "lease",
+    "heartbeat",
+    "complete",
+    "fail",
+    "dead_letter",
+    "cancel",
+    "requeue_expired",
+    "move",
+    "stats",
+)
+
+
+_LUA_DIR = Path(__file__).parent / "lua"
+
+
+def _read(name: str) -> str:
+    return (_LUA_DIR / name).read_text(encoding="utf-8")
+
+
+@cache
+def script_source(name: str) -> str:
+    """The full text of script `name`, includes spliced in."""
+    if name not in SCRIPT_NAMES:
+        raise ValueError(f"unknown store script {name!r}; known: {', '.join(SCRIPT_NAMES)}")
+    return _INCLUDE.sub(lambda m: _read(m.group(1)), _read(f"{name}.lua"))
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """Every store script, registered on one async Redis client (EVALSHA, reloaded on NOSCRIPT)."""
+
+    submit: AsyncScript
+    enqueue: AsyncScript
+    promote: AsyncScript
+    lease: AsyncScript
+    heartbeat: AsyncScript
+    complete: AsyncScript
+    fail: AsyncScript
+    dead_letter: AsyncScript
+    cancel: AsyncScript
+    requeue_expired: AsyncScript
+    move: AsyncScript
+    stats: AsyncScript
+
+    @classmethod
+    def register(cls, redis: Any) -> Scripts:
+        return cls(**{name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES})

@@ -1,0 +1,454 @@
+"""The Redis job store: every job state change is one atomic Lua script (scheduler/lua/*.lua).
+
+`Store` is asyncio-native. Times come from an injected clock (seconds), so tests can move time without
+sleeping; the scripts receive `now` in ms as an argument instead of reading the server's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from scheduler import jsonvalue
+from scheduler.codes import Code
+from scheduler.errors import JobNotFound
+from scheduler.keys import Keys
+from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec, spec_json
+from scheduler.scripts import Scripts
+from scheduler.settings import Settings
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated submission ready for the store (see models.build_spec)."""
+
+    id: str
+    spec: JobSpec
+    spec_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """What level 1 needs of a pending job: no payload."""
+
+    id: str
+    job_type: str
+    priority: int
+    deadline_s: float | None
+    tenant: str | None
+    tags: tuple[str, ...]
+    created_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A job leased to a worker. `token` identifies this attempt in heartbeat, complete and fail."""
+
+    job_id: str
+    token: int
+    spec: JobSpec
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    name: str
+    depth: int
+    oldest_wait_s: float
+    in_flight: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    ingress: int
+    delayed: int
+    queues: dict[str, QueueStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueReport:
+    requeued: int
+    dead_lettered: int
+    cancelled: int
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _routing_json(spec: JobSpec) -> str:
+    o = spec.options
+    return jsonvalue.dumps(
+        {"t": spec.job_type, "g": list(o.tags), "n": o.tenant, "d": o.deadline_s}
+    )
+
+
+class Store:
+    """Job-store operations over one Redis connection pool, under one namespace."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: Settings | None = None,
+        *,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings or Settings()
+        self.keys = Keys(self.settings.namespace)
+        self.clock = clock
+        # Only for retry jitter; injectable so tests are reproducible.
+        self.rng = rng or random.Random()
+        self._scripts = Scripts.register(redis)
+        self._prefix = [self.keys.prefix]
+        self._result_ttl_ms = _ms(self.settings.result_ttl_s)
+        self._dead_ttl_ms = _ms(self.settings.dead_ttl_s)
+
+    def now_ms(self) -> int:
+        return _ms(self.clock())
+
+    # -- submit and route -------------------------------------------------------------------
+
+    async def submit(self, jobs: Sequence[NewJob]) -> list[tuple[Code, str]]:
+        """Put jobs into the ingress in one round trip; per job (OK or DUPLICATE, job id)."""
+        if not jobs:
+            return []
+        now = self.now_ms()
+        args: list[Any] = [now, _ms(self.settings.idempotency_ttl_s), len(jobs)]
+        for job in jobs:
+            o = job.spec.options
+            args += [
+                job.id,
+                job.spec_json,
+                o.idempotency_key or "",
+                o.priority,
+                _ms(o.deadline_s) + now if o.deadline_s is not None else "",
+                now + _ms(o.delay_s),
+                o.max_retries,
+                _routing_json(job.spec),
+            ]
+        raw = await self._scripts.submit(keys=self._prefix, args=args)
+        return [(Code(int(raw[i])), str(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def pending(self, limit: int) -> list[RouteInfo]:
+        """The oldest `limit` jobs of the ingress with what routing needs (corrupt ones are
+        dead-lettered with the reason and left out)."""
+        ids = cast(list[str], await self.redis.zrange(self.keys.ingress, 0, limit - 1))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), "rt", "spec", "prio", "created_ms")
+        rows = await pipe.execute()
+        out: list[RouteInfo] = []
+        corrupt: list[tuple[str, str]] = []
+        for job_id, (rt, spec_text, prio, created_ms) in zip(ids, rows, strict=True):
+            try:
+                out.append(self._route_info(job_id, rt, spec_text, prio, created_ms))
+            except (ValueError, KeyError, TypeError) as exc:
+                corrupt.append((job_id, f"job record cannot be routed: {exc}"))
+        if corrupt:
+            await self.dead_letter(
+                [(i, ErrorInfo(type="CorruptJob", message=m)) for i, m in corrupt]
+            )
+        return out
+
+    @staticmethod
+    def _route_info(
+        job_id: str, rt: str | None, spec_text: str | None, prio: str | None, created_ms: str | None
+    ) -> RouteInfo:
+        if rt is None:
+            # A record without its routing view: derive it from the spec, which must be sound.
+            if spec_text is None:
+                raise ValueError("no spec")
+            rt = _routing_json(parse_spec(spec_text))
+        r = json.loads(rt)
+        return RouteInfo(
+            id=job_id,
+            job_type=str(r["t"]),
+            priority=int(prio or 0),
+            deadline_s=None if r.get("d") is None else float(r["d"]),
+            tenant=r.get("n"),
+            tags=tuple(r.get("g") or ()),
+            created_s=int(created_ms or 0) / 1000,
+        )
+
+    async def wait_for_ingress(self, timeout_s: float) -> bool:
+        """Block until a submit signals the ingress (True) or the timeout passes (False)."""
+        got = await self.redis.blpop([self.keys.ingress_signal], timeout=timeout_s)
+        return got is not None
+
+    async def enqueue(self, assignments: Sequence[tuple[str, str]]) -> list[Code]:
+        """Move (job id, queue) pairs from the ingress into their queues in one round trip."""
+        if not assignments:
+            return []
+        args: list[Any] = [self.now_ms(), len(assignments)]
+        for job_id, queue in assignments:
+            args += [job_id, queue]
+        raw = await self._scripts.enqueue(keys=self._prefix, args=args)
+        return [Code(int(c)) for c in raw]
+
+    async def promote_due(self, limit: int = 1000) -> int:
+        """Queue delayed and retrying jobs whose time has come; returns how many."""
+        return int(await self._scripts.promote(keys=self._prefix, args=[self.now_ms(), limit]))
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def lease(self, queue: str, n: int = 1, *, lease_s: float | None = None) -> list[Lease]:
+        """Lease up to `n` jobs from the head of `queue`."""
+        lease_ms = _ms(lease_s if lease_s is not None else self.settings.lease_s)
+        raw = await self._scripts.lease(
+            keys=self._prefix, args=[queue, self.now_ms(), lease_ms, n, self._dead_ttl_ms]
+        )
+        leases: list[Lease] = []
+        corrupt: list[tuple[str, ErrorInfo]] = []
+        for i in range(0, len(raw), 3):
+            job_id, token = str(raw[i]), int(raw[i + 1])
+            try:
+                leases.append(Lease(job_id, token, parse_spec(raw[i + 2]), queue))
+            except ValueError as exc:  # pydantic's ValidationError and JSON errors are ValueErrors
+                reason = f"stored spec is unreadable: {str(exc).splitlines()[0]}"
+                corrupt.append((job_id, ErrorInfo(type="CorruptJob", message=reason)))
+        if corrupt:
+            await self.dead_letter(corrupt)
+        return leases
+
+    async def wait_for_queue(self, queue: str, timeout_s: float) -> bool:
+        """Block until `queue` is signalled (jobs arrived) or the timeout passes."""
+        got = await self.redis.blpop([self.keys.queue_signal(queue)], timeout=timeout_s)
+        return got is not None
+
+    async def heartbeat(
+        self, leases: Sequence[tuple[str, int]], *, lease_s: float | None = None
+    ) -> list[Code]:
+        """Extend leases of (job id, token); CANCEL_REQUESTED tells the worker to stop that job."""
+        if not leases:
+            return []
+        lease_ms = _ms(lease_s if lease_s is not None else self.settings.lease_s)
+        args: list[Any] = [self.now_ms(), lease_ms, len(leases)]
+        for job_id, token in leases:
+            args += [job_id, token]
+        raw = await self._scripts.heartbeat(keys=self._prefix, args=args)
+        return [Code(int(c)) for c in raw]
+
+    async def complete(self, results: Sequence[tuple[str, int, Any]]) -> list[Code]:
+        """Store results of (job id, token, result) in one round trip. Results must be JSON:
+        InvalidJob names the first that is not, and then nothing is written."""
+        if not results:
+            return []
+        encoded = [jsonvalue.encode(r, f"result of job {job_id}") for job_id, _, r in results]
+        return await self.complete_encoded(
+            [
+                (job_id, token, text)
+                for (job_id, token, _), text in zip(results, encoded, strict=True)
+            ]
+        )
+
+    async def complete_encoded(self, results: Sequence[tuple[str, int, str]]) -> list[Code]:
+        """`complete` for results already encoded as JSON text."""
+        args: list[Any] = [self.now_ms(), self._result_ttl_ms, len(results)]
+        for job_id, token, text in results:
+            args += [job_id, token, text]
+        raw = await self._scripts.complete(keys=self._prefix, args=args)
+        return [Code(int(c)) for c in raw]
+
+    def backoff_s(self, attempt: int) -> float:
+        """Retry delay after failed attempt number `attempt` (1-based), jitter included."""
+        s = self.settings
+        base = min(s.retry_backoff_max_s, s.retry_backoff_s * 2.0 ** max(0, attempt - 1))
+        return base * (1.0 + s.retry_jitter * (2.0 * self.rng.random() - 1.0))
+
+    async def fail(
+        self, job_id: str, token: int, error: ErrorInfo, *, retryable: bool = True
+    ) -> Code:
+        """Record a failed attempt: RETRY_SCHEDULED, DEAD_LETTERED, or OK when it was cancelled."""
+        raw = await self._scripts.fail(
+            keys=self._prefix,
+            args=[
+                self.now_ms(),
+                self._result_ttl_ms,
+                job_id,
+                token,
+                error.model_dump_json(),
+                "1" if retryable else "0",
+                _ms(self.backoff_s(token)),
+            ],
+        )
+        return Code(int(raw))
+
+    async def dead_letter(self, jobs: Sequence[tuple[str, ErrorInfo]]) -> list[Code]:
+        """Send jobs to the dead-letter set with a reason, from any unfinished state."""
+        if not jobs:
+            return []
+        args: list[Any] = [self.now_ms(), self._dead_ttl_ms, len(jobs)]
+        for job_id, error in jobs:
+            args += [job_id, error.model_dump_json()]
+        raw = await self._scripts.dead_letter(keys=self._prefix, args=args)
+        return [Code(int(c)) for c in raw]
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Code:
+        """OK (cancelled now), CANCEL_PENDING (running; its worker stops it), ALREADY_FINISHED
+        or NOT_FOUND."""
+        raw = await self._scripts.cancel(
+            keys=self._prefix, args=[self.now_ms(), self._result_ttl_ms, job_id]
+        )
+        return Code(int(raw))
+
+    async def requeue_expired(self, limit: int = 1000) -> RequeueReport:
+        """Return jobs whose lease ran out to their queues (or the dead-letter set)."""
+        raw = await self._scripts.requeue_expired(
+            keys=self._prefix, args=[self.now_ms(), limit, self._result_ttl_ms]
+        )
+        return RequeueReport(int(raw[0]), int(raw[1]), int(raw[2]))
+
+    async def move(self, job_ids: Sequence[str], to_queue: str) -> list[Code]:
+        """Move waiting jobs to another queue, keeping their place in the order."""
+        if not job_ids:
+            return []
+        raw = await self._scripts.move(
+            keys=self._prefix, args=[self.now_ms(), to_queue, len(job_ids), *job_ids]
+        )
+        return [Code(int(c)) for c in raw]
+
+    async def queued_ids(self, queue: str, *, start: int = 0, stop: int = -1) -> list[str]:
+        """Ids of the jobs waiting in `queue`, in serving order (a slice of it)."""
+        members = cast(list[str], await self.redis.zrange(self.keys.queue(queue), start, stop))
+        return [m.split(":", 1)[1] for m in members]
+
+    async def stats(self, queues: Iterable[str] = ()) -> StoreStats:
+        """Depth, oldest wait, in flight and dead per queue (every known queue when none given)."""
+        names = list(queues)
+        raw = await self._scripts.stats(
+            keys=self._prefix, args=[self.now_ms(), self._dead_ttl_ms, len(names), *names]
+        )
+        per_queue = {
+            str(raw[i]): QueueStats(
+                name=str(raw[i]),
+                depth=int(raw[i + 1]),
+                oldest_wait_s=int(raw[i + 2]) / 1000,
+                in_flight=int(raw[i + 3]),
+                dead=int(raw[i + 4]),
+            )
+            for i in range(2, len(raw), 5)
+        }
+        return StoreStats(ingress=int(raw[0]), delayed=int(raw[1]), queues=per_queue)
+
+    async def dead_ids(self, queue: str) -> list[str]:
+        """Ids in a queue's dead-letter set, oldest first."""
+        ids = cast(list[str], await self.redis.zrange(self.keys.dead(queue), 0, -1))
+        return ids
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        """The job's record. A corrupt record is dead-lettered with the reason, not raised."""
+        raw = cast(dict[str, str], await self.redis.hgetall(self.keys.job(job_id)))
+        if not raw:
+            raise JobNotFound(job_id)
+        try:
+            return _job_from_hash(job_id, raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            reason = f"job record is corrupt: {str(exc).splitlines()[0]}"
+            await self.dead_letter([(job_id, ErrorInfo(type="CorruptJob", message=reason))])
+            raw = cast(dict[str, str], await self.redis.hgetall(self.keys.job(job_id)))
+            return _corrupt_job(job_id, raw, reason)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """Records of many jobs in one round trip; None where a record does not exist."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.keys.job(job_id))
+        rows: list[dict[str, str]] = await pipe.execute()
+        out: list[Job | None] = []
+        for job_id, raw in zip(job_ids, rows, strict=True):
+            if not raw:
+                out.append(None)
+                continue
+            try:
+                out.append(_job_from_hash(job_id, raw))
+            except (ValueError, KeyError, TypeError):
+                out.append(await self.get(job_id))  # dead-letters it with the reason
+        return out
+
+    async def wait_finished(self, job_id: str, timeout_s: float | None) -> Job:
+        """Block until the job finishes (woken by its done list, not by polling); returns it.
+        Raises TimeoutError when `timeout_s` passes first."""
+        job = await self.get(job_id)
+        if job.status.finished:
+            return job
+        # BLMOVE from the done list onto itself leaves the element there, so every waiter wakes.
+        done = self.keys.done(job_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining = 0.0 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and remaining <= 0:
+                raise TimeoutError(job_id)
+            # 0 blocks forever in Redis; cap each wait so a dropped connection is noticed.
+            block_s = 5.0 if deadline is None else min(5.0, max(remaining, 0.001))
+            got = await self.redis.blmove(done, done, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+            if got is not None:
+                break
+        return await self.get(job_id)
+
+
+def _opt_s(ms: str | None) -> float | None:
+    return None if ms is None else int(ms) / 1000
+
+
+def _job_from_hash(job_id: str, raw: dict[str, str]) -> Job:
+    error = raw.get("error")
+    result = raw.get("result")
+    return Job(
+        id=job_id,
+        spec=parse_spec(raw["spec"]),
+        status=JobStatus(raw["status"]),
+        queue=raw.get("queue"),
+        attempts=int(raw.get("attempts", 0)),
+        created_s=int(raw["created_ms"]) / 1000,
+        started_s=_opt_s(raw.get("started_ms")),
+        finished_s=_opt_s(raw.get("finished_ms")),
+        result=None if result is None else json.loads(result),
+        error=None if error is None else ErrorInfo.model_validate_json(error),
+        cancel_requested=raw.get("cancel") == "1",
+    )
+
+
+def _corrupt_job(job_id: str, raw: dict[str, str], reason: str) -> Job:
+    """A readable stand-in for a record that could not be parsed (now dead-lettered)."""
+    try:
+        spec = parse_spec(raw.get("spec", ""))
+    except ValueError:
+        spec = JobSpec(job_type="unknown")
+    return Job(
+        id=job_id,
+        spec=spec,
+        status=JobStatus.DEAD,
+        queue=raw.get("queue"),
+        created_s=_opt_s(raw.get("created_ms")) or 0.0,
+        finished_s=_opt_s(raw.get("finished_ms")),
+        error=ErrorInfo(type="CorruptJob", message=reason),
+    )
+
+
+__all__ = [
+    "Lease",
+    "NewJob",
+    "QueueStats",
+    "RequeueReport",
+    "RouteInfo",
+    "Store",
+    "StoreStats",
+    "spec_json",
+]
