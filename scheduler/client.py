@@ -23,7 +23,7 @@ from scheduler.errors import InvalidJob, JobCancelled, JobFailed, JobTimeout
 from scheduler.logs import configure_logging
 from scheduler.models import Job, JobStatus, build_spec, new_job_id
 from scheduler.settings import Settings
-from scheduler.store import NewJob, Store, StoreStats
+from scheduler.store import NewJob, Outcome, Store, StoreStats
 
 T = TypeVar("T")
 
@@ -56,15 +56,15 @@ class JobRequest:
         }
 
 
-def _outcome(job: Job) -> Any:
+def _outcome(job: Outcome) -> Any:
     """The result of a finished job, or the exception that stands for its failure."""
     if job.status is JobStatus.SUCCEEDED:
         return job.result
     if job.status is JobStatus.CANCELLED:
-        raise JobCancelled(job.id)
+        raise JobCancelled(job.job_id)
     error = job.error
     raise JobFailed(
-        job.id,
+        job.job_id,
         error.type if error else "UnknownError",
         error.message if error else "the job died without an error record",
         error.traceback if error else None,

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -49,16 +57,52 @@ def parse_address(url: str) -> ServerAddress:
     return ServerAddress(parts.hostname, port or _DEFAULT_PORT)
 
 
+class _HiredisPacking(AbstractConnection):
+    """Packs commands with hiredis (C) instead of redis-py's pure-Python packer.
+
+    The store's scripts take hundreds of arguments per batch; redis-py's asyncio connection packs
+    each in Python (about 0.6 µs an argument here, 7x hiredis). Its sync connection already uses
+    hiredis this way (HiredisRespSerializer); the asyncio one does not, hence this override.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class _FastConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _FastSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _FastUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_FAST = {
+    Connection: _FastConnection,
+    SSLConnection: _FastSSLConnection,
+    UnixDomainSocketConnection: _FastUnixConnection,
+}
+
+
 def client_from_url(url: str, *, max_connections: int | None = None) -> aioredis.Redis:
     """An asyncio Redis client for `url` (no I/O yet). Responses are decoded to str."""
     parse_address(url)
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=5.0,
         health_check_interval=30,
         max_connections=max_connections,
     )
+    pool = client.connection_pool
+    pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
+    return client
 
 
 async def check_connection(client: aioredis.Redis, url: str) -> None:

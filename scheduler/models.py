@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from enum import StrEnum
 from typing import Any, Self
@@ -72,14 +71,22 @@ class JobOptions(BaseModel):
         return tuple(sorted(set(tags)))
 
 
+_DEFAULT_OPTIONS = JobOptions()
+_DEFAULT_VALUES = _DEFAULT_OPTIONS.model_dump()
+
+
 class JobSpec(BaseModel):
-    """Everything about a job fixed at submission: stored once as JSON in the job record."""
+    """Everything about a job fixed at submission: stored once as JSON in the job record.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    The stored form uses one-letter keys ({"t", "p", "o"}) and leaves default options out: the
+    record is written and read once per job, so its size and parse time are on the hot path.
+    """
 
-    job_type: str = Field(min_length=1, max_length=MAX_JOB_TYPE_LEN)
-    payload: Any = None
-    options: JobOptions = JobOptions()
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    job_type: str = Field(alias="t", min_length=1, max_length=MAX_JOB_TYPE_LEN)
+    payload: Any = Field(default=None, alias="p")
+    options: JobOptions = Field(default=_DEFAULT_OPTIONS, alias="o")
 
     @field_validator("job_type")
     @classmethod
@@ -141,7 +148,9 @@ def build_spec(
     """Validate a submission and return it with its JSON text; InvalidJob names the bad field."""
     jsonvalue.check_json(payload, "payload")
     try:
-        spec = JobSpec(job_type=job_type, payload=payload, options=JobOptions(**options))
+        # Most submissions use default options: skip validating them again.
+        opts = _DEFAULT_OPTIONS if options == _DEFAULT_VALUES else JobOptions(**options)
+        spec = JobSpec(job_type=job_type, payload=payload, options=opts)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidJob(_field_path(first), first["msg"]) from None
@@ -157,19 +166,18 @@ def build_spec(
 
 
 def spec_json(spec: JobSpec) -> str:
-    """The stored JSON form of a spec (options flattened away from defaults to keep it small)."""
-    opts = spec.options.model_dump(exclude_defaults=True)
-    if "tags" in opts:
-        opts["tags"] = list(opts["tags"])
+    """The stored JSON form of a spec: short keys, options that differ from the defaults only."""
+    o = spec.options
+    if o is _DEFAULT_OPTIONS:
+        return jsonvalue.dumps({"t": spec.job_type, "p": spec.payload})
+    opts = {k: getattr(o, k) for k, default in _DEFAULT_VALUES.items() if getattr(o, k) != default}
     return jsonvalue.dumps({"t": spec.job_type, "p": spec.payload, "o": opts})
 
 
 def parse_spec(text: str) -> JobSpec:
-    """Inverse of `spec_json`; raises ValueError on anything that is not a valid stored spec."""
-    raw = json.loads(text)
-    if not isinstance(raw, dict) or "t" not in raw:
-        raise ValueError("stored spec is not an object with a job type")
-    return JobSpec(job_type=raw["t"], payload=raw.get("p"), options=JobOptions(**raw.get("o", {})))
+    """Inverse of `spec_json`; raises ValueError (pydantic's ValidationError is one) on anything
+    that is not a valid stored spec."""
+    return JobSpec.model_validate_json(text)
 
 
 class SubmitResult(BaseModel):

@@ -29,6 +29,8 @@ SCRIPT_NAMES = (
     "requeue_expired",
     "move",
     "stats",
+    "watch",
+    "results",
 )
 
 
@@ -63,6 +65,8 @@ class Scripts:
     requeue_expired: AsyncScript
     move: AsyncScript
     stats: AsyncScript
+    watch: AsyncScript
+    results: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

@@ -59,6 +59,16 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a job ended (or that it has not yet): what a waiting client needs."""
+
+    job_id: str
+    status: JobStatus
+    result: Any
+    error: ErrorInfo | None
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     name: str
     depth: int
@@ -88,7 +98,7 @@ def _ms(seconds: float) -> int:
 def _routing_json(spec: JobSpec) -> str:
     o = spec.options
     return jsonvalue.dumps(
-        {"t": spec.job_type, "g": list(o.tags), "n": o.tenant, "d": o.deadline_s}
+        {"t": spec.job_type, "p": o.priority, "g": list(o.tags), "n": o.tenant, "d": o.deadline_s}
     )
 
 
@@ -148,13 +158,13 @@ class Store:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.keys.job(job_id), "rt", "spec", "prio", "created_ms")
+            pipe.hmget(self.keys.job(job_id), "rt", "spec", "created_ms")
         rows = await pipe.execute()
         out: list[RouteInfo] = []
         corrupt: list[tuple[str, str]] = []
-        for job_id, (rt, spec_text, prio, created_ms) in zip(ids, rows, strict=True):
+        for job_id, (rt, spec_text, created_ms) in zip(ids, rows, strict=True):
             try:
-                out.append(self._route_info(job_id, rt, spec_text, prio, created_ms))
+                out.append(self._route_info(job_id, rt, spec_text, created_ms))
             except (ValueError, KeyError, TypeError) as exc:
                 corrupt.append((job_id, f"job record cannot be routed: {exc}"))
         if corrupt:
@@ -165,7 +175,7 @@ class Store:
 
     @staticmethod
     def _route_info(
-        job_id: str, rt: str | None, spec_text: str | None, prio: str | None, created_ms: str | None
+        job_id: str, rt: str | None, spec_text: str | None, created_ms: str | None
     ) -> RouteInfo:
         if rt is None:
             # A record without its routing view: derive it from the spec, which must be sound.
@@ -176,7 +186,7 @@ class Store:
         return RouteInfo(
             id=job_id,
             job_type=str(r["t"]),
-            priority=int(prio or 0),
+            priority=int(r.get("p") or 0),
             deadline_s=None if r.get("d") is None else float(r["d"]),
             tenant=r.get("n"),
             tags=tuple(r.get("g") or ()),
@@ -382,25 +392,62 @@ class Store:
                 out.append(await self.get(job_id))  # dead-letters it with the reason
         return out
 
-    async def wait_finished(self, job_id: str, timeout_s: float | None) -> Job:
-        """Block until the job finishes (woken by its done list, not by polling); returns it.
-        Raises TimeoutError when `timeout_s` passes first."""
-        job = await self.get(job_id)
-        if job.status.finished:
-            return job
-        # BLMOVE from the done list onto itself leaves the element there, so every waiter wakes.
-        done = self.keys.done(job_id)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            remaining = 0.0 if deadline is None else deadline - time.monotonic()
-            if deadline is not None and remaining <= 0:
-                raise TimeoutError(job_id)
-            # 0 blocks forever in Redis; cap each wait so a dropped connection is noticed.
-            block_s = 5.0 if deadline is None else min(5.0, max(remaining, 0.001))
-            got = await self.redis.blmove(done, done, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
-            if got is not None:
-                break
-        return await self.get(job_id)
+    async def outcome(self, job_id: str) -> Outcome:
+        """Status, result and error of a job, without reading its spec or payload."""
+        [outcome] = await self.outcomes([job_id])
+        return outcome
+
+    async def outcomes(self, job_ids: Sequence[str]) -> list[Outcome]:
+        """`outcome` of many jobs in one round trip."""
+        if not job_ids:
+            return []
+        raw = await self._scripts.results(keys=self._prefix, args=list(job_ids))
+        return [
+            self._outcome(job_id, raw[3 * i], raw[3 * i + 1], raw[3 * i + 2])
+            for i, job_id in enumerate(job_ids)
+        ]
+
+    @staticmethod
+    def _outcome(job_id: str, status: str | None, result: str | None, error: str | None) -> Outcome:
+        if status is None:
+            raise JobNotFound(job_id)
+        try:
+            return Outcome(
+                job_id,
+                JobStatus(status),
+                None if result is None else json.loads(result),
+                None if error is None else ErrorInfo.model_validate_json(error),
+            )
+        except ValueError as exc:
+            # Not what the store writes: report it as the corrupt record it is.
+            reason = f"job record is corrupt: {str(exc).splitlines()[0]}"
+            return Outcome(
+                job_id, JobStatus.DEAD, None, ErrorInfo(type="CorruptJob", message=reason)
+            )
+
+    async def wait_finished(self, job_id: str, timeout_s: float | None) -> Outcome:
+        """Block until the job finishes (woken by its done list, not by polling); returns its
+        outcome. Raises TimeoutError when `timeout_s` passes first."""
+        status = await self._scripts.watch(keys=self._prefix, args=[job_id])
+        if status is None:
+            raise JobNotFound(job_id)
+        if status not in _FINISHED_VALUES:
+            # BLMOVE from the done list onto itself leaves the element there: every waiter wakes.
+            done = self.keys.done(job_id)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while True:
+                remaining = 5.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(job_id)
+                # Each wait is capped so a dropped connection is noticed, not waited on forever.
+                block_s = min(5.0, max(remaining, 0.001))
+                got = await self.redis.blmove(done, done, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                if got is not None:
+                    break
+        return await self.outcome(job_id)
+
+
+_FINISHED_VALUES = frozenset(s.value for s in JobStatus if s.finished)
 
 
 def _opt_s(ms: str | None) -> float | None:
@@ -445,6 +492,7 @@ def _corrupt_job(job_id: str, raw: dict[str, str], reason: str) -> Job:
 __all__ = [
     "Lease",
     "NewJob",
+    "Outcome",
     "QueueStats",
     "RequeueReport",
     "RouteInfo",

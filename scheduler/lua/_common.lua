@@ -16,9 +16,19 @@ local C_OK, C_DUPLICATE, C_NOT_FOUND, C_WRONG_STATE, C_STALE_LEASE = 0, 1, 2, 3,
 local C_ALREADY_FINISHED, C_CANCEL_REQUESTED, C_RETRY_SCHEDULED = 5, 6, 7
 local C_DEAD_LETTERED, C_CORRUPT, C_DELAYED, C_CANCEL_PENDING = 8, 9, 10, 11
 
--- Queue order members are "<4 digits 9999-priority><15 digits deadline ms><15 digits seq>:<id>":
--- equal scores make the sorted set order them as strings, i.e. priority, then deadline, then arrival.
+-- Queue order members are "<4 digits 9999-priority><15 digits deadline ms><15 digits seq>:<id>",
+-- made once at submit: equal scores make a sorted set order them as strings, that is by priority,
+-- then deadline, then arrival, and ZPOPMIN takes the head.
 local ORDER_HEAD = 35
+local NO_DEADLINE = 999999999999999
+
+-- Lua's C stack limits unpack(); longer argument lists go in chunks (even, for score/member pairs).
+local CHUNK = 7000
+local function call_chunked(cmd, key, args)
+  for i = 1, #args, CHUNK do
+    redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, #args)))
+  end
+end
 
 local function jobkey(id) return prefix .. 'job:' .. id end
 local function qkey(q) return prefix .. 'q:' .. q end
@@ -36,19 +46,11 @@ local function signal_queue(q)
   redis.call('LTRIM', qsignalkey(q), 0, 0)
 end
 
--- Put job id into queue q now (its record must exist). Keeps its order member across requeues.
-local function push_queued(id, q, now)
-  local k = jobkey(id)
-  local f = redis.call('HMGET', k, 'order', 'prio', 'deadline_ms', 'seq')
-  local member = f[1]
-  if not member then
-    local prio = tonumber(f[2]) or 0
-    local deadline = tonumber(f[3]) or 999999999999999
-    member = string.format('%04d%015d%015d', 9999 - prio, deadline, tonumber(f[4]) or 0) .. ':' .. id
-  end
+-- Put job id into queue q now, with its order member (made at submit).
+local function push_queued(id, q, now, member)
   redis.call('ZADD', qkey(q), 0, member)
   redis.call('ZADD', qagekey(q), now, id)
-  redis.call('HSET', k, 'status', 'queued', 'queue', q, 'order', member)
+  redis.call('HSET', jobkey(id), 'status', 'queued', 'queue', q)
 end
 
 -- Remove job id from whichever structure its status says it is in.
@@ -65,14 +67,18 @@ local function detach(id, status, q, member)
   end
 end
 
--- Mark a job finished, start its record's TTL, and wake whoever waits on its result.
-local function finish(id, status, now, ttl_ms)
+-- Mark a job finished, start its record's TTL, and wake whoever waits on its result. `waiting` is
+-- the record's 'w' field: a waiter sets it before blocking (see watch.lua), so a job nobody waits
+-- for costs no done list.
+local function finish(id, status, now, ttl_ms, waiting)
   local k = jobkey(id)
   redis.call('HSET', k, 'status', status, 'finished_ms', now)
-  redis.call('HDEL', k, 'lease_until')
   if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
-  redis.call('RPUSH', donekey(id), status)
-  if ttl_ms > 0 then redis.call('PEXPIRE', donekey(id), ttl_ms) end
+  if waiting == nil then waiting = redis.call('HGET', k, 'w') end
+  if waiting then
+    redis.call('RPUSH', donekey(id), status)
+    if ttl_ms > 0 then redis.call('PEXPIRE', donekey(id), ttl_ms) end
+  end
 end
 
 -- Dead-letter a job that is currently in `status` (in queue q, or the ingress when q is false).

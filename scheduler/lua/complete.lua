@@ -12,17 +12,18 @@
            C_NOT_FOUND         no such job (or its record expired)
   A lease that expired is still honoured while the job waits for its next lease (same token):
   the work is done, and running it again would only repeat it.
-  Events   one element on the job's done list, waking every waiter.
+  Events   one element on the job's done list when somebody waits on it.
 ]]
 -- @include _common.lua
 
 local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
+local released = {}
 for i = 0, n - 1 do
   local b = 4 + i * 3
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
   local k = jobkey(id)
-  local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order')
+  local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order', 'w')
   if not f[1] then
     out[#out + 1] = C_NOT_FOUND
   elseif FINISHED[f[1]] then
@@ -30,10 +31,17 @@ for i = 0, n - 1 do
   elseif tonumber(f[2]) ~= token or f[1] == 'pending' then
     out[#out + 1] = C_STALE_LEASE
   else
-    detach(id, f[1], f[3], f[4])
+    if f[1] == 'running' then
+      local r = released[f[3]]
+      if not r then r = {}; released[f[3]] = r end
+      r[#r + 1] = id
+    else
+      detach(id, f[1], f[3], f[4])
+    end
     redis.call('HSET', k, 'result', ARGV[b + 2])
-    finish(id, 'succeeded', now, ttl)
+    finish(id, 'succeeded', now, ttl, f[5])
     out[#out + 1] = C_OK
   end
 end
+for q, ids in pairs(released) do call_chunked('ZREM', leasedkey(q), ids) end
 return out

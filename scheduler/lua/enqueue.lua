@@ -16,29 +16,49 @@
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local out = {}
-local touched = {}
+local routed = {}
+-- Per queue: {order members (score 0 each), age entries} added with one ZADD each at the end.
+local members, ages = {}, {}
 for i = 0, n - 1 do
   local id, q = ARGV[3 + i * 2], ARGV[4 + i * 2]
   local k = jobkey(id)
-  local f = redis.call('HMGET', k, 'status', 'due_ms')
+  local f = redis.call('HMGET', k, 'status', 'due_ms', 'order')
   if not f[1] then
     out[#out + 1] = C_NOT_FOUND
   elseif f[1] ~= 'pending' then
     out[#out + 1] = C_WRONG_STATE
   else
-    redis.call('ZREM', INGRESS, id)
-    redis.call('SADD', QUEUES, q)
+    routed[#routed + 1] = id
     local due = tonumber(f[2]) or 0
     if due > now then
       redis.call('ZADD', DELAYED, due, id)
       redis.call('HSET', k, 'status', 'delayed', 'queue', q)
       out[#out + 1] = C_DELAYED
     else
-      push_queued(id, q, now)
-      touched[q] = true
+      if not members[q] then members[q], ages[q] = {}, {} end
+      local m, a = members[q], ages[q]
+      m[#m + 1] = 0
+      m[#m + 1] = f[3]
+      a[#a + 1] = now
+      a[#a + 1] = id
+      redis.call('HSET', k, 'status', 'queued', 'queue', q)
       out[#out + 1] = C_OK
     end
   end
 end
-for q, _ in pairs(touched) do signal_queue(q) end
+if #routed > 0 then call_chunked('ZREM', INGRESS, routed) end
+local known = {}
+for q, m in pairs(members) do
+  call_chunked('ZADD', qkey(q), m)
+  call_chunked('ZADD', qagekey(q), ages[q])
+  signal_queue(q)
+end
+-- Every queue a job was routed to is known, for expiry sweeps and stats.
+for i = 0, n - 1 do
+  local q = ARGV[4 + i * 2]
+  if (out[i + 1] == C_OK or out[i + 1] == C_DELAYED) and not known[q] then
+    known[q] = true
+    redis.call('SADD', QUEUES, q)
+  end
+end
 return out

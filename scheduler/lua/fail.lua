@@ -32,7 +32,6 @@ if ARGV[6] == '1' and tonumber(f[2]) <= (tonumber(f[5]) or 0) then
   detach(id, f[1], f[3], f[4])
   redis.call('ZADD', DELAYED, now + tonumber(ARGV[7]), id)
   redis.call('HSET', k, 'status', 'retrying')
-  redis.call('HDEL', k, 'lease_until')
   return C_RETRY_SCHEDULED
 end
 dead_letter(id, f[1], f[3], f[4], ARGV[5], now, ttl)

@@ -28,7 +28,6 @@ for i = 0, n - 1 do
     out[#out + 1] = C_STALE_LEASE
   else
     local until_ms = now + lease_ms
-    redis.call('HSET', k, 'lease_until', until_ms)
     redis.call('ZADD', leasedkey(f[4]), until_ms, id)
     if f[3] == '1' then out[#out + 1] = C_CANCEL_REQUESTED else out[#out + 1] = C_OK end
   end

@@ -16,34 +16,38 @@
 
 local q, now, lease_ms, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local dead_ttl = tonumber(ARGV[5])
-local members = redis.call('ZRANGE', qkey(q), 0, n - 1)
-local out = {}
-for _, member in ipairs(members) do
+-- All scores are 0, so the lowest-scored members are the lexicographically first: the head.
+local popped = redis.call('ZPOPMIN', qkey(q), n)
+if #popped == 0 then return {} end
+local out, ids, leased = {}, {}, {}
+local until_ms = now + lease_ms
+for i = 1, #popped, 2 do
+  local member = popped[i]
   local id = string.sub(member, ORDER_HEAD + 1)
-  redis.call('ZREM', qkey(q), member)
-  redis.call('ZREM', qagekey(q), id)
+  ids[#ids + 1] = id
   local k = jobkey(id)
   local f = redis.call('HMGET', k, 'status', 'spec', 'started_ms')
-  if f[1] == 'queued' then
-    if not f[2] then
-      dead_letter(id, 'queued', q, member, error_json('CorruptJob', 'job record has no spec'),
-                  now, dead_ttl)
+  if f[1] == 'queued' and f[2] then
+    local token = redis.call('HINCRBY', k, 'attempts', 1)
+    if f[3] then
+      redis.call('HSET', k, 'status', 'running')
     else
-      local token = redis.call('HINCRBY', k, 'attempts', 1)
-      local until_ms = now + lease_ms
-      redis.call('HSET', k, 'status', 'running', 'lease_until', until_ms)
-      if not f[3] then redis.call('HSET', k, 'started_ms', now) end
-      redis.call('ZADD', leasedkey(q), until_ms, id)
-      out[#out + 1] = id
-      out[#out + 1] = token
-      out[#out + 1] = f[2]
+      redis.call('HSET', k, 'status', 'running', 'started_ms', now)
     end
-  elseif f[1] and not FINISHED[f[1]] then
-    -- The record says it is elsewhere: a stale order member. Its true place holds it.
-  elseif not f[1] and redis.call('EXISTS', k) == 1 then
-    dead_letter(id, 'queued', q, member, error_json('CorruptJob', 'job record has no status'),
+    leased[#leased + 1] = until_ms
+    leased[#leased + 1] = id
+    out[#out + 1] = id
+    out[#out + 1] = token
+    out[#out + 1] = f[2]
+  elseif f[1] == 'queued' or (not f[1] and redis.call('EXISTS', k) == 1) then
+    -- Popped already, so detach has nothing left to remove from the queue itself.
+    dead_letter(id, 'popped', q, false,
+                error_json('CorruptJob', 'job record has no ' .. (f[1] and 'spec' or 'status')),
                 now, dead_ttl)
   end
+  -- Otherwise the member was stale (the record says the job is elsewhere): dropping it is right.
 end
+call_chunked('ZREM', qagekey(q), ids)
+if #leased > 0 then call_chunked('ZADD', leasedkey(q), leased) end
 if redis.call('ZCARD', qkey(q)) > 0 then signal_queue(q) end
 return out

@@ -21,7 +21,7 @@ for i = 1, n do
     out[#out + 1] = C_NOT_FOUND
   elseif f[1] == 'queued' then
     detach(id, 'queued', f[2], f[3])
-    push_queued(id, dest, now)
+    push_queued(id, dest, now, f[3])
     moved = true
     out[#out + 1] = C_OK
   elseif f[1] == 'delayed' or f[1] == 'retrying' then

@@ -14,9 +14,10 @@ local ids = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, tonumb
 local touched = {}
 for _, id in ipairs(ids) do
   redis.call('ZREM', DELAYED, id)
-  local q = redis.call('HGET', jobkey(id), 'queue')
-  if q then
-    push_queued(id, q, now)
+  local f = redis.call('HMGET', jobkey(id), 'queue', 'order')
+  if f[1] and f[2] then
+    local q = f[1]
+    push_queued(id, q, now, f[2])
     touched[q] = true
   end
 end

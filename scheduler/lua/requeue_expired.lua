@@ -32,8 +32,7 @@ for _, q in ipairs(redis.call('SMEMBERS', QUEUES)) do
       dead = dead + 1
     else
       redis.call('ZREM', leasedkey(q), id)
-      redis.call('HDEL', k, 'lease_until')
-      push_queued(id, q, now)
+      push_queued(id, q, now, f[5])
       requeued = requeued + 1
     end
   end

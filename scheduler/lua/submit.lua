@@ -17,8 +17,10 @@
 local now = tonumber(ARGV[1])
 local idem_ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+-- Reserve the batch's arrival sequence numbers in one step.
+local seq = redis.call('INCRBY', prefix .. 'seq', n) - n
 local out = {}
-local created = 0
+local ingress = {}
 for i = 0, n - 1 do
   local b = 4 + i * 8
   local id, spec, idem = ARGV[b], ARGV[b + 1], ARGV[b + 2]
@@ -36,22 +38,20 @@ for i = 0, n - 1 do
     out[#out + 1] = C_DUPLICATE
     out[#out + 1] = existing
   else
-    local seq = redis.call('INCR', prefix .. 'seq')
-    local fields = {'spec', spec, 'status', 'pending', 'attempts', 0, 'created_ms', now,
-                    'prio', ARGV[b + 3], 'seq', seq, 'due_ms', ARGV[b + 5], 'maxr', ARGV[b + 6],
-                    'rt', ARGV[b + 7]}
-    if ARGV[b + 4] ~= '' then
-      fields[#fields + 1] = 'deadline_ms'
-      fields[#fields + 1] = ARGV[b + 4]
-    end
-    redis.call('HSET', jobkey(id), unpack(fields))
-    redis.call('ZADD', INGRESS, seq, id)
-    created = created + 1
+    seq = seq + 1
+    local deadline = tonumber(ARGV[b + 4]) or NO_DEADLINE
+    local order = string.format('%04d%015d%015d', 9999 - tonumber(ARGV[b + 3]), deadline, seq)
+    redis.call('HSET', jobkey(id), 'spec', spec, 'status', 'pending', 'created_ms', now,
+               'order', order .. ':' .. id, 'due_ms', ARGV[b + 5], 'maxr', ARGV[b + 6],
+               'rt', ARGV[b + 7])
+    ingress[#ingress + 1] = seq
+    ingress[#ingress + 1] = id
     out[#out + 1] = C_OK
     out[#out + 1] = id
   end
 end
-if created > 0 then
+if #ingress > 0 then
+  call_chunked('ZADD', INGRESS, ingress)
   redis.call('LPUSH', prefix .. 'ingress:signal', '1')
   redis.call('LTRIM', prefix .. 'ingress:signal', 0, 0)
 end

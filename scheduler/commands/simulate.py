@@ -1,0 +1,267 @@
+"""`bilevel simulate`: run a scenario file through the simulator with one or all heuristic policies."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS
+from policies.sim.metrics import RunRecord, summarize
+from policies.sim.scenario import (
+    PreparedRun,
+    Scenario,
+    ScenarioError,
+    make_allocator_for,
+    make_router_for,
+    parse_scenario,
+    prepare,
+)
+from policies.sim.traces import TraceError, TraceFormat
+
+# A run shorter than this shows no progress bar: it would only flicker.
+_PROGRESS_AFTER_S = 1.0
+
+
+def _fail(message: str) -> typer.Exit:
+    """Prints `message` to stderr; the returned Exit(2) is raised by the caller."""
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _check_policy(policy: str | None) -> None:
+    if policy is None:
+        return
+    if Path(policy).exists():
+        raise _fail(
+            f"{policy!r} is a file: learned checkpoints are not supported yet; "
+            f"use a heuristic allocator: {', '.join(sorted(ALLOCATORS))}"
+        )
+    if policy not in ALLOCATORS:
+        raise _fail(f"unknown policy {policy!r}; known policies: {', '.join(sorted(ALLOCATORS))}")
+
+
+def _check_router(router: str | None) -> None:
+    if router is not None and router not in ROUTERS:
+        raise _fail(f"unknown router {router!r}; known routers: {', '.join(sorted(ROUTERS))}")
+
+
+def _functions_run_file(trace_path: Path) -> Path | None:
+    """The `*_run.csv` durations file beside an Azure Functions `*_inv.csv`, if there is one."""
+    if "_inv" not in trace_path.name:
+        return None
+    candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
+    return candidate if candidate.exists() else None
+
+
+def _prepare(scenario: Scenario, scenario_path: Path, seed: int, trace: Path | None) -> PreparedRun:
+    """Draws or replays the jobs, opening the trace files the scenario needs."""
+    spec = scenario.workload.trace
+    if spec is None:
+        if trace is not None:
+            raise _fail(f"--trace given, but scenario {scenario_path} does not replay a trace")
+        return prepare(scenario, seed)
+    trace_path = trace
+    if trace_path is None and spec.path is not None:
+        # A relative path in a scenario file is relative to that file, not to the shell.
+        trace_path = scenario_path.parent / spec.path
+    if trace_path is None:
+        raise _fail(
+            f"scenario {scenario_path} replays a {spec.format.value} trace: give --trace PATH"
+        )
+    run_path: Path | None = None
+    if spec.format is TraceFormat.AZURE_FUNCTIONS_2019:
+        if spec.run_path is not None:
+            run_path = scenario_path.parent / spec.run_path
+        else:
+            run_path = _functions_run_file(trace_path)
+    with ExitStack() as stack:
+        try:
+            lines = stack.enter_context(trace_path.open(encoding="utf-8"))
+            run_lines = (
+                stack.enter_context(run_path.open(encoding="utf-8"))
+                if run_path is not None
+                else None
+            )
+        except OSError as exc:
+            raise _fail(f"cannot read trace: {exc}") from None
+        try:
+            return prepare(
+                scenario,
+                seed,
+                trace_lines=lines,
+                trace_source=str(trace_path),
+                run_lines=run_lines,
+            )
+        except (TraceError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+
+
+@contextmanager
+def _progress(label: str, horizon_s: float) -> Iterator[Callable[[float], None]]:
+    """A callback taking sim time; a progress bar appears on stderr once a run passes a second."""
+    started = time.perf_counter()
+    bar: Progress | None = None
+    task = None
+
+    def update(now_s: float) -> None:
+        nonlocal bar, task
+        if bar is None:
+            if time.perf_counter() - started < _PROGRESS_AFTER_S:
+                return
+            bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}% of sim time"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            bar.start()
+            task = bar.add_task(label, total=max(horizon_s, 1e-9))
+        assert task is not None
+        bar.update(task, completed=min(now_s, horizon_s))
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _run_one(prepared: PreparedRun, policy: str | None, router: str | None) -> RunRecord:
+    scenario = prepared.scenario
+    allocator = make_allocator_for(scenario, policy)
+    label = f"{scenario.name}: {allocator.name}"
+    with _progress(label, prepared.spec.horizon_s) as progress:
+        started = time.perf_counter()
+        run = prepared.start(make_router_for(scenario, router))
+        run.run(allocator, progress)
+        return run.record(wall_s=time.perf_counter() - started)
+
+
+def _result_dict(record: RunRecord, policy: str, router: str, seed: int) -> dict[str, Any]:
+    out = summarize(record).to_dict()
+    out.update({"policy": policy, "router": router, "seed": seed})
+    return out
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(title: str, results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in ("policy", "jobs", "mean JCT s", "p50 s", "p95 s", "p99 s", "SLO", "util"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for column in ("moves", "loading w·s", "rejected", "wall s", "jobs/s"):
+        table.add_column(column, justify="right")
+    for name, r in results.items():
+        table.add_row(
+            name,
+            str(r["jobs"]),
+            _fmt(r["mean_jct_s"]),
+            _fmt(r["p50_jct_s"]),
+            _fmt(r["p95_jct_s"]),
+            _fmt(r["p99_jct_s"]),
+            _fmt(r["slo_attainment"], ".1%"),
+            _fmt(r["utilization"], ".1%"),
+            str(r["reconfigurations"]),
+            _fmt(r["loading_worker_s"], ".0f"),
+            str(r["rejected"]),
+            _fmt(r["wall_s"], ".2f"),
+            _fmt(r["sim_jobs_per_s"], ",.0f"),
+        )
+    return table
+
+
+def _rank_key(item: tuple[str, dict[str, Any]]) -> float:
+    mean = item[1]["mean_jct_s"]
+    return float("inf") if mean is None else float(mean)
+
+
+def simulate(
+    scenario: Annotated[
+        Path, typer.Option("--scenario", help="Scenario YAML file.", show_default=False)
+    ],
+    policy: Annotated[
+        str | None,
+        typer.Option("--policy", help="Allocator name (default: the scenario's), or a checkpoint."),
+    ] = None,
+    router: Annotated[
+        str | None, typer.Option("--router", help="Router name (default: the scenario's).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of arrivals, service times, router.")
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG: JCT CDF, depth, allocation.")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Run every heuristic allocator on the same jobs.")
+    ] = False,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+    ] = None,
+) -> None:
+    """Simulate a scenario and report JCT, SLO attainment, utilisation and reconfigurations."""
+    _check_policy(policy)
+    _check_router(router)
+    if compare and policy is not None:
+        raise _fail("--compare runs every heuristic allocator; drop --policy")
+    try:
+        text = scenario.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"cannot read scenario: {exc}") from None
+    try:
+        parsed = parse_scenario(text, source=str(scenario))
+        prepared = _prepare(parsed, scenario, seed, trace)
+    except ScenarioError as exc:
+        raise _fail(str(exc)) from None
+    router_name = router if router is not None else parsed.router.name
+    names = list(HEURISTIC_ALLOCATORS) if compare else [policy or parsed.allocator.name]
+    records: dict[str, RunRecord] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            records[name] = _run_one(prepared, name, router)
+        except ValueError as exc:
+            raise _fail(f"{name}: {exc}") from None
+        results[name] = _result_dict(records[name], name, router_name, seed)
+    ranked = dict(sorted(results.items(), key=_rank_key)) if compare else results
+    if plot is not None:
+        from scheduler.plots import plot_runs  # matplotlib is slow to import; only when asked
+
+        plot_runs({n: records[n] for n in ranked}, plot, title=f"{parsed.name} (seed {seed})")
+    if as_json:
+        payload = ranked if compare else next(iter(ranked.values()))
+        typer.echo(json.dumps(payload, allow_nan=False))
+        return
+    console = Console()
+    title = f"{parsed.name}: {prepared.spec.budget} workers, {len(prepared.jobs.arrivals)} arrivals"
+    title += f", router {router_name}, seed {seed}"
+    console.print(_table(title + (" (ranked by mean JCT)" if compare else ""), ranked))
+    if plot is not None:
+        console.print(f"plot written to {plot}")
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `simulate` command to the CLI."""
+    app.command("simulate")(simulate)
+    if app.registered_callback is None:
+        # Typer runs an app with a single command and no callback as that bare command, which
+        # would turn `bilevel simulate ...` into `bilevel ...`; an empty callback keeps it a group.
+        app.callback()(_group)
+
+
+def _group() -> None:
+    """Dynamic task scheduling for ML workloads on Ray, with learned two-level routing."""

@@ -1,0 +1,99 @@
+"""Shared fixtures: one real Redis server per test session (the embedded one, started here), a fresh
+namespace per test, and a clock the test moves by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from scheduler.connection import client_from_url
+from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.settings import Settings
+from scheduler.store import Store
+
+T = TypeVar("T")
+
+# Tests must never reach a server configured in the developer's shell.
+os.environ.pop("BILEVEL_REDIS_URL", None)
+
+
+class ManualClock:
+    """A clock that only moves when the test says so (seconds since the epoch)."""
+
+    def __init__(self, start_s: float = 1_800_000_000.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+class Runner:
+    """Runs coroutines on the test's event loop from plain (sync) test code."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture
+def run(loop: asyncio.AbstractEventLoop) -> Runner:
+    return Runner(loop)
+
+
+def make_settings(server: EmbeddedRedis, namespace: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"namespace": namespace, "retry_jitter": 0.0, **overrides}
+    return Settings.from_url(server.url, **values)
+
+
+@pytest.fixture
+def settings(redis_server: EmbeddedRedis, namespace: str) -> Settings:
+    return make_settings(redis_server, namespace)
+
+
+@pytest.fixture
+def store(
+    redis_server: EmbeddedRedis, settings: Settings, clock: ManualClock, run: Runner
+) -> Iterator[Store]:
+    redis = client_from_url(redis_server.url)
+    yield Store(redis, settings, clock=clock, rng=random.Random(7))
+    run(_drop_namespace(redis, settings.namespace))
+
+
+async def _drop_namespace(redis: Any, namespace: str) -> None:
+    async for key in redis.scan_iter(match=f"bilevel:{{{namespace}}}:*", count=1000):
+        await redis.delete(key)
+    await redis.aclose()

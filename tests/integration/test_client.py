@@ -1,0 +1,239 @@
+"""The client, sync and async, against a real Redis; a worker is played by direct store calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from scheduler.client import AsyncClient, Client, JobRequest
+from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.errors import InvalidJob, JobCancelled, JobFailed, JobNotFound, JobTimeout
+from scheduler.models import ErrorInfo, JobStatus
+from scheduler.settings import Settings
+from scheduler.store import Store
+from tests.conftest import Runner, make_settings
+
+
+async def _serve_one(store: Store, queue: str, outcome: Any) -> float:
+    """Route, lease and finish the next job like a worker would; returns when it completed."""
+    while not (pending := await store.pending(1)):
+        await store.wait_for_ingress(1.0)
+    await store.enqueue([(pending[0].id, queue)])
+    [lease] = await store.lease(queue)
+    if isinstance(outcome, ErrorInfo):
+        await store.fail(lease.job_id, lease.token, outcome, retryable=False)
+    else:
+        await store.complete([(lease.job_id, lease.token, outcome)])
+    return time.perf_counter()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings=settings) as c:
+        yield c
+
+
+def _worker_thread(settings: Settings, outcome: Any, stamps: list[float]) -> threading.Thread:
+    async def main() -> None:
+        async with AsyncClient(settings=settings) as worker:
+            stamps.append(await _serve_one(worker.store, "q", outcome))
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),))
+    thread.start()
+    return thread
+
+
+class TestSyncClient:
+    def test_submit_and_result(self, client: Client, settings: Settings) -> None:
+        """submit returns a handle whose result() blocks until a worker completes the job."""
+        handle = client.submit("embed", {"text": "hi"}, priority=2, tags=["a"])
+        assert handle.status() is JobStatus.PENDING
+        stamps: list[float] = []
+        worker = _worker_thread(settings, {"vec": [0.5]}, stamps)
+        assert handle.result(timeout=10) == {"vec": [0.5]}
+        worker.join()
+        assert handle.status() is JobStatus.SUCCEEDED
+        assert client.get(handle.id).spec.options.tags == ("a",)
+
+    def test_failed_job_raises_job_failed(self, client: Client, settings: Settings) -> None:
+        """A dead job raises JobFailed with the remote type, message and traceback."""
+        handle = client.submit("embed", 1)
+        error = ErrorInfo(type="ValueError", message="bad input", traceback="Traceback: line 3")
+        _worker_thread(settings, error, []).join()
+        with pytest.raises(JobFailed) as info:
+            handle.result(timeout=10)
+        assert (info.value.error_type, info.value.message) == ("ValueError", "bad input")
+        assert info.value.traceback == "Traceback: line 3"
+
+    def test_cancel_then_result_raises_cancelled(self, client: Client) -> None:
+        """A cancelled job's result() raises JobCancelled."""
+        handle = client.submit("embed")
+        assert handle.cancel()
+        with pytest.raises(JobCancelled):
+            handle.result(timeout=1)
+        assert not handle.cancel()
+
+    def test_result_timeout(self, client: Client) -> None:
+        """result(timeout) raises JobTimeout when nobody runs the job; the job stays pending."""
+        handle = client.submit("embed")
+        with pytest.raises(JobTimeout, match="0.2 s"):
+            handle.result(timeout=0.2)
+        assert handle.status() is JobStatus.PENDING
+
+    def test_submit_many_and_idempotency(self, client: Client) -> None:
+        """submit_many writes a batch; a repeated idempotency key returns the first job."""
+        handles = client.submit_many([JobRequest("embed", i) for i in range(20)])
+        assert len({h.id for h in handles}) == 20
+        first = client.submit("embed", idempotency_key="x")
+        again = client.submit("embed", idempotency_key="x")
+        assert (first.created, again.created, again.id) == (True, False, first.id)
+
+    def test_get_unknown_job(self, client: Client) -> None:
+        """get() of an unknown id raises JobNotFound."""
+        with pytest.raises(JobNotFound):
+            client.get("0" * 32)
+
+
+class TestAsyncClient:
+    def test_submit_and_result(self, settings: Settings, run: Runner) -> None:
+        """The async client gets results the same way, in one event loop with the worker."""
+
+        async def main() -> Any:
+            async with AsyncClient(settings=settings) as c:
+                handle = await c.submit("classify", [1, 2, 3])
+                worker = asyncio.create_task(_serve_one(c.store, "q", "cat"))
+                result = await handle.result(timeout=10)
+                await worker
+                return result, await handle.status()
+
+        assert run(main()) == ("cat", JobStatus.SUCCEEDED)
+
+    def test_result_wakes_promptly_without_polling(self, settings: Settings, run: Runner) -> None:
+        """result() wakes on the completion itself: far sooner than any polling interval."""
+
+        async def main() -> float:
+            async with AsyncClient(settings=settings) as c:
+                waits = []
+                for _ in range(20):
+                    handle = await c.submit("embed")
+                    waiter = asyncio.create_task(handle.result(timeout=10))
+                    await asyncio.sleep(0.01)  # let the waiter block first
+                    done_at = await _serve_one(c.store, "q", 1)
+                    await waiter
+                    waits.append(time.perf_counter() - done_at)
+                return sorted(waits)[len(waits) // 2]
+
+        # Generous bound for a loaded CI machine; the benchmark reports the real figure.
+        assert run(main()) < 0.05
+
+    def test_many_waiters_on_one_job_all_wake(self, settings: Settings, run: Runner) -> None:
+        """Several waiters on the same job all see its result."""
+
+        async def main() -> list[Any]:
+            async with AsyncClient(settings=settings) as c:
+                handle = await c.submit("embed")
+                waiters = [asyncio.create_task(handle.result(timeout=10)) for _ in range(5)]
+                await asyncio.sleep(0.01)
+                await _serve_one(c.store, "q", "r")
+                return list(await asyncio.gather(*waiters))
+
+        assert run(main()) == ["r"] * 5
+
+
+class TestEmbeddedByDefault:
+    def test_client_without_url_starts_and_stops_its_own_redis(self) -> None:
+        """With no URL the client runs a private Redis and stops it on close."""
+        with Client(settings=Settings(namespace="embedded")) as c:
+            embedded = c.async_client.embedded
+            assert embedded is not None and embedded.process is not None
+            process = embedded.process
+            handle = c.submit("embed", 1)
+            assert handle.status() is JobStatus.PENDING
+        assert process.poll() is not None
+
+
+class TestBadInput:
+    """Every bad submission raises InvalidJob naming the field, and writes nothing."""
+
+    @pytest.mark.parametrize(
+        ("payload", "field"),
+        [
+            (b"raw", "payload"),
+            (float("nan"), "payload"),
+            ({"a": [1, float("inf")]}, "payload.a[1]"),
+            ({1, 2}, "payload"),
+            ({"obj": object()}, "payload.obj"),
+            ({1: "int key"}, "payload"),
+        ],
+    )
+    def test_non_json_payload(
+        self, client: Client, store: Store, run: Runner, payload: Any, field: str
+    ) -> None:
+        """Bytes, NaN, infinity, sets, objects and non-str keys are refused with their path."""
+        with pytest.raises(InvalidJob) as info:
+            client.submit("embed", payload)
+        assert info.value.field == f"jobs[0].{field}"
+        assert _nothing_written(store, run)
+
+    @pytest.mark.parametrize(
+        ("job_type", "options", "field"),
+        [
+            ("", {}, "job_type"),
+            ("x" * 129, {}, "job_type"),
+            (" padded", {}, "job_type"),
+            ("embed", {"priority": -1}, "priority"),
+            ("embed", {"timeout_s": -5}, "timeout_s"),
+            ("embed", {"timeout_s": 0}, "timeout_s"),
+            ("embed", {"deadline_s": float("nan")}, "deadline_s"),
+            ("embed", {"max_retries": -1}, "max_retries"),
+            ("embed", {"tags": [""]}, "tags"),
+        ],
+    )
+    def test_bad_options(
+        self,
+        client: Client,
+        store: Store,
+        run: Runner,
+        job_type: str,
+        options: dict[str, Any],
+        field: str,
+    ) -> None:
+        """Empty or overlong job types and out-of-range options name the field."""
+        with pytest.raises(InvalidJob) as info:
+            client.submit(job_type, None, **options)
+        assert info.value.field == f"jobs[0].{field}"
+        assert _nothing_written(store, run)
+
+    def test_unknown_option(self, client: Client, store: Store, run: Runner) -> None:
+        """An option the client does not know is a TypeError naming it; nothing is written."""
+        with pytest.raises(TypeError, match="colour"):
+            client.submit("embed", None, colour="red")
+        assert _nothing_written(store, run)
+
+    def test_oversized_payload(
+        self, redis_server: EmbeddedRedis, namespace: str, store: Store, run: Runner
+    ) -> None:
+        """A job over max_payload_bytes is refused with its size and the limit."""
+        settings = make_settings(redis_server, namespace, max_payload_bytes=1000)
+        with Client(settings=settings) as small, pytest.raises(InvalidJob, match="over the limit"):
+            small.submit("embed", "x" * 2000)
+        assert _nothing_written(store, run)
+
+    def test_one_bad_job_in_a_batch_writes_none(
+        self, client: Client, store: Store, run: Runner
+    ) -> None:
+        """submit_many validates every job before writing any."""
+        requests = [JobRequest("embed", 1), JobRequest("embed", {"b": b"x"})]
+        with pytest.raises(InvalidJob, match=r"jobs\[1\]\.payload\.b"):
+            client.submit_many(requests)
+        assert _nothing_written(store, run)
+
+
+def _nothing_written(store: Store, run: Runner) -> bool:
+    keys = run(store.redis.keys(f"bilevel:{{{store.settings.namespace}}}:*"))
+    return keys == []

@@ -1,0 +1,235 @@
+"""A hypothesis state machine drives every store transition against the real Redis with an injected
+clock, and after each step checks that each job is in exactly one place matching its status, none is
+lost, a completed job is never leased again, and a second completion never replaces the first."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from scheduler.codes import Code
+from scheduler.connection import client_from_url
+from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.keys import INGRESS_QUEUE
+from scheduler.models import ErrorInfo, JobStatus
+from scheduler.settings import Settings
+from scheduler.store import Lease, Store
+from tests.conftest import ManualClock
+from tests.integration.helpers import new_job
+
+QUEUES = ("a", "b")
+BOOM = ErrorInfo(type="Boom", message="failed on purpose")
+
+
+class StoreMachine(RuleBasedStateMachine):
+    server: EmbeddedRedis
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = ManualClock()
+        self.namespace = f"sm{uuid.uuid4().hex[:10]}"
+        cfg = Settings.from_url(self.server.url, namespace=self.namespace, lease_s=10.0)
+        self.redis = client_from_url(self.server.url)
+        self.store = Store(self.redis, cfg, clock=self.clock, rng=random.Random(0))
+        self.jobs: set[str] = set()
+        self.held: dict[str, Lease] = {}  # leases a live worker still holds
+        self.results: dict[str, Any] = {}  # first accepted result per job
+        self.counter = 0
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        async def drop() -> None:
+            async for key in self.redis.scan_iter(match=f"bilevel:{{{self.namespace}}}:*"):
+                await self.redis.delete(key)
+            await self.redis.aclose()
+
+        self.run(drop())
+        self.loop.close()
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @rule(
+        n=st.integers(1, 3),
+        idem=st.sampled_from([None, "k1", "k2"]),
+        retries=st.integers(0, 2),
+        delay=st.sampled_from([0.0, 0.0, 5.0]),
+        priority=st.integers(0, 3),
+    )
+    def submit(self, n: int, idem: str | None, retries: int, delay: float, priority: int) -> None:
+        # Ids follow a counter, not uuid4: hypothesis replays a case and must draw the same jobs.
+        batch = [
+            replace(
+                new_job(payload=self._next(), idempotency_key=idem if i == 0 else None,
+                        max_retries=retries, delay_s=delay, priority=priority),
+                id=f"job{self.counter:06d}",
+            )
+            for i in range(n)
+        ]  # fmt: skip
+        for code, job_id in self.run(self.store.submit(batch)):
+            assert code in (Code.OK, Code.DUPLICATE)
+            if code is Code.DUPLICATE:
+                assert job_id in self.jobs
+            self.jobs.add(job_id)
+
+    @rule(queue=st.sampled_from(QUEUES), limit=st.integers(1, 5))
+    def route(self, queue: str, limit: int) -> None:
+        pending = self.run(self.store.pending(limit))
+        codes = self.run(self.store.enqueue([(p.id, queue) for p in pending]))
+        assert all(c in (Code.OK, Code.DELAYED) for c in codes)
+
+    @rule(queue=st.sampled_from(QUEUES), n=st.integers(1, 4))
+    def lease(self, queue: str, n: int) -> None:
+        for lease in self.run(self.store.lease(queue, n)):
+            assert lease.job_id not in self.results, "a completed job was leased again"
+            self.held[lease.job_id] = lease
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def heartbeat(self, data: st.DataObject) -> None:
+        lease = self._pick_held(data)
+        [code] = self.run(self.store.heartbeat([(lease.job_id, lease.token)]))
+        assert code in (Code.OK, Code.CANCEL_REQUESTED, Code.STALE_LEASE, Code.ALREADY_FINISHED)
+        if code in (Code.STALE_LEASE, Code.ALREADY_FINISHED):
+            del self.held[lease.job_id]
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        lease = self._pick_held(data)
+        value = self._next()
+        [code] = self.run(self.store.complete([(lease.job_id, lease.token, value)]))
+        del self.held[lease.job_id]
+        if code is Code.OK:
+            assert lease.job_id not in self.results, "a job was completed twice"
+            self.results[lease.job_id] = value
+        else:
+            assert code in (Code.STALE_LEASE, Code.ALREADY_FINISHED)
+
+    @precondition(lambda self: self.results)
+    @rule(data=st.data())
+    def complete_again(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.results)))
+        job = self.run(self.store.get(job_id))
+        [code] = self.run(self.store.complete([(job_id, job.attempts, "second")]))
+        assert code is Code.ALREADY_FINISHED
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), retryable=st.booleans())
+    def fail(self, data: st.DataObject, retryable: bool) -> None:
+        lease = self._pick_held(data)
+        code = self.run(self.store.fail(lease.job_id, lease.token, BOOM, retryable=retryable))
+        del self.held[lease.job_id]
+        assert code in (
+            Code.RETRY_SCHEDULED, Code.DEAD_LETTERED, Code.OK, Code.STALE_LEASE,
+            Code.ALREADY_FINISHED,
+        )  # fmt: skip
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.jobs)))
+        code = self.run(self.store.cancel(job_id))
+        assert code in (Code.OK, Code.CANCEL_PENDING, Code.ALREADY_FINISHED)
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data(), queue=st.sampled_from(QUEUES))
+    def move(self, data: st.DataObject, queue: str) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.jobs)))
+        [code] = self.run(self.store.move([job_id], queue))
+        assert code in (Code.OK, Code.WRONG_STATE)
+
+    @rule(seconds=st.sampled_from([0.5, 3.0, 6.0, 11.0, 30.0]), worker_dies=st.booleans())
+    def time_passes(self, seconds: float, worker_dies: bool) -> None:
+        if worker_dies:
+            self.held.clear()  # the workers holding leases vanish without a word
+        self.clock.advance(seconds)
+        self.run(self.store.requeue_expired())
+        self.run(self.store.promote_due())
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def each_job_in_exactly_one_place(self) -> None:
+        if not self.jobs:
+            return
+        keys = self.store.keys
+        ids = sorted(self.jobs)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(keys.job(job_id), "status", "queue", "order", "result")
+        pipe.zrange(keys.ingress, 0, -1)
+        pipe.zrange(keys.delayed, 0, -1)
+        for q in (*QUEUES, INGRESS_QUEUE):
+            pipe.zrange(keys.queue(q), 0, -1)
+            pipe.zrange(keys.leased(q), 0, -1)
+            pipe.zrange(keys.dead(q), 0, -1)
+        out = self.run(pipe.execute())
+        records, rest = out[: len(ids)], out[len(ids) :]
+        places: dict[str, list[str]] = {job_id: [] for job_id in ids}
+        for job_id in rest[0]:
+            places[job_id].append("ingress")
+        for job_id in rest[1]:
+            places[job_id].append("delayed")
+        for i, q in enumerate((*QUEUES, INGRESS_QUEUE)):
+            queued, leased, dead = rest[2 + 3 * i : 5 + 3 * i]
+            for member in queued:
+                places[member.split(":", 1)[1]].append(f"queued:{q}")
+            for job_id in leased:
+                places[job_id].append(f"running:{q}")
+            for job_id in dead:
+                places[job_id].append("dead")
+        for job_id, (status, queue, _, result) in zip(ids, records, strict=True):
+            assert status is not None, f"job {job_id} was lost"
+            expected = {
+                JobStatus.PENDING: ["ingress"],
+                JobStatus.QUEUED: [f"queued:{queue}"],
+                JobStatus.DELAYED: ["delayed"],
+                JobStatus.RETRYING: ["delayed"],
+                JobStatus.RUNNING: [f"running:{queue}"],
+                JobStatus.DEAD: ["dead"],
+                JobStatus.SUCCEEDED: [],
+                JobStatus.CANCELLED: [],
+            }[JobStatus(status)]
+            assert places[job_id] == expected, (job_id, status, places[job_id])
+            if job_id in self.results:
+                assert status == JobStatus.SUCCEEDED
+                assert result == f'"{self.results[job_id]}"', "the first result must stand"
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _next(self) -> str:
+        self.counter += 1
+        return f"v{self.counter}"
+
+    def _pick_held(self, data: st.DataObject) -> Lease:
+        job_id = data.draw(st.sampled_from(sorted(self.held)))
+        return self.held[job_id]
+
+
+def test_store_state_machine(redis_server: EmbeddedRedis) -> None:
+    """Random sequences of every transition keep the store's invariants."""
+    StoreMachine.server = redis_server
+    run_state_machine_as_test(
+        StoreMachine,
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
