@@ -81,7 +81,7 @@ class TestSyncClient:
     def test_result_timeout(self, client: Client) -> None:
         """result(timeout) raises JobTimeout when nobody runs the job; the job stays pending."""
         handle = client.submit("embed")
-        with pytest.raises(JobTimeout, match="0.2 s"):
+        with pytest.raises(JobTimeout, match=r"0\.2 s"):
             handle.result(timeout=0.2)
         assert handle.status() is JobStatus.PENDING
 
@@ -150,7 +150,8 @@ class TestEmbeddedByDefault:
         """With no URL the client runs a private Redis and stops it on close."""
         with Client(settings=Settings(namespace="embedded")) as c:
             embedded = c.async_client.embedded
-            assert embedded is not None and embedded.process is not None
+            assert embedded is not None
+            assert embedded.process is not None
             process = embedded.process
             handle = c.submit("embed", 1)
             assert handle.status() is JobStatus.PENDING

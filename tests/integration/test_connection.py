@@ -48,7 +48,8 @@ class TestConnectionErrors:
         text = str(info.value)
         assert f"127.0.0.1:{protected_server.port}" in text
         assert "authentication failed" in text
-        assert SECRET not in text and "wrong" not in text
+        assert SECRET not in text
+        assert "wrong" not in text
 
     def test_missing_password(self, protected_server: EmbeddedRedis) -> None:
         """No credentials for a protected server is reported as such."""

@@ -51,7 +51,8 @@ class TestServer:
         """stop() terminates redis-server and deletes the data dir it created."""
         server = EmbeddedRedis().start()
         pid, data_dir = server.pid, server.data_dir
-        assert pid is not None and _alive(pid)
+        assert pid is not None
+        assert _alive(pid)
         server.stop()
         assert _wait_gone(pid)
         assert not data_dir.exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import random
 import shutil
 from pathlib import Path
 

@@ -31,7 +31,8 @@ class TestLifecycle:
         assert run(store.complete([(job_id, 1, {"y": 3})])) == [Code.OK]
         job = run(store.get(job_id))
         assert (job.status, job.result, job.attempts) == (JobStatus.SUCCEEDED, {"y": 3}, 1)
-        assert job.started_s is not None and job.finished_s is not None
+        assert job.started_s is not None
+        assert job.finished_s is not None
 
     def test_finished_record_expires_after_result_ttl(self, store: Store, run: Runner) -> None:
         """The record of a finished job carries the configured TTL; a running one has none."""
@@ -187,7 +188,8 @@ class TestLeases:
             run(store.requeue_expired())
         job = run(store.get(job_id))
         assert job.status is JobStatus.DEAD
-        assert job.error is not None and job.error.type == "LeaseExpired"
+        assert job.error is not None
+        assert job.error.type == "LeaseExpired"
         assert run(store.dead_ids("q")) == [job_id]
 
 
@@ -251,9 +253,7 @@ class TestCancel:
         stats = run(store.stats())
         assert (stats.ingress, stats.delayed) == (0, 0)
 
-    def test_cancel_running_job_is_flagged_for_its_worker(
-        self, store: Store, run: Runner
-    ) -> None:
+    def test_cancel_running_job_is_flagged_for_its_worker(self, store: Store, run: Runner) -> None:
         """A running job is flagged; the heartbeat tells the worker, whose report ends it."""
         [job_id] = run(submit_to_queue(store, "q", new_job()))
         [lease] = run(store.lease("q"))
@@ -311,7 +311,8 @@ class TestCorruptRecords:
         assert [lease.job_id for lease in leases] == [good]
         job = run(store.get(bad))
         assert job.status is JobStatus.DEAD
-        assert job.error is not None and job.error.type == "CorruptJob"
+        assert job.error is not None
+        assert job.error.type == "CorruptJob"
 
     def test_reader_of_corrupt_record_does_not_crash(self, store: Store, run: Runner) -> None:
         """get() on a record with an impossible status dead-letters it and reports why."""
@@ -319,7 +320,8 @@ class TestCorruptRecords:
         run(store.redis.hset(store.keys.job(job_id), "status", "exploded"))
         job = run(store.get(job_id))
         assert job.status is JobStatus.DEAD
-        assert job.error is not None and "corrupt" in job.error.message
+        assert job.error is not None
+        assert "corrupt" in job.error.message
         assert run(store.get(job_id)).status is JobStatus.DEAD
 
     def test_corrupt_job_in_ingress_is_dead_lettered_by_the_router_read(
