@@ -102,6 +102,10 @@ class Keys:
         """ZSET: dead-lettered job ids of a queue scored by the ms time they died; kept (no TTL)."""
         return f"{self.prefix}dead:{name}"
 
+    def counts(self, name: str) -> str:
+        """HASH: running totals of a queue (enqueued, completed, failed); rates are deltas."""
+        return f"{self.prefix}counts:{name}"
+
     def leader(self, role: str) -> str:
         """STRING: the holder of a leader lock (router, controller) with a TTL renewed by it."""
         return f"{self.prefix}leader:{role}"

@@ -75,6 +75,10 @@ class QueueStats:
     oldest_wait_s: float
     in_flight: int
     dead: int
+    # Running totals since the namespace was created; rates are their deltas over time.
+    enqueued_total: int = 0
+    completed_total: int = 0
+    failed_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,8 +354,11 @@ class Store:
                 oldest_wait_s=int(raw[i + 2]) / 1000,
                 in_flight=int(raw[i + 3]),
                 dead=int(raw[i + 4]),
+                enqueued_total=int(raw[i + 5]),
+                completed_total=int(raw[i + 6]),
+                failed_total=int(raw[i + 7]),
             )
-            for i in range(2, len(raw), 5)
+            for i in range(2, len(raw), 8)
         }
         return StoreStats(ingress=int(raw[0]), delayed=int(raw[1]), queues=per_queue)
 

@@ -37,6 +37,8 @@ local function qsignalkey(q) return prefix .. 'qsig:' .. q end
 local function leasedkey(q) return prefix .. 'leased:' .. q end
 local function deadkey(q) return prefix .. 'dead:' .. q end
 local function donekey(id) return prefix .. 'done:' .. id end
+-- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
+local function countskey(q) return prefix .. 'counts:' .. q end
 
 local FINISHED = {succeeded = true, dead = true, cancelled = true}
 

@@ -19,6 +19,7 @@
 local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 local released = {}
+local completed = {}
 for i = 0, n - 1 do
   local b = 4 + i * 3
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
@@ -38,10 +39,12 @@ for i = 0, n - 1 do
     else
       detach(id, f[1], f[3], f[4])
     end
+    completed[f[3]] = (completed[f[3]] or 0) + 1
     redis.call('HSET', k, 'result', ARGV[b + 2])
     finish(id, 'succeeded', now, ttl, f[5])
     out[#out + 1] = C_OK
   end
 end
 for q, ids in pairs(released) do call_chunked('ZREM', leasedkey(q), ids) end
+for q, c in pairs(completed) do redis.call('HINCRBY', countskey(q), 'completed', c) end
 return out

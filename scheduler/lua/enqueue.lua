@@ -51,6 +51,7 @@ local known = {}
 for q, m in pairs(members) do
   call_chunked('ZADD', qkey(q), m)
   call_chunked('ZADD', qagekey(q), ages[q])
+  redis.call('HINCRBY', countskey(q), 'enqueued', #ages[q] / 2)
   signal_queue(q)
 end
 -- Every queue a job was routed to is known, for expiry sweeps and stats.

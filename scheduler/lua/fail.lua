@@ -23,6 +23,7 @@ if not f[1] then return C_NOT_FOUND end
 if FINISHED[f[1]] then return C_ALREADY_FINISHED end
 if f[1] ~= 'running' or tonumber(f[2]) ~= token then return C_STALE_LEASE end
 redis.call('HSET', k, 'error', ARGV[5])
+redis.call('HINCRBY', countskey(f[3]), 'failed', 1)
 if f[6] == '1' then
   detach(id, f[1], f[3], f[4])
   finish(id, 'cancelled', now, ttl)

@@ -6,8 +6,9 @@
   ARGV[1]  now_ms
   ARGV[2]  dead-letter retention in ms
   ARGV[3]  number of queues N, then N names (N = 0: every known queue)
-  Returns  {ingress depth, delayed count, then 5 values per queue:
-            name, depth, oldest wait ms, in flight, dead}
+  Returns  {ingress depth, delayed count, then 8 values per queue:
+            name, depth, oldest wait ms, in flight, dead, and the running totals of jobs
+            enqueued, completed and failed attempts}
 ]]
 -- @include _common.lua
 
@@ -30,5 +31,9 @@ for _, q in ipairs(names) do
   out[#out + 1] = wait
   out[#out + 1] = redis.call('ZCARD', leasedkey(q))
   out[#out + 1] = redis.call('ZCARD', deadkey(q))
+  local totals = redis.call('HMGET', countskey(q), 'enqueued', 'completed', 'failed')
+  out[#out + 1] = tonumber(totals[1]) or 0
+  out[#out + 1] = tonumber(totals[2]) or 0
+  out[#out + 1] = tonumber(totals[3]) or 0
 end
 return out

@@ -299,6 +299,9 @@ class TestMoveAndStats:
         run(store.fail(leases[0].job_id, leases[0].token, BOOM))
         stats = run(store.stats()).queues["q"]
         assert (stats.depth, stats.in_flight, stats.dead) == (2, 1, 1)
+        run(store.complete([(leases[1].job_id, leases[1].token, None)]))
+        stats = run(store.stats()).queues["q"]
+        assert (stats.enqueued_total, stats.completed_total, stats.failed_total) == (4, 1, 1)
         assert stats.oldest_wait_s == pytest.approx(3.0)
 
 
