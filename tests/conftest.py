@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
+import tempfile
 import uuid
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -18,6 +21,8 @@ from scheduler.settings import Settings
 from scheduler.store import Store
 
 T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Tests must never reach a server configured in the developer's shell.
 os.environ.pop("BILEVEL_REDIS_URL", None)
@@ -97,3 +102,29 @@ async def _drop_namespace(redis: Any, namespace: str) -> None:
     async for key in redis.scan_iter(match=f"bilevel:{{{namespace}}}:*", count=1000):
         await redis.delete(key)
     await redis.aclose()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the session, in its own temp dir, shut down at the end (never `ray stop`).
+
+    Started only by tests that ask for it. Unix socket paths must stay short, hence /tmp.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="blray", dir="/tmp")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        namespace=f"bilevel-test-{uuid.uuid4().hex[:8]}",
+        # Worker processes import test-only handler modules (tests.*) from the repo root.
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
