@@ -32,3 +32,12 @@ class Code(IntEnum):
     DELAYED = 10
     # Cancellation of a running job was recorded; its worker sees it on the next heartbeat.
     CANCEL_PENDING = 11
+
+
+# Script replies are lists of these; indexing a tuple is several times cheaper than Code(n).
+_BY_VALUE = tuple(sorted(Code, key=int))
+
+
+def codes(raw: list[int]) -> list[Code]:
+    """Decode a script's list of return codes."""
+    return [_BY_VALUE[c] for c in raw]

@@ -49,9 +49,13 @@ def check_json(value: Any, field: str) -> None:
         )
 
 
+# One encoder for the process: json.dumps builds a new one on every call made with options.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> str:
     """Compact JSON text of a value already accepted by `check_json`."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def encode(value: Any, field: str) -> str:

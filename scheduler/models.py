@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from enum import StrEnum
 from typing import Any, Self
 
@@ -133,8 +133,9 @@ class Job(BaseModel):
 
 
 def new_job_id() -> str:
-    """A random 128-bit id, hex: unguessable, so a job id works as a capability for its result."""
-    return uuid.uuid4().hex
+    """A random 128-bit id, hex: unguessable, so a job id works as a capability for its result.
+    (os.urandom directly: uuid4 adds only version bits, at four times the cost per job.)"""
+    return os.urandom(16).hex()
 
 
 def _field_path(error: Any) -> str:

@@ -6,6 +6,7 @@ sleeping; the scripts receive `now` in ms as an argument instead of reading the 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -16,7 +17,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from scheduler import jsonvalue
-from scheduler.codes import Code
+from scheduler.codes import Code, codes
 from scheduler.errors import JobNotFound
 from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec, spec_json
@@ -101,8 +102,20 @@ def _ms(seconds: float) -> int:
 
 def _routing_json(spec: JobSpec) -> str:
     o = spec.options
+    return _routing_text(spec.job_type, o.priority, o.tags, o.tenant, o.deadline_s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _routing_text(
+    job_type: str,
+    priority: int,
+    tags: tuple[str, ...],
+    tenant: str | None,
+    deadline_s: float | None,
+) -> str:
+    # Jobs of one type mostly share options, so their routing views are the same few strings.
     return jsonvalue.dumps(
-        {"t": spec.job_type, "p": o.priority, "g": list(o.tags), "n": o.tenant, "d": o.deadline_s}
+        {"t": job_type, "p": priority, "g": list(tags), "n": tenant, "d": deadline_s}
     )
 
 
@@ -210,7 +223,7 @@ class Store:
         for job_id, queue in assignments:
             args += [job_id, queue]
         raw = await self._scripts.enqueue(keys=self._prefix, args=args)
-        return [Code(int(c)) for c in raw]
+        return codes(raw)
 
     async def promote_due(self, limit: int = 1000) -> int:
         """Queue delayed and retrying jobs whose time has come; returns how many."""
@@ -253,7 +266,7 @@ class Store:
         for job_id, token in leases:
             args += [job_id, token]
         raw = await self._scripts.heartbeat(keys=self._prefix, args=args)
-        return [Code(int(c)) for c in raw]
+        return codes(raw)
 
     async def complete(self, results: Sequence[tuple[str, int, Any]]) -> list[Code]:
         """Store results of (job id, token, result) in one round trip. Results must be JSON:
@@ -274,7 +287,7 @@ class Store:
         for job_id, token, text in results:
             args += [job_id, token, text]
         raw = await self._scripts.complete(keys=self._prefix, args=args)
-        return [Code(int(c)) for c in raw]
+        return codes(raw)
 
     def backoff_s(self, attempt: int) -> float:
         """Retry delay after failed attempt number `attempt` (1-based), jitter included."""
@@ -308,7 +321,7 @@ class Store:
         for job_id, error in jobs:
             args += [job_id, error.model_dump_json()]
         raw = await self._scripts.dead_letter(keys=self._prefix, args=args)
-        return [Code(int(c)) for c in raw]
+        return codes(raw)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -334,7 +347,7 @@ class Store:
         raw = await self._scripts.move(
             keys=self._prefix, args=[self.now_ms(), to_queue, len(job_ids), *job_ids]
         )
-        return [Code(int(c)) for c in raw]
+        return codes(raw)
 
     async def queued_ids(self, queue: str, *, start: int = 0, stop: int = -1) -> list[str]:
         """Ids of the jobs waiting in `queue`, in serving order (a slice of it)."""
@@ -421,11 +434,11 @@ class Store:
         try:
             return Outcome(
                 job_id,
-                JobStatus(status),
+                _STATUS_BY_VALUE[status],
                 None if result is None else json.loads(result),
                 None if error is None else ErrorInfo.model_validate_json(error),
             )
-        except ValueError as exc:
+        except (ValueError, KeyError) as exc:
             # Not what the store writes: report it as the corrupt record it is.
             reason = f"job record is corrupt: {str(exc).splitlines()[0]}"
             return Outcome(
@@ -455,6 +468,7 @@ class Store:
 
 
 _FINISHED_VALUES = frozenset(s.value for s in JobStatus if s.finished)
+_STATUS_BY_VALUE = {s.value: s for s in JobStatus}
 
 
 def _opt_s(ms: str | None) -> float | None:

@@ -72,9 +72,13 @@ end
 -- Mark a job finished, start its record's TTL, and wake whoever waits on its result. `waiting` is
 -- the record's 'w' field: a waiter sets it before blocking (see watch.lua), so a job nobody waits
 -- for costs no done list.
-local function finish(id, status, now, ttl_ms, waiting)
+local function finish(id, status, now, ttl_ms, waiting, result)
   local k = jobkey(id)
-  redis.call('HSET', k, 'status', status, 'finished_ms', now)
+  if result then
+    redis.call('HSET', k, 'status', status, 'finished_ms', now, 'result', result)
+  else
+    redis.call('HSET', k, 'status', status, 'finished_ms', now)
+  end
   if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
   if waiting == nil then waiting = redis.call('HGET', k, 'w') end
   if waiting then

@@ -40,8 +40,7 @@ for i = 0, n - 1 do
       detach(id, f[1], f[3], f[4])
     end
     completed[f[3]] = (completed[f[3]] or 0) + 1
-    redis.call('HSET', k, 'result', ARGV[b + 2])
-    finish(id, 'succeeded', now, ttl, f[5])
+    finish(id, 'succeeded', now, ttl, f[5], ARGV[b + 2])
     out[#out + 1] = C_OK
   end
 end

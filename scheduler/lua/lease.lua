@@ -26,13 +26,13 @@ for i = 1, #popped, 2 do
   local id = string.sub(member, ORDER_HEAD + 1)
   ids[#ids + 1] = id
   local k = jobkey(id)
-  local f = redis.call('HMGET', k, 'status', 'spec', 'started_ms')
+  local f = redis.call('HMGET', k, 'status', 'spec', 'started_ms', 'attempts')
   if f[1] == 'queued' and f[2] then
-    local token = redis.call('HINCRBY', k, 'attempts', 1)
+    local token = (tonumber(f[4]) or 0) + 1
     if f[3] then
-      redis.call('HSET', k, 'status', 'running')
+      redis.call('HSET', k, 'status', 'running', 'attempts', token)
     else
-      redis.call('HSET', k, 'status', 'running', 'started_ms', now)
+      redis.call('HSET', k, 'status', 'running', 'attempts', token, 'started_ms', now)
     end
     leased[#leased + 1] = until_ms
     leased[#leased + 1] = id
