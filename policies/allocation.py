@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -196,37 +197,62 @@ def _proportional_with_floor(
 
 
 @dataclass(slots=True)
-class _ScaleTrend:
-    """Since when one queue has wanted to scale in one direction."""
+class _ScalerState:
+    """Ray Serve's per-deployment autoscaling state, kept for one queue."""
 
-    # +1 while the desired count stays above the current one, -1 while it stays below.
-    direction: int
-    since_s: float
+    # The queue's target worker count: the last decision (Ray's `target_num_replicas`). The
+    # allocation can fall short of it while the budget is taken by other queues.
+    target: int
+    # Consecutive ticks wishing to scale up (> 0) or down (< 0); 0 after a decision or no wish.
+    decision_counter: int = 0
+    # (now_s, jobs in system) at the recent ticks, for the look-back average.
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
 
 
 class TargetOngoingRequestsAllocator:
-    """Ray Serve's autoscaler per queue: keep about `target_ongoing_requests` jobs per worker.
+    """Ray Serve's default autoscaling policy, run per queue: about `target_ongoing_requests` jobs
+    (waiting or in service) per worker.
 
-    Desired workers = ceil(in_system / target), moved toward from the current count by a smoothing
-    factor. A change is applied only once the wish to go the same way has lasted `upscale_delay_s`
-    (up) or `downscale_delay_s` (down), measured on `view.now_s`; a wish that flips direction or
-    disappears restarts the wait, and an applied change restarts it too (as Ray's decision counter
-    does). Scaling up from zero workers is immediate: a queue with jobs and no worker never drains.
-    If the targets exceed the budget they are scaled down proportionally by largest remainder.
+    Each tick, per queue, as `ray.serve.autoscaling_policy` does per deployment:
+
+    - ongoing = jobs in system averaged over the last `look_back_period_s` (Ray averages its
+      ongoing-request metric over `look_back_period_s` too);
+    - desired = ongoing / target_ongoing_requests, smoothed from the running (model loaded) workers
+      by the up/down smoothing factor, ceil'd, and lowered by one if smoothing would leave it stuck
+      above a smaller wish;
+    - the decision counter counts consecutive ticks with desired above (+1) or below (-1) the
+      queue's target; a change of direction restarts it, desired == target resets it. The target
+      moves to desired only once the counter passes upscale_delay_s / tick_s (up) or
+      downscale_delay_s / tick_s (down) ticks, and the counter restarts after every decision;
+      scaling down stops at one worker, except from exactly one to zero;
+    - cold start: with no running worker, the target is held (no decision while the queue's workers
+      all load) and raised to at least one worker if there are jobs.
+
+    Each target is capped at the budget (Ray's max_replicas). When the targets fit the budget they
+    are the allocation, and workers no target asks for stay unassigned, as Ray leaves capacity
+    unused. When they do not fit, every queue with a target gets one worker, and the rest of the
+    budget is split in proportion to the targets by D'Hondt. The split depends on the targets alone,
+    so workers move only when a decision moves a target. D'Hondt is population-monotone, so a change
+    of one queue's target never moves workers between the other queues.
 
     The delays default shorter than Ray Serve's (30 s / 600 s) because a move here costs one model
-    load rather than a replica start-up.
+    load rather than a replica start-up; the look-back period is Ray's default. The target defaults
+    to 1 job per worker, not Ray's 2: a worker here runs one job at a time (Ray's
+    max_ongoing_requests = 1), and Ray's guidance keeps the target below max_ongoing_requests
+    (1.0 was also its default before 2.32). At 2, one job waits behind every running one, so each
+    queue is steered to about 100% utilisation and cycles between overload and scale-up.
     """
 
     name: str = "target_ongoing"
 
     def __init__(
         self,
-        target_ongoing_requests: float = 2.0,
+        target_ongoing_requests: float = 1.0,
         upscale_delay_s: float = 10.0,
         downscale_delay_s: float = 60.0,
         upscale_smoothing_factor: float = 1.0,
         downscale_smoothing_factor: float = 1.0,
+        look_back_period_s: float = 30.0,
     ) -> None:
         if not target_ongoing_requests > 0:
             raise ValueError(f"target_ongoing_requests must be > 0, got {target_ongoing_requests}")
@@ -235,55 +261,90 @@ class TargetOngoingRequestsAllocator:
         for factor in (upscale_smoothing_factor, downscale_smoothing_factor):
             if not 0 < factor <= 1:
                 raise ValueError(f"smoothing factors must be in (0, 1], got {factor}")
+        if not look_back_period_s >= 0:
+            raise ValueError(f"look_back_period_s must be >= 0, got {look_back_period_s}")
         self.target_ongoing_requests = target_ongoing_requests
         self.upscale_delay_s = upscale_delay_s
         self.downscale_delay_s = downscale_delay_s
         self.upscale_smoothing_factor = upscale_smoothing_factor
         self.downscale_smoothing_factor = downscale_smoothing_factor
-        self._trends: dict[str, _ScaleTrend] = {}
+        self.look_back_period_s = look_back_period_s
+        self._states: dict[str, _ScalerState] = {}
 
-    def desired_workers(self, queue: QueueView) -> int:
-        """Smoothed desired worker count of one queue, ignoring the delays and the budget."""
-        current = queue.allocated
-        raw = math.ceil(queue.in_system / self.target_ongoing_requests)
-        if raw > current:
-            return math.ceil(current + self.upscale_smoothing_factor * (raw - current))
-        if raw < current:
-            # Floor so that smoothing cannot get stuck one above `raw`; never below `raw`.
-            return max(raw, math.floor(current + self.downscale_smoothing_factor * (raw - current)))
-        return current
+    def desired_workers(self, queue: QueueView, ongoing: float | None = None) -> int:
+        """Ray's smoothed desired count for `ongoing` jobs (default: the queue's now), before the
+        delays and the budget; smoothing starts from the running (model loaded) workers."""
+        running = queue.workers_ready
+        if ongoing is None:
+            ongoing = float(queue.in_system)
+        raw = ongoing / self.target_ongoing_requests
+        delta = raw - running
+        factor = self.upscale_smoothing_factor if delta > 0 else self.downscale_smoothing_factor
+        desired = math.ceil(running + factor * delta)
+        # Smoothing can leave a downscale stuck at the running count; Ray then goes down by one.
+        if math.ceil(raw) < running and desired == running:
+            desired -= 1
+        return max(desired, 0)
 
-    def _delayed_target(self, queue: QueueView, now_s: float) -> int:
-        current = queue.allocated
-        desired = self.desired_workers(queue)
-        if desired == current:
-            self._trends.pop(queue.name, None)
-            return current
-        direction = 1 if desired > current else -1
-        if direction > 0 and current == 0:
-            self._trends.pop(queue.name, None)
-            return desired
-        trend = self._trends.get(queue.name)
-        if trend is None or trend.direction != direction:
-            trend = _ScaleTrend(direction=direction, since_s=now_s)
-            self._trends[queue.name] = trend
-        delay_s = self.upscale_delay_s if direction > 0 else self.downscale_delay_s
-        if now_s - trend.since_s >= delay_s:
-            del self._trends[queue.name]
-            return desired
-        return current
+    def _periods(self, delay_s: float, tick_s: float) -> int:
+        """The delay in ticks, as Ray counts control-loop periods (a hair of float slack)."""
+        return int(delay_s / tick_s + 1e-9) if tick_s > 0 else 0
+
+    def _decide(self, queue: QueueView, state: _ScalerState, view: ClusterView) -> int:
+        """The queue's new target (Ray's `_apply_delay_logic` after the cold-start fast path)."""
+        samples = state.samples
+        samples.append((view.now_s, queue.in_system))
+        while len(samples) > 1 and samples[0][0] <= view.now_s - self.look_back_period_s:
+            samples.popleft()
+        ongoing = sum(n for _, n in samples) / len(samples)
+        if queue.workers_ready == 0:
+            if ongoing > 0:
+                return max(math.ceil(self.upscale_smoothing_factor), state.target)
+            return state.target
+        desired = min(self.desired_workers(queue, ongoing), max(view.budget, 0))
+        if desired > state.target:
+            state.decision_counter = max(state.decision_counter, 0) + 1
+            if state.decision_counter > self._periods(self.upscale_delay_s, view.tick_s):
+                state.decision_counter = 0
+                return desired
+        elif desired < state.target:
+            state.decision_counter = min(state.decision_counter, 0) - 1
+            if state.target != 1:
+                desired = max(desired, 1)
+            if state.decision_counter < -self._periods(self.downscale_delay_s, view.tick_s):
+                state.decision_counter = 0
+                return desired
+        else:
+            state.decision_counter = 0
+        return state.target
 
     def allocate(self, view: ClusterView) -> Allocation:
-        """Per-queue delayed targets, scaled down to the budget when they exceed it."""
+        """Per-queue Ray decisions, placed within the budget without robbing any queue."""
         present = {q.name for q in view.queues}
-        for gone in [name for name in self._trends if name not in present]:
-            del self._trends[gone]
-        targets = np.fromiter(
-            (self._delayed_target(q, view.now_s) for q in view.queues),
-            dtype=np.int64,
-            count=len(view.queues),
-        )
-        return _as_allocation(view, _fit_to_budget(targets, view.budget))
+        for gone in [name for name in self._states if name not in present]:
+            del self._states[gone]
+        targets = np.zeros(len(view.queues), dtype=np.int64)
+        for i, queue in enumerate(view.queues):
+            state = self._states.get(queue.name)
+            if state is None:
+                state = self._states[queue.name] = _ScalerState(target=queue.allocated)
+            state.target = self._decide(queue, state, view)
+            targets[i] = state.target
+        budget = max(view.budget, 0)
+        if int(targets.sum()) <= budget:
+            return _as_allocation(view, targets)
+        # A function of the targets alone, so workers move only when some target moves. D'Hondt
+        # is population-monotone: when one queue's target changes, no other queue gains a worker,
+        # so workers never move between queues whose targets stayed put.
+        # Every queue with a target first gets one worker (heaviest first if too few), so that no
+        # queue is starved: with none running it could not even make a decision.
+        wanting = targets > 0
+        floor = np.zeros(len(targets), dtype=np.int64)
+        order = np.lexsort((np.arange(len(targets)), -targets))
+        floor[[i for i in order if wanting[i]][:budget]] = 1
+        rest = budget - int(floor.sum())
+        share = floor + _greedy_divisor(targets.astype(np.float64), targets - floor, rest)
+        return _as_allocation(view, share)
 
 
 # --- MaxWeight --------------------------------------------------------------------------------

@@ -185,64 +185,116 @@ class TestProportional:
 
 
 class TestTargetOngoing:
-    def _view(self, now_s: float, in_system: int, allocated: int, budget: int = 100) -> ClusterView:
-        queue = _queue("q", depth=in_system, workers_ready=allocated)
-        return _view(queue, budget=budget, now_s=now_s)
+    def _view(self, now_s: float, in_system: int, ready: int, budget: int = 100) -> ClusterView:
+        return _view(_queue("q", depth=in_system, workers_ready=ready), budget=budget, now_s=now_s)
 
-    def test_upscale_waits_for_delay(self) -> None:
-        """A wish to scale up is applied only once it has lasted upscale_delay_s."""
+    def _ticks(
+        self, allocator: TargetOngoingRequestsAllocator, start: int, stop: int, **kw: int
+    ) -> list[int]:
+        """The allocation of "q" at ticks start..stop-1 (tick_s = 1), the workers staying put."""
+        return [allocator.allocate(self._view(float(t), **kw))["q"] for t in range(start, stop)]
+
+    def test_upscale_waits_for_the_decision_counter(self) -> None:
+        """As Ray: scale up once the wish has held for more than upscale_delay_s / tick_s ticks."""
         allocator = TargetOngoingRequestsAllocator(
             target_ongoing_requests=2.0, upscale_delay_s=10.0, downscale_delay_s=100.0
         )
-        assert allocator.allocate(self._view(0.0, in_system=20, allocated=2)) == {"q": 2}
-        assert allocator.allocate(self._view(9.0, in_system=20, allocated=2)) == {"q": 2}
-        assert allocator.allocate(self._view(10.0, in_system=20, allocated=2)) == {"q": 10}
+        held = self._ticks(allocator, 0, 10, in_system=20, ready=2)
+        assert held == [2] * 10
+        assert allocator.allocate(self._view(10.0, in_system=20, ready=2)) == {"q": 10}
 
-    def test_flip_restarts_the_wait(self) -> None:
-        """A wish that disappears before the delay restarts the clock."""
-        allocator = TargetOngoingRequestsAllocator(upscale_delay_s=10.0)
-        allocator.allocate(self._view(0.0, in_system=20, allocated=2))
-        allocator.allocate(self._view(5.0, in_system=4, allocated=2))  # desired == current
-        assert allocator.allocate(self._view(12.0, in_system=20, allocated=2)) == {"q": 2}
-        assert allocator.allocate(self._view(22.0, in_system=20, allocated=2)) == {"q": 10}
+    def test_target_is_remembered_while_workers_load(self) -> None:
+        """After a decision the target holds (no new wait) even if the workers are not there yet."""
+        allocator = TargetOngoingRequestsAllocator(
+            target_ongoing_requests=2.0, upscale_delay_s=0.0, look_back_period_s=0.0
+        )
+        assert allocator.allocate(self._view(0.0, in_system=20, ready=2)) == {"q": 10}
+        # Desired == target: nothing to decide, although only 2 workers are running.
+        assert self._ticks(allocator, 1, 5, in_system=20, ready=2) == [10] * 4
+
+    def test_flip_restarts_the_counter(self) -> None:
+        """A tick without the wish resets the counter, so the full delay starts again."""
+        allocator = TargetOngoingRequestsAllocator(
+            target_ongoing_requests=2.0, upscale_delay_s=10.0, look_back_period_s=0.0
+        )
+        self._ticks(allocator, 0, 8, in_system=20, ready=2)
+        allocator.allocate(self._view(8.0, in_system=4, ready=2))  # desired == target
+        assert self._ticks(allocator, 9, 19, in_system=20, ready=2) == [2] * 10
+        assert allocator.allocate(self._view(19.0, in_system=20, ready=2)) == {"q": 10}
 
     def test_downscale_has_its_own_delay(self) -> None:
-        """Scaling down waits downscale_delay_s, which is longer."""
+        """Scaling down waits downscale_delay_s, which is longer, and stops at one worker."""
         allocator = TargetOngoingRequestsAllocator(upscale_delay_s=1.0, downscale_delay_s=60.0)
-        assert allocator.allocate(self._view(0.0, in_system=2, allocated=8)) == {"q": 8}
-        assert allocator.allocate(self._view(59.0, in_system=2, allocated=8)) == {"q": 8}
-        assert allocator.allocate(self._view(60.0, in_system=2, allocated=8)) == {"q": 1}
+        assert self._ticks(allocator, 0, 60, in_system=0, ready=8) == [8] * 60
+        assert allocator.allocate(self._view(60.0, in_system=0, ready=8)) == {"q": 1}
+
+    def test_ongoing_is_averaged_over_the_look_back_period(self) -> None:
+        """One busy tick among quiet ones does not look like a burst: the mean over the window counts."""
+        allocator = TargetOngoingRequestsAllocator(
+            target_ongoing_requests=1.0, upscale_delay_s=0.0, look_back_period_s=10.0
+        )
+        self._ticks(allocator, 0, 9, in_system=4, ready=4)
+        # Mean of nine 4s and one 14 is 5: one worker more, not ten.
+        assert allocator.allocate(self._view(9.0, in_system=14, ready=4)) == {"q": 5}
 
     def test_scale_from_zero_is_immediate(self) -> None:
-        """A queue with jobs and no workers scales up at once."""
+        """Cold start, as Ray: a queue with jobs and no running worker gets one at once."""
         allocator = TargetOngoingRequestsAllocator(upscale_delay_s=1000.0)
-        assert allocator.allocate(self._view(0.0, in_system=5, allocated=0)) == {"q": 3}
+        assert allocator.allocate(self._view(0.0, in_system=5, ready=0)) == {"q": 1}
+
+    def test_no_decision_while_no_worker_runs(self) -> None:
+        """With every worker still loading the target holds, whatever the queue looks like."""
+        allocator = TargetOngoingRequestsAllocator(upscale_delay_s=0.0, downscale_delay_s=0.0)
+        loading = _view(_queue("q", depth=0, workers_loading=6), budget=10)
+        assert allocator.allocate(loading) == {"q": 6}
 
     def test_smoothing(self) -> None:
-        """Smoothing 0.5 moves half way to the raw desired count (ceil up, floor down)."""
+        """Smoothing moves part way from the running workers (ceil), one down if it would stick."""
         allocator = TargetOngoingRequestsAllocator(
             target_ongoing_requests=1.0,
             upscale_smoothing_factor=0.5,
             downscale_smoothing_factor=0.5,
         )
         assert allocator.desired_workers(_queue("q", depth=9, workers_ready=2)) == 6
-        assert allocator.desired_workers(_queue("q", depth=1, workers_ready=8)) == 4
+        assert allocator.desired_workers(_queue("q", depth=1, workers_ready=8)) == 5
         assert allocator.desired_workers(_queue("q", depth=1, workers_ready=2)) == 1
 
-    def test_over_budget_scales_down_proportionally(self) -> None:
-        """Targets summing past the budget are scaled down by largest remainder."""
+    def test_over_budget_split_follows_the_targets(self) -> None:
+        """Targets summing past the budget are split in proportion (D'Hondt), each at least one."""
         allocator = TargetOngoingRequestsAllocator(target_ongoing_requests=1.0, upscale_delay_s=0.0)
         view = _view(
-            _queue("a", depth=30, workers_ready=1),
-            _queue("b", depth=10, workers_ready=1),
-            budget=8,
+            _queue("a", depth=9, workers_ready=1),
+            _queue("b", depth=3, workers_ready=1),
+            _queue("c", depth=1, workers_ready=1),
+            budget=10,
         )
-        assert allocator.allocate(view) == {"a": 6, "b": 2}
+        # Targets 9, 3, 1: one each, then 7 more split 9:3 by D'Hondt (6 and 1).
+        assert allocator.allocate(view) == {"a": 7, "b": 2, "c": 1}
+
+    def test_over_budget_split_moves_nothing_while_targets_hold(self) -> None:
+        """Contention alone never reshuffles: with the targets unchanged the split is unchanged,
+        and when one queue's target rises only that queue gains."""
+        allocator = TargetOngoingRequestsAllocator(
+            target_ongoing_requests=1.0, upscale_delay_s=0.0, look_back_period_s=0.0
+        )
+        queues = {"a": 30, "b": 10, "c": 6}
+        first = allocator.allocate(
+            _view(*(_queue(n, depth=d, workers_ready=1) for n, d in queues.items()), budget=12)
+        )
+        current = {n: _queue(n, depth=queues[n], workers_ready=first[n]) for n in queues}
+        assert allocator.allocate(_view(*current.values(), budget=12, now_s=1.0)) == first
+        current["c"] = _queue("c", depth=20, workers_ready=first["c"])
+        after = allocator.allocate(_view(*current.values(), budget=12, now_s=2.0))
+        assert after["c"] > first["c"]
+        assert after["a"] <= first["a"]
+        assert after["b"] <= first["b"]
 
     def test_bad_parameters(self) -> None:
-        """A non-positive target is refused."""
+        """A non-positive target or a negative look-back period is refused."""
         with pytest.raises(ValueError, match="target_ongoing_requests"):
             TargetOngoingRequestsAllocator(target_ongoing_requests=0.0)
+        with pytest.raises(ValueError, match="look_back_period_s"):
+            TargetOngoingRequestsAllocator(look_back_period_s=-1.0)
 
 
 class TestMaxWeight:
