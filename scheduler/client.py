@@ -336,9 +336,26 @@ class Client:
         assert self._runner is not None
         return JobHandle(handle, self._runner)
 
-    def submit(self, job_type: str, payload: Any = None, **options: Any) -> JobHandle:
-        """Submit one job; keyword options as for AsyncClient.submit."""
-        return self._wrap(self._run(self._async.submit(job_type, payload, **options)))
+    def submit(
+        self,
+        job_type: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        deadline_s: float | None = None,
+        delay_s: float = 0.0,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+        tags: Sequence[str] = (),
+        max_retries: int = 3,
+        timeout_s: float | None = None,
+    ) -> JobHandle:
+        """Submit one job; see AsyncClient.submit."""
+        request = JobRequest(
+            job_type, payload, priority, deadline_s, delay_s, idempotency_key, tenant, tags,
+            max_retries, timeout_s,
+        )  # fmt: skip
+        return self.submit_many([request])[0]
 
     def submit_many(self, requests: Iterable[JobRequest]) -> list[JobHandle]:
         return [self._wrap(h) for h in self._run(self._async.submit_many(list(requests)))]
