@@ -14,7 +14,14 @@ app = typer.Typer(
 )
 
 # Each module registers its own commands; a module that is missing is a bug, so import errors surface.
-_COMMAND_MODULES = ("scheduler.commands.store_demo", "scheduler.commands.simulate")
+_COMMAND_MODULES = (
+    "scheduler.commands.demo",
+    "scheduler.commands.simulate",
+    "scheduler.commands.evaluate",
+    "scheduler.commands.serve",
+    "scheduler.commands.status",
+    "scheduler.commands.submit",
+)
 
 for _name in _COMMAND_MODULES:
     try:

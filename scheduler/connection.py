@@ -23,6 +23,13 @@ from scheduler.errors import RedisUnavailable
 _SCHEMES = ("redis", "rediss", "unix")
 _DEFAULT_PORT = 6379
 
+# Reads give up after this long, so a dead server or network is noticed rather than waited on.
+SOCKET_TIMEOUT_S = 30.0
+# Blocking commands (BLPOP, BLMOVE) wait at most this long per call, well inside the socket
+# timeout; a longer wait loops. (redis-py's own default socket timeout is 5 s, which a 5 s block
+# would race.)
+MAX_BLOCK_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class ServerAddress:
@@ -97,6 +104,8 @@ def client_from_url(url: str, *, max_connections: int | None = None) -> aioredis
         url,
         decode_responses=True,
         socket_connect_timeout=5.0,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
         health_check_interval=30,
         max_connections=max_connections,
     )

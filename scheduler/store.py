@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from scheduler import jsonvalue
 from scheduler.codes import Code, codes
+from scheduler.connection import MAX_BLOCK_S
 from scheduler.errors import JobNotFound
 from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec, spec_json
@@ -211,8 +212,9 @@ class Store:
         )
 
     async def wait_for_ingress(self, timeout_s: float) -> bool:
-        """Block until a submit signals the ingress (True) or the timeout passes (False)."""
-        got = await self.redis.blpop([self.keys.ingress_signal], timeout=timeout_s)
+        """Block until a submit signals the ingress (True) or the timeout passes (False).
+        Waits at most MAX_BLOCK_S per call."""
+        got = await self.redis.blpop([self.keys.ingress_signal], timeout=_block_s(timeout_s))
         return got is not None
 
     async def enqueue(self, assignments: Sequence[tuple[str, str]]) -> list[Code]:
@@ -251,8 +253,9 @@ class Store:
         return leases
 
     async def wait_for_queue(self, queue: str, timeout_s: float) -> bool:
-        """Block until `queue` is signalled (jobs arrived) or the timeout passes."""
-        got = await self.redis.blpop([self.keys.queue_signal(queue)], timeout=timeout_s)
+        """Block until `queue` is signalled (jobs arrived) or the timeout passes.
+        Waits at most MAX_BLOCK_S per call."""
+        got = await self.redis.blpop([self.keys.queue_signal(queue)], timeout=_block_s(timeout_s))
         return got is not None
 
     async def heartbeat(
@@ -456,11 +459,10 @@ class Store:
             done = self.keys.done(job_id)
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while True:
-                remaining = 5.0 if deadline is None else deadline - time.monotonic()
+                remaining = MAX_BLOCK_S if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(job_id)
-                # Each wait is capped so a dropped connection is noticed, not waited on forever.
-                block_s = min(5.0, max(remaining, 0.001))
+                block_s = _block_s(remaining)
                 got = await self.redis.blmove(done, done, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
                 if got is not None:
                     break
@@ -469,6 +471,11 @@ class Store:
 
 _FINISHED_VALUES = frozenset(s.value for s in JobStatus if s.finished)
 _STATUS_BY_VALUE = {s.value: s for s in JobStatus}
+
+
+def _block_s(timeout_s: float) -> float:
+    # Redis reads 0 as "block forever"; keep at least 1 ms, and at most MAX_BLOCK_S.
+    return min(MAX_BLOCK_S, max(timeout_s, 0.001))
 
 
 def _opt_s(ms: str | None) -> float | None:
