@@ -1,0 +1,163 @@
+"""End-to-end no-op jobs through the live service: client → router → queue → worker → result.
+
+Prints one JSON object. Run: `python -m benchmarks.bench_e2e` (or `make bench`). Starts its own
+embedded Redis and local Ray and stops both; the same no-op load then goes through Celery and
+Dramatiq (benchmarks/references.py) on the same Redis build as references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
+from scheduler.config import ServiceConfig
+from scheduler.embedded_redis import EmbeddedRedis
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKERS = 2
+N_BATCHED = 20_000
+N_INDIVIDUAL = 8_000
+INDIVIDUAL_CLIENTS = 16
+N_ROUND_TRIP = 500
+IDLE_S = 10.0
+
+
+def bench_config(redis_url: str) -> ServiceConfig:
+    return ServiceConfig.from_mapping(
+        {
+            "store": {"namespace": "bench", "redis_url": redis_url},
+            "handlers": ["benchmarks.noop_handlers"],
+            "queues": [{"name": "noop", "job_types": ["noop"], "min_workers": WORKERS}],
+            "routing": {"policy": "rule", "batch_size": 1000},
+            "allocation": {"policy": "static", "budget": WORKERS, "tick_s": 1.0},
+            "worker": {"max_batch": 256, "num_cpus": 0.25},
+        },
+        source="bench_e2e",
+    )
+
+
+async def _wait_all(handles: list[AsyncJobHandle]) -> None:
+    for handle in handles:
+        await handle.result(timeout=120)
+
+
+async def _batched(client: AsyncClient) -> float:
+    started = time.perf_counter()
+    handles: list[AsyncJobHandle] = []
+    for i in range(0, N_BATCHED, 100):
+        handles += await client.submit_many([JobRequest("noop", j) for j in range(i, i + 100)])
+    await _wait_all(handles)
+    return N_BATCHED / (time.perf_counter() - started)
+
+
+async def _individual(client: AsyncClient) -> float:
+    per_client = N_INDIVIDUAL // INDIVIDUAL_CLIENTS
+
+    async def one_client(c: int) -> list[AsyncJobHandle]:
+        return [await client.submit("noop", c * per_client + i) for i in range(per_client)]
+
+    started = time.perf_counter()
+    groups = await asyncio.gather(*(one_client(c) for c in range(INDIVIDUAL_CLIENTS)))
+    await _wait_all([h for g in groups for h in g])
+    return per_client * INDIVIDUAL_CLIENTS / (time.perf_counter() - started)
+
+
+async def _round_trips(client: AsyncClient) -> dict[str, float]:
+    samples = []
+    for i in range(N_ROUND_TRIP):
+        t0 = time.perf_counter()
+        await (await client.submit("noop", i)).result(timeout=30)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return {
+        "p50_ms": round(statistics.median(samples) * 1000, 3),
+        "p99_ms": round(samples[int(len(samples) * 0.99) - 1] * 1000, 3),
+    }
+
+
+def _service_processes() -> list[psutil.Process]:
+    """This run's actor processes (router, controller, workers): Ray titles them ray::<Class>."""
+    out = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith(("ray::RoleHost", "ray::ModelWorkerShell")):
+            out.append(proc)
+    return out
+
+
+def _idle_cpu_fraction(seconds: float) -> float:
+    procs = _service_processes()
+    before = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    time.sleep(seconds)
+    after = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    return (after - before) / seconds
+
+
+def _bilevel(redis_url: str) -> dict[str, Any]:
+    import ray
+
+    from scheduler.service.runner import start_service
+
+    ray.init(
+        _temp_dir=tempfile.mkdtemp(prefix="blbench", dir="/tmp"),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        namespace="bilevel-bench",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+    )
+    try:
+        with start_service(bench_config(redis_url)) as service:
+
+            async def drive() -> dict[str, Any]:
+                async with AsyncClient(service.redis_url, settings=service.config.store) as c:
+                    await _wait_all([await c.submit("noop", 0)])  # warm up: workers ready
+                    return {
+                        "batched_jobs_per_s": round(await _batched(c)),
+                        "individual_jobs_per_s": round(await _individual(c)),
+                        "individual_clients": INDIVIDUAL_CLIENTS,
+                        "round_trip": await _round_trips(c),
+                    }
+
+            result = asyncio.run(drive())
+            result["idle_cpu_core_fraction"] = round(_idle_cpu_fraction(IDLE_S), 4)
+            result["service_processes"] = len(_service_processes())
+    finally:
+        ray.shutdown()
+    return {"setup": f"{WORKERS} ModelWorker actors, rule router, static allocation", **result}
+
+
+def main() -> dict[str, Any]:
+    from benchmarks.references import celery_reference, dramatiq_reference
+
+    os.environ.setdefault("PYTHONPATH", str(REPO_ROOT))
+    with EmbeddedRedis() as server:
+        ours = _bilevel(server.url)
+        celery = celery_reference(server.url)
+        dramatiq = dramatiq_reference(server.url)
+    return {
+        "benchmark": "e2e_noop",
+        "bilevel": ours,
+        "celery": celery,
+        "dramatiq": dramatiq,
+        "targets": {
+            "batched_jobs_per_s": 10_000,
+            "individual_jobs_per_s": 5_000,
+            "round_trip_p50_ms": 1.5,
+            "round_trip_p99_ms": 5.0,
+            "idle_cpu_core_fraction": 0.02,
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
