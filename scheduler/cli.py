@@ -17,6 +17,7 @@ app = typer.Typer(
 _COMMAND_MODULES = (
     "scheduler.commands.demo",
     "scheduler.commands.simulate",
+    "scheduler.commands.train",
     "scheduler.commands.evaluate",
     "scheduler.commands.serve",
     "scheduler.commands.status",

@@ -1,0 +1,381 @@
+"""`bilevel evaluate`: a policy against every tuned heuristic, on held-out arrivals, with CIs.
+
+The file reading lives here; running, tuning and statistics are in `policies.evaluation` and
+`policies.tuning` (pure). Which seeds and which part of a trace are held out: `policies.seeds`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from policies.evaluation import (
+    PolicyFactory,
+    RunOutcome,
+    TraceInput,
+    compare,
+    evaluate_scenario,
+    policy_stats,
+)
+from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS
+from policies.seeds import DEFAULT_EVAL_SEEDS, TRAIN_WINDOW_FRACTION, TUNING_SEEDS, eval_seeds
+from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
+from policies.sim.traces import TraceFormat
+from policies.tuning import default_grids, heuristic_factories, shipped_params, tune_scenario
+
+
+def _fail(message: str) -> typer.Exit:
+    """Prints `message` to stderr; the returned Exit(2) is raised by the caller."""
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _note(message: str) -> None:
+    Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+
+
+# --- the policy under test --------------------------------------------------------------------
+
+
+def _policy_factory(policy: str) -> Callable[[Scenario], PolicyFactory]:
+    """For each scenario, a factory of the policy under test (`scheduler.checkpoints`: a heuristic
+    name, "learned", or a checkpoint path). Resolved once now, so a bad name or checkpoint fails
+    before any run."""
+    # Imported here: it loads torch, which the other commands should not pay for at start-up.
+    from scheduler.checkpoints import resolve_allocator
+
+    try:
+        resolve_allocator(policy)
+    except (ValueError, OSError) as exc:
+        known = ", ".join(sorted(ALLOCATORS))
+        raise _fail(
+            f"cannot use policy {policy!r}: {exc}\n"
+            f"give a heuristic ({known}), 'learned', or a checkpoint file"
+        ) from None
+
+    def for_scenario(scenario: Scenario) -> PolicyFactory:
+        if policy in ALLOCATORS:
+            return lambda: resolve_allocator(policy)
+        # A learned allocator masks moves the scenario's bounds forbid; guardrails still apply.
+        bounds = scenario.guardrails.bounds()
+        return lambda: resolve_allocator(policy, bounds=bounds)
+
+    return for_scenario
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Input:
+    path: Path
+    scenario: Scenario
+    trace: TraceInput | None
+
+
+def _read_lines(path: Path) -> tuple[str, ...]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return tuple(f)
+    except OSError as exc:
+        raise _fail(f"cannot read trace: {exc}") from None
+
+
+def _read_trace(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceInput | None:
+    """The trace a trace scenario replays (--trace, else the scenario's own path), read whole."""
+    spec = scenario.workload.trace
+    if spec is None:
+        return None
+    trace_path = trace
+    if trace_path is None and spec.path is not None:
+        # A relative path in a scenario file is relative to that file, not to the shell.
+        trace_path = scenario_path.parent / spec.path
+    if trace_path is None:
+        raise _fail(
+            f"scenario {scenario_path} replays a {spec.format.value} trace: give --trace PATH"
+        )
+    run_lines: tuple[str, ...] | None = None
+    if spec.format is TraceFormat.AZURE_FUNCTIONS_2019:
+        run_path: Path | None = None
+        if spec.run_path is not None:
+            run_path = scenario_path.parent / spec.run_path
+        elif "_inv" in trace_path.name:
+            candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
+            run_path = candidate if candidate.exists() else None
+        if run_path is not None:
+            run_lines = _read_lines(run_path)
+    return TraceInput(lines=_read_lines(trace_path), source=str(trace_path), run_lines=run_lines)
+
+
+def _read_inputs(paths: Sequence[Path], trace: Path | None) -> list[_Input]:
+    inputs = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _fail(f"cannot read scenario: {exc}") from None
+        try:
+            scenario = parse_scenario(text, source=str(path))
+        except ScenarioError as exc:
+            raise _fail(str(exc)) from None
+        inputs.append(_Input(path, scenario, _read_trace(scenario, path, trace)))
+    if trace is not None and not any(i.trace is not None for i in inputs):
+        raise _fail("--trace given, but no scenario replays a trace")
+    names = [i.scenario.name for i in inputs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise _fail(f"scenario names must be unique in one evaluation: {duplicated}")
+    return inputs
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def _tuned_params(
+    item: _Input, retune: bool, baselines: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """(params per heuristic, where they came from): the shipped values for exactly this
+    scenario, else a fresh tuning on the training arrivals."""
+    stored = None if retune else shipped_params(item.scenario, item.trace)
+    if stored is not None:
+        return stored, "shipped"
+    reason = "--retune" if retune else "no stored values for this exact scenario"
+    _note(f"tuning heuristics on {item.scenario.name} ({reason}) ...")
+    try:
+        grids = {n: g for n, g in default_grids(item.scenario).items() if n in baselines}
+        tuning = tune_scenario(item.scenario, grids=grids, trace=item.trace)
+    except ValueError as exc:
+        raise _fail(f"{item.scenario.name}: {exc}") from None
+    _note(f"  tuned in {tuning.wall_s:.1f} s on training seeds {list(tuning.seeds)}")
+    return tuning.params(), "tuned now"
+
+
+def _progress() -> Progress | None:
+    """A progress bar on stderr when it is a terminal (piped output stays clean)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _evaluate_one(
+    item: _Input,
+    policy: str,
+    factory: Callable[[Scenario], PolicyFactory],
+    baselines: Sequence[str],
+    seeds: Sequence[int],
+    retune: bool,
+) -> dict[str, Any]:
+    params, source = _tuned_params(item, retune, baselines)
+    factories: dict[str, PolicyFactory] = {"__policy__": factory(item.scenario)}
+    factories.update(heuristic_factories(params, baselines))
+    with ExitStack() as stack:
+        bar = _progress()
+        update: Callable[[str, int], None] | None = None
+        if bar is not None:
+            stack.enter_context(bar)
+            task = bar.add_task(item.scenario.name, total=len(seeds) * len(factories))
+
+            def update(name: str, seed: int) -> None:
+                bar.advance(task)
+
+        try:
+            results = evaluate_scenario(
+                item.scenario, factories, seeds, part="test", trace=item.trace, progress=update
+            )
+        except ValueError as exc:
+            raise _fail(f"{item.scenario.name}: {exc}") from None
+    return _scenario_payload(item, policy, results, params, source, baselines)
+
+
+def _scenario_payload(
+    item: _Input,
+    policy: str,
+    results: dict[str, list[RunOutcome]],
+    params: dict[str, dict[str, Any]],
+    source: str,
+    baselines: Sequence[str],
+) -> dict[str, Any]:
+    comparison = compare(results, "__policy__", baselines)
+    held_out = (
+        f"held-out window (last {1 - TRAIN_WINDOW_FRACTION:.0%} of the trace)"
+        if item.trace is not None
+        else "held-out seeds"
+    )
+    heuristics = {
+        name: {"params": params.get(name, {}), **policy_stats(results[name]).to_dict()}
+        for name in baselines
+    }
+    gains = comparison.to_dict()
+    gains.pop("policy")
+    return {
+        "held_out": held_out,
+        "tuned_params": source,
+        "policy": {"name": policy, **policy_stats(results["__policy__"]).to_dict()},
+        "heuristics": heuristics,
+        **gains,
+    }
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _ci(stat: dict[str, Any]) -> str:
+    mean, half = stat["mean"], stat["ci95"]
+    if mean is None:
+        return "-"
+    return f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def _table(name: str, payload: dict[str, Any], n_seeds: int) -> Table:
+    title = (
+        f"{name}: {n_seeds} evaluation seeds, {payload['held_out']}; heuristics tuned on "
+        f"training arrivals ({payload['tuned_params']} values)"
+    )
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("policy", no_wrap=True)
+    table.add_column("params")
+    table.add_column("mean JCT s (95% CI)", justify="right", no_wrap=True)
+    table.add_column("p99 JCT s (95% CI)", justify="right", no_wrap=True)
+    table.add_column("moves", justify="right", no_wrap=True)
+    table.add_column("unfinished", justify="right", no_wrap=True)
+    mine = payload["policy"]
+    rows = [(f"[bold]{mine['name']}[/bold]", "", mine)]
+
+    def rank(item: tuple[str, dict[str, Any]]) -> float:
+        mean = item[1]["mean_jct_s"]["mean"]
+        return math.inf if mean is None else float(mean)
+
+    for h_name, stats in sorted(payload["heuristics"].items(), key=rank):
+        marker = " *" if h_name == payload["best_heuristic"] else ""
+        rows.append((h_name + marker, _params_text(stats["params"]), stats))
+    for label, params, stats in rows:
+        moves = stats["reconfigurations"]["mean"]
+        table.add_row(
+            label,
+            params,
+            _ci(stats["mean_jct_s"]),
+            _ci(stats["p99_jct_s"]),
+            "-" if moves is None else f"{moves:.0f}",
+            str(stats["unfinished"]),
+        )
+    paired = payload["paired_gain_mean_jct"]
+    paired_text = (
+        f" (paired per seed {_pct(paired['mean'])} ± {paired['ci95']:.1%})"
+        if paired["mean"] is not None and paired["ci95"] is not None
+        else ""
+    )
+    table.caption = (
+        f"gain of {mine['name']} over the best heuristic ({payload['best_heuristic']}, *): "
+        f"mean JCT {_pct(payload['gain_mean_jct'])}{paired_text}, "
+        f"p99 JCT {_pct(payload['gain_p99_jct'])}"
+    )
+    return table
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def evaluate(
+    scenarios: Annotated[
+        list[Path],
+        typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
+    ],
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy",
+            help="Policy under test: a heuristic name, 'learned', or a checkpoint path.",
+            show_default=False,
+        ),
+    ],
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="Held-out evaluation seeds (at least 5).")
+    ] = DEFAULT_EVAL_SEEDS,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    retune: Annotated[
+        bool,
+        typer.Option(
+            "--retune", help="Tune the heuristics again instead of using the stored values."
+        ),
+    ] = False,
+    baselines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--baseline",
+            help="Compare with these heuristics only (repeatable; default: every heuristic).",
+        ),
+    ] = None,
+) -> None:
+    """Evaluate a policy against every tuned heuristic on held-out arrivals: mean and p99 JCT with
+    95% CIs over seeds, and the gain over the best heuristic, per scenario."""
+    try:
+        seed_list = eval_seeds(seeds)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    chosen = list(baselines) if baselines else list(HEURISTIC_ALLOCATORS)
+    unknown = [b for b in chosen if b not in HEURISTIC_ALLOCATORS]
+    if unknown:
+        raise _fail(f"unknown baseline(s) {unknown}; heuristics: {', '.join(HEURISTIC_ALLOCATORS)}")
+    factory = _policy_factory(policy)
+    inputs = _read_inputs(scenarios, trace)
+    payloads = {
+        item.scenario.name: _evaluate_one(item, policy, factory, chosen, seed_list, retune)
+        for item in inputs
+    }
+    if as_json:
+        out = {
+            "policy": policy,
+            "seeds": seed_list,
+            "tuning_seeds": list(TUNING_SEEDS),
+            "scenarios": payloads,
+        }
+        typer.echo(json.dumps(out, allow_nan=False))
+        return
+    # Piped output defaults to 80 columns, too narrow for the table; a terminal keeps its width.
+    console = Console() if Console().is_terminal else Console(width=140)
+    for name, payload in payloads.items():
+        console.print(_table(name, payload, len(seed_list)))
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `evaluate` command to the CLI."""
+    app.command("evaluate")(evaluate)
+    if app.registered_callback is None:
+        # As in `simulate`: an app with one command and no callback would run it bare.
+        app.callback()(_group)
+
+
+def _group() -> None:
+    """Dynamic task scheduling for ML workloads on Ray, with learned two-level routing."""
