@@ -20,6 +20,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 # '~' is not allowed in queue names, so it cannot clash with a real queue.
 INGRESS_QUEUE = "~ingress"
 
+# The published controller state outlives a few missed ticks, not a stopped service: a reader seeing
+# no state knows no controller has ticked for this long.
+ALLOCATION_TTL_S = 30.0
+# Allocation changes kept in Redis: enough for a demo's plot of several minutes at one move a tick.
+ALLOCATION_HISTORY_LEN = 2000
+
 
 def validate_name(kind: str, name: str) -> str:
     """Return `name` if it is a valid queue name or namespace, else raise ValueError naming it."""
@@ -109,3 +115,16 @@ class Keys:
     def leader(self, role: str) -> str:
         """STRING: the holder of a leader lock (router, controller) with a TTL renewed by it."""
         return f"{self.prefix}leader:{role}"
+
+    @property
+    def allocation(self) -> str:
+        """STRING (JSON): the controller's latest per-queue state (workers, rates, service times),
+        rewritten every tick; `status` and load-aware routing read it. Expires (ALLOCATION_TTL_S) so
+        a stopped service does not look alive."""
+        return f"{self.prefix}allocation"
+
+    @property
+    def allocation_history(self) -> str:
+        """LIST (JSON entries, newest last): allocation changes {t, workers}, trimmed to
+        ALLOCATION_HISTORY_LEN entries, for `status` and the demo's plot."""
+        return f"{self.prefix}allocation:history"

@@ -13,6 +13,19 @@ import structlog
 
 _configured = False
 
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time of the write, not at configure time: a test
+    runner (pytest, typer's CliRunner) swaps and closes its captured streams, and a logger bound to
+    a closed one would raise on the next log line."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -36,7 +49,7 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     _configured = True

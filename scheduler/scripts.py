@@ -31,6 +31,7 @@ SCRIPT_NAMES = (
     "stats",
     "watch",
     "results",
+    "leader",
 )
 
 
@@ -67,6 +68,7 @@ class Scripts:
     stats: AsyncScript
     watch: AsyncScript
     results: AsyncScript
+    leader: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

@@ -1,0 +1,35 @@
+"""Which deployment a client-side command (status, submit) talks to: --config, or --redis-url and
+--namespace, or BILEVEL_REDIS_URL / BILEVEL_NAMESPACE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from scheduler.commands.serve import fail, load_config
+from scheduler.config import ServiceConfig
+from scheduler.settings import Settings
+
+
+def resolve_target(
+    config_path: Path | None, redis_url: str | None, namespace: str | None
+) -> tuple[Settings, ServiceConfig | None]:
+    """Store settings (with a Redis URL) and the service config when one was given; Exit(2) when
+    no Redis URL is known (an embedded server would be empty: there is nothing to talk to)."""
+    config = load_config(config_path) if config_path is not None else None
+    settings = config.store if config is not None else Settings()
+    update: dict[str, object] = {}
+    if redis_url is not None:
+        update["redis_url"] = SecretStr(redis_url)
+    if namespace is not None:
+        update["namespace"] = namespace
+    if update:
+        # model_copy skips validation: check the namespace the way the config would.
+        settings = Settings(**{**settings.model_dump(), **update})
+    if settings.url() is None:
+        raise fail(
+            "no Redis URL: pass --redis-url, set BILEVEL_REDIS_URL, or give a --config with "
+            "store.redis_url (serve prints its embedded server's URL)"
+        )
+    return settings, config

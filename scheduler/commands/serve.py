@@ -1,0 +1,150 @@
+"""`bilevel serve --config FILE`: run the router and controller on Ray until Ctrl-C or SIGTERM.
+
+Every check that can fail on a bad file runs before Ray starts: the config (errors name the field),
+the handler modules (errors name the module) and that every queue's job types have a handler
+(errors name the queue index and the job type). They exit with code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from scheduler.config import ConfigError, ServiceConfig
+from scheduler.errors import BilevelError
+
+# Seconds between the status lines serve prints while it runs.
+STATUS_EVERY_S = 10.0
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Prints `message` to stderr; the caller raises the returned Exit."""
+    # Escaped: messages quote user input and policy reasons with [brackets] that are not markup.
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    return typer.Exit(code=code)
+
+
+def load_config(path: Path) -> ServiceConfig:
+    """The validated config, or Exit(2) with the error naming the bad field."""
+    try:
+        return ServiceConfig.load(path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+def check_handlers(config: ServiceConfig) -> None:
+    """Import the handler modules and check every configured job type has a handler; Exit(2)
+    naming the module, or the queue index and job type, otherwise."""
+    from workers.registry import REGISTRY, HandlerModuleError, load_handler_modules
+
+    try:
+        load_handler_modules(config.handlers)
+    except HandlerModuleError as exc:
+        raise fail(f"handlers: {exc}") from None
+    known = set(REGISTRY.job_types())
+    for i, queue in enumerate(config.queues):
+        for j, job_type in enumerate(queue.job_types):
+            if job_type not in known:
+                raise fail(
+                    f"queues.{i}.job_types.{j}: no handler is registered for job type "
+                    f"{job_type!r} (queue {queue.name!r}); handler modules "
+                    f"{', '.join(config.handlers) or '(none)'} register: "
+                    f"{', '.join(sorted(known)) or 'nothing'}"
+                )
+
+
+def _status_line(handle: object) -> str:
+    from scheduler.service.runner import ServiceHandle
+
+    assert isinstance(handle, ServiceHandle)
+    parts = []
+    for role, s in handle.status(timeout_s=5.0).items():
+        state = "leader" if s.get("leading") else ("standby" if s.get("alive") else "dead")
+        extra = ""
+        if role == "router" and "routed" in s:
+            extra = f" routed={s['routed']} rejected={s['rejected']}"
+        if role == "controller" and s.get("target"):
+            extra = " workers=" + ",".join(f"{q}:{n}" for q, n in s["target"].items())
+        parts.append(f"{role} {state}{extra}")
+    return "; ".join(parts)
+
+
+def serve(
+    config_path: Annotated[
+        Path, typer.Option("--config", help="Service config YAML.", show_default=False)
+    ],
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Redis URL (default: BILEVEL_REDIS_URL, the config's, or an embedded server).",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Ray address; 'local' starts a private Ray (default: a running cluster, else local).",
+        ),
+    ] = None,
+    leader_ttl_s: Annotated[
+        float,
+        typer.Option("--leader-ttl", min=0.1, help="Seconds a leader lock lives unrenewed."),
+    ] = 10.0,
+) -> None:
+    """Run the scheduling service (router + controller on Ray) in the foreground."""
+    config = load_config(config_path)
+    check_handlers(config)
+    from scheduler.service.runner import start_service
+
+    console = Console(stderr=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    try:
+        handle = start_service(
+            config, redis_url=redis_url, leader_ttl_s=leader_ttl_s, ray_address=ray_address
+        )
+    except BilevelError as exc:
+        raise fail(str(exc), code=1) from None
+    # After ray.init, which installs its own SIGTERM handler: ours must win so the workers drain.
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        console.print(
+            f"bilevel serving namespace [bold]{handle.namespace}[/] "
+            f"(actors {', '.join(handle.names.values())})",
+            highlight=False,
+        )
+        if handle.embedded is not None:
+            # The embedded server lives as long as this process; clients need its URL.
+            console.print(f"embedded Redis: BILEVEL_REDIS_URL={handle.redis_url}", highlight=False)
+        last = 0.0
+        while not stop.is_set():
+            if time.monotonic() - last >= STATUS_EVERY_S:
+                last = time.monotonic()
+                console.print(_status_line(handle), highlight=False)
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping: draining workers...", highlight=False)
+        handle.stop()
+        signal.signal(signal.SIGTERM, previous)
+        console.print("stopped", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `serve` command to the CLI."""
+    app.command("serve")(serve)

@@ -1,0 +1,124 @@
+"""`bilevel status`: per-queue depth, oldest wait, in flight, dead, workers and throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scheduler.client import AsyncClient
+from scheduler.commands._target import resolve_target
+from scheduler.commands.serve import fail
+from scheduler.config import ServiceConfig
+from scheduler.errors import BilevelError
+from scheduler.service.views import PublishedState
+from scheduler.settings import Settings
+from scheduler.store import StoreStats
+
+
+async def _gather(
+    settings: Settings, config: ServiceConfig | None, window_s: float
+) -> tuple[StoreStats, StoreStats, float, PublishedState | None, dict[str, bool], int]:
+    async with AsyncClient(settings=settings) as client:
+        store = client.store
+        names = [q.name for q in config.queues] if config is not None else []
+        first = await store.stats(names)
+        started = time.monotonic()
+        await asyncio.sleep(window_s)
+        second = await store.stats(names)
+        elapsed_s = time.monotonic() - started
+        raw = await store.redis.get(store.keys.allocation)
+        try:
+            published = None if raw is None else PublishedState.from_json(str(raw))
+        except ValueError:
+            published = None
+        leaders = {
+            role: bool(await store.redis.exists(store.keys.leader(role)))
+            for role in ("router", "controller")
+        }
+        changes = int(await store.redis.llen(store.keys.allocation_history))
+        return first, second, elapsed_s, published, leaders, changes
+
+
+def status(
+    config_path: Annotated[
+        Path | None, typer.Option("--config", help="Service config YAML (Redis and namespace).")
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis URL.")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Namespace.")] = None,
+    window_s: Annotated[
+        float, typer.Option("--window", min=0.0, help="Seconds to measure throughput over.")
+    ] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show the queues of a running (or stopped) deployment."""
+    settings, config = resolve_target(config_path, redis_url, namespace)
+    try:
+        first, second, elapsed_s, published, leaders, changes = asyncio.run(
+            _gather(settings, config, window_s)
+        )
+    except BilevelError as exc:
+        raise fail(str(exc), code=1) from None
+    rows: list[dict[str, Any]] = []
+    for name, q in second.queues.items():
+        before = first.queues.get(name)
+        done = q.completed_total - (before.completed_total if before else q.completed_total)
+        measured = done / elapsed_s if elapsed_s > 0 and window_s > 0 else None
+        pub = published.queues.get(name) if published is not None else None
+        throughput = (
+            measured if measured is not None else (pub.completion_rate_per_s if pub else None)
+        )
+        rows.append(
+            {
+                "queue": name,
+                "depth": q.depth,
+                "oldest_wait_s": q.oldest_wait_s,
+                "in_flight": q.in_flight,
+                "dead": q.dead,
+                "workers": None if pub is None else pub.workers,
+                "ready": None if pub is None else pub.ready,
+                "loading": None if pub is None else pub.loading,
+                "completed_per_s": throughput,
+                "completed_total": q.completed_total,
+            }
+        )
+    if as_json:
+        payload = {
+            "namespace": settings.namespace,
+            "ingress": second.ingress,
+            "delayed": second.delayed,
+            "leaders": leaders,
+            "policy": published.policy if published else None,
+            "allocation_changes": changes,
+            "queues": rows,
+        }
+        typer.echo(json.dumps(payload))
+        return
+    console = Console() if Console().is_terminal else Console(width=120)
+    title = f"namespace {settings.namespace}: ingress {second.ingress}, delayed {second.delayed}"
+    table = Table(title=title)
+    for column in ("queue", "depth", "oldest wait s", "in flight", "dead", "workers"):
+        table.add_column(column, justify="left" if column == "queue" else "right")
+    table.add_column("done/s", justify="right")
+    for r in rows:
+        workers = "-" if r["workers"] is None else f"{r['workers']} ({r['loading']} loading)"
+        rate = "-" if r["completed_per_s"] is None else f"{r['completed_per_s']:.1f}"
+        table.add_row(
+            r["queue"], str(r["depth"]), f"{r['oldest_wait_s']:.1f}", str(r["in_flight"]),
+            str(r["dead"]), workers, rate,
+        )  # fmt: skip
+    console.print(table)
+    roles = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
+    policy = f"policy {published.policy}" if published else "no controller has ticked recently"
+    console.print(f"{roles}; {policy}; {changes} allocation changes recorded", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `status` command to the CLI."""
+    app.command("status")(status)

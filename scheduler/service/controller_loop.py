@@ -1,0 +1,256 @@
+"""Level 2's loop: every tick, decide how many workers each queue gets and apply it to the pool.
+
+A tick does the store's housekeeping (expired leases back to their queues, due delayed jobs into
+theirs, dead workers replaced), builds a ClusterView from store stats and the pool view, asks the
+configured allocator for targets through the guardrails, applies them, and logs one event with the
+inputs and the decision per queue, so a reader can see why a queue gained or lost workers.
+
+It also publishes its state (Keys.allocation, every tick) and the history of allocation changes
+(Keys.allocation_history, on change): `bilevel status`, load-aware routing and the demo's plot read
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from policies.guardrails import Guardrails
+from policies.registry import make_allocator
+from policies.views import Allocation, Allocator, ClusterView
+from scheduler.config import ServiceConfig
+from scheduler.keys import ALLOCATION_HISTORY_LEN, ALLOCATION_TTL_S
+from scheduler.logs import get_logger
+from scheduler.service.leader import LeaderLock
+from scheduler.service.views import (
+    PublishedQueue,
+    PublishedState,
+    ViewBuilder,
+    allocation_bounds,
+)
+from scheduler.store import RequeueReport, Store
+from workers.pool_view import PoolView, QueuePoolView
+
+log = get_logger("bilevel.controller")
+
+# In-memory allocation history kept by the loop (the Redis copy is trimmed to the same length).
+HISTORY_LEN = ALLOCATION_HISTORY_LEN
+
+
+class Pool(Protocol):
+    """What the controller needs of a worker pool (workers.pool.WorkerPool implements it)."""
+
+    async def apply(self, target: Mapping[str, int]) -> Any: ...
+
+    async def view(self) -> PoolView: ...
+
+    async def replace_dead(self) -> int: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationChange:
+    """One entry of the allocation history: at `t_s` the targets became `workers`."""
+
+    t_s: float
+    workers: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t_s": self.t_s, "workers": self.workers}
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    """What one tick saw and did."""
+
+    view: ClusterView
+    before: dict[str, int]
+    target: Allocation
+    # Why the guardrails used the fallback allocator this tick; None when the policy's proposal
+    # was used (then bounds, budget and the move cap may still have trimmed it).
+    fallback: str | None
+    requeue: RequeueReport
+    promoted: int
+    replaced: int
+    # Whatever the pool's apply() returned (workers.pool.PoolChange).
+    change: Any = None
+    pool: PoolView = field(default_factory=PoolView)
+
+    @property
+    def changed(self) -> bool:
+        return self.target != self.before
+
+
+def make_guardrails(config: ServiceConfig, inner: Allocator | None = None) -> Guardrails:
+    """The configured allocator (or `inner`) wrapped in the configured guardrails."""
+    alloc = config.allocation
+    return Guardrails(
+        inner if inner is not None else make_allocator(alloc.policy, **alloc.params),
+        allocation_bounds(config),
+        fallback=make_allocator(alloc.fallback),
+        hysteresis_workers=max(1, alloc.hysteresis_workers),
+    )
+
+
+class ControllerLoop:
+    """Allocates workers across the configured queues; drive it with `tick()` or `run(stop)`.
+
+    `clock` gives now_s for views and history (wall-clock seconds by default); `sleep` paces `run`
+    (tests inject both). With a `leader` lock the loop ticks only while the lock is held.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: ServiceConfig,
+        pool: Pool,
+        *,
+        allocator: Allocator | None = None,
+        leader: LeaderLock | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        logger: Any = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.pool = pool
+        self.guardrails = make_guardrails(config, allocator)
+        self.leader = leader
+        self.clock = clock
+        self._sleep = sleep
+        # Injectable so tests can read the decision events without reconfiguring structlog.
+        self.log = logger if logger is not None else log
+        self.views = ViewBuilder(config)
+        self.history: deque[AllocationChange] = deque(maxlen=HISTORY_LEN)
+        self.last: TickReport | None = None
+        self.ticks = 0
+        self._queue_names = [q.name for q in config.queues]
+
+    @property
+    def acting(self) -> bool:
+        return self.leader is None or self.leader.held
+
+    async def tick(self) -> TickReport:
+        """One allocation step (housekeeping, view, decision, apply, log, publish)."""
+        requeue = await self.store.requeue_expired()
+        promoted = await self.store.promote_due()
+        replaced = await self.pool.replace_dead()
+        stats = await self.store.stats(self._queue_names)
+        pool_view = await self.pool.view()
+        now_s = self.clock()
+        view = self.views.cluster_view(stats, pool_view, now_s)
+        before = view.allocation()
+        target = self.guardrails.allocate(view)
+        fallback = self.guardrails.last_fallback_reason
+        change = await self.pool.apply(target)
+        report = TickReport(
+            view=view,
+            before=before,
+            target=target,
+            fallback=fallback,
+            requeue=requeue,
+            promoted=promoted,
+            replaced=replaced,
+            change=change,
+            pool=pool_view,
+        )
+        self.ticks += 1
+        self.last = report
+        # The history records targets, not pool states: one entry per decision that differs.
+        new_entry = not self.history or self.history[-1].workers != target
+        if new_entry:
+            self.history.append(AllocationChange(now_s, dict(target)))
+        self._log(report)
+        await self._publish(report, record_change=new_entry)
+        return report
+
+    def _log(self, r: TickReport) -> None:
+        # A compact table, one cell per queue, "name depth=.. rate=../s workers a->b".
+        cells = []
+        for q in r.view.queues:
+            cells.append(
+                f"{q.name} depth={q.depth} wait={q.oldest_wait_s:.1f}s "
+                f"rate={q.arrival_rate_per_s:.2f}/s svc={q.service_time_s:.3f}s "
+                f"workers {r.before[q.name]}->{r.target[q.name]}"
+            )
+        event: dict[str, Any] = {
+            "policy": self.guardrails.name,
+            "changed": r.changed,
+            "queues": " | ".join(cells),
+            "budget": r.view.budget,
+        }
+        if r.fallback is not None:
+            event["fallback"] = r.fallback
+        if r.requeue.requeued or r.requeue.dead_lettered:
+            event["requeued"] = r.requeue.requeued
+            event["lease_dead_lettered"] = r.requeue.dead_lettered
+        if r.replaced:
+            event["workers_replaced"] = r.replaced
+        if r.fallback is not None:
+            self.log.warning("allocation_tick", **event)
+        else:
+            self.log.info("allocation_tick", **event)
+
+    def published_state(self, r: TickReport) -> PublishedState:
+        completions = self.views.completions.rates_per_s
+        queues = {}
+        for q in r.view.queues:
+            p = r.pool.queues.get(q.name, QueuePoolView(q.name))
+            queues[q.name] = PublishedQueue(
+                workers=r.target[q.name],
+                ready=q.workers_ready,
+                busy=q.workers_busy,
+                loading=q.workers_loading,
+                draining=p.draining,
+                depth=q.depth,
+                service_time_s=q.service_time_s,
+                model_load_s=q.model_load_s,
+                arrival_rate_per_s=q.arrival_rate_per_s,
+                completion_rate_per_s=completions.get(q.name, 0.0),
+            )
+        return PublishedState(
+            t_s=r.view.now_s, policy=self.guardrails.name, queues=queues, fallback=r.fallback
+        )
+
+    async def _publish(self, r: TickReport, *, record_change: bool) -> None:
+        keys = self.store.keys
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.set(
+            keys.allocation, self.published_state(r).to_json(), px=round(ALLOCATION_TTL_S * 1000)
+        )
+        if record_change:
+            pipe.rpush(keys.allocation_history, json.dumps(self.history[-1].to_dict()))
+            pipe.ltrim(keys.allocation_history, -HISTORY_LEN, -1)
+        await pipe.execute()
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        if self._sleep is not None:
+            await self._sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every `allocation.tick_s` until `stop` is set. A failing tick is logged and the
+        next one runs: one Redis hiccup or pool error must not stop level 2."""
+        tick_s = self.config.allocation.tick_s
+        log.info("controller_started", policy=self.guardrails.name, tick_s=tick_s)
+        while not stop.is_set():
+            started = self.clock()
+            if self.acting:
+                try:
+                    await self.tick()
+                except Exception:
+                    log.exception("allocation_tick_failed")
+            await self._pause(stop, max(0.0, started + tick_s - self.clock()))
+        log.info("controller_stopped", ticks=self.ticks)
+
+
+__all__ = ["AllocationChange", "ControllerLoop", "Pool", "TickReport", "make_guardrails"]

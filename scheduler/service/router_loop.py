@@ -1,0 +1,175 @@
+"""Level 1's loop: move jobs from the ingress into task queues with the configured routing policy.
+
+The loop blocks on the ingress signal (a token per submit batch) instead of polling, reads the
+ingress in batches, routes each batch with one policy call and moves it with one enqueue round trip.
+It is crash-safe by construction: a job leaves the ingress only inside the enqueue (or dead-letter)
+script, so a router that dies mid-batch leaves its jobs for the next one, and a second router that
+routes the same job is refused by the store (WRONG_STATE) instead of queueing it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.registry import make_router
+from policies.views import Rejection, Router
+from scheduler.codes import Code
+from scheduler.config import ServiceConfig
+from scheduler.logs import get_logger
+from scheduler.models import ErrorInfo
+from scheduler.service.leader import LeaderLock
+from scheduler.service.views import (
+    PublishedState,
+    job_view,
+    routing_queue_views,
+    size_estimates_s,
+)
+from scheduler.store import Store, StoreStats
+
+log = get_logger("bilevel.router")
+
+# Queue views are refreshed at most this often: routing a batch must not cost a stats round trip.
+STATS_REFRESH_S = 0.1
+# Longest single block on the ingress signal; bounds how late the loop notices a stop or a lost lock.
+WAIT_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RouteReport:
+    """What one batch did."""
+
+    # Jobs the store moved into a queue (or into the delayed set, for delayed jobs).
+    routed: int = 0
+    # Jobs no queue accepts, now dead-lettered with the router's reason.
+    rejected: int = 0
+    # Jobs another router moved first (the store refused them here).
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.routed + self.rejected + self.skipped
+
+
+class RouterLoop:
+    """Routes the ingress of one namespace; drive it with `route_batch()` or `run(stop)`.
+
+    With a `leader` lock the loop acts only while it holds the lock (it does not renew it: whoever
+    owns the lock keeps it, see LeaderLock.keep).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: ServiceConfig,
+        *,
+        router: Router | None = None,
+        leader: LeaderLock | None = None,
+        rng: np.random.Generator | None = None,
+        stats_refresh_s: float = STATS_REFRESH_S,
+        wait_s: float = WAIT_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.router: Router = router or make_router(config.routing.policy, **config.routing.params)
+        self.leader = leader
+        self.rng = rng or np.random.default_rng()
+        self.stats_refresh_s = stats_refresh_s
+        self.wait_s = wait_s
+        self._monotonic = monotonic
+        self._queue_names = [q.name for q in config.queues]
+        self._stats: StoreStats | None = None
+        self._published: PublishedState | None = None
+        self._stats_at = -float("inf")
+        self.routed_total = 0
+        self.rejected_total = 0
+
+    @property
+    def acting(self) -> bool:
+        """Whether this loop may route now (always, without a leader lock)."""
+        return self.leader is None or self.leader.held
+
+    async def _refresh(self) -> None:
+        if self._monotonic() - self._stats_at < self.stats_refresh_s and self._stats is not None:
+            return
+        self._stats = await self.store.stats(self._queue_names)
+        raw = await self.store.redis.get(self.store.keys.allocation)
+        try:
+            self._published = None if raw is None else PublishedState.from_json(str(raw))
+        except ValueError:
+            self._published = None
+        self._stats_at = self._monotonic()
+
+    async def route_batch(self) -> RouteReport:
+        """Route up to `routing.batch_size` of the oldest ingress jobs; an empty report when none."""
+        pending = await self.store.pending(self.config.routing.batch_size)
+        if not pending:
+            return RouteReport()
+        await self._refresh()
+        assert self._stats is not None
+        queues = routing_queue_views(self.config, self._stats, self._published)
+        sizes = size_estimates_s(queues)
+        jobs = [job_view(p, size_estimate_s=sizes.get(p.job_type, 0.0)) for p in pending]
+        decisions = self.router.route_batch(jobs, queues, self.rng)
+        routed: list[tuple[str, str]] = []
+        rejected: list[tuple[str, ErrorInfo]] = []
+        for job, decision in zip(jobs, decisions, strict=True):
+            if isinstance(decision, Rejection):
+                rejected.append((job.job_id, ErrorInfo(type="Unroutable", message=decision.reason)))
+            else:
+                routed.append((job.job_id, decision))
+        codes = await self.store.enqueue(routed)
+        moved = sum(1 for c in codes if c in (Code.OK, Code.DELAYED))
+        dead = await self.store.dead_letter(rejected)
+        n_rejected = sum(1 for c in dead if c is Code.DEAD_LETTERED)
+        report = RouteReport(
+            routed=moved, rejected=n_rejected, skipped=len(pending) - moved - n_rejected
+        )
+        self.routed_total += report.routed
+        self.rejected_total += report.rejected
+        if rejected:
+            log.warning("jobs_unroutable", count=len(rejected), first_reason=rejected[0][1].message)
+        log.debug(
+            "batch_routed", routed=report.routed, rejected=report.rejected, skipped=report.skipped
+        )
+        return report
+
+    async def drain(self) -> int:
+        """Route batches until the ingress is empty (or the lock is lost); returns jobs handled."""
+        handled = 0
+        while self.acting:
+            report = await self.route_batch()
+            handled += report.total
+            if report.total == 0 or report.total < self.config.routing.batch_size:
+                break
+        return handled
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Route until `stop` is set: drain the ingress, then block on its signal."""
+        log.info("router_started", policy=self.router.name)
+        while not stop.is_set():
+            if not self.acting:
+                # A standby: the lock keeper wakes us within its renew interval.
+                await _wait_or_stop(stop, self.wait_s)
+                continue
+            await self.drain()
+            if stop.is_set():
+                break
+            # Blocks (BLPOP) until a submit pushes a token; jobs submitted between drain() and
+            # here also pushed one, so nothing waits for the timeout.
+            await self.store.wait_for_ingress(self.wait_s)
+        log.info("router_stopped", routed=self.routed_total, rejected=self.rejected_total)
+
+
+async def _wait_or_stop(stop: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout_s)
+
+
+__all__ = ["RouteReport", "RouterLoop"]

@@ -1,0 +1,241 @@
+"""Start and stop the service from Python: the API `bilevel serve`, `make demo` and tests share.
+
+    config = ServiceConfig.load("deploy/service.yaml")
+    with start_service(config) as service:          # Ray and (if no URL) an embedded Redis
+        with Client(service.redis_url, settings=config.store) as client:
+            print(client.submit("embed", {"text": "hi"}).result(timeout=30))
+
+`start_service` starts the router and the controller as named, detached Ray actors. Names are scoped
+by namespace (``bilevel:<namespace>:router``); when they are taken (another `serve` of the same
+namespace runs) the new actors get standby names and wait for the leader locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import SecretStr
+
+from scheduler.config import ServiceConfig
+from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.logs import get_logger
+from scheduler.service.actors import (
+    DEFAULT_LEADER_TTL_S,
+    ROLES,
+    PoolFactory,
+    Role,
+    role_actor_class,
+)
+
+log = get_logger("bilevel.service")
+
+# The Ray namespace of the service's named actors: every `serve` must use the same one, or a second
+# serve would not see the first one's actor names (and the Redis namespace scopes the names within).
+RAY_NAMESPACE = "bilevel"
+
+# How long stop() waits for a role to drain (the controller's pool finishing its leased jobs).
+STOP_TIMEOUT_S = 60.0
+
+
+def ensure_ray(*, address: str | None = None) -> None:
+    """Connect to Ray unless connected: `address`, else a running cluster ("auto"), else a new
+    local Ray in its own temp dir (short, under /tmp, since Ray's socket paths have a length cap).
+    `address="local"` always starts a new local Ray. A caller that initialised Ray itself keeps
+    its namespace (tests do)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is not None and address != "local":
+        ray.init(address=address, namespace=RAY_NAMESPACE, configure_logging=False)
+        return
+    if address is None:
+        try:
+            ray.init(address="auto", namespace=RAY_NAMESPACE, configure_logging=False)
+            return
+        except ConnectionError:
+            pass
+    ray.init(
+        _temp_dir=tempfile.mkdtemp(prefix="blray", dir="/tmp"),
+        namespace=RAY_NAMESPACE,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+
+
+def actor_name(namespace: str, role: Role) -> str:
+    """The leader-candidate actor name of `role` for a namespace."""
+    return f"bilevel:{namespace}:{role}"
+
+
+def _free_name(namespace: str, role: Role) -> str:
+    """The role's primary name if free, else a unique standby name."""
+    import ray
+
+    name = actor_name(namespace, role)
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return name
+    return f"{name}:standby-{secrets.token_hex(3)}"
+
+
+@dataclass
+class ServiceHandle:
+    """A running service (this process's actors). `stop()` ends them; also a context manager."""
+
+    config: ServiceConfig
+    redis_url: str
+    actors: dict[Role, Any]
+    names: dict[Role, str]
+    embedded: EmbeddedRedis | None = None
+    stopped: bool = field(default=False)
+
+    @property
+    def namespace(self) -> str:
+        return self.config.store.namespace
+
+    @property
+    def router(self) -> Any:
+        return self.actors["router"]
+
+    @property
+    def controller(self) -> Any:
+        return self.actors["controller"]
+
+    def status(self, timeout_s: float = 10.0) -> dict[Role, dict[str, Any]]:
+        """Each role's status (see RoleHost.status); a dead actor shows as {"alive": False}."""
+        import ray
+
+        out: dict[Role, dict[str, Any]] = {}
+        for role, actor in self.actors.items():
+            try:
+                out[role] = {"alive": True, **ray.get(actor.status.remote(), timeout=timeout_s)}
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out[role] = {"alive": False, "role": role, "name": self.names[role]}
+        return out
+
+    def leading(self) -> dict[Role, bool]:
+        return {role: bool(s.get("leading")) for role, s in self.status().items()}
+
+    def wait_leading(self, timeout_s: float = 30.0) -> bool:
+        """Block until both of this handle's roles lead; False if they do not within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self.leading().values()):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def pool_view(self) -> dict[str, Any] | None:
+        """The controller's last pool view (when it leads)."""
+        import ray
+
+        view: dict[str, Any] | None = ray.get(self.controller.pool_view.remote(), timeout=10)
+        return view
+
+    def stop(self, *, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop routing, then drain and stop the pool, then end the actors (and an embedded Redis).
+        Jobs not yet routed stay in the ingress for the next service."""
+        import ray
+
+        if self.stopped:
+            return
+        self.stopped = True
+        for role in ROLES:  # router first: no new jobs reach the queues while the pool drains
+            actor = self.actors.get(role)
+            if actor is None:
+                continue
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(actor.stop.remote(), timeout=timeout_s)
+            with contextlib.suppress(ray.exceptions.RayActorError, ValueError):
+                ray.kill(actor, no_restart=True)
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+        log.info("service_stopped", namespace=self.namespace)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def resolve_redis(config: ServiceConfig, redis_url: str | None) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis URL to use: the argument, else the config's (BILEVEL_REDIS_URL included), else a
+    new embedded server owned by the caller (returned so the caller stops it)."""
+    url = redis_url or config.store.url()
+    if url is not None:
+        return url, None
+    embedded = EmbeddedRedis().start()
+    return embedded.url, embedded
+
+
+def start_service(
+    config: ServiceConfig,
+    *,
+    redis_url: str | None = None,
+    leader_ttl_s: float = DEFAULT_LEADER_TTL_S,
+    ray_address: str | None = None,
+    wait_s: float | None = 30.0,
+    pool_factory: PoolFactory | None = None,
+) -> ServiceHandle:
+    """Start the router and controller actors for `config` and return their handle.
+
+    Connects to Ray (see ensure_ray) and Redis (see resolve_redis). With `wait_s` it waits that
+    long for both roles to lead, unless another service of the namespace already leads (then these
+    actors are standbys and it returns at once).
+    """
+    import ray
+
+    ensure_ray(address=ray_address)
+    url, embedded = resolve_redis(config, redis_url)
+    config = config.model_copy(
+        update={"store": config.store.model_copy(update={"redis_url": SecretStr(url)})}
+    )
+    actor_cls = role_actor_class()
+    actors: dict[Role, Any] = {}
+    names: dict[Role, str] = {}
+    try:
+        for role in ROLES:
+            name = _free_name(config.store.namespace, role)
+            actor = actor_cls.options(name=name, lifetime="detached").remote(
+                config,
+                role,
+                redis_url=url,
+                name=name,
+                leader_ttl_s=leader_ttl_s,
+                pool_factory=pool_factory,
+            )
+            ray.get(actor.start.remote(), timeout=60)
+            actors[role], names[role] = actor, name
+    except BaseException:
+        ServiceHandle(config, url, actors, names, embedded).stop(timeout_s=5.0)
+        raise
+    handle = ServiceHandle(config, url, actors, names, embedded)
+    standby = any(n != actor_name(config.store.namespace, r) for r, n in names.items())
+    if wait_s is not None and not standby:
+        handle.wait_leading(wait_s)
+    log.info("service_started", namespace=config.store.namespace, actors=list(names.values()))
+    return handle
+
+
+__all__ = [
+    "ServiceHandle",
+    "actor_name",
+    "ensure_ray",
+    "resolve_redis",
+    "start_service",
+]

@@ -1,0 +1,183 @@
+"""Level 2's loop on a real Redis with a bookkeeping pool: views, guardrails, fallback, logs,
+published state and history. (The real WorkerPool on Ray is exercised in test_service.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import CapturingLogger
+
+from policies.views import Allocation, ClusterView
+from scheduler.service.controller_loop import ControllerLoop
+from scheduler.service.views import PublishedState
+from scheduler.settings import Settings
+from scheduler.store import Store
+from tests.conftest import ManualClock, Runner
+from tests.integration.helpers import new_job, submit_to_queue
+from tests.integration.service_helpers import PoolDouble, service_config
+
+
+class Greedy:
+    """Proposes every worker for one queue."""
+
+    name = "greedy"
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+    def allocate(self, view: ClusterView) -> Allocation:
+        return {q.name: view.budget if q.name == self.queue else 0 for q in view.queues}
+
+
+class Broken:
+    """An allocator that always raises, as a learned policy with a bad checkpoint might."""
+
+    name = "broken"
+
+    def allocate(self, view: ClusterView) -> Allocation:
+        raise RuntimeError("checkpoint has the wrong shape")
+
+
+class TestTick:
+    def test_tick_builds_the_view_and_applies_the_target(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """Depth and arrival rate come from the store; the target goes to the pool and is published."""
+        pool = PoolDouble(service_time_s=0.5, model_load_s=2.0)
+        config = service_config(settings, allocation={"budget": 4, "policy": "proportional"})
+        loop = ControllerLoop(store, config, pool, clock=clock)
+
+        async def scenario() -> tuple[ClusterView, dict[str, int], Any, list[Any]]:
+            await loop.tick()
+            await submit_to_queue(store, "embeddings", *[new_job("embed") for _ in range(6)])
+            clock.advance(2.0)
+            report = await loop.tick()
+            state = await store.redis.get(store.keys.allocation)
+            history = await store.redis.lrange(store.keys.allocation_history, 0, -1)
+            return report.view, report.target, state, history
+
+        view, target, state, history = run(scenario())
+        emb = view.queues[0]
+        assert (emb.name, emb.depth) == ("embeddings", 6)
+        assert emb.arrival_rate_per_s == pytest.approx(3.0)
+        assert emb.backlog_s == pytest.approx(6 * 0.5)
+        assert sum(target.values()) <= 4
+        assert target["embeddings"] >= 1
+        assert pool.applied[-1] == target
+        assert state is not None
+        published = PublishedState.from_json(state)
+        assert {n: q.workers for n, q in published.queues.items()} == target
+        assert json.loads(history[-1])["workers"] == target
+        assert [c.workers for c in loop.history][-1] == target
+
+    def test_housekeeping_runs_every_tick(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """Expired leases go back to their queue and dead workers are replaced, each tick."""
+        pool = PoolDouble()
+        loop = ControllerLoop(store, service_config(settings), pool, clock=clock)
+
+        async def scenario() -> tuple[int, int]:
+            await submit_to_queue(store, "classifier", new_job("classify"))
+            await store.lease("classifier", 1, lease_s=1.0)
+            clock.advance(5.0)
+            pool.dead = 2
+            report = await loop.tick()
+            return report.requeue.requeued, report.replaced
+
+        assert run(scenario()) == (1, 2)
+
+
+class TestGuardrails:
+    def test_bounds_and_move_cap_hold_against_a_greedy_policy(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """A policy that wants everything on one queue gets its max, the others keep their min,
+        and no tick moves more than the cap."""
+        config = service_config(
+            settings,
+            queues=[
+                {"name": "embeddings", "job_types": ["embed"], "min_workers": 1},
+                {"name": "classifier", "job_types": ["classify"]},
+                {"name": "generator", "job_types": ["generate"], "max_workers": 3},
+            ],
+            allocation={"budget": 5, "max_moves_per_tick": 1},
+        )
+        pool = PoolDouble()
+        loop = ControllerLoop(store, config, pool, allocator=Greedy("generator"), clock=clock)
+
+        async def scenario() -> list[dict[str, int]]:
+            targets = []
+            for _ in range(5):
+                targets.append((await loop.tick()).target)
+                clock.advance(1.0)
+            return targets
+
+        targets = run(scenario())
+        assert targets[-1] == {"embeddings": 1, "classifier": 0, "generator": 3}
+        previous = {"embeddings": 0, "classifier": 0, "generator": 0}
+        for target in targets:
+            moves = sum(max(0, target[q] - previous[q]) for q in target)
+            # The first tick must also raise embeddings to its minimum, which the cap gives way to.
+            assert moves <= (2 if previous["embeddings"] == 0 else 1)
+            previous = target
+
+    def test_falls_back_when_the_allocator_raises_and_logs_why(
+        self,
+        store: Store,
+        settings: Settings,
+        clock: ManualClock,
+        run: Runner,
+    ) -> None:
+        """A raising policy is replaced by the fallback; the tick's log event names the error."""
+        captured = CapturingLogger()
+        pool = PoolDouble()
+        loop = ControllerLoop(
+            store,
+            service_config(settings),
+            pool,
+            allocator=Broken(),
+            clock=clock,
+            logger=structlog.wrap_logger(captured, processors=[]),
+        )
+
+        async def scenario() -> tuple[str | None, dict[str, int]]:
+            await submit_to_queue(store, "generator", *[new_job("generate") for _ in range(4)])
+            report = await loop.tick()
+            return report.fallback, report.target
+
+        fallback, target = run(scenario())
+        assert fallback is not None
+        assert "RuntimeError: checkpoint has the wrong shape" in fallback
+        assert target["generator"] >= 1
+        events = [c.kwargs for c in captured.calls if c.kwargs.get("event") == "allocation_tick"]
+        assert len(events) == 1, "one allocation_tick event per tick"
+        assert captured.calls[-1].method_name == "warning"
+        assert "checkpoint has the wrong shape" in events[-1]["fallback"]
+        assert "generator depth=4" in events[-1]["queues"]
+        assert "workers 0->" in events[-1]["queues"]
+
+
+class TestRun:
+    def test_run_ticks_with_the_injected_sleep_and_stops(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """run() paces ticks by the injected sleep (no real waiting) and returns once stopped."""
+        stop = asyncio.Event()
+        pool = PoolDouble()
+        slept: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            clock.advance(seconds)
+            if len(slept) >= 3:
+                stop.set()
+
+        loop = ControllerLoop(store, service_config(settings), pool, clock=clock, sleep=sleep)
+        run(asyncio.wait_for(loop.run(stop), 5.0))
+        assert loop.ticks == 3
+        assert slept == [pytest.approx(0.2)] * 3

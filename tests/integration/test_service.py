@@ -1,0 +1,255 @@
+"""The service end to end: CLI checks without Ray, then router + controller + WorkerPool +
+ModelWorkers on a real local Ray and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from scheduler.cli import app
+from scheduler.client import AsyncClient, Client, JobRequest
+from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.errors import JobTimeout
+from scheduler.settings import Settings
+from tests.conftest import REPO_ROOT
+
+DEMO_CONFIG = REPO_ROOT / "deploy" / "service.yaml"
+
+
+def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _demo_raw() -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    return raw
+
+
+class TestServeChecks:
+    """`bilevel serve` refuses a bad setup before it starts anything, naming what is wrong."""
+
+    def test_demo_config_is_valid(self) -> None:
+        """deploy/service.yaml loads and covers the three demo job types."""
+        from scheduler.config import ServiceConfig
+
+        config = ServiceConfig.load(DEMO_CONFIG)
+        assert {t for q in config.queues for t in q.job_types} == {"embed", "classify", "generate"}
+
+    def test_bad_field_exits_2_with_its_path(self, tmp_path: Path) -> None:
+        """A max below the min is reported with the field path, and no traceback."""
+        raw = _demo_raw()
+        raw["queues"][1]["min_workers"] = 2
+        raw["queues"][1]["max_workers"] = 1
+        result = CliRunner().invoke(app, ["serve", "--config", str(_write(tmp_path, raw))])
+        assert result.exit_code == 2
+        assert "queues.1" in result.output
+        assert "max_workers 1 < min_workers 2" in result.output
+        assert "Traceback" not in result.output
+
+    def test_unknown_field_is_named(self, tmp_path: Path) -> None:
+        """A misspelt key is reported with its path."""
+        raw = _demo_raw()
+        raw["allocation"]["tick"] = 1
+        result = CliRunner().invoke(app, ["serve", "--config", str(_write(tmp_path, raw))])
+        assert result.exit_code == 2
+        assert "allocation.tick" in result.output
+
+    def test_missing_handler_names_queue_index_and_job_type(self, tmp_path: Path) -> None:
+        """A job type no handler module registers is named with its queue's index."""
+        raw = _demo_raw()
+        raw["queues"][2]["job_types"] = ["generate", "translate"]
+        result = CliRunner().invoke(app, ["serve", "--config", str(_write(tmp_path, raw))])
+        assert result.exit_code == 2
+        assert "queues.2.job_types.1" in result.output
+        assert "'translate'" in result.output
+
+    def test_broken_handler_module_is_named(self, tmp_path: Path) -> None:
+        """A handler module that cannot be imported is named."""
+        raw = _demo_raw()
+        raw["handlers"] = ["workers.demo_models", "no_such_module_here"]
+        result = CliRunner().invoke(app, ["serve", "--config", str(_write(tmp_path, raw))])
+        assert result.exit_code == 2
+        assert "no_such_module_here" in result.output
+
+
+class TestSubmitAndStatusCli:
+    def test_submit_without_redis_url_is_refused(self) -> None:
+        """With no URL anywhere, submit says how to give one instead of starting an empty Redis."""
+        result = CliRunner().invoke(app, ["submit", "embed", '{"text": "x"}'])
+        assert result.exit_code == 2
+        assert "--redis-url" in result.output
+
+    def test_submit_bad_payload_json(self) -> None:
+        """PAYLOAD_JSON must be JSON."""
+        result = CliRunner().invoke(app, ["submit", "embed", "{text", "--redis-url", "redis://x"])
+        assert result.exit_code == 2
+        assert "not valid JSON" in result.output
+
+    def test_status_of_an_idle_namespace(self, redis_server: EmbeddedRedis, namespace: str) -> None:
+        """status works on a namespace no service runs: queues from the config, no leaders."""
+        args = ["status", "--redis-url", redis_server.url, "--namespace", namespace]
+        result = CliRunner().invoke(app, [*args, "--window", "0", "--json"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.output)
+        assert out["leaders"] == {"router": False, "controller": False}
+        assert out["namespace"] == namespace
+
+
+# -- on Ray ----------------------------------------------------------------------------------------
+
+
+def _ray_config(settings: Settings, **allocation: Any) -> Any:
+    from scheduler.config import ServiceConfig
+
+    raw = _demo_raw()
+    # Short leases and locks, so failover completes within a test.
+    raw["store"] = {**settings.model_dump(), "redis_url": settings.url(), "lease_s": 2.0}
+    raw["allocation"] = {**raw["allocation"], "tick_s": 0.3, **allocation}
+    return ServiceConfig.from_mapping(raw)
+
+
+@pytest.fixture
+def services(ray_local: None) -> Iterator[list[Any]]:
+    """Service handles a test starts; all stopped at the end, whatever happened."""
+    started: list[Any] = []
+    yield started
+    for handle in started:
+        handle.stop(timeout_s=20.0)
+
+
+def _start(services: list[Any], config: Any) -> Any:
+    from scheduler.service.runner import start_service
+
+    handle = start_service(config, leader_ttl_s=1.0, wait_s=30.0)
+    services.append(handle)
+    return handle
+
+
+DEMO_JOBS = [
+    JobRequest("embed", {"text": "the quick brown fox"}),
+    JobRequest("classify", {"text": "is this a question?"}),
+    JobRequest("generate", {"prompt": "once upon", "max_tokens": 8}),
+]
+
+
+@pytest.mark.slow
+class TestServiceOnRay:
+    def test_every_demo_job_type_sync_and_async(
+        self, services: list[Any], settings: Settings, run: Any
+    ) -> None:
+        """Each demo job type comes back with a result, through the sync and the async client."""
+        config = _ray_config(settings, budget=3, policy="proportional")
+        config = config.model_copy(
+            update={"queues": tuple(q.model_copy(update={"min_workers": 1}) for q in config.queues)}
+        )
+        handle = _start(services, config)
+        assert handle.wait_leading(20.0)
+        with Client(settings=settings) as client:
+            embed, classify, generate = client.submit_many(DEMO_JOBS)
+            try:
+                vector = embed.result(timeout=30)
+            except JobTimeout:
+                info = (embed.info(), client.stats(), handle.status(), handle.pool_view())
+                raise AssertionError(f"no result: {info}") from None
+            assert isinstance(vector, list)
+            assert len(vector) == 128
+            assert "label" in classify.result(timeout=30)
+            assert isinstance(generate.result(timeout=30), str)
+
+        async def many() -> list[Any]:
+            async with AsyncClient(settings=settings) as client:
+                handles = await client.submit_many(DEMO_JOBS * 10)
+                return await asyncio.gather(*(h.result(timeout=30) for h in handles))
+
+        results = run(many())
+        assert len(results) == 30
+        assert all(r is not None for r in results)
+        status = handle.status()
+        assert status["router"]["routed"] >= 33
+        assert status["controller"]["leading"]
+        args = ["status", "--redis-url", handle.redis_url, "--namespace", handle.namespace]
+        shown = CliRunner().invoke(app, [*args, "--json", "--window", "0.2"])
+        assert shown.exit_code == 0, shown.output
+        out = json.loads(shown.output)
+        assert out["leaders"] == {"router": True, "controller": True}
+        assert {q["queue"]: q["workers"] for q in out["queues"]} == status["controller"]["target"]
+
+    def test_load_shift_moves_workers_and_pays_the_model_load(
+        self, services: list[Any], settings: Settings, run: Any
+    ) -> None:
+        """Load on embeddings then on generator: the controller moves workers to the generator,
+        the history records it and the pool view reports the generator's model-load time."""
+        config = _ray_config(settings, budget=2, policy="proportional", max_moves_per_tick=2)
+        handle = _start(services, config)
+
+        async def phase(job: JobRequest, n: int) -> list[Any]:
+            async with AsyncClient(settings=settings) as client:
+                handles = await client.submit_many([job] * n)
+                # One at a time: each waiter holds a connection while it blocks.
+                return [await h.result(timeout=40) for h in handles]
+
+        assert len(run(phase(JobRequest("embed", {"text": "load"}), 200))) == 200
+        assert len(run(phase(JobRequest("generate", {"prompt": "x", "max_tokens": 40}), 40))) == 40
+
+        async def history() -> list[dict[str, Any]]:
+            async with AsyncClient(settings=settings) as client:
+                raw = await client.store.redis.lrange(client.store.keys.allocation_history, 0, -1)
+                return [json.loads(e) for e in raw]
+
+        changes = run(history())
+        gen_workers = [c["workers"]["generator"] for c in changes]
+        emb_workers = [c["workers"]["embeddings"] for c in changes]
+        assert max(emb_workers) >= 1
+        first_emb = emb_workers.index(max(emb_workers))
+        assert max(gen_workers[first_emb:]) >= 1, changes
+        deadline = time.monotonic() + 10
+        view = handle.pool_view()
+        while (view is None or not view["queues"].get("generator")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            view = handle.pool_view()
+        assert view is not None
+        assert view["queues"]["generator"]["model_load_s"] > 0.0
+
+    def test_killed_controller_fails_over_and_no_job_is_lost(
+        self, services: list[Any], settings: Settings, run: Any
+    ) -> None:
+        """Kill the leading controller mid-load: the standby leads, its workers take the jobs the
+        dead workers held (after their leases lapse), and every job finishes exactly once."""
+        import ray
+
+        config = _ray_config(settings, budget=2, policy="proportional")
+        leader = _start(services, config)
+        standby = _start(services, config)
+        assert not standby.leading()["controller"]
+
+        async def scenario() -> tuple[list[Any], int]:
+            async with AsyncClient(settings=settings) as client:
+                jobs = [
+                    JobRequest("generate", {"prompt": f"p{i}", "max_tokens": 20}) for i in range(24)
+                ]
+                handles = await client.submit_many(jobs)
+                # Let the leader's workers start on them, then kill its controller (and so its pool).
+                while (await client.stats(["generator"])).queues.get("generator") is None or (
+                    (await client.stats(["generator"])).queues["generator"].in_flight == 0
+                ):
+                    await asyncio.sleep(0.05)
+                ray.kill(leader.controller, no_restart=True)
+                results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+                stats = await client.stats(["generator"])
+                return results, stats.queues["generator"].completed_total
+
+        results, completed = run(scenario())
+        assert len(results) == 24
+        assert all(isinstance(r, str) for r in results)
+        assert completed == 24
+        assert standby.leading()["controller"]

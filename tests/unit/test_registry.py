@@ -1,0 +1,128 @@
+"""The handler registry: decorator and class forms, and its errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from workers.registry import (
+    HandlerModuleError,
+    HandlerRegistry,
+    Resources,
+    load_handler_modules,
+)
+
+
+def test_register_a_run_function() -> None:
+    """`run` handlers serve one payload per call, wrapped as a batch of one."""
+    registry = HandlerRegistry()
+    registry.register("double", loader=lambda: 2, run=lambda model, x: model * x)
+    handler = registry.get("double")
+    assert (handler.max_batch, handler.batched) == (1, False)
+    assert handler.run_batch(handler.loader(), [1, 2]) == [2, 4]
+
+
+def test_decorate_a_run_function_with_its_loader() -> None:
+    """With loader=, the decorated function is the run function and is returned unchanged."""
+    registry = HandlerRegistry()
+
+    @registry.handler("add", loader=lambda: 10)
+    def add(model: int, payload: int) -> int:
+        return model + payload
+
+    assert add(1, 2) == 3
+    handler = registry.get("add")
+    assert handler.run_batch(handler.loader(), [5]) == [15]
+
+
+def test_decorate_a_batched_function() -> None:
+    """max_batch > 1 makes the decorated function the batch function."""
+    registry = HandlerRegistry()
+
+    @registry.handler("lens", loader=lambda: None, max_batch=8, batch_wait_ms=5.0)
+    def lens(model: None, payloads: list[str]) -> list[int]:
+        return [len(p) for p in payloads]
+
+    handler = registry.get("lens")
+    assert (handler.max_batch, handler.batch_wait_ms, handler.batched) == (8, 5.0, True)
+    assert handler.run_batch(None, ["a", "bcd"]) == [1, 3]
+
+
+def test_decorate_a_class_whose_constructor_loads() -> None:
+    """A class with run_batch (or run): constructing it is the load."""
+    registry = HandlerRegistry()
+
+    @registry.handler("upper", max_batch=4, resources=Resources(num_cpus=1.0, memory_mb=256))
+    class Upper:
+        def run_batch(self, payloads: list[str]) -> list[str]:
+            return [p.upper() for p in payloads]
+
+    @registry.handler("neg")
+    class Neg:
+        def run(self, payload: int) -> int:
+            return -payload
+
+    upper = registry.get("upper")
+    assert isinstance(upper.loader(), Upper)
+    assert upper.run_batch(upper.loader(), ["a"]) == ["A"]
+    assert upper.resources == Resources(num_cpus=1.0, memory_mb=256)
+    neg = registry.get("neg")
+    assert neg.run_batch(neg.loader(), [3]) == [-3]
+    assert registry.job_types() == ["neg", "upper"]
+
+
+def test_unknown_job_type_names_the_registered_ones() -> None:
+    """get() on an unknown type is a KeyError listing what is registered."""
+    registry = HandlerRegistry()
+    registry.register("a", loader=lambda: None, run=lambda m, p: p)
+    with pytest.raises(KeyError, match=r"no handler for job type 'b' \(registered: a\)"):
+        registry.get("b")
+
+
+def test_duplicate_registration_is_refused() -> None:
+    """Two registrations of one job type mean two modules disagree: an error, not a silent win."""
+    registry = HandlerRegistry()
+    registry.register("a", loader=lambda: None, run=lambda m, p: p)
+    with pytest.raises(ValueError, match="'a' is already registered"):
+        registry.register("a", loader=lambda: None, run=lambda m, p: p)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "exactly one of run= and run_batch="),
+        ({"run": lambda m, p: p, "run_batch": lambda m, ps: ps}, "exactly one of"),
+        ({"run": lambda m, p: p, "max_batch": 4}, "max_batch > 1 needs run_batch="),
+        ({"run_batch": lambda m, ps: ps, "max_batch": 0}, "max_batch must be >= 1"),
+    ],
+)
+def test_invalid_registrations(options: dict[str, Any], message: str) -> None:
+    """Inconsistent options fail at registration, naming the job type."""
+    with pytest.raises(ValueError, match=message):
+        HandlerRegistry().register("x", loader=lambda: None, **options)
+
+
+def test_class_without_run_is_refused() -> None:
+    """A decorated class must offer run or run_batch."""
+    registry = HandlerRegistry()
+    with pytest.raises(TypeError, match="has no run or run_batch"):
+        registry.handler("x")(type("Empty", (), {}))
+
+
+def test_resources_for_takes_the_largest_need() -> None:
+    """A worker serving several job types reserves the most any of them needs."""
+    registry = HandlerRegistry()
+    registry.register("a", loader=lambda: None, run=lambda m, p: p)
+    registry.register(
+        "b", loader=lambda: None, run=lambda m, p: p,
+        resources=Resources(num_cpus=2.0, gpu_fraction=0.25, memory_mb=512),
+    )  # fmt: skip
+    assert registry.resources_for(["a"], 0.5) == Resources(num_cpus=0.5)
+    assert registry.resources_for(["a", "b"], 0.5) == Resources(2.0, 0.25, 512)
+
+
+def test_a_handler_module_that_fails_to_import_is_named() -> None:
+    """load_handler_modules says which module failed and why."""
+    with pytest.raises(HandlerModuleError, match="'no_such_module_xyz' failed to import"):
+        load_handler_modules(["no_such_module_xyz"], HandlerRegistry())
