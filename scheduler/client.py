@@ -91,7 +91,8 @@ class AsyncJobHandle:
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the result. Raises JobFailed, JobCancelled, or JobTimeout after `timeout` s.
-        Wakes as soon as the job finishes: it blocks on the job's done list, it does not poll."""
+        Wakes as soon as the job finishes, without polling; any number of results can be awaited
+        at once over one blocked connection (see scheduler.waiter)."""
         try:
             job = await self.client.store.wait_finished(self.id, timeout)
         except TimeoutError:
@@ -150,6 +151,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         if self._store is not None:
+            await self._store.close()
             await self._store.redis.aclose()
             self._store = None
         self._stop_embedded()

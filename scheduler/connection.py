@@ -97,10 +97,16 @@ _FAST = {
 }
 
 
-def client_from_url(url: str, *, max_connections: int | None = None) -> aioredis.Redis:
+# Connections one client opens at most. Callers beyond it wait for a free one (a blocking pool):
+# redis-py's default pool raises "Too many connections" instead, which a burst of concurrent
+# submits or result() calls would hit.
+MAX_CONNECTIONS = 64
+
+
+def client_from_url(url: str, *, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
     """An asyncio Redis client for `url` (no I/O yet). Responses are decoded to str."""
     parse_address(url)
-    client = aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=5.0,
@@ -108,10 +114,12 @@ def client_from_url(url: str, *, max_connections: int | None = None) -> aioredis
         socket_keepalive=True,
         health_check_interval=30,
         max_connections=max_connections,
+        # Wait for a free connection as long as a command may take.
+        timeout=SOCKET_TIMEOUT_S,
     )
-    pool = client.connection_pool
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
-    return client
+    # from_pool: the client owns the pool and closes it with itself.
+    return aioredis.Redis.from_pool(pool)
 
 
 async def check_connection(client: aioredis.Redis, url: str) -> None:

@@ -55,9 +55,14 @@ class Keys:
         """HASH: one job's record (spec, status, queue, times, lease, result or error)."""
         return f"{self.prefix}job:{job_id}"
 
-    def done(self, job_id: str) -> str:
-        """LIST: gets one element when the job finishes, so waiters block on it instead of polling."""
-        return f"{self.prefix}done:{job_id}"
+    def waiters(self, job_id: str) -> str:
+        """SET: ids of the clients waiting for this job's result; told once, when it finishes."""
+        return f"{self.prefix}waiters:{job_id}"
+
+    def inbox(self, client_id: str) -> str:
+        """LIST: ids of finished jobs one client waits for. The client blocks on it with one
+        connection, however many results it awaits; it expires when the client is gone."""
+        return f"{self.prefix}inbox:{client_id}"
 
     def idempotency(self, key: str) -> str:
         """STRING: idempotency key -> job id, so a retried submit returns the first job."""

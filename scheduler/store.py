@@ -24,6 +24,7 @@ from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec, spec_json
 from scheduler.scripts import Scripts
 from scheduler.settings import Settings
+from scheduler.waiter import ResultWaiter
 
 Clock = Callable[[], float]
 
@@ -141,6 +142,7 @@ class Store:
         self._prefix = [self.keys.prefix]
         self._result_ttl_ms = _ms(self.settings.result_ttl_s)
         self._dead_ttl_ms = _ms(self.settings.dead_ttl_s)
+        self._waiter = ResultWaiter(redis, self.keys.inbox)
 
     def now_ms(self) -> int:
         return _ms(self.clock())
@@ -449,24 +451,24 @@ class Store:
             )
 
     async def wait_finished(self, job_id: str, timeout_s: float | None) -> Outcome:
-        """Block until the job finishes (woken by its done list, not by polling); returns its
-        outcome. Raises TimeoutError when `timeout_s` passes first."""
-        status = await self._scripts.watch(keys=self._prefix, args=[job_id])
+        """Block until the job finishes (woken through this client's inbox, not by polling);
+        returns its outcome. Raises TimeoutError when `timeout_s` passes first."""
+        status = await self._waiter.wait(job_id, self._watch, timeout_s)
+        if status is not None and status not in _STATUS_BY_VALUE:
+            await self.get(job_id)  # a corrupt record: get() dead-letters it with the reason
+        return await self.outcome(job_id)
+
+    async def _watch(self, job_id: str, client_id: str) -> str | None:
+        status: str | None = await self._scripts.watch(
+            keys=self._prefix, args=[job_id, client_id, self._result_ttl_ms]
+        )
         if status is None:
             raise JobNotFound(job_id)
-        if status not in _FINISHED_VALUES:
-            # BLMOVE from the done list onto itself leaves the element there: every waiter wakes.
-            done = self.keys.done(job_id)
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while True:
-                remaining = MAX_BLOCK_S if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(job_id)
-                block_s = _block_s(remaining)
-                got = await self.redis.blmove(done, done, block_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                if got is not None:
-                    break
-        return await self.outcome(job_id)
+        return status
+
+    async def close(self) -> None:
+        """Stop waiting for results (the connection pool is the caller's to close)."""
+        await self._waiter.close()
 
 
 _FINISHED_VALUES = frozenset(s.value for s in JobStatus if s.finished)

@@ -94,7 +94,9 @@ def store(
     redis_server: EmbeddedRedis, settings: Settings, clock: ManualClock, run: Runner
 ) -> Iterator[Store]:
     redis = client_from_url(redis_server.url)
-    yield Store(redis, settings, clock=clock, rng=random.Random(7))
+    store = Store(redis, settings, clock=clock, rng=random.Random(7))
+    yield store
+    run(store.close())
     run(_drop_namespace(redis, settings.namespace))
 
 

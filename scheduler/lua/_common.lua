@@ -36,7 +36,10 @@ local function qagekey(q) return prefix .. 'qage:' .. q end
 local function qsignalkey(q) return prefix .. 'qsig:' .. q end
 local function leasedkey(q) return prefix .. 'leased:' .. q end
 local function deadkey(q) return prefix .. 'dead:' .. q end
-local function donekey(id) return prefix .. 'done:' .. id end
+local function waiterskey(id) return prefix .. 'waiters:' .. id end
+local function inboxkey(c) return prefix .. 'inbox:' .. c end
+-- An inbox whose client stopped reading (it died) is dropped after this long.
+local INBOX_TTL_MS = 600000
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
 
@@ -69,9 +72,9 @@ local function detach(id, status, q, member)
   end
 end
 
--- Mark a job finished, start its record's TTL, and wake whoever waits on its result. `waiting` is
--- the record's 'w' field: a waiter sets it before blocking (see watch.lua), so a job nobody waits
--- for costs no done list.
+-- Mark a job finished, start its record's TTL, and tell every client waiting on it (through its
+-- inbox). `waiting` is the record's 'w' field, set by watch.lua: a job nobody waits for costs
+-- nothing more.
 local function finish(id, status, now, ttl_ms, waiting, result)
   local k = jobkey(id)
   if result then
@@ -82,8 +85,11 @@ local function finish(id, status, now, ttl_ms, waiting, result)
   if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
   if waiting == nil then waiting = redis.call('HGET', k, 'w') end
   if waiting then
-    redis.call('RPUSH', donekey(id), status)
-    if ttl_ms > 0 then redis.call('PEXPIRE', donekey(id), ttl_ms) end
+    for _, client in ipairs(redis.call('SMEMBERS', waiterskey(id))) do
+      redis.call('RPUSH', inboxkey(client), id)
+      redis.call('PEXPIRE', inboxkey(client), INBOX_TTL_MS)
+    end
+    redis.call('DEL', waiterskey(id))
   end
 end
 

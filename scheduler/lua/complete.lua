@@ -12,7 +12,7 @@
            C_NOT_FOUND         no such job (or its record expired)
   A lease that expired is still honoured while the job waits for its next lease (same token):
   the work is done, and running it again would only repeat it.
-  Events   one element on the job's done list when somebody waits on it.
+  Events   the job id in the inbox of every client waiting on it.
 ]]
 -- @include _common.lua
 

@@ -238,3 +238,31 @@ class TestBadInput:
 def _nothing_written(store: Store, run: Runner) -> bool:
     keys = run(store.redis.keys(f"bilevel:{{{store.settings.namespace}}}:*"))
     return keys == []
+
+
+class TestManyWaiters:
+    def test_a_thousand_concurrent_results_over_few_connections(
+        self, settings: Settings, run: Runner
+    ) -> None:
+        """Awaiting 1,000 results at once works and does not open a connection per waiter."""
+
+        async def main() -> tuple[list[Any], int]:
+            async with AsyncClient(settings=settings) as c:
+                handles = await c.submit_many([JobRequest("embed", i) for i in range(1000)])
+                waiters = asyncio.gather(*(h.result(timeout=30) for h in handles))
+                await asyncio.sleep(0.05)
+                store = c.store
+                await store.enqueue([(h.id, "q") for h in handles])
+                leases = await store.lease("q", 1000)
+                await store.complete(
+                    [(lease.job_id, lease.token, lease.spec.payload) for lease in leases]
+                )
+                results = await waiters
+                # This client's connections as the server sees them (named by its namespace).
+                clients = await store.redis.client_list()
+                return list(results), len(clients)
+
+        results, connections = run(main())
+        assert results == list(range(1000))
+        # The whole server, other fixtures included, stays far below one connection per waiter.
+        assert connections <= 100
