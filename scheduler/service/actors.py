@@ -21,6 +21,7 @@ from typing import Any, Literal
 from scheduler.config import ServiceConfig
 from scheduler.connection import client_from_url
 from scheduler.logs import configure_logging, get_logger
+from scheduler.service.autoscaling import AutoscaleRequester
 from scheduler.service.controller_loop import ControllerLoop, Pool
 from scheduler.service.leader import LeaderLock
 from scheduler.service.router_loop import RouterLoop
@@ -115,7 +116,13 @@ class RoleHost:
             prefix = f"bilevel:{self.config.store.namespace}:w{self._terms}:{lock.token[:6]}:"
             pool = self.pool_factory(self.config, prefix)
             term_stop = asyncio.Event()
-            self._controller = ControllerLoop(self._store, self.config, pool, leader=lock)
+            self._controller = ControllerLoop(
+                self._store,
+                self.config,
+                pool,
+                leader=lock,
+                autoscaler=AutoscaleRequester.from_config(self.config),
+            )
             watcher = asyncio.create_task(self._end_term_when_lost(term_stop))
             try:
                 await self._controller.run(term_stop)

@@ -27,6 +27,7 @@ from policies.views import Allocation, Allocator, ClusterView
 from scheduler.config import ServiceConfig
 from scheduler.keys import ALLOCATION_HISTORY_LEN, ALLOCATION_TTL_S
 from scheduler.logs import get_logger
+from scheduler.service.autoscaling import AutoscaleRequester, workers_held
 from scheduler.service.leader import LeaderLock
 from scheduler.service.views import (
     PublishedQueue,
@@ -117,8 +118,11 @@ class ControllerLoop:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         logger: Any = None,
+        autoscaler: AutoscaleRequester | None = None,
     ) -> None:
         self.store = store
+        # Asks the Ray autoscaler for nodes when the target needs more than the cluster has.
+        self.autoscaler = autoscaler
         self.config = config
         self.pool = pool
         self.guardrails = make_guardrails(config, allocator)
@@ -149,6 +153,9 @@ class ControllerLoop:
         before = view.allocation()
         target = self.guardrails.allocate(view)
         fallback = self.guardrails.last_fallback_reason
+        if self.autoscaler is not None:
+            # One GCS round trip at most, off the event loop; it never raises.
+            await asyncio.to_thread(self.autoscaler.update, target, workers_held(pool_view))
         change = await self.pool.apply(target)
         report = TickReport(
             view=view,
@@ -249,8 +256,16 @@ class ControllerLoop:
                     await self.tick()
                 except Exception:
                     log.exception("allocation_tick_failed")
+            else:
+                # A controller that lost the lead must not keep nodes up for the new leader.
+                await self._withdraw_request()
             await self._pause(stop, max(0.0, started + tick_s - self.clock()))
+        await self._withdraw_request()
         log.info("controller_stopped", ticks=self.ticks)
+
+    async def _withdraw_request(self) -> None:
+        if self.autoscaler is not None and self.autoscaler.standing:
+            await asyncio.to_thread(self.autoscaler.withdraw)
 
 
 __all__ = ["AllocationChange", "ControllerLoop", "Pool", "TickReport", "make_guardrails"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import structlog
 from structlog.testing import CapturingLogger
 
 from policies.views import Allocation, ClusterView
+from scheduler.service.autoscaling import AutoscaleRequester, WorkerShape
 from scheduler.service.controller_loop import ControllerLoop
 from scheduler.service.views import PublishedState
 from scheduler.settings import Settings
@@ -181,3 +183,50 @@ class TestRun:
         run(asyncio.wait_for(loop.run(stop), 5.0))
         assert loop.ticks == 3
         assert slept == [pytest.approx(0.2)] * 3
+
+
+class FullCluster(PoolDouble):
+    """A pool on a cluster with no room: it records targets but places no worker."""
+
+    async def apply(self, target: Mapping[str, int]) -> dict[str, int]:
+        self.applied.append(dict(target))
+        return {}
+
+
+class TestAutoscalerRequests:
+    def test_shortfall_requests_resources_and_falling_load_withdraws_them(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """A target the cluster cannot hold asks the autoscaler for it once; the request is
+        withdrawn when the resources are there, and when the loop stops."""
+        requests: list[list[dict[str, float]]] = []
+        free_cpus = {"CPU": 0.0}
+        shapes = {q: WorkerShape(num_cpus=1.0) for q in ("embeddings", "classifier", "generator")}
+        autoscaler = AutoscaleRequester(
+            shapes,
+            request=lambda bundles: requests.append([dict(b) for b in bundles]),
+            available=lambda: dict(free_cpus),
+        )
+        config = service_config(settings, allocation={"budget": 3, "policy": "proportional"})
+        loop = ControllerLoop(store, config, FullCluster(), clock=clock, autoscaler=autoscaler)
+
+        async def scenario() -> None:
+            await submit_to_queue(store, "embeddings", *[new_job("embed") for _ in range(30)])
+            clock.advance(1.0)
+            await loop.tick()  # nothing placed, no CPU free: ask for the target's bundles
+            assert len(requests) == 1
+            assert len(requests[0]) == 3
+            await loop.tick()  # same target, same shortfall: no second call
+            assert len(requests) == 1
+            free_cpus["CPU"] = 8.0  # nodes arrived: the shortfall is gone
+            await loop.tick()
+            assert requests[-1] == []
+            free_cpus["CPU"] = 0.0
+            await loop.tick()
+            assert len(requests[-1]) == 3
+            stop = asyncio.Event()
+            stop.set()
+            await loop.run(stop)  # stopping withdraws the standing request
+            assert requests[-1] == []
+
+        run(scenario())
