@@ -32,6 +32,7 @@ SCRIPT_NAMES = (
     "watch",
     "results",
     "leader",
+    "release",
 )
 
 
@@ -69,6 +70,7 @@ class Scripts:
     watch: AsyncScript
     results: AsyncScript
     leader: AsyncScript
+    release: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

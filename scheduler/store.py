@@ -294,6 +294,17 @@ class Store:
         raw = await self._scripts.complete(keys=self._prefix, args=args)
         return codes(raw)
 
+    async def release(self, leases: Sequence[tuple[str, int]]) -> list[Code]:
+        """Hand (job id, token) leases back to their queues unfinished, without charging the
+        attempt against max_retries: for a worker that drains on reassignment or scale-down."""
+        if not leases:
+            return []
+        args: list[Any] = [self.now_ms(), len(leases)]
+        for job_id, token in leases:
+            args += [job_id, token]
+        raw = await self._scripts.release(keys=self._prefix, args=args)
+        return codes(raw)
+
     def backoff_s(self, attempt: int) -> float:
         """Retry delay after failed attempt number `attempt` (1-based), jitter included."""
         s = self.settings

@@ -90,7 +90,7 @@ class DrainReport:
 
     # Jobs reported (completed or failed) while draining.
     finished: int
-    # Leases given back unfinished (failed retryably as "Drained", so they run again).
+    # Leases given back unfinished (queued again, the attempt not charged).
     released: int
 
 
@@ -565,21 +565,18 @@ class ModelWorker:
         await self._fail_all(failed)
 
     async def _release(self, flights: list[_Flight]) -> None:
-        """Give leases back: a retryable failure, so the job runs again (after a short backoff)."""
+        """Give leases back to the queue at their old place, without charging the attempt: the
+        worker is leaving, the job did nothing wrong."""
         if not flights:
             return
         for f in flights:
             self._in_flight.pop(f.lease.job_id, None)
-        err = ErrorInfo(type="Drained", message=f"worker {self.name} left the queue mid-job")
-        codes = await asyncio.gather(
-            *(self.store.fail(f.lease.job_id, f.lease.token, err) for f in flights),
-            return_exceptions=True,
-        )
-        for f, code in zip(flights, codes, strict=True):
-            if isinstance(code, BaseException):
-                # Redis trouble: the lease will expire and the job run again all the same.
-                log.warning("worker.release_failed", job_id=f.lease.job_id, error=str(code))
-            self._released += 1
+        try:
+            await self.store.release([(f.lease.job_id, f.lease.token) for f in flights])
+        except Exception as exc:
+            # Redis trouble: the leases will expire and the jobs run again all the same.
+            log.warning("worker.release_failed", jobs=len(flights), error=str(exc))
+        self._released += len(flights)
 
     # -- heartbeats -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@
 
 local now, ttl, id, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local k = jobkey(id)
-local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order', 'maxr', 'cancel')
+local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order', 'maxr', 'cancel', 'released')
 if not f[1] then return C_NOT_FOUND end
 if FINISHED[f[1]] then return C_ALREADY_FINISHED end
 if f[1] ~= 'running' or tonumber(f[2]) ~= token then return C_STALE_LEASE end
@@ -29,7 +29,9 @@ if f[6] == '1' then
   finish(id, 'cancelled', now, ttl)
   return C_OK
 end
-if ARGV[6] == '1' and tonumber(f[2]) <= (tonumber(f[5]) or 0) then
+-- Attempts handed back by a draining worker (release.lua) are not charged.
+local charged = tonumber(f[2]) - (tonumber(f[7]) or 0)
+if ARGV[6] == '1' and charged <= (tonumber(f[5]) or 0) then
   detach(id, f[1], f[3], f[4])
   redis.call('ZADD', DELAYED, now + tonumber(ARGV[7]), id)
   redis.call('HSET', k, 'status', 'retrying')

@@ -18,14 +18,14 @@ for _, q in ipairs(redis.call('SMEMBERS', QUEUES)) do
   local ids = redis.call('ZRANGEBYSCORE', leasedkey(q), '-inf', now, 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do
     local k = jobkey(id)
-    local f = redis.call('HMGET', k, 'status', 'attempts', 'maxr', 'cancel', 'order')
+    local f = redis.call('HMGET', k, 'status', 'attempts', 'maxr', 'cancel', 'order', 'released')
     if f[1] ~= 'running' then
       redis.call('ZREM', leasedkey(q), id)
     elseif f[4] == '1' then
       detach(id, 'running', q, f[5])
       finish(id, 'cancelled', now, ttl)
       cancelled = cancelled + 1
-    elseif tonumber(f[2]) > (tonumber(f[3]) or 0) then
+    elseif tonumber(f[2]) - (tonumber(f[6]) or 0) > (tonumber(f[3]) or 0) then
       dead_letter(id, 'running', q, f[5],
                   error_json('LeaseExpired', 'lease expired on attempt ' .. f[2] ..
                              ', no retries left'), now, ttl)

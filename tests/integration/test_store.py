@@ -336,3 +336,36 @@ class TestCorruptRecords:
         assert [p.id for p in run(store.pending(10))] == [good]
         assert run(store.dead_ids(INGRESS_QUEUE)) == [bad]
         assert run(store.stats()).ingress == 1
+
+
+class TestRelease:
+    def test_released_job_runs_again_without_spending_a_retry(
+        self, store: Store, run: Runner
+    ) -> None:
+        """A draining worker hands a job back: it is queued at its old place, a second release is
+        refused, and the attempt does not count against max_retries."""
+        first, second = new_job(max_retries=0), new_job()
+        run(submit_to_queue(store, "q", first, second))
+        [lease] = run(store.lease("q", 1))
+        assert run(store.release([(first.id, lease.token)])) == [Code.OK]
+        assert run(store.queued_ids("q")) == [first.id, second.id]
+        assert run(store.release([(first.id, lease.token)])) == [Code.STALE_LEASE]
+        [again] = run(store.lease("q", 1))
+        assert again.token == 2
+        # max_retries=0, yet a failure now is its first charged attempt: it may not retry, but
+        # it is dead for its own failure, not for the release.
+        assert run(store.fail(first.id, again.token, BOOM)) is Code.DEAD_LETTERED
+        job = run(store.get(first.id))
+        assert job.error == BOOM
+
+    def test_released_attempts_do_not_count_as_expiries(
+        self, store: Store, run: Runner, clock: ManualClock
+    ) -> None:
+        """After a release, a lease that then expires is the job's first charged attempt."""
+        [job_id] = run(submit_to_queue(store, "q", new_job(max_retries=1)))
+        [lease] = run(store.lease("q", lease_s=1))
+        run(store.release([(job_id, lease.token)]))
+        run(store.lease("q", lease_s=1))
+        clock.advance(2)
+        assert run(store.requeue_expired()).requeued == 1
+        assert run(store.get(job_id)).status is JobStatus.QUEUED
