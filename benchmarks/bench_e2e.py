@@ -45,9 +45,8 @@ def bench_config(redis_url: str) -> ServiceConfig:
     )
 
 
-async def _wait_all(handles: list[AsyncJobHandle]) -> None:
-    for handle in handles:
-        await handle.result(timeout=120)
+async def _wait_all(client: AsyncClient, handles: list[AsyncJobHandle]) -> None:
+    await client.gather(handles, timeout=120)
 
 
 async def _batched(client: AsyncClient) -> float:
@@ -55,7 +54,7 @@ async def _batched(client: AsyncClient) -> float:
     handles: list[AsyncJobHandle] = []
     for i in range(0, N_BATCHED, 100):
         handles += await client.submit_many([JobRequest("noop", j) for j in range(i, i + 100)])
-    await _wait_all(handles)
+    await _wait_all(client, handles)
     return N_BATCHED / (time.perf_counter() - started)
 
 
@@ -67,7 +66,7 @@ async def _individual(client: AsyncClient) -> float:
 
     started = time.perf_counter()
     groups = await asyncio.gather(*(one_client(c) for c in range(INDIVIDUAL_CLIENTS)))
-    await _wait_all([h for g in groups for h in g])
+    await _wait_all(client, [h for g in groups for h in g])
     return per_client * INDIVIDUAL_CLIENTS / (time.perf_counter() - started)
 
 
@@ -120,7 +119,7 @@ def _bilevel(redis_url: str) -> dict[str, Any]:
 
             async def drive() -> dict[str, Any]:
                 async with AsyncClient(service.redis_url, settings=service.config.store) as c:
-                    await _wait_all([await c.submit("noop", 0)])  # warm up: workers ready
+                    await _wait_all(c, [await c.submit("noop", 0)])  # warm up: workers ready
                     return {
                         "batched_jobs_per_s": round(await _batched(c)),
                         "individual_jobs_per_s": round(await _individual(c)),

@@ -217,6 +217,34 @@ class AsyncClient:
         """A handle for a job submitted earlier (by id)."""
         return AsyncJobHandle(self, job_id, created=False)
 
+    async def gather(
+        self,
+        handles: Sequence[AsyncJobHandle],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """The results of many jobs, in order, like asyncio.gather over their result() calls but
+        in a few round trips: one registers every wait, one blocked connection delivers the
+        completions, one reads the outcomes. The first failure (JobFailed, JobCancelled) is
+        raised unless `return_exceptions`; JobTimeout names a job still unfinished at `timeout`."""
+        ids = [h.id for h in handles]
+        try:
+            outcomes = await self.store.wait_finished_many(ids, timeout)
+        except TimeoutError:
+            current = await self.store.outcomes(ids)
+            late = next((o.job_id for o in current if not o.status.finished), ids[0])
+            raise JobTimeout(late, timeout or 0.0) from None
+        results: list[Any] = []
+        for outcome in outcomes:
+            try:
+                results.append(_outcome(outcome))
+            except (JobFailed, JobCancelled) as exc:
+                if not return_exceptions:
+                    raise
+                results.append(exc)
+        return results
+
     async def get(self, job_id: str) -> Job:
         """The job's record; JobNotFound if there is none."""
         return await self.store.get(job_id)
@@ -364,6 +392,19 @@ class Client:
 
     def handle(self, job_id: str) -> JobHandle:
         return self._wrap(self._async.handle(job_id))
+
+    def gather(
+        self,
+        handles: Sequence[JobHandle],
+        *,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """The results of many jobs, in order; see AsyncClient.gather."""
+        inner = [h._inner for h in handles]
+        return self._run(
+            self._async.gather(inner, timeout=timeout, return_exceptions=return_exceptions)
+        )
 
     def get(self, job_id: str) -> Job:
         return self._run(self._async.get(job_id))

@@ -464,25 +464,42 @@ class Store:
     async def wait_finished(self, job_id: str, timeout_s: float | None) -> Outcome:
         """Block until the job finishes (woken through this client's inbox, not by polling);
         returns its outcome. Raises TimeoutError when `timeout_s` passes first."""
-        status = await self._waiter.wait(job_id, self._watch, timeout_s)
-        if status is not None and status not in _STATUS_BY_VALUE:
-            await self.get(job_id)  # a corrupt record: get() dead-letters it with the reason
-        return await self.outcome(job_id)
+        [outcome] = await self.wait_finished_many([job_id], timeout_s)
+        return outcome
 
-    async def _watch(self, job_id: str, client_id: str) -> str | None:
-        status: str | None = await self._scripts.watch(
-            keys=self._prefix, args=[job_id, client_id, self._result_ttl_ms]
-        )
-        if status is None:
-            raise JobNotFound(job_id)
-        return status
+    async def wait_finished_many(
+        self, job_ids: Sequence[str], timeout_s: float | None
+    ) -> list[Outcome]:
+        """`wait_finished` for many jobs: one call registers them all, one blocked connection
+        delivers their completions, one call reads their outcomes. JobNotFound for an unknown id;
+        TimeoutError when `timeout_s` passes before all have finished."""
+        statuses = await self._waiter.wait(job_ids, self._watch, timeout_s)
+        for job_id, status in zip(job_ids, statuses, strict=True):
+            if status is None:
+                raise JobNotFound(job_id)
+            if status and status not in _STATUS_BY_VALUE:
+                await self.get(job_id)  # a corrupt record: get() dead-letters it with the reason
+        out: list[Outcome] = []
+        for i in range(0, len(job_ids), _READ_CHUNK):
+            out += await self.outcomes(job_ids[i : i + _READ_CHUNK])
+        return out
+
+    async def _watch(self, job_ids: Sequence[str], client_id: str) -> list[str | None]:
+        out: list[str | None] = []
+        for i in range(0, len(job_ids), _READ_CHUNK):
+            chunk = job_ids[i : i + _READ_CHUNK]
+            out += await self._scripts.watch(
+                keys=self._prefix, args=[client_id, self._result_ttl_ms, len(chunk), *chunk]
+            )
+        return out
 
     async def close(self) -> None:
         """Stop waiting for results (the connection pool is the caller's to close)."""
         await self._waiter.close()
 
 
-_FINISHED_VALUES = frozenset(s.value for s in JobStatus if s.finished)
+# Ids per script call when reading or watching many jobs (keeps each call short for the server).
+_READ_CHUNK = 1000
 _STATUS_BY_VALUE = {s.value: s for s in JobStatus}
 
 

@@ -1,9 +1,9 @@
 """Waiting for many job results over one Redis connection.
 
-Each waiting `result()` registers its job with this client's id (watch.lua); when the job finishes,
-the finishing script pushes the job id to the client's inbox list. One dispatcher task per client
-blocks on that inbox and resolves the futures of the jobs it names. So a client awaiting a thousand
-results holds one blocked connection, not a thousand, and nothing polls.
+Each waiting client registers its jobs with its client id (watch.lua); when a job finishes, the
+finishing script pushes the job id to the inbox list of every client waiting on it. One dispatcher
+task per client blocks on that inbox and resolves the futures of the jobs it names. So a client
+awaiting a thousand results holds one blocked connection, not a thousand, and nothing polls.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
 from scheduler.connection import MAX_BLOCK_S
 
-Watch = Callable[[str, str], Awaitable[str | None]]
+# watch(job_ids, client_id) -> status per job (None: no such job).
+Watch = Callable[[Sequence[str], str], Awaitable[list[str | None]]]
+
+_FINISHED = frozenset({"succeeded", "dead", "cancelled"})
 
 
 class ResultWaiter:
@@ -32,22 +34,31 @@ class ResultWaiter:
         self._futures: dict[str, list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def wait(self, job_id: str, watch: Watch, timeout_s: float | None) -> str | None:
-        """Block until `job_id` finishes. `watch(job_id, client_id)` registers this client and
-        returns the job's status (None: no such job); returns that status when the job is already
-        finished or missing, else None once it has finished. TimeoutError after `timeout_s`."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def wait(
+        self, job_ids: Sequence[str], watch: Watch, timeout_s: float | None
+    ) -> list[str | None]:
+        """Block until every job of `job_ids` has finished; TimeoutError after `timeout_s`.
+        Returns, per job, the status `watch` saw when it was already finished or missing (None
+        for no such job), or "" for a job this call waited on."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in job_ids]
         # Registered before watch runs, so a finish right after the watch cannot be missed.
-        self._futures.setdefault(job_id, []).append(future)
+        for job_id, future in zip(job_ids, futures, strict=True):
+            self._futures.setdefault(job_id, []).append(future)
         try:
-            status = await watch(job_id, self.client_id)
-            if status is not None and not _finished(status):
+            statuses = await watch(job_ids, self.client_id)
+            pending = [
+                f
+                for f, s in zip(futures, statuses, strict=True)
+                if s is not None and s not in _FINISHED
+            ]
+            if pending:
                 self._ensure_dispatcher()
-                await asyncio.wait_for(future, timeout_s)
-                return None
-            return status
+                await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+            return [s if s is None or s in _FINISHED else "" for s in statuses]
         finally:
-            self._forget(job_id, future)
+            for job_id, future in zip(job_ids, futures, strict=True):
+                self._forget(job_id, future)
 
     def _forget(self, job_id: str, future: asyncio.Future[None]) -> None:
         waiting = self._futures.get(job_id)
@@ -82,7 +93,3 @@ class ResultWaiter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-
-
-def _finished(status: Any) -> bool:
-    return status in ("succeeded", "dead", "cancelled")

@@ -266,3 +266,53 @@ class TestManyWaiters:
         assert results == list(range(1000))
         # The whole server, other fixtures included, stays far below one connection per waiter.
         assert connections <= 100
+
+
+class TestGather:
+    def test_gather_returns_results_in_order_and_raises_the_first_failure(
+        self, settings: Settings, run: Runner
+    ) -> None:
+        """gather() waits for many jobs at once; failures raise, or come back in place."""
+
+        async def main() -> tuple[list[Any], list[Any], tuple[str, str]]:
+            async with AsyncClient(settings=settings) as c:
+                handles = await c.submit_many([JobRequest("embed", i) for i in range(300)])
+                waiting = asyncio.ensure_future(c.gather(handles, timeout=30))
+                await asyncio.sleep(0.02)
+                store = c.store
+                await store.enqueue([(h.id, "q") for h in handles])
+                leases = await store.lease("q", 300)
+                ok = [lease for lease in leases if lease.spec.payload != 7]
+                await store.complete([(x.job_id, x.token, x.spec.payload * 2) for x in ok])
+                [bad] = [lease for lease in leases if lease.spec.payload == 7]
+                await store.fail(
+                    bad.job_id, bad.token, ErrorInfo(type="E", message="seven"), retryable=False
+                )
+                with pytest.raises(JobFailed, match="seven"):
+                    await waiting
+                mixed = await c.gather(handles, return_exceptions=True)
+                done = await c.gather(handles[:5])
+                late = await c.submit("embed", 1)
+                with pytest.raises(JobTimeout) as info:
+                    await c.gather([handles[0], late], timeout=0.2)
+                return done, mixed, (info.value.job_id, late.id)
+
+        done, mixed, which = run(main())
+        assert done == [0, 2, 4, 6, 8]
+        assert isinstance(mixed[7], JobFailed)
+        assert [m for i, m in enumerate(mixed) if i != 7] == [2 * i for i in range(300) if i != 7]
+        assert which[0] == which[1]
+
+    def test_sync_gather(self, client: Client, settings: Settings) -> None:
+        """The sync client's gather waits the same way."""
+        handles = client.submit_many([JobRequest("embed", i) for i in range(3)])
+
+        async def serve_three() -> None:
+            async with AsyncClient(settings=settings) as worker:
+                for i in range(3):
+                    await _serve_one(worker.store, "q", i)
+
+        worker = threading.Thread(target=asyncio.run, args=(serve_three(),))
+        worker.start()
+        assert sorted(client.gather(handles, timeout=10)) == [0, 1, 2]
+        worker.join()
