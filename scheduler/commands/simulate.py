@@ -1,4 +1,5 @@
-"""`bilevel simulate`: run a scenario file through the simulator with one or all heuristic policies."""
+"""`bilevel simulate`: run a scenario file through the simulator with one policy (a heuristic or a
+learned checkpoint) or every heuristic side by side."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from policies.guardrails import Guardrails
 from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS
 from policies.sim.metrics import RunRecord, summarize
 from policies.sim.scenario import (
@@ -27,6 +29,8 @@ from policies.sim.scenario import (
     prepare,
 )
 from policies.sim.traces import TraceError, TraceFormat
+from policies.views import Allocator, Router
+from scheduler.checkpoints import resolve_allocator, resolve_router
 
 # A run shorter than this shows no progress bar: it would only flicker.
 _PROGRESS_AFTER_S = 1.0
@@ -39,20 +43,38 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _check_policy(policy: str | None) -> None:
-    if policy is None:
+    """Fails early (before any run) on an unknown name or a checkpoint that does not load."""
+    if policy is None or policy in ALLOCATORS:
         return
-    if Path(policy).exists():
-        raise _fail(
-            f"{policy!r} is a file: learned checkpoints are not supported yet; "
-            f"use a heuristic allocator: {', '.join(sorted(ALLOCATORS))}"
-        )
-    if policy not in ALLOCATORS:
-        raise _fail(f"unknown policy {policy!r}; known policies: {', '.join(sorted(ALLOCATORS))}")
+    try:
+        resolve_allocator(policy)
+    except ValueError as exc:  # CheckpointError included: it names the file and the problem
+        raise _fail(str(exc)) from None
 
 
 def _check_router(router: str | None) -> None:
-    if router is not None and router not in ROUTERS:
-        raise _fail(f"unknown router {router!r}; known routers: {', '.join(sorted(ROUTERS))}")
+    if router is None or router in ROUTERS:
+        return
+    try:
+        resolve_router(router)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _allocator_for(scenario: Scenario, policy: str | None) -> Allocator:
+    """A heuristic via the scenario (its params and guardrails), or a learned policy ("learned"
+    or a checkpoint path) under the same guardrails, its move masks told the scenario's bounds."""
+    if policy is None or policy in ALLOCATORS:
+        return make_allocator_for(scenario, policy)
+    g = scenario.guardrails
+    learned = resolve_allocator(policy, bounds=g.bounds())
+    return Guardrails(learned, g.bounds(), hysteresis_workers=g.hysteresis_workers)
+
+
+def _router_for(scenario: Scenario, router: str | None) -> Router:
+    if router is None or router in ROUTERS:
+        return make_router_for(scenario, router)
+    return resolve_router(router)
 
 
 def _functions_run_file(trace_path: Path) -> Path | None:
@@ -140,11 +162,11 @@ def _progress(label: str, horizon_s: float) -> Iterator[Callable[[float], None]]
 
 def _run_one(prepared: PreparedRun, policy: str | None, router: str | None) -> RunRecord:
     scenario = prepared.scenario
-    allocator = make_allocator_for(scenario, policy)
+    allocator = _allocator_for(scenario, policy)
     label = f"{scenario.name}: {allocator.name}"
     with _progress(label, prepared.spec.horizon_s) as progress:
         started = time.perf_counter()
-        run = prepared.start(make_router_for(scenario, router))
+        run = prepared.start(_router_for(scenario, router))
         run.run(allocator, progress)
         return run.record(wall_s=time.perf_counter() - started)
 
@@ -194,10 +216,18 @@ def simulate(
     ],
     policy: Annotated[
         str | None,
-        typer.Option("--policy", help="Allocator name (default: the scenario's), or a checkpoint."),
+        typer.Option(
+            "--policy",
+            help="Allocator name (default: the scenario's), 'learned' (the shipped checkpoint) "
+            "or a checkpoint path.",
+        ),
     ] = None,
     router: Annotated[
-        str | None, typer.Option("--router", help="Router name (default: the scenario's).")
+        str | None,
+        typer.Option(
+            "--router",
+            help="Router name (default: the scenario's), 'learned' or a checkpoint path.",
+        ),
     ] = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of arrivals, service times, router.")

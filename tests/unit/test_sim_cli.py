@@ -128,14 +128,16 @@ def test_bad_scenario_exits_2_with_field_path(app: typer.Typer, tmp_path: Path) 
 def test_checkpoint_path_and_unknown_policy_are_clear_errors(
     app: typer.Typer, scenario_file: Path, tmp_path: Path
 ) -> None:
-    """A checkpoint file is not supported yet; an unknown name lists the known ones."""
+    """A corrupt checkpoint file is an error naming it; an unknown name lists the known ones."""
     checkpoint = tmp_path / "policy.pt"
     checkpoint.write_bytes(b"x")
     result = CliRunner().invoke(
         app, ["simulate", "--scenario", str(scenario_file), "--policy", str(checkpoint)]
     )
     assert result.exit_code == 2
-    assert "learned checkpoints are not supported yet" in result.output
+    assert "policy" in result.output
+    assert "checkpoint" in result.output
+    assert "Traceback" not in result.output
     result = CliRunner().invoke(
         app, ["simulate", "--scenario", str(scenario_file), "--policy", "nonesuch"]
     )

@@ -1,0 +1,84 @@
+"""Time one tick of the learned allocator (network + move selection, alone and inside Guardrails)
+at 8, 64 and 256 queues, on one CPU thread.
+
+Run `python -m benchmarks.bench_learned [CHECKPOINT]` (default: the shipped checkpoint); prints one
+JSON object: {"target_ms": 1.0, "results": {"<n_queues>": {"mode"|"sample"|"guarded":
+{"median_ms", "p99_ms", ...}}}}. Views come from bench_allocation's seeded generator and evolve tick
+by tick. Exit status 1 when the median at 64 queues misses the 1 ms target.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.bench_allocation import WORKERS_PER_QUEUE, _random_view
+from policies.guardrails import Guardrails
+from policies.views import AllocationBounds, Allocator
+from scheduler.checkpoints import default_checkpoint_path, load_checkpoint
+
+QUEUE_COUNTS = (8, 64, 256)
+TICKS = 400
+WARMUP_TICKS = 20
+TICK_S = 1.0
+TARGET_MS = 1.0
+TARGET_QUEUES = 64
+
+
+def _time(allocator: Allocator, n_queues: int, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    allocation = [WORKERS_PER_QUEUE] * n_queues
+    samples_ms: list[float] = []
+    for tick in range(WARMUP_TICKS + TICKS):
+        view = _random_view(rng, n_queues, tick * TICK_S, allocation)
+        gc.disable()
+        start = time.perf_counter()
+        decided = allocator.allocate(view)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        gc.enable()
+        allocation = [decided[q.name] for q in view.queues]
+        if tick >= WARMUP_TICKS:
+            samples_ms.append(elapsed_ms)
+    samples = np.array(samples_ms)
+    return {
+        "median_ms": round(float(np.median(samples)), 4),
+        "p99_ms": round(float(np.percentile(samples, 99)), 4),
+        "max_ms": round(float(samples.max()), 4),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Time every mode at every size and print the JSON report."""
+    torch.set_num_threads(1)
+    path = argv[0] if argv else str(default_checkpoint_path())
+    policy, meta = load_checkpoint(path)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for n in QUEUE_COUNTS:
+        results[str(n)] = {
+            "mode": _time(policy.allocator(), n, seed=n),
+            "sample": _time(policy.allocator(rng=np.random.default_rng(0)), n, seed=n),
+            "guarded": _time(
+                Guardrails(policy.allocator(), AllocationBounds(default_min=0)), n, seed=n
+            ),
+        }
+    within = results[str(TARGET_QUEUES)]["mode"]["median_ms"] <= TARGET_MS
+    report = {
+        "checkpoint": path,
+        "hyperparameters": meta["hyperparameters"],
+        "torch_threads": torch.get_num_threads(),
+        "ticks": TICKS,
+        "target_ms": TARGET_MS,
+        "median_within_target_at_64": within,
+        "results": results,
+    }
+    print(json.dumps(report))
+    return 0 if within else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,279 @@
+"""The learned level-2 allocator: each tick, a short sequence of single-worker moves, or none.
+
+Action design. One network pass per tick scores, for every queue, how much it should receive a
+worker and how much it can spare one, plus a "stop" score. The tick's decision is then a sequence of
+at most `max_moves` steps; at each step the policy either stops or picks a receiver, and then a
+donor (another queue, or the unassigned pool) for that receiver. Masks keep every step legal:
+
+- a donor must hold more than its minimum, and the pool must hold a worker;
+- a receiver must be below its maximum and have some donor other than itself;
+- within a tick no queue both gives and takes (that would pay two model loads for nothing).
+
+Moves conserve the budget by construction, "hold everything" is a single cheap action (stop at
+once), and the per-move structure matches the cost the simulator charges: one model load per move.
+The stop score grows with each move made (a learned non-negative slope), so the mode of the
+distribution (used for evaluation) also stops after a few moves instead of repeating the best move.
+
+Sampling happens in numpy on one view (fast enough for 64 queues in well under a millisecond);
+`moves_log_prob` recomputes the same log-probabilities in torch, batched, for the training update.
+Both use the masks of `_masks_np` / `_masks_torch`, which must stay in step (a unit test checks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from policies.allocation import largest_remainder
+from policies.features import queue_features
+from policies.learned.networks import QueueSetNet, QueueSetNetNp, QueueSetOutput, QueueSetOutputNp
+from policies.views import Allocation, AllocationBounds, ClusterView
+
+# Codes in the receiver column of a recorded move sequence.
+STOP = -1  # the policy chose to stop at this step (or had no legal move, which forces a stop)
+UNUSED = -2  # the step was never reached
+# A finite stand-in for -inf in masked logits: exp() of it is exactly 0 in float32 and float64,
+# and unlike -inf it never produces 0 * inf = NaN in entropies or their gradients.
+_MASKED = -1.0e9
+
+
+@dataclass(frozen=True, slots=True)
+class TickDecision:
+    """One tick's observation and sampled moves, all the training update needs to re-score it."""
+
+    features: np.ndarray  # (n, F) float32, queue_features of the view
+    counts: np.ndarray  # (n,) int64, workers per queue before the moves
+    free: int  # unassigned workers before the moves
+    low: np.ndarray  # (n,) int64, per-queue minimum the masks respect
+    high: np.ndarray  # (n,) int64, per-queue maximum the masks respect
+    # (max_moves, 2) int64: (receiver, donor) per step; receiver STOP / UNUSED as above, donor n
+    # means the unassigned pool.
+    moves: np.ndarray
+    log_prob: float
+
+
+def _log_softmax_np(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum())
+    return out
+
+
+def _pick(log_probs: np.ndarray, rng: np.random.Generator | None) -> int:
+    """Argmax (first on ties) without an rng, else a sample by inverse CDF."""
+    if rng is None:
+        return int(np.argmax(log_probs))
+    cdf = np.cumsum(np.exp(log_probs))
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def _masks_np(
+    counts: np.ndarray,
+    free: int,
+    low: np.ndarray,
+    high: np.ndarray,
+    gave: np.ndarray,
+    got: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(receiver_ok (n,), donor_ok (n+1,) with the pool last) for the next step."""
+    donor_ok = (counts > low) & ~got
+    n_donors = int(donor_ok.sum()) + (free > 0)
+    receiver_ok = (counts < high) & ~gave & ((n_donors - donor_ok) > 0)
+    return receiver_ok, np.append(donor_ok, free > 0)
+
+
+def choose_moves(
+    out: QueueSetOutputNp,
+    counts: np.ndarray,
+    free: int,
+    low: np.ndarray,
+    high: np.ndarray,
+    max_moves: int,
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Samples (with `rng`) or takes the mode of (without) one tick's moves for a single view.
+
+    Returns (moves (max_moves, 2), log-probability of them, counts after them).
+    """
+    n = len(counts)
+    receiver = out.receiver_logits
+    donor = np.append(out.donor_logits, out.pool_logit)
+    stop = out.stop_logit
+    slope = out.stop_slope
+    counts = counts.copy()
+    gave = np.zeros(n, dtype=bool)
+    got = np.zeros(n, dtype=bool)
+    moves = np.full((max_moves, 2), UNUSED, dtype=np.int64)
+    log_prob = 0.0
+    for k in range(max_moves):
+        receiver_ok, donor_ok = _masks_np(counts, free, low, high, gave, got)
+        step = _log_softmax_np(
+            np.append(np.where(receiver_ok, receiver, _MASKED), stop + k * slope)
+        )
+        r = _pick(step, rng)
+        log_prob += float(step[r])
+        if r == n:
+            moves[k] = (STOP, 0)
+            break
+        donor_ok[r] = False
+        donor_step = _log_softmax_np(np.where(donor_ok, donor, _MASKED))
+        d = _pick(donor_step, rng)
+        log_prob += float(donor_step[d])
+        moves[k] = (r, d)
+        counts[r] += 1
+        got[r] = True
+        if d < n:
+            counts[d] -= 1
+            gave[d] = True
+        else:
+            free -= 1
+    return moves, log_prob, counts
+
+
+def moves_log_prob(
+    out: QueueSetOutput,
+    counts: torch.Tensor,
+    free: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    moves: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability (summed over the steps taken) and mean entropy per step of recorded moves.
+
+    The entropy is averaged over steps, not summed: a summed bonus would pay the policy for making
+    more moves, each of which costs a model load.
+
+    Batched over B views of the same queue count: counts/low/high (B, n) int64, free (B,) int64,
+    moves (B, K, 2) as `choose_moves` records them. Differentiable in the network outputs.
+    """
+    batch, n = counts.shape
+    rows = torch.arange(batch)
+    counts = counts.clone()
+    free = free.clone()
+    gave = torch.zeros(batch, n, dtype=torch.bool)
+    got = torch.zeros(batch, n, dtype=torch.bool)
+    active = torch.ones(batch, dtype=torch.bool)
+    donor_logits = torch.cat([out.donor_logits, out.pool_logit[:, None]], dim=1)
+    log_prob = torch.zeros(batch)
+    entropy = torch.zeros(batch)
+    steps = torch.zeros(batch)
+    for k in range(moves.shape[1]):
+        donor_ok_q = (counts > low) & ~got
+        pool_ok = free > 0
+        n_donors = donor_ok_q.sum(dim=1) + pool_ok.long()
+        receiver_ok = (counts < high) & ~gave & ((n_donors[:, None] - donor_ok_q.long()) > 0)
+        stop_k = out.stop_logit + k * out.stop_slope
+        step_logits = torch.cat(
+            [out.receiver_logits.masked_fill(~receiver_ok, _MASKED), stop_k[:, None]], dim=1
+        )
+        step = torch.log_softmax(step_logits, dim=1)
+        r = moves[:, k, 0]
+        d = moves[:, k, 1]
+        is_move = active & (r >= 0)
+        step_lp = step[rows, torch.where(r >= 0, r, n)]
+        log_prob = log_prob + torch.where(active, step_lp, 0.0)
+        steps = steps + active.float()
+        entropy = entropy + torch.where(active, -(step.exp() * step).sum(dim=1), 0.0)
+
+        donor_ok = torch.cat([donor_ok_q, pool_ok[:, None]], dim=1)
+        donor_ok[rows, r.clamp(min=0)] &= ~is_move
+        # Rows without a move get an all-legal mask so their (ignored) softmax stays finite.
+        donor_ok |= ~is_move[:, None]
+        donor_step = torch.log_softmax(donor_logits.masked_fill(~donor_ok, _MASKED), dim=1)
+        log_prob = log_prob + torch.where(is_move, donor_step[rows, d.clamp(0, n)], 0.0)
+        entropy = entropy + torch.where(is_move, -(donor_step.exp() * donor_step).sum(dim=1), 0.0)
+
+        into = torch.nn.functional.one_hot(r.clamp(min=0), n).bool() & is_move[:, None]
+        taken = torch.nn.functional.one_hot(d.clamp(0, n), n + 1).bool() & is_move[:, None]
+        counts = counts + into.long() - taken[:, :n].long()
+        free = free - taken[:, n].long()
+        got |= into
+        gave |= taken[:, :n]
+        active = is_move
+    return log_prob, entropy / steps.clamp(min=1.0)
+
+
+def bound_arrays(
+    view: ClusterView, bounds: AllocationBounds | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-queue (min, max) worker counts of `bounds` for the view's queues (max = budget if none)."""
+    n = len(view.queues)
+    if bounds is None:
+        return np.zeros(n, dtype=np.int64), np.full(n, max(view.budget, 0), dtype=np.int64)
+    low = np.fromiter(
+        (bounds.min_workers.get(q.name, bounds.default_min) for q in view.queues), np.int64, n
+    )
+    no_max = max(view.budget, 0)
+
+    def high_of(name: str) -> int:
+        m = bounds.max_workers.get(name, bounds.default_max)
+        return no_max if m is None else m
+
+    high = np.fromiter((high_of(q.name) for q in view.queues), np.int64, n)
+    return low, high
+
+
+class LearnedAllocator:
+    """Level 2 by a `QueueSetNet`: up to `max_moves` single-worker moves per tick.
+
+    Deterministic (the mode of each step) unless `rng` is given, in which case it samples; with
+    `record=True` every tick's decision is appended to `decisions` for training. `bounds` only
+    shapes the masks (a move never takes a queue below its minimum or above its maximum); the hard
+    enforcement stays with `policies.guardrails.Guardrails`, which should wrap this allocator as any
+    other. If the budget shrank below the current allocation, it is first scaled down
+    proportionally, then the moves apply.
+    """
+
+    name: str = "learned"
+
+    def __init__(
+        self,
+        net: QueueSetNet,
+        *,
+        max_moves: int = 4,
+        bounds: AllocationBounds | None = None,
+        rng: np.random.Generator | None = None,
+        record: bool = False,
+    ) -> None:
+        if max_moves < 0:
+            raise ValueError(f"max_moves must be >= 0, got {max_moves}")
+        self.net = net.eval()
+        # The decision path runs on a numpy snapshot of the weights (see QueueSetNetNp).
+        self._forward = QueueSetNetNp(net)
+        self.bounds = bounds
+        if bounds is not None and bounds.max_moves_per_tick is not None:
+            max_moves = min(max_moves, bounds.max_moves_per_tick)
+        self.max_moves = max_moves
+        self.rng = rng
+        self.record = record
+        self.decisions: list[TickDecision] = []
+
+    def allocate(self, view: ClusterView) -> Allocation:
+        """The current allocation after this tick's moves; every queue covered, within budget."""
+        n = len(view.queues)
+        if n == 0:
+            return {}
+        budget = max(view.budget, 0)
+        counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
+        if int(counts.sum()) > budget:
+            counts = largest_remainder(counts, budget)
+        free = budget - int(counts.sum())
+        low, high = bound_arrays(view, self.bounds)
+        features = queue_features(view)
+        with np.errstate(all="ignore"):
+            out = self._forward(features)
+        if not (
+            np.isfinite(out.receiver_logits).all()
+            and np.isfinite(out.donor_logits).all()
+            and math.isfinite(out.stop_logit + out.stop_slope + out.pool_logit)
+        ):
+            # Raised, not patched over: guardrails then use their fallback and log why.
+            raise ValueError("the allocator network produced non-finite outputs")
+        moves, log_prob, after = choose_moves(
+            out, counts, free, low, high, self.max_moves, self.rng
+        )
+        if self.record:
+            self.decisions.append(TickDecision(features, counts, free, low, high, moves, log_prob))
+        return {q.name: int(c) for q, c in zip(view.queues, after.tolist(), strict=True)}

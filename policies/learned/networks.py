@@ -1,0 +1,193 @@
+"""The torch networks behind the learned allocator (level 2) and router (level 1).
+
+Both are permutation-equivariant by construction: every per-queue (or per-(job, queue)) row goes
+through the same weights, and the only cross-queue information is a mean and a max over queues,
+which do not depend on queue order. So permuting the queues permutes the per-queue outputs and leaves
+the global outputs unchanged, and one set of weights serves 1 or 256 queues.
+
+Hyper-parameters live in small frozen dataclasses that checkpoints store next to the weights, so a
+checkpoint can rebuild exactly the network it was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from policies.features import N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
+
+# Initial bias of the "stop" logit: an untrained allocator should mostly hold its workers, since
+# every move costs a model load; with logit 2 against ~0 for each queue, it stops at once with
+# probability about e^2 / (e^2 + n) (0.7 for 3 queues), so early rollouts are not pure thrash.
+_STOP_BIAS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatorNetConfig:
+    """Shape of `QueueSetNet`."""
+
+    # Width of the per-queue encoder, the pooled summary and the per-queue head.
+    hidden: int = 64
+    n_features: int = N_QUEUE_FEATURES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterNetConfig:
+    """Shape of `JobQueueScorer`."""
+
+    hidden: int = 32
+    n_features: int = N_JOB_QUEUE_FEATURES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSetOutput:
+    """What `QueueSetNet` says about one batch of views (B views of n queues each)."""
+
+    # (B, n): preference for giving a worker to each queue.
+    receiver_logits: torch.Tensor
+    # (B, n): preference for taking a worker from each queue.
+    donor_logits: torch.Tensor
+    # (B,): preference for taking from the unassigned pool rather than a queue.
+    pool_logit: torch.Tensor
+    # (B,): preference for stopping (no further move this tick) at the first step.
+    stop_logit: torch.Tensor
+    # (B,) >= 0: how much the stop preference grows per move already made this tick.
+    stop_slope: torch.Tensor
+
+
+def _layer(n_in: int, n_out: int, gain: float = 2.0**0.5) -> nn.Linear:
+    """Orthogonal weights and zero bias, as cleanrl's `layer_init`: well-conditioned at start."""
+    linear = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(linear.weight, gain)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+class QueueSetNet(nn.Module):
+    """Shared per-queue encoder -> mean+max pooling across queues -> per-queue and global heads.
+
+    Input: queue features (B, n, F) as `policies.features.queue_features` gives them (n >= 1).
+    """
+
+    def __init__(self, config: AllocatorNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else AllocatorNetConfig()
+        h = self.config.hidden
+        self.encoder = nn.Sequential(
+            _layer(self.config.n_features, h), nn.Tanh(), _layer(h, h), nn.Tanh()
+        )
+        # Integration layer: a summary of the whole cluster from order-free pooling.
+        self.integrate = nn.Sequential(_layer(2 * h, h), nn.Tanh())
+        # Per-queue head sees its own encoding beside the cluster summary.
+        # Small output gain (cleanrl uses 0.01 for the actor) keeps the first policy near uniform.
+        self.queue_head = nn.Sequential(_layer(2 * h, h), nn.Tanh(), _layer(h, 2, gain=0.01))
+        self.global_head = _layer(h, 3, gain=0.01)
+        with torch.no_grad():
+            self.global_head.bias[0] = _STOP_BIAS
+
+    def forward(self, features: torch.Tensor) -> QueueSetOutput:
+        encoded = self.encoder(features)  # (B, n, h)
+        pooled = torch.cat([encoded.mean(dim=1), encoded.amax(dim=1)], dim=-1)
+        summary = self.integrate(pooled)  # (B, h)
+        n = encoded.shape[1]
+        per_queue = self.queue_head(
+            torch.cat([encoded, summary.unsqueeze(1).expand(-1, n, -1)], -1)
+        )
+        glob = self.global_head(summary)
+        return QueueSetOutput(
+            receiver_logits=per_queue[..., 0],
+            donor_logits=per_queue[..., 1],
+            stop_logit=glob[:, 0],
+            stop_slope=nn.functional.softplus(glob[:, 1]),
+            pool_logit=glob[:, 2],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSetOutputNp:
+    """`QueueSetOutput` of a single view, as numpy (float64) for the per-tick decision loop."""
+
+    receiver_logits: np.ndarray  # (n,)
+    donor_logits: np.ndarray  # (n,)
+    pool_logit: float
+    stop_logit: float
+    stop_slope: float
+
+
+class QueueSetNetNp:
+    """A frozen numpy copy of a `QueueSetNet` for one view at a time.
+
+    Torch spends ~10 us of dispatch per op, which for one small view is most of the cost; the same
+    arithmetic in numpy on float32 is several times faster and gives the same logits up to float
+    rounding (a unit test compares them). Weights are copied at construction: later training steps
+    on the torch module do not show here.
+    """
+
+    def __init__(self, net: QueueSetNet) -> None:
+        def wb(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+            assert isinstance(layer, nn.Linear)
+            return (
+                layer.weight.detach().numpy().T.copy(),
+                layer.bias.detach().numpy().copy(),
+            )
+
+        self.enc1, self.enc2 = wb(net.encoder[0]), wb(net.encoder[2])
+        self.integrate = wb(net.integrate[0])
+        self.head1, self.head2 = wb(net.queue_head[0]), wb(net.queue_head[2])
+        self.glob = wb(net.global_head)
+        self.hidden = net.config.hidden
+
+    def __call__(self, features: np.ndarray) -> QueueSetOutputNp:
+        """Outputs for one view's (n, F) float32 features (n >= 1)."""
+        h = self.hidden
+        encoded = np.tanh(features @ self.enc1[0] + self.enc1[1])
+        encoded = np.tanh(encoded @ self.enc2[0] + self.enc2[1])
+        pooled = np.concatenate([encoded.mean(axis=0), encoded.max(axis=0)])
+        summary = np.tanh(pooled @ self.integrate[0] + self.integrate[1])
+        # (encoded | summary) @ W splits into encoded @ W[:h] + summary @ W[h:]: no (n, 2h) concat.
+        w1, b1 = self.head1
+        hidden = np.tanh(encoded @ w1[:h] + (summary @ w1[h:] + b1))
+        per_queue = (hidden @ self.head2[0] + self.head2[1]).astype(np.float64)
+        glob = (summary @ self.glob[0] + self.glob[1]).astype(np.float64)
+        return QueueSetOutputNp(
+            receiver_logits=per_queue[:, 0],
+            donor_logits=per_queue[:, 1],
+            stop_logit=float(glob[0]),
+            stop_slope=float(np.logaddexp(0.0, glob[1])),  # softplus
+            pool_logit=float(glob[2]),
+        )
+
+
+class JobQueueScorer(nn.Module):
+    """Scores each (job, queue) row of `policies.features.job_queue_features` independently.
+
+    The rows already carry the queue's state (expected wait, depth, workers) next to the job's, so a
+    per-row MLP is enough for a softmax over the eligible queues; it is equivariant trivially.
+    """
+
+    def __init__(self, config: RouterNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else RouterNetConfig()
+        h = self.config.hidden
+        self.body = nn.Sequential(
+            _layer(self.config.n_features, h),
+            nn.Tanh(),
+            _layer(h, h),
+            nn.Tanh(),
+            _layer(h, 1, gain=0.01),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., m, F) rows -> (..., m) scores."""
+        scores: torch.Tensor = self.body(features).squeeze(-1)
+        return scores

@@ -1,0 +1,517 @@
+"""Training the learned allocator and router: PPO's clipped update on Decima-style advantages.
+
+Reads top to bottom like cleanrl's ppo.py: the arguments (one docstring each), seeding, then per
+iteration the rollout, the advantage, the update, and the metrics (`losses/...`, `charts/...`,
+`eval/...`). Differences from cleanrl, and why:
+
+- No learned critic. Queueing returns are dominated by the arrivals (a burst makes every action look
+  bad), so each iteration replays the same arrival sequence `replays` times with different policy
+  samples and uses the replays' mean return-to-go at each tick as the baseline (Mao et al., "Variance
+  reduction for reinforcement learning in input-driven environments", ICLR 2019; Decima). Ticks fall
+  at fixed multiples of tick_s, so tick t of every replay is the same instant.
+- Rollouts are injected (`map_rollouts`): this module never starts processes. `scheduler.training`
+  passes Ray tasks, tests a serial map.
+- A curriculum over scenarios and loads: every input draws a scenario, an arrival seed, a load scale
+  and an episode length; the load range and the longest episode widen over the first part of the
+  budget, so early updates see short, moderate episodes whose returns are less noisy.
+- Periodic evaluation on held-out seeds (>= `EVAL_SEED_BASE`; training seeds are below it) against
+  every heuristic on the same arrivals; the best evaluated policy is what training returns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from policies.learned.allocator import moves_log_prob
+from policies.learned.networks import AllocatorNetConfig
+from policies.learned.policy import LearnedPolicy
+from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
+from policies.registry import HEURISTIC_ALLOCATORS
+from policies.sim.scenario import Scenario
+
+# Training arrival seeds are drawn below this; evaluation seeds start here, so no evaluated
+# arrival sequence was ever trained on.
+EVAL_SEED_BASE = 10_000
+
+
+@dataclass
+class Args:
+    """Hyper-parameters of one training run."""
+
+    seed: int = 1
+    """seed of the initial weights, the curriculum draws and the policy's sampling"""
+    minutes: float = 12.0
+    """wall-clock budget; training stops at the first iteration boundary past it"""
+    max_iterations: int | None = None
+    """stop after this many iterations even with time left (None: the time budget decides)"""
+    inputs_per_iteration: int = 2
+    """distinct arrival sequences (scenario, seed, load, length) per iteration"""
+    replays: int = 4
+    """episodes per arrival sequence; their mean return-to-go is the input-dependent baseline"""
+    episode_s: tuple[float, float] = (300.0, 900.0)
+    """range of episode lengths (seconds of arrivals), drawn uniformly per input, capped at the
+    scenario's own duration"""
+    load_scale: tuple[float, float] = (0.8, 1.2)
+    """range of arrival-rate multipliers drawn per input, once the curriculum is over"""
+    curriculum_fraction: float = 0.3
+    """fraction of the budget over which the load range widens from 1.0 and the longest episode
+    grows from the shortest to the full range"""
+    discount_half_life_s: float = 120.0
+    """simulated seconds after which a reward counts half; per-tick gamma = 0.5 ** (tick_s / this)"""
+    reconfiguration_penalty_s: float = 0.0
+    """job-seconds charged per worker moved, on top of the model load the simulator charges"""
+    learning_rate: float = 5e-4
+    """Adam step size (annealed linearly to 0 over the budget when anneal_lr)"""
+    anneal_lr: bool = True
+    """anneal the learning rate with the elapsed fraction of the budget"""
+    update_epochs: int = 4
+    """passes over each iteration's decisions"""
+    minibatch_size: int = 256
+    """decisions per gradient step"""
+    clip_coef: float = 0.2
+    """PPO's surrogate clipping coefficient"""
+    ent_coef: float = 0.01
+    """entropy bonus at the start; annealed linearly to 0 with the budget"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+    target_kl: float | None = 0.03
+    """stop an iteration's epochs early once the approximate KL passes this (None: never)"""
+    hidden: int = 64
+    """width of the allocator network"""
+    max_moves: int = 4
+    """moves the allocator may make per tick"""
+    train_router: bool = True
+    """train the learned router where a scenario has a routing choice"""
+    random_start_fraction: float = 0.5
+    """fraction of inputs that start from a random split of the workers instead of the scenario's
+    initial allocation (which follows the run's total work, so merely keeping it is strong)"""
+    eval_every: int = 5
+    """iterations between evaluations on held-out seeds (and one before training)"""
+    eval_seeds: int = 4
+    """held-out arrival seeds per scenario in each evaluation"""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Deterministic policy vs every heuristic on the same held-out arrivals."""
+
+    iteration: int
+    # Per scenario: mean over seeds of mean JCT and of p99 JCT, for "learned" and each heuristic.
+    mean_jct_s: dict[str, dict[str, float]]
+    p99_jct_s: dict[str, dict[str, float]]
+
+    def best_heuristic(self, scenario: str) -> str:
+        """The heuristic with the lowest mean JCT on `scenario`."""
+        table = self.mean_jct_s[scenario]
+        return min((h for h in table if h != "learned"), key=lambda h: table[h])
+
+    def ratio(self, scenario: str) -> float:
+        """Learned mean JCT over the best heuristic's (below 1 means the learned policy wins)."""
+        table = self.mean_jct_s[scenario]
+        return table["learned"] / table[self.best_heuristic(scenario)]
+
+    @property
+    def score(self) -> float:
+        """Geometric mean of the ratios over scenarios: lower is better, 1 ties the heuristics."""
+        ratios = [self.ratio(s) for s in self.mean_jct_s]
+        return float(np.exp(np.mean(np.log(ratios))))
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the best evaluated policy, and the history behind it."""
+
+    policy: LearnedPolicy
+    args: Args
+    iterations: int
+    elapsed_s: float
+    # One metrics dict per iteration ("losses/...", "charts/...").
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[Evaluation] = field(default_factory=list)
+    best: Evaluation | None = None
+    train_seeds: list[int] = field(default_factory=list)
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1}, computed backwards."""
+    out = np.empty_like(rewards)
+    running = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def replay_advantages(
+    results: Sequence[RolloutResult], gamma: float, penalty_s: float = 0.0
+) -> list[np.ndarray]:
+    """Per episode, per tick: return-to-go minus the mean over the replays of the same input.
+
+    Episodes of one input may end at different ticks (draining differs); a replay that has ended
+    contributes a return of 0 from then on, which is what it will collect. Each input's advantages
+    are divided by its mean absolute per-tick reward, so a busy scenario does not drown a quiet one.
+    """
+    returns = [
+        discounted_returns(r.rewards - penalty_s * r.moved.astype(np.float64), gamma)
+        for r in results
+    ]
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(results):
+        by_group[r.group].append(i)
+    advantages: list[np.ndarray] = [np.zeros(0)] * len(results)
+    for members in by_group.values():
+        horizon = max(len(returns[i]) for i in members)
+        padded = np.zeros((len(members), horizon))
+        for row, i in enumerate(members):
+            padded[row, : len(returns[i])] = returns[i]
+        baseline = padded.mean(axis=0)
+        scale = max(float(np.mean([np.abs(results[i].rewards).mean() for i in members])), 1e-9)
+        for row, i in enumerate(members):
+            advantages[i] = (padded[row, : len(returns[i])] - baseline[: len(returns[i])]) / scale
+    return advantages
+
+
+def _anneal(start: float, fraction: float) -> float:
+    return start * max(1.0 - fraction, 0.0)
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One arrival sequence of an iteration, replayed `replays` times."""
+
+    scenario: Scenario
+    seed: int
+    load_scale: float
+    episode_s: float
+    initial_seed: int | None
+
+
+def _draw_inputs(
+    args: Args, scenarios: Sequence[Scenario], rng: np.random.Generator, fraction: float
+) -> list[_Input]:
+    """This iteration's inputs, drawn along the curriculum."""
+    ramp = min(fraction / args.curriculum_fraction, 1.0) if args.curriculum_fraction > 0 else 1.0
+    low_load = 1.0 + ramp * (args.load_scale[0] - 1.0)
+    high_load = 1.0 + ramp * (args.load_scale[1] - 1.0)
+    shortest_s, longest_s = args.episode_s
+    longest_s = shortest_s + ramp * (longest_s - shortest_s)
+    inputs = []
+    for _ in range(args.inputs_per_iteration):
+        scenario = scenarios[int(rng.integers(len(scenarios)))]
+        full_s = scenario.duration_s if scenario.duration_s is not None else longest_s
+        episode_s = min(float(rng.uniform(shortest_s, longest_s)), full_s)
+        seed = int(rng.integers(EVAL_SEED_BASE))
+        load = float(rng.uniform(low_load, high_load))
+        random_start = rng.random() < args.random_start_fraction
+        initial_seed = int(rng.integers(2**31)) if random_start else None
+        inputs.append(_Input(scenario, seed, load, episode_s, initial_seed))
+    return inputs
+
+
+def evaluate(
+    policy: LearnedPolicy,
+    scenarios: Sequence[Scenario],
+    seeds: Sequence[int],
+    map_rollouts: MapRollouts,
+    iteration: int,
+    heuristic_results: dict[str, dict[str, tuple[float, float]]] | None = None,
+    *,
+    learned_router: bool = True,
+) -> tuple[Evaluation, dict[str, dict[str, tuple[float, float]]]]:
+    """Deterministic `policy` and (unless cached in `heuristic_results`) every heuristic on the
+    full scenarios at the given seeds. Returns the evaluation and the heuristics' (mean, p99) means
+    per scenario, for reuse."""
+    tasks = [
+        RolloutTask(s, seed, policy=policy, learned_router=learned_router)
+        for s in scenarios
+        for seed in seeds
+    ]
+    if heuristic_results is None:
+        tasks += [
+            RolloutTask(s, seed, heuristic=h)
+            for s in scenarios
+            for h in HEURISTIC_ALLOCATORS
+            for seed in seeds
+        ]
+    results = map_rollouts(tasks)
+    collected: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for task, result in zip(tasks, results, strict=True):
+        name = "learned" if task.heuristic is None else task.heuristic
+        collected[task.scenario.name][name].append((result.mean_jct_s, result.p99_jct_s))
+    means: dict[str, dict[str, tuple[float, float]]] = {
+        s: {name: _mean_pair(pairs) for name, pairs in table.items()}
+        for s, table in collected.items()
+    }
+    if heuristic_results is None:
+        heuristic_results = {
+            s: {h: v for h, v in table.items() if h != "learned"} for s, table in means.items()
+        }
+    merged = {s: {**heuristic_results[s], "learned": means[s]["learned"]} for s in means}
+    evaluation = Evaluation(
+        iteration=iteration,
+        mean_jct_s={s: {k: v[0] for k, v in t.items()} for s, t in merged.items()},
+        p99_jct_s={s: {k: v[1] for k, v in t.items()} for s, t in merged.items()},
+    )
+    return evaluation, heuristic_results
+
+
+def _mean_pair(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    # A run that completed no job has NaN JCTs; it counts as infinitely bad, not as missing.
+    arr = np.nan_to_num(np.asarray(pairs, dtype=np.float64), nan=math.inf)
+    return float(arr[:, 0].mean()), float(arr[:, 1].mean())
+
+
+def _stack_allocator_batch(
+    results: Sequence[RolloutResult], advantages: Sequence[np.ndarray]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Every recorded tick, grouped by queue count (a batch needs one n), as tensors."""
+    grouped: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for i, r in enumerate(results):
+        for t, d in enumerate(r.decisions):
+            grouped[len(d.counts)].append((i, t))
+    batches: dict[int, dict[str, torch.Tensor]] = {}
+    for n, where in grouped.items():
+        ds = [results[i].decisions[t] for i, t in where]
+        batches[n] = {
+            "features": torch.from_numpy(np.stack([d.features for d in ds])),
+            "counts": torch.from_numpy(np.stack([d.counts for d in ds])),
+            "free": torch.tensor([d.free for d in ds], dtype=torch.int64),
+            "low": torch.from_numpy(np.stack([d.low for d in ds])),
+            "high": torch.from_numpy(np.stack([d.high for d in ds])),
+            "moves": torch.from_numpy(np.stack([d.moves for d in ds])),
+            "old_log_prob": torch.tensor([d.log_prob for d in ds], dtype=torch.float32),
+            "advantage": torch.tensor([advantages[i][t] for i, t in where], dtype=torch.float32),
+        }
+    return batches
+
+
+def _stack_router_batch(
+    results: Sequence[RolloutResult], advantages: Sequence[np.ndarray]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Every recorded routing choice, grouped by number of eligible queues, as tensors."""
+    grouped: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for i, r in enumerate(results):
+        for c, choice in enumerate(r.route_choices):
+            grouped[len(choice.features)].append((i, c))
+    batches: dict[int, dict[str, torch.Tensor]] = {}
+    for m, where in grouped.items():
+        cs = [results[i].route_choices[c] for i, c in where]
+        adv = [
+            advantages[i][min(int(results[i].route_ticks[c]), len(advantages[i]) - 1)]
+            for i, c in where
+        ]
+        batches[m] = {
+            "features": torch.from_numpy(np.stack([c.features for c in cs])),
+            "chosen": torch.tensor([c.chosen for c in cs], dtype=torch.int64),
+            "old_log_prob": torch.tensor([c.log_prob for c in cs], dtype=torch.float32),
+            "advantage": torch.tensor(adv, dtype=torch.float32),
+        }
+    return batches
+
+
+def _clipped_loss(
+    new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(PPO clipped surrogate loss, approx KL, clip fraction) as in cleanrl."""
+    log_ratio = new_log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip).float().mean()
+    return loss, approx_kl, clipfrac
+
+
+def train(
+    args: Args,
+    scenarios: Sequence[Scenario],
+    map_rollouts: MapRollouts,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    on_iteration: Callable[[int, float, dict[str, float], Evaluation | None], None] | None = None,
+    initial: LearnedPolicy | None = None,
+) -> TrainResult:
+    """Trains a policy on `scenarios` for `args.minutes` (or `args.max_iterations`).
+
+    `on_iteration(iteration, elapsed fraction, metrics, evaluation or None)` is called after every
+    iteration, for progress bars and logs. `initial` continues from existing weights.
+    """
+    if not scenarios:
+        raise ValueError("training needs at least one scenario")
+    # --- seeding --------------------------------------------------------------------------------
+    rng = np.random.default_rng(args.seed)
+    policy = (
+        initial.copy()
+        if initial is not None
+        else LearnedPolicy.create(
+            AllocatorNetConfig(hidden=args.hidden), max_moves=args.max_moves, seed=args.seed
+        )
+    )
+    params = list(policy.allocator_net.parameters()) + list(policy.router_net.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    budget_s = args.minutes * 60.0
+    started = clock()
+    eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
+    tick_s = {s.name: s.tick_s for s in scenarios}
+
+    evaluation, heuristics = evaluate(
+        policy, scenarios, eval_seeds, map_rollouts, 0, learned_router=args.train_router
+    )
+    result = TrainResult(
+        policy=policy.copy(), args=args, iterations=0, elapsed_s=0.0, best=evaluation
+    )
+    result.evaluations.append(evaluation)
+
+    iteration = 0
+    while True:
+        elapsed_s = clock() - started
+        fraction = min(elapsed_s / budget_s, 1.0) if budget_s > 0 else 1.0
+        if fraction >= 1.0 or (
+            args.max_iterations is not None and iteration >= args.max_iterations
+        ):
+            break
+        iteration += 1
+        if args.max_iterations is not None:
+            fraction = max(fraction, (iteration - 1) / args.max_iterations)
+        lr = _anneal(args.learning_rate, fraction) if args.anneal_lr else args.learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ent_coef = _anneal(args.ent_coef, fraction)
+
+        # --- rollout ------------------------------------------------------------------------------
+        inputs = _draw_inputs(args, scenarios, rng, fraction)
+        tasks = [
+            RolloutTask(
+                x.scenario,
+                x.seed,
+                load_scale=x.load_scale,
+                duration_s=x.episode_s,
+                policy=policy,
+                policy_seed=int(rng.integers(2**31)),
+                learned_router=args.train_router,
+                record=True,
+                group=g,
+                initial_seed=x.initial_seed,
+            )
+            for g, x in enumerate(inputs)
+            for _ in range(args.replays)
+        ]
+        result.train_seeds.extend(x.seed for x in inputs)
+        rollout_started = clock()
+        results = map_rollouts(tasks)
+        rollout_s = clock() - rollout_started
+
+        # --- advantage ----------------------------------------------------------------------------
+        gammas = {r.group: 0.5 ** (tick_s[r.scenario] / args.discount_half_life_s) for r in results}
+        advantages: list[np.ndarray] = [np.zeros(0)] * len(results)
+        for g in {r.group for r in results}:
+            members = [i for i, r in enumerate(results) if r.group == g]
+            group_adv = replay_advantages(
+                [results[i] for i in members], gammas[g], args.reconfiguration_penalty_s
+            )
+            for i, a in zip(members, group_adv, strict=True):
+                advantages[i] = a
+        flat = np.concatenate(advantages) if advantages else np.zeros(0)
+        adv_std = float(flat.std()) + 1e-8
+        advantages = [a / adv_std for a in advantages]
+
+        # --- update -------------------------------------------------------------------------------
+        alloc_batches = _stack_allocator_batch(results, advantages)
+        router_batches = _stack_router_batch(results, advantages) if args.train_router else {}
+        policy.allocator_net.train()
+        policy.router_net.train()
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _epoch in range(args.update_epochs):
+            steps: list[tuple[str, int, torch.Tensor]] = []
+            for kind, batches in (("allocator", alloc_batches), ("router", router_batches)):
+                for key, batch in batches.items():
+                    order = torch.from_numpy(rng.permutation(len(batch["advantage"])))
+                    steps += [
+                        (kind, key, order[i : i + args.minibatch_size])
+                        for i in range(0, len(order), args.minibatch_size)
+                    ]
+            kls: list[float] = []
+            for k in rng.permutation(len(steps)).tolist():
+                kind, key, idx = steps[k]
+                if kind == "allocator":
+                    b = alloc_batches[key]
+                    out = policy.allocator_net(b["features"][idx])
+                    new_lp, entropy = moves_log_prob(
+                        out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
+                        b["moves"][idx],
+                    )  # fmt: skip
+                else:
+                    b = router_batches[key]
+                    log_probs = torch.log_softmax(policy.router_net(b["features"][idx]), dim=-1)
+                    new_lp = log_probs.gather(1, b["chosen"][idx, None]).squeeze(1)
+                    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+                pg_loss, approx_kl, clipfrac = _clipped_loss(
+                    new_lp, b["old_log_prob"][idx], b["advantage"][idx], args.clip_coef
+                )
+                loss = pg_loss - ent_coef * entropy.mean()
+                optimizer.zero_grad()
+                torch.autograd.backward(loss)
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                stats[f"losses/{kind}_policy_loss"].append(float(pg_loss.detach()))
+                stats[f"losses/{kind}_entropy"].append(float(entropy.detach().mean()))
+                stats[f"losses/{kind}_approx_kl"].append(float(approx_kl))
+                stats[f"losses/{kind}_clipfrac"].append(float(clipfrac))
+                kls.append(float(approx_kl))
+            if args.target_kl is not None and kls and float(np.mean(kls)) > args.target_kl:
+                break
+        policy.allocator_net.eval()
+        policy.router_net.eval()
+
+        # --- metrics ------------------------------------------------------------------------------
+        ticks = sum(len(r.rewards) for r in results)
+        metrics = {k: float(np.mean(v)) for k, v in stats.items()}
+        metrics.update(
+            {
+                "charts/learning_rate": lr,
+                "charts/ent_coef": ent_coef,
+                "charts/episodic_mean_jct_s": float(np.nanmean([r.mean_jct_s for r in results])),
+                "charts/moves_per_tick": float(sum(int(r.moved.sum()) for r in results) / ticks),
+                "charts/fallbacks": float(sum(r.fallbacks for r in results)),
+                "charts/route_choices": float(sum(len(r.route_choices) for r in results)),
+                "charts/ticks_per_s": ticks / max(rollout_s, 1e-9),
+                "charts/elapsed_s": clock() - started,
+            }
+        )
+        result.history.append(metrics)
+
+        evaluation_now: Evaluation | None = None
+        if iteration % args.eval_every == 0:
+            evaluation_now, _ = evaluate(
+                policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics,
+                learned_router=args.train_router,
+            )  # fmt: skip
+            result.evaluations.append(evaluation_now)
+            if result.best is None or evaluation_now.score < result.best.score:
+                result.best = evaluation_now
+                result.policy = policy.copy()
+        if on_iteration is not None:
+            on_iteration(iteration, fraction, metrics, evaluation_now)
+
+    # A final evaluation, so the last updates are not lost when they were the best.
+    if result.evaluations[-1].iteration != iteration:
+        final, _ = evaluate(
+            policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics,
+            learned_router=args.train_router,
+        )  # fmt: skip
+        result.evaluations.append(final)
+        if result.best is None or final.score < result.best.score:
+            result.best = final
+            result.policy = policy.copy()
+    result.iterations = iteration
+    result.elapsed_s = clock() - started
+    return result

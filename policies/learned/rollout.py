@@ -1,0 +1,211 @@
+"""One simulated episode as a picklable task in, a picklable result out.
+
+Training and evaluation describe every episode as a `RolloutTask` (scenario, arrival seed, load
+scale, episode length, and either learned weights or a heuristic's name) and hand batches of them to
+an injected executor: `scheduler.training` runs them as Ray tasks, or serially in-process. Nothing
+here starts processes or touches files; `run_rollout` is a pure function of its task.
+
+Rewards. Tick t's decision is credited with the interval up to tick t+1 (the last one with the time
+to the end of the run): reward_t = -(integral of jobs in system over that interval), in job-seconds.
+Summed over the episode this is minus the total time jobs spent in the system, i.e. minus total JCT
+(plus the unfinished jobs' time so far, so starving a queue is never free). An optional penalty per
+worker moved prices reconfiguration beyond the model load the simulator already charges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from policies.allocation import largest_remainder
+from policies.guardrails import Guardrails
+from policies.learned.allocator import LearnedAllocator, TickDecision
+from policies.learned.policy import LearnedPolicy
+from policies.learned.router import LearnedRouter, RouteChoice
+from policies.registry import make_allocator
+from policies.sim.metrics import summarize
+from policies.sim.run import SimRun, SimSpec
+from policies.sim.scenario import Scenario, make_router_for, parse_scenario, prepare
+from policies.views import Allocator, Router
+
+# Generator fields that carry an arrival rate, by generator kind; `scale_scenario` multiplies them.
+_RATE_FIELDS = {"poisson": ("rate_per_s",), "diurnal": ("base_rate_per_s",)}
+
+
+def scale_scenario(
+    scenario: Scenario, *, load_scale: float = 1.0, duration_s: float | None = None
+) -> Scenario:
+    """`scenario` with every generator's arrival rates times `load_scale` (a trace's load_scale
+    too) and, when given, another `duration_s`; the result is validated like a scenario file."""
+    if load_scale == 1.0 and duration_s is None:
+        return scenario
+    data: dict[str, Any] = scenario.model_dump(mode="json")
+    for generator in data["workload"]["generators"]:
+        for name in _RATE_FIELDS.get(generator["kind"], ()):
+            generator[name] *= load_scale
+        for state in generator.get("states", ()):  # MMPP: every state's rate
+            state["rate_per_s"] *= load_scale
+    trace = data["workload"]["trace"]
+    if trace is not None and load_scale != 1.0:
+        trace["load_scale"] = (trace.get("load_scale") or 1.0) * load_scale
+    if duration_s is not None:
+        data["duration_s"] = duration_s
+    return parse_scenario(data, source=scenario.name)
+
+
+def random_initial_allocation(spec: SimSpec, seed: int) -> SimSpec:
+    """`spec` with the whole budget split over the queues by random (Dirichlet) weights."""
+    weights = np.random.default_rng(seed).dirichlet(np.ones(len(spec.queues)))
+    initial = largest_remainder(weights, spec.budget)
+    return dataclasses.replace(spec, initial_allocation=tuple(int(c) for c in initial))
+
+
+def has_routing_choice(scenario: Scenario) -> bool:
+    """True when some job type is accepted by two or more queues (so level 1 has a real choice)."""
+    seen: set[str] = set()
+    for queue in scenario.queues:
+        for job_type in queue.job_types:
+            if job_type in seen:
+                return True
+            seen.add(job_type)
+    return False
+
+
+@dataclass(frozen=True)
+class RolloutTask:
+    """One episode to run. Exactly one of `policy` (learned) and `heuristic` is set."""
+
+    scenario: Scenario
+    arrival_seed: int
+    load_scale: float = 1.0
+    # Overrides the scenario's duration (episode length); None keeps it.
+    duration_s: float | None = None
+    policy: LearnedPolicy | None = None
+    # A registry allocator name, run with default parameters under the scenario's guardrails.
+    heuristic: str | None = None
+    # Seed of the learned policy's sampling; None means deterministic (the mode).
+    policy_seed: int | None = None
+    # Route with the learned router where the scenario has a routing choice.
+    learned_router: bool = False
+    # Keep every decision (needed for training, not for evaluation).
+    record: bool = False
+    # Which group of replays of the same arrivals this episode belongs to (for the baseline).
+    group: int = 0
+    # Seed of a random initial allocation (a random split of the budget) instead of the
+    # scenario's; None keeps the scenario's. The default split follows each queue's share of the
+    # run's total work, which a policy could learn to merely keep; random starts make it learn to
+    # correct an allocation instead.
+    initial_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.policy is None) == (self.heuristic is None):
+            raise ValueError("a rollout task needs exactly one of policy and heuristic")
+
+
+@dataclass(frozen=True, eq=False)
+class RolloutResult:
+    """What an episode produced: per-tick rewards and decisions, and its headline numbers."""
+
+    scenario: str
+    arrival_seed: int
+    group: int
+    # (T,) job-seconds; reward of tick t's decision (see module docstring).
+    rewards: np.ndarray
+    # (T,) workers moved by tick t's decision (after guardrails).
+    moved: np.ndarray
+    decisions: list[TickDecision] = field(default_factory=list)
+    route_choices: list[RouteChoice] = field(default_factory=list)
+    # (len(route_choices),) tick index each routing choice is credited to.
+    route_ticks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    mean_jct_s: float = math.nan
+    p99_jct_s: float = math.nan
+    jobs: int = 0
+    unfinished: int = 0
+    reconfigurations: int = 0
+    fallbacks: int = 0
+
+
+def _area_now(run: SimRun) -> float:
+    """Job-seconds in system from time 0 to now (the cluster integrates only up to its last event)."""
+    cluster = run.cluster
+    return cluster.area_job_s + cluster.in_system * (run.now_s - cluster.last_change_s)
+
+
+def run_rollout(task: RolloutTask) -> RolloutResult:
+    """Runs one episode of `task` and returns its rewards, decisions and summary."""
+    scenario = scale_scenario(task.scenario, load_scale=task.load_scale, duration_s=task.duration_s)
+    prepared = prepare(scenario, task.arrival_seed)
+    if task.initial_seed is not None:
+        prepared = dataclasses.replace(
+            prepared, spec=random_initial_allocation(prepared.spec, task.initial_seed)
+        )
+    bounds = scenario.guardrails.bounds()
+    learned: LearnedAllocator | None = None
+    router: Router
+    learned_router: LearnedRouter | None = None
+    inner: Allocator
+    if task.policy is not None:
+        rng = None if task.policy_seed is None else np.random.default_rng(task.policy_seed)
+        learned = task.policy.allocator(bounds=bounds, rng=rng, record=task.record)
+        inner = learned
+        if task.learned_router and has_routing_choice(scenario):
+            learned_router = task.policy.router(rng=rng, record=task.record)
+    else:
+        assert task.heuristic is not None
+        inner = make_allocator(task.heuristic)
+    router = learned_router if learned_router is not None else make_router_for(scenario)
+    allocator = Guardrails(inner, bounds, hysteresis_workers=scenario.guardrails.hysteresis_workers)
+
+    run = prepared.start(router)
+    areas: list[float] = []
+    moved: list[int] = []
+    # Number of routing choices made by the time each tick was reached.
+    route_marks: list[int] = []
+    while (view := run.advance_to_next_tick()) is not None:
+        if learned_router is not None:
+            route_marks.append(len(learned_router.choices))
+        areas.append(_area_now(run))
+        moved.append(run.apply(allocator.allocate(view)))
+    record = run.record()
+    areas.append(record.area_job_s)
+    summary = summarize(record)
+
+    route_choices: list[RouteChoice] = []
+    route_ticks = np.zeros(0, dtype=np.int64)
+    if learned_router is not None:
+        route_choices = learned_router.choices
+        # A choice made on the way to tick t+1 is credited to tick t (whose interval it fell in).
+        made_by = np.asarray(route_marks, dtype=np.int64)
+        route_ticks = np.maximum(
+            np.searchsorted(made_by, np.arange(len(route_choices)), side="right") - 1, 0
+        )
+    return RolloutResult(
+        scenario=scenario.name,
+        arrival_seed=task.arrival_seed,
+        group=task.group,
+        rewards=-np.diff(np.asarray(areas, dtype=np.float64)),
+        moved=np.asarray(moved, dtype=np.int64),
+        decisions=learned.decisions if learned is not None else [],
+        route_choices=route_choices,
+        route_ticks=route_ticks,
+        mean_jct_s=summary.jct.mean_s,
+        p99_jct_s=summary.jct.p99_s,
+        jobs=summary.completed,
+        unfinished=summary.in_system,
+        reconfigurations=summary.reconfigurations,
+        fallbacks=allocator.fallback_count,
+    )
+
+
+# How a batch of rollouts gets run: serially, in a process pool, or as Ray tasks.
+MapRollouts = Callable[[Sequence[RolloutTask]], list[RolloutResult]]
+
+
+def map_serial(tasks: Sequence[RolloutTask]) -> list[RolloutResult]:
+    """Runs the tasks one after another in this process (tests, debugging)."""
+    return [run_rollout(task) for task in tasks]

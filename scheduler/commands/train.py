@@ -1,0 +1,279 @@
+"""`bilevel train`: train the learned allocator and router on scenario files, rollouts on Ray.
+
+Writes CHECKPOINT.pt (weights), CHECKPOINT.json (metadata) and CHECKPOINT.png (learning curve).
+The checkpoint then runs with `bilevel simulate --policy CHECKPOINT.pt` and in the live service.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from policies.features import FEATURE_SCHEMA_VERSION
+from policies.learned.policy import LearnedPolicy
+from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
+from policies.learned.rollout import MapRollouts
+from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
+from scheduler.checkpoints import (
+    CheckpointError,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
+from scheduler.training import RayRollouts, map_serial
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _load_scenarios(paths: Sequence[Path]) -> list[Scenario]:
+    scenarios: list[Scenario] = []
+    for path in paths:
+        try:
+            scenario = parse_scenario(path.read_text(encoding="utf-8"), source=str(path))
+        except OSError as exc:
+            raise _fail(f"cannot read scenario: {exc}") from None
+        except ScenarioError as exc:
+            raise _fail(str(exc)) from None
+        if scenario.needs_trace:
+            # Rollout workers draw their arrivals from the scenario alone; a trace would have to be
+            # shipped to every worker, which training does not do yet.
+            raise _fail(f"{path}: trace-replay scenarios cannot be trained on yet")
+        scenarios.append(scenario)
+    names = [s.name for s in scenarios]
+    if len(set(names)) != len(names):
+        raise _fail(f"scenario names must be distinct, got {names}")
+    return scenarios
+
+
+def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
+    """PNG: training episodes' mean JCT per iteration, and each scenario's evaluated ratio to the
+    best heuristic (held-out seeds) over iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_train, ax_eval) = plt.subplots(2, 1, figsize=(8, 8))
+    jct = [m.get("charts/episodic_mean_jct_s", math.nan) for m in result.history]
+    ax_train.plot(range(1, len(jct) + 1), jct, lw=0.8, color="tab:gray", label="per iteration")
+    if len(jct) >= 5:
+        window = max(len(jct) // 20, 5)
+        kernel = [1.0 / window] * window
+        smooth = np.convolve(np.nan_to_num(jct, nan=0.0), kernel, mode="valid")
+        ax_train.plot(range(window, len(jct) + 1), smooth, color="tab:blue", label="moving mean")
+    ax_train.set_yscale("log")
+    ax_train.set_xlabel("iteration")
+    ax_train.set_ylabel("training episodes' mean JCT (s)")
+    ax_train.legend()
+    iterations = [e.iteration for e in result.evaluations]
+    for scenario in result.evaluations[0].mean_jct_s if result.evaluations else []:
+        ratios = [e.ratio(scenario) for e in result.evaluations]
+        ax_eval.plot(iterations, ratios, marker="o", label=scenario)
+    ax_eval.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax_eval.set_yscale("log")
+    ax_eval.set_xlabel("iteration")
+    ax_eval.set_ylabel("learned / best heuristic mean JCT (held-out seeds)")
+    ax_eval.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+
+
+def _evaluation_dict(evaluation: Evaluation | None) -> dict[str, Any]:
+    if evaluation is None:
+        return {}
+    return {
+        "iteration": evaluation.iteration,
+        "score": evaluation.score,
+        "per_scenario": {
+            s: {
+                "learned_mean_jct_s": evaluation.mean_jct_s[s]["learned"],
+                "learned_p99_jct_s": evaluation.p99_jct_s[s]["learned"],
+                "best_heuristic": evaluation.best_heuristic(s),
+                "best_heuristic_mean_jct_s": evaluation.mean_jct_s[s][evaluation.best_heuristic(s)],
+                "best_heuristic_p99_jct_s": evaluation.p99_jct_s[s][evaluation.best_heuristic(s)],
+                "mean_jct_ratio": evaluation.ratio(s),
+                "heuristics_mean_jct_s": {
+                    h: v for h, v in evaluation.mean_jct_s[s].items() if h != "learned"
+                },
+            }
+            for s in evaluation.mean_jct_s
+        },
+    }
+
+
+def _summary_table(evaluation: Evaluation) -> Table:
+    table = Table(
+        title=f"held-out evaluation (iteration {evaluation.iteration})", box=box.SIMPLE_HEAD
+    )
+    for column in ("scenario", "learned mean s", "learned p99 s", "best heuristic", "its mean s"):
+        table.add_column(column, justify="right" if "s" in column[-2:] else "left")
+    table.add_column("gain", justify="right")
+    for s in evaluation.mean_jct_s:
+        best = evaluation.best_heuristic(s)
+        table.add_row(
+            s,
+            f"{evaluation.mean_jct_s[s]['learned']:.3f}",
+            f"{evaluation.p99_jct_s[s]['learned']:.3f}",
+            best,
+            f"{evaluation.mean_jct_s[s][best]:.3f}",
+            f"{1.0 - evaluation.ratio(s):+.1%}",
+        )
+    return table
+
+
+def train_command(
+    scenario: Annotated[
+        list[Path],
+        typer.Option(
+            "--scenario", help="Scenario YAML file; repeat for several.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Checkpoint path (writes .pt, .json and .png).", show_default=False
+        ),
+    ],
+    minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock training budget.")] = 12.0,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Parallel rollouts (Ray CPUs); 0 runs them serially.")
+    ] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of weights and curriculum.")] = 1,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", help="Stop after this many iterations.")
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster address (e.g. 'auto'); default: a local Ray."),
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Continue from this checkpoint's weights.")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", help="Iterations between held-out evaluations.")
+    ] = 5,
+    max_moves: Annotated[
+        int, typer.Option("--max-moves", help="Worker moves the allocator may make per tick.")
+    ] = 4,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Adam step size.")] = 5e-4,
+    reconfiguration_penalty_s: Annotated[
+        float,
+        typer.Option(
+            "--reconfiguration-penalty-s",
+            help="Job-seconds charged per worker moved, on top of the simulated model load.",
+        ),
+    ] = 0.0,
+) -> None:
+    """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
+    scenarios = _load_scenarios(scenario)
+    initial: LearnedPolicy | None = None
+    if init is not None:
+        try:
+            initial, _ = load_checkpoint(init)
+        except CheckpointError as exc:
+            raise _fail(str(exc)) from None
+    args = Args(
+        seed=seed,
+        minutes=minutes,
+        max_iterations=iterations,
+        eval_every=eval_every,
+        max_moves=max_moves,
+        learning_rate=learning_rate,
+        reconfiguration_penalty_s=reconfiguration_penalty_s,
+    )
+    weights_path, meta_path = checkpoint_paths(out)
+    console = Console(stderr=True)
+
+    ray_module: Any = None
+    map_rollouts: MapRollouts = map_serial
+    if workers > 0 or address is not None:
+        import ray
+
+        ray_module = ray
+        if address is not None:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                _temp_dir=tempfile.mkdtemp(prefix="bltrain", dir="/tmp"),
+            )
+        map_rollouts = RayRollouts()
+    started = time.monotonic()
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("evaluating heuristics", total=1.0)
+            best_score = [math.nan]
+
+            def report(
+                iteration: int, fraction: float, metrics: dict[str, float], ev: Evaluation | None
+            ) -> None:
+                if ev is not None:
+                    best_score[0] = (
+                        ev.score if math.isnan(best_score[0]) else min(best_score[0], ev.score)
+                    )
+                text = (
+                    f"iter {iteration}  train JCT {metrics['charts/episodic_mean_jct_s']:.2f}s"
+                    f"  best vs heuristic {best_score[0]:.3f}"
+                )
+                progress.update(task, completed=fraction, description=text)
+
+            result = train(args, scenarios, map_rollouts, on_iteration=report, initial=initial)
+            progress.update(task, completed=1.0)
+    finally:
+        if ray_module is not None:
+            ray_module.shutdown()
+    wall_s = time.monotonic() - started
+
+    metadata = {
+        "created_unix_s": time.time(),
+        "training_time_s": wall_s,
+        "iterations": result.iterations,
+        "scenarios": [s.name for s in scenarios],
+        "scenario_files": [str(p) for p in scenario],
+        "seed": seed,
+        "train_arrival_seeds": f"{len(result.train_seeds)} seeds drawn from [0, {EVAL_SEED_BASE})",
+        "eval_arrival_seeds": [EVAL_SEED_BASE + k for k in range(args.eval_seeds)],
+        "workers": workers,
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "best_evaluation": _evaluation_dict(result.best),
+        "python": platform.python_version(),
+        "feature_schema_version": FEATURE_SCHEMA_VERSION,
+    }
+    save_checkpoint(out, result.policy, metadata)
+    plot_learning_curve(result, weights_path.with_suffix(".png"))
+    if result.best is not None:
+        Console().print(_summary_table(result.best))
+    Console().print(
+        f"checkpoint: {weights_path} ({weights_path.stat().st_size / 1024:.0f} KiB), "
+        f"metadata: {meta_path}, curve: {weights_path.with_suffix('.png')}; "
+        f"{result.iterations} iterations in {wall_s / 60:.1f} min"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `train` command to the CLI."""
+    app.command("train")(train_command)
