@@ -33,6 +33,7 @@ SCRIPT_NAMES = (
     "results",
     "leader",
     "release",
+    "peek",
 )
 
 
@@ -71,6 +72,7 @@ class Scripts:
     results: AsyncScript
     leader: AsyncScript
     release: AsyncScript
+    peek: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

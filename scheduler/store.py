@@ -173,13 +173,11 @@ class Store:
     async def pending(self, limit: int) -> list[RouteInfo]:
         """The oldest `limit` jobs of the ingress with what routing needs (corrupt ones are
         dead-lettered with the reason and left out)."""
-        ids = cast(list[str], await self.redis.zrange(self.keys.ingress, 0, limit - 1))
-        if not ids:
+        raw = await self._scripts.peek(keys=self._prefix, args=[limit])
+        if not raw:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(self.keys.job(job_id), "rt", "spec", "created_ms")
-        rows = await pipe.execute()
+        ids = raw[0::4]
+        rows = zip(raw[1::4], raw[3::4], raw[2::4], strict=True)
         out: list[RouteInfo] = []
         corrupt: list[tuple[str, str]] = []
         for job_id, (rt, spec_text, created_ms) in zip(ids, rows, strict=True):
@@ -473,16 +471,21 @@ class Store:
         """`wait_finished` for many jobs: one call registers them all, one blocked connection
         delivers their completions, one call reads their outcomes. JobNotFound for an unknown id;
         TimeoutError when `timeout_s` passes before all have finished."""
-        statuses = await self._waiter.wait(job_ids, self._watch, timeout_s)
-        for job_id, status in zip(job_ids, statuses, strict=True):
+        seen = await self._waiter.wait(job_ids, self._watch, timeout_s)
+        known: dict[str, Outcome] = {}
+        for job_id, status in zip(job_ids, seen, strict=True):
             if status is None:
                 raise JobNotFound(job_id)
-            if status and status not in _STATUS_BY_VALUE:
+            if isinstance(status, tuple):
+                # The finish notice carried the result: no read needed.
+                known[job_id] = self._outcome(job_id, status[0], status[1], None)
+            elif status and status not in _STATUS_BY_VALUE:
                 await self.get(job_id)  # a corrupt record: get() dead-letters it with the reason
-        out: list[Outcome] = []
-        for i in range(0, len(job_ids), _READ_CHUNK):
-            out += await self.outcomes(job_ids[i : i + _READ_CHUNK])
-        return out
+        unread = [job_id for job_id in job_ids if job_id not in known]
+        for i in range(0, len(unread), _READ_CHUNK):
+            for outcome in await self.outcomes(unread[i : i + _READ_CHUNK]):
+                known[outcome.job_id] = outcome
+        return [known[job_id] for job_id in job_ids]
 
     async def _watch(self, job_ids: Sequence[str], client_id: str) -> list[str | None]:
         out: list[str | None] = []

@@ -22,6 +22,18 @@ Watch = Callable[[Sequence[str], str], Awaitable[list[str | None]]]
 
 _FINISHED = frozenset({"succeeded", "dead", "cancelled"})
 
+# (status, result JSON) carried by a finish notice.
+Delivered = tuple[str, str]
+
+
+def _parse_notice(notice: str) -> tuple[str, Delivered | None]:
+    """A notice is a job id, or "id\nstatus\nresult JSON" when the result was small."""
+    job_id, sep, rest = notice.partition("\n")
+    if not sep:
+        return job_id, None
+    status, _, result = rest.partition("\n")
+    return job_id, (status, result)
+
 
 class ResultWaiter:
     """Futures for job completions, fed from this client's inbox."""
@@ -31,17 +43,18 @@ class ResultWaiter:
         # Random per client: two clients never share an inbox.
         self.client_id = os.urandom(8).hex()
         self._inbox = inbox_key(self.client_id)
-        self._futures: dict[str, list[asyncio.Future[None]]] = {}
+        self._futures: dict[str, list[asyncio.Future[Delivered | None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def wait(
         self, job_ids: Sequence[str], watch: Watch, timeout_s: float | None
-    ) -> list[str | None]:
+    ) -> list[str | Delivered | None]:
         """Block until every job of `job_ids` has finished; TimeoutError after `timeout_s`.
-        Returns, per job, the status `watch` saw when it was already finished or missing (None
-        for no such job), or "" for a job this call waited on."""
+        Returns, per job: the status `watch` saw when it was already finished (None for no such
+        job); or, for a job this call waited on, the (status, result JSON) its notice carried,
+        or "" when the notice carried no result (read it from the record)."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in job_ids]
+        futures: list[asyncio.Future[Delivered | None]] = [loop.create_future() for _ in job_ids]
         # Registered before watch runs, so a finish right after the watch cannot be missed.
         for job_id, future in zip(job_ids, futures, strict=True):
             self._futures.setdefault(job_id, []).append(future)
@@ -55,12 +68,18 @@ class ResultWaiter:
             if pending:
                 self._ensure_dispatcher()
                 await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
-            return [s if s is None or s in _FINISHED else "" for s in statuses]
+            out: list[str | Delivered | None] = []
+            for status, future in zip(statuses, futures, strict=True):
+                if status is None or status in _FINISHED:
+                    out.append(status)
+                else:
+                    out.append(future.result() or "")
+            return out
         finally:
             for job_id, future in zip(job_ids, futures, strict=True):
                 self._forget(job_id, future)
 
-    def _forget(self, job_id: str, future: asyncio.Future[None]) -> None:
+    def _forget(self, job_id: str, future: asyncio.Future[Delivered | None]) -> None:
         waiting = self._futures.get(job_id)
         if waiting is not None:
             with contextlib.suppress(ValueError):
@@ -80,12 +99,14 @@ class ResultWaiter:
             got = await self.redis.blpop([self._inbox], timeout=MAX_BLOCK_S)
             if got is None:
                 continue
-            # Drain what else arrived in the same round trip.
-            rest = await self.redis.lpop(self._inbox, 1000)
-            for job_id in [got[1], *(rest or [])]:
+            # With other waits pending, collect what else arrived in one more round trip; a lone
+            # wait skips it (it would only add latency).
+            rest = await self.redis.lpop(self._inbox, 1000) if len(self._futures) > 1 else None
+            for notice in [got[1], *(rest or [])]:
+                job_id, delivered = _parse_notice(notice)
                 for future in self._futures.get(job_id, ()):
                     if not future.done():
-                        future.set_result(None)
+                        future.set_result(delivered)
 
     async def close(self) -> None:
         if self._task is not None:

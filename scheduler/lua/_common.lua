@@ -40,6 +40,7 @@ local function waiterskey(id) return prefix .. 'waiters:' .. id end
 local function inboxkey(c) return prefix .. 'inbox:' .. c end
 -- An inbox whose client stopped reading (it died) is dropped after this long.
 local INBOX_TTL_MS = 600000
+local INLINE_RESULT_BYTES = 8192
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
 
@@ -85,8 +86,13 @@ local function finish(id, status, now, ttl_ms, waiting, result)
   if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
   if waiting == nil then waiting = redis.call('HGET', k, 'w') end
   if waiting then
+    -- A small result travels with the notice ("id\nstatus\nresult"), saving the waiter a read.
+    local notice = id
+    if result and #result <= INLINE_RESULT_BYTES then
+      notice = id .. '\n' .. status .. '\n' .. result
+    end
     for _, client in ipairs(redis.call('SMEMBERS', waiterskey(id))) do
-      redis.call('RPUSH', inboxkey(client), id)
+      redis.call('RPUSH', inboxkey(client), notice)
       redis.call('PEXPIRE', inboxkey(client), INBOX_TTL_MS)
     end
     redis.call('DEL', waiterskey(id))

@@ -316,3 +316,22 @@ class TestGather:
         worker.start()
         assert sorted(client.gather(handles, timeout=10)) == [0, 1, 2]
         worker.join()
+
+
+class TestResultDelivery:
+    @pytest.mark.parametrize("size", [10, 20_000])
+    def test_small_results_ride_the_notice_and_large_ones_are_read(
+        self, settings: Settings, run: Runner, size: int
+    ) -> None:
+        """A waiter gets the same result whether it came inline with the finish notice (small)
+        or had to be read from the record (over the inline limit)."""
+
+        async def main() -> Any:
+            async with AsyncClient(settings=settings) as c:
+                handle = await c.submit("embed", None)
+                waiter = asyncio.ensure_future(handle.result(timeout=10))
+                await asyncio.sleep(0.02)
+                await _serve_one(c.store, "q", {"text": "x" * size, "n": [1, 2]})
+                return await waiter
+
+        assert run(main()) == {"text": "x" * size, "n": [1, 2]}
