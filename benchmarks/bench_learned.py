@@ -9,17 +9,15 @@ by tick. Exit status 1 when the median at 64 queues misses the 1 ms target.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
-import time
 
 import numpy as np
 import torch
 
-from benchmarks.bench_allocation import WORKERS_PER_QUEUE, _random_view
+from benchmarks.bench_allocation import time_ticks
 from policies.guardrails import Guardrails
-from policies.views import AllocationBounds, Allocator
+from policies.views import AllocationBounds
 from scheduler.checkpoints import default_checkpoint_path, load_checkpoint
 
 QUEUE_COUNTS = (8, 64, 256)
@@ -30,28 +28,6 @@ TARGET_MS = 1.0
 TARGET_QUEUES = 64
 
 
-def _time(allocator: Allocator, n_queues: int, seed: int) -> dict[str, float]:
-    rng = np.random.default_rng(seed)
-    allocation = [WORKERS_PER_QUEUE] * n_queues
-    samples_ms: list[float] = []
-    for tick in range(WARMUP_TICKS + TICKS):
-        view = _random_view(rng, n_queues, tick * TICK_S, allocation)
-        gc.disable()
-        start = time.perf_counter()
-        decided = allocator.allocate(view)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        gc.enable()
-        allocation = [decided[q.name] for q in view.queues]
-        if tick >= WARMUP_TICKS:
-            samples_ms.append(elapsed_ms)
-    samples = np.array(samples_ms)
-    return {
-        "median_ms": round(float(np.median(samples)), 4),
-        "p99_ms": round(float(np.percentile(samples, 99)), 4),
-        "max_ms": round(float(samples.max()), 4),
-    }
-
-
 def main(argv: list[str]) -> int:
     """Time every mode at every size and print the JSON report."""
     torch.set_num_threads(1)
@@ -60,9 +36,9 @@ def main(argv: list[str]) -> int:
     results: dict[str, dict[str, dict[str, float]]] = {}
     for n in QUEUE_COUNTS:
         results[str(n)] = {
-            "mode": _time(policy.allocator(), n, seed=n),
-            "sample": _time(policy.allocator(rng=np.random.default_rng(0)), n, seed=n),
-            "guarded": _time(
+            "mode": time_ticks(policy.allocator(), n, seed=n),
+            "sample": time_ticks(policy.allocator(rng=np.random.default_rng(0)), n, seed=n),
+            "guarded": time_ticks(
                 Guardrails(policy.allocator(), AllocationBounds(default_min=0)), n, seed=n
             ),
         }

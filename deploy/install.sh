@@ -18,16 +18,8 @@
 #                        the project installed, e.g. on a shared filesystem; the end-to-end test)
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
-state_dir="${BILEVEL_STATE_DIR:-$HOME/.bilevel}"
-if [ -f "$state_dir/env" ]; then
-  set -a
-  # shellcheck disable=SC1091
-  . "$state_dir/env"
-  set +a
-fi
-venv="${BILEVEL_VENV:-$HOME/bilevel-venv}"
+# shellcheck source=deploy/site-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/site-env.sh"
 
 if [ "${BILEVEL_INSTALL:-}" = skip ]; then
   "$venv/bin/python" -c 'import scheduler, ray' || {

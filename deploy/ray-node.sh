@@ -27,15 +27,8 @@
 #   BILEVEL_RAY_START_ARGS extra `ray start` arguments, e.g. ports on a shared host
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-state_dir="${BILEVEL_STATE_DIR:-$HOME/.bilevel}"
-if [ -f "$state_dir/env" ]; then
-  set -a
-  # shellcheck disable=SC1091
-  . "$state_dir/env"
-  set +a
-fi
-venv="${BILEVEL_VENV:-$HOME/bilevel-venv}"
+# shellcheck source=deploy/site-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/site-env.sh"
 temp_dir="${BILEVEL_RAY_TEMP_DIR:-/tmp/bilevel-ray}"
 port="${BILEVEL_RAY_PORT:-6379}"
 # Word-split on purpose: a list of arguments in one variable.

@@ -25,16 +25,8 @@
 #   BILEVEL_RAY_TEMP_DIR    the cluster's Ray temp dir (deploy/ray-node.sh), to find its address
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
-state_dir="${BILEVEL_STATE_DIR:-$HOME/.bilevel}"
-if [ -f "$state_dir/env" ]; then
-  set -a
-  # shellcheck disable=SC1091
-  . "$state_dir/env"
-  set +a
-fi
-venv="${BILEVEL_VENV:-$HOME/bilevel-venv}"
+# shellcheck source=deploy/site-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/site-env.sh"
 config="${BILEVEL_SERVICE_CONFIG:-$repo/deploy/service.yaml}"
 temp_dir="${BILEVEL_RAY_TEMP_DIR:-/tmp/bilevel-ray}"
 redis_port="${BILEVEL_REDIS_PORT:-6380}"

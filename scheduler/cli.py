@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from scheduler.commands import demo, evaluate, serve, simulate, status, submit, train
 
 app = typer.Typer(
     name="bilevel",
@@ -13,24 +13,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Each module registers its own commands; a module that is missing is a bug, so import errors surface.
-_COMMAND_MODULES = (
-    "scheduler.commands.demo",
-    "scheduler.commands.simulate",
-    "scheduler.commands.train",
-    "scheduler.commands.evaluate",
-    "scheduler.commands.serve",
-    "scheduler.commands.status",
-    "scheduler.commands.submit",
-)
-
-for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != _name:
-            raise
-        continue
+# Each module registers its own commands on the app.
+for _module in (demo, evaluate, serve, simulate, status, submit, train):
     _module.register(app)
 
 

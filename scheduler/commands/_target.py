@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from scheduler.commands.serve import fail, load_config
+from scheduler.commands._common import fail
+from scheduler.commands.serve import load_config
 from scheduler.config import ServiceConfig
 from scheduler.settings import Settings
 

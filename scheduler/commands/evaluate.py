@@ -30,15 +30,9 @@ from policies.evaluation import (
 )
 from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS
 from policies.seeds import DEFAULT_EVAL_SEEDS, TRAIN_WINDOW_FRACTION, TUNING_SEEDS, eval_seeds
-from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
-from policies.sim.traces import TraceFormat
+from policies.sim.scenario import Scenario
 from policies.tuning import default_grids, heuristic_factories, shipped_params, tune_scenario
-
-
-def _fail(message: str) -> typer.Exit:
-    """Prints `message` to stderr; the returned Exit(2) is raised by the caller."""
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
+from scheduler.commands._common import fail, read_scenario, trace_files
 
 
 def _note(message: str) -> None:
@@ -59,7 +53,7 @@ def _policy_factory(policy: str) -> Callable[[Scenario], PolicyFactory]:
         resolve_allocator(policy)
     except (ValueError, OSError) as exc:
         known = ", ".join(sorted(ALLOCATORS))
-        raise _fail(
+        raise fail(
             f"cannot use policy {policy!r}: {exc}\n"
             f"give a heuristic ({known}), 'learned', or a checkpoint file"
         ) from None
@@ -89,53 +83,29 @@ def _read_lines(path: Path) -> tuple[str, ...]:
         with path.open(encoding="utf-8") as f:
             return tuple(f)
     except OSError as exc:
-        raise _fail(f"cannot read trace: {exc}") from None
+        raise fail(f"cannot read trace: {exc}") from None
 
 
 def _read_trace(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceInput | None:
     """The trace a trace scenario replays (--trace, else the scenario's own path), read whole."""
-    spec = scenario.workload.trace
-    if spec is None:
+    files = trace_files(scenario, scenario_path, trace)
+    if files is None:
         return None
-    trace_path = trace
-    if trace_path is None and spec.path is not None:
-        # A relative path in a scenario file is relative to that file, not to the shell.
-        trace_path = scenario_path.parent / spec.path
-    if trace_path is None:
-        raise _fail(
-            f"scenario {scenario_path} replays a {spec.format.value} trace: give --trace PATH"
-        )
-    run_lines: tuple[str, ...] | None = None
-    if spec.format is TraceFormat.AZURE_FUNCTIONS_2019:
-        run_path: Path | None = None
-        if spec.run_path is not None:
-            run_path = scenario_path.parent / spec.run_path
-        elif "_inv" in trace_path.name:
-            candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
-            run_path = candidate if candidate.exists() else None
-        if run_path is not None:
-            run_lines = _read_lines(run_path)
-    return TraceInput(lines=_read_lines(trace_path), source=str(trace_path), run_lines=run_lines)
+    run_lines = _read_lines(files.run) if files.run is not None else None
+    return TraceInput(lines=_read_lines(files.trace), source=str(files.trace), run_lines=run_lines)
 
 
 def _read_inputs(paths: Sequence[Path], trace: Path | None) -> list[_Input]:
     inputs = []
     for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise _fail(f"cannot read scenario: {exc}") from None
-        try:
-            scenario = parse_scenario(text, source=str(path))
-        except ScenarioError as exc:
-            raise _fail(str(exc)) from None
+        scenario = read_scenario(path)
         inputs.append(_Input(path, scenario, _read_trace(scenario, path, trace)))
     if trace is not None and not any(i.trace is not None for i in inputs):
-        raise _fail("--trace given, but no scenario replays a trace")
+        raise fail("--trace given, but no scenario replays a trace")
     names = [i.scenario.name for i in inputs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise _fail(f"scenario names must be unique in one evaluation: {duplicated}")
+        raise fail(f"scenario names must be unique in one evaluation: {duplicated}")
     return inputs
 
 
@@ -156,7 +126,7 @@ def _tuned_params(
         grids = {n: g for n, g in default_grids(item.scenario).items() if n in baselines}
         tuning = tune_scenario(item.scenario, grids=grids, trace=item.trace)
     except ValueError as exc:
-        raise _fail(f"{item.scenario.name}: {exc}") from None
+        raise fail(f"{item.scenario.name}: {exc}") from None
     _note(f"  tuned in {tuning.wall_s:.1f} s on training seeds {list(tuning.seeds)}")
     return tuning.params(), "tuned now"
 
@@ -202,7 +172,7 @@ def _evaluate_one(
                 item.scenario, factories, seeds, part="test", trace=item.trace, progress=update
             )
         except ValueError as exc:
-            raise _fail(f"{item.scenario.name}: {exc}") from None
+            raise fail(f"{item.scenario.name}: {exc}") from None
     return _scenario_payload(item, policy, results, params, source, baselines)
 
 
@@ -343,11 +313,11 @@ def evaluate(
     try:
         seed_list = eval_seeds(seeds)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     chosen = list(baselines) if baselines else list(HEURISTIC_ALLOCATORS)
     unknown = [b for b in chosen if b not in HEURISTIC_ALLOCATORS]
     if unknown:
-        raise _fail(f"unknown baseline(s) {unknown}; heuristics: {', '.join(HEURISTIC_ALLOCATORS)}")
+        raise fail(f"unknown baseline(s) {unknown}; heuristics: {', '.join(HEURISTIC_ALLOCATORS)}")
     factory = _policy_factory(policy)
     inputs = _read_inputs(scenarios, trace)
     payloads = {

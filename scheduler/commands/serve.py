@@ -16,22 +16,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from scheduler.commands._common import fail
 from scheduler.config import ConfigError, ServiceConfig
 from scheduler.errors import BilevelError
 
 # Seconds between the status lines serve prints while it runs.
 STATUS_EVERY_S = 10.0
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Prints `message` to stderr; the caller raises the returned Exit."""
-    # Escaped: messages quote user input and policy reasons with [brackets] that are not markup.
-    Console(stderr=True).print(
-        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
-    )
-    return typer.Exit(code=code)
 
 
 def load_config(path: Path) -> ServiceConfig:

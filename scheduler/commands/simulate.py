@@ -25,21 +25,15 @@ from policies.sim.scenario import (
     ScenarioError,
     make_allocator_for,
     make_router_for,
-    parse_scenario,
     prepare,
 )
-from policies.sim.traces import TraceError, TraceFormat
+from policies.sim.traces import TraceError
 from policies.views import Allocator, Router
 from scheduler.checkpoints import resolve_allocator, resolve_router
+from scheduler.commands._common import fail, read_scenario, trace_files
 
 # A run shorter than this shows no progress bar: it would only flicker.
 _PROGRESS_AFTER_S = 1.0
-
-
-def _fail(message: str) -> typer.Exit:
-    """Prints `message` to stderr; the returned Exit(2) is raised by the caller."""
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def _check_policy(policy: str | None) -> None:
@@ -49,7 +43,7 @@ def _check_policy(policy: str | None) -> None:
     try:
         resolve_allocator(policy)
     except ValueError as exc:  # CheckpointError included: it names the file and the problem
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _check_router(router: str | None) -> None:
@@ -58,7 +52,7 @@ def _check_router(router: str | None) -> None:
     try:
         resolve_router(router)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _allocator_for(scenario: Scenario, policy: str | None) -> Allocator:
@@ -77,35 +71,12 @@ def _router_for(scenario: Scenario, router: str | None) -> Router:
     return resolve_router(router)
 
 
-def _functions_run_file(trace_path: Path) -> Path | None:
-    """The `*_run.csv` durations file beside an Azure Functions `*_inv.csv`, if there is one."""
-    if "_inv" not in trace_path.name:
-        return None
-    candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
-    return candidate if candidate.exists() else None
-
-
 def _prepare(scenario: Scenario, scenario_path: Path, seed: int, trace: Path | None) -> PreparedRun:
     """Draws or replays the jobs, opening the trace files the scenario needs."""
-    spec = scenario.workload.trace
-    if spec is None:
-        if trace is not None:
-            raise _fail(f"--trace given, but scenario {scenario_path} does not replay a trace")
+    files = trace_files(scenario, scenario_path, trace)
+    if files is None:
         return prepare(scenario, seed)
-    trace_path = trace
-    if trace_path is None and spec.path is not None:
-        # A relative path in a scenario file is relative to that file, not to the shell.
-        trace_path = scenario_path.parent / spec.path
-    if trace_path is None:
-        raise _fail(
-            f"scenario {scenario_path} replays a {spec.format.value} trace: give --trace PATH"
-        )
-    run_path: Path | None = None
-    if spec.format is TraceFormat.AZURE_FUNCTIONS_2019:
-        if spec.run_path is not None:
-            run_path = scenario_path.parent / spec.run_path
-        else:
-            run_path = _functions_run_file(trace_path)
+    trace_path, run_path = files.trace, files.run
     with ExitStack() as stack:
         try:
             lines = stack.enter_context(trace_path.open(encoding="utf-8"))
@@ -115,7 +86,7 @@ def _prepare(scenario: Scenario, scenario_path: Path, seed: int, trace: Path | N
                 else None
             )
         except OSError as exc:
-            raise _fail(f"cannot read trace: {exc}") from None
+            raise fail(f"cannot read trace: {exc}") from None
         try:
             return prepare(
                 scenario,
@@ -125,7 +96,7 @@ def _prepare(scenario: Scenario, scenario_path: Path, seed: int, trace: Path | N
                 run_lines=run_lines,
             )
         except (TraceError, ValueError) as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
 
 
 @contextmanager
@@ -247,16 +218,12 @@ def simulate(
     _check_policy(policy)
     _check_router(router)
     if compare and policy is not None:
-        raise _fail("--compare runs every heuristic allocator; drop --policy")
+        raise fail("--compare runs every heuristic allocator; drop --policy")
+    parsed = read_scenario(scenario)
     try:
-        text = scenario.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise _fail(f"cannot read scenario: {exc}") from None
-    try:
-        parsed = parse_scenario(text, source=str(scenario))
         prepared = _prepare(parsed, scenario, seed, trace)
     except ScenarioError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     router_name = router if router is not None else parsed.router.name
     names = list(HEURISTIC_ALLOCATORS) if compare else [policy or parsed.allocator.name]
     records: dict[str, RunRecord] = {}
@@ -265,7 +232,7 @@ def simulate(
         try:
             records[name] = _run_one(prepared, name, router)
         except ValueError as exc:
-            raise _fail(f"{name}: {exc}") from None
+            raise fail(f"{name}: {exc}") from None
         results[name] = _result_dict(records[name], name, router_name, seed)
     ranked = dict(sorted(results.items(), key=_rank_key)) if compare else results
     if plot is not None:

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from scheduler.client import AsyncClient
+from scheduler.commands._common import fail
 from scheduler.commands._target import resolve_target
-from scheduler.commands.serve import fail
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
 from scheduler.service.views import PublishedState

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from scheduler.client import AsyncClient
+from scheduler.commands._common import fail
 from scheduler.commands._target import resolve_target
-from scheduler.commands.serve import fail
 from scheduler.errors import BilevelError, InvalidJob, JobCancelled, JobFailed, JobTimeout
 from scheduler.settings import Settings
 

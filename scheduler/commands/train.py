@@ -24,38 +24,29 @@ from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
 from policies.learned.rollout import MapRollouts
-from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
+from policies.sim.scenario import Scenario
 from scheduler.checkpoints import (
     CheckpointError,
     checkpoint_paths,
     load_checkpoint,
     save_checkpoint,
 )
+from scheduler.commands._common import fail, read_scenario
 from scheduler.training import RayRollouts, map_serial
-
-
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def _load_scenarios(paths: Sequence[Path]) -> list[Scenario]:
     scenarios: list[Scenario] = []
     for path in paths:
-        try:
-            scenario = parse_scenario(path.read_text(encoding="utf-8"), source=str(path))
-        except OSError as exc:
-            raise _fail(f"cannot read scenario: {exc}") from None
-        except ScenarioError as exc:
-            raise _fail(str(exc)) from None
+        scenario = read_scenario(path)
         if scenario.needs_trace:
             # Rollout workers draw their arrivals from the scenario alone; a trace would have to be
             # shipped to every worker, which training does not do yet.
-            raise _fail(f"{path}: trace-replay scenarios cannot be trained on yet")
+            raise fail(f"{path}: trace-replay scenarios cannot be trained on yet")
         scenarios.append(scenario)
     names = [s.name for s in scenarios]
     if len(set(names)) != len(names):
-        raise _fail(f"scenario names must be distinct, got {names}")
+        raise fail(f"scenario names must be distinct, got {names}")
     return scenarios
 
 
@@ -187,7 +178,7 @@ def train_command(
         try:
             initial, _ = load_checkpoint(init)
         except CheckpointError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
     args = Args(
         seed=seed,
         minutes=minutes,

@@ -46,6 +46,15 @@ local function countskey(q) return prefix .. 'counts:' .. q end
 
 local FINISHED = {succeeded = true, dead = true, cancelled = true}
 
+-- Why a worker's report under lease `token` cannot be taken, as a code; nil when it can. `status`
+-- and `attempts` are the job record's fields (false when the record is missing).
+local function lease_refusal(status, attempts, token)
+  if not status then return C_NOT_FOUND end
+  if FINISHED[status] then return C_ALREADY_FINISHED end
+  if status ~= 'running' or tonumber(attempts) ~= token then return C_STALE_LEASE end
+  return nil
+end
+
 -- Wake one waiting worker of queue q (a list holding at most one token).
 local function signal_queue(q)
   redis.call('LPUSH', qsignalkey(q), '1')

@@ -19,9 +19,8 @@
 local now, ttl, id, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local k = jobkey(id)
 local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order', 'maxr', 'cancel', 'released')
-if not f[1] then return C_NOT_FOUND end
-if FINISHED[f[1]] then return C_ALREADY_FINISHED end
-if f[1] ~= 'running' or tonumber(f[2]) ~= token then return C_STALE_LEASE end
+local refused = lease_refusal(f[1], f[2], token)
+if refused then return refused end
 redis.call('HSET', k, 'error', ARGV[5])
 redis.call('HINCRBY', countskey(f[3]), 'failed', 1)
 if f[6] == '1' then

@@ -20,12 +20,9 @@ for i = 0, n - 1 do
   local id, token = ARGV[3 + i * 2], tonumber(ARGV[4 + i * 2])
   local k = jobkey(id)
   local f = redis.call('HMGET', k, 'status', 'attempts', 'queue', 'order')
-  if not f[1] then
-    out[#out + 1] = C_NOT_FOUND
-  elseif FINISHED[f[1]] then
-    out[#out + 1] = C_ALREADY_FINISHED
-  elseif f[1] ~= 'running' or tonumber(f[2]) ~= token then
-    out[#out + 1] = C_STALE_LEASE
+  local refused = lease_refusal(f[1], f[2], token)
+  if refused then
+    out[#out + 1] = refused
   else
     redis.call('ZREM', leasedkey(f[3]), id)
     redis.call('HINCRBY', k, 'released', 1)

@@ -1,0 +1,71 @@
+"""What the commands share: failing with a clear message, and reading scenario and trace files
+(policies/ does no I/O, so the commands open the files and hand over text and lines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
+from policies.sim.traces import TraceFormat
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Prints `message` to stderr; the caller raises the returned Exit."""
+    # Escaped: messages quote user input and policy reasons with [brackets] that are not markup.
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    return typer.Exit(code=code)
+
+
+def read_scenario(path: Path) -> Scenario:
+    """The validated scenario in `path`, or Exit(2) naming the file and each bad field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read scenario: {exc}") from None
+    try:
+        return parse_scenario(text, source=str(path))
+    except ScenarioError as exc:
+        raise fail(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceFiles:
+    """The files a trace scenario replays."""
+
+    trace: Path
+    # Azure Functions durations (`*_run.csv`), when the format has them and they are found.
+    run: Path | None = None
+
+
+def trace_files(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceFiles | None:
+    """Which files the scenario replays: --trace, else the path in the scenario (relative to the
+    scenario file, not the shell). None for a synthetic scenario; Exit(2) when a trace scenario
+    has no trace, or --trace is given to a synthetic one."""
+    spec = scenario.workload.trace
+    if spec is None:
+        if trace is not None:
+            raise fail(f"--trace given, but scenario {scenario_path} does not replay a trace")
+        return None
+    trace_path = trace
+    if trace_path is None and spec.path is not None:
+        trace_path = scenario_path.parent / spec.path
+    if trace_path is None:
+        raise fail(
+            f"scenario {scenario_path} replays a {spec.format.value} trace: give --trace PATH"
+        )
+    run_path: Path | None = None
+    if spec.format is TraceFormat.AZURE_FUNCTIONS_2019:
+        if spec.run_path is not None:
+            run_path = scenario_path.parent / spec.run_path
+        elif "_inv" in trace_path.name:
+            # The invitro layout: durations sit beside the invocations as *_run.csv.
+            candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
+            run_path = candidate if candidate.exists() else None
+    return TraceFiles(trace_path, run_path)
