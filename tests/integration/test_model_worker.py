@@ -200,6 +200,11 @@ class TestFailures:
                 assert "0.3 s" in info.value.message
                 after = await client.submit("test.echo", {"still": "serving"})
                 assert await after.result(timeout=10) == {"still": "serving"}
+                # The client can have the result before the worker's own complete call returns
+                # (small results ride the finish notice): give its counters that moment.
+                deadline = time.monotonic() + 5
+                while worker.state().jobs_done < 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
                 state = worker.state()
                 assert (state.abandoned_threads, state.healthy) == (1, True)
                 assert (state.jobs_done, state.jobs_failed) == (1, 1)
@@ -315,12 +320,15 @@ class TestLeasing:
         assert handlers_for_tests.BATCH_SIZES == [8, 2]
 
     def test_drain_finishes_or_releases_every_job_in_hand(self, store: Store, run: Runner) -> None:
-        """Drain waits for jobs up to its deadline, then releases the rest to run again."""
+        """Drain waits for jobs up to its deadline, then hands the rest back to the queue, their
+        attempt not charged."""
 
         async def body() -> None:
             async with serving(store, "q", "test.sleep", "test.hang") as worker:
                 [quick] = await submit_to_queue(store, "q", new_job("test.sleep", {"seconds": 0.2}))
+                deadline = time.monotonic() + 10
                 while worker.state().phase is not Phase.BUSY:
+                    assert time.monotonic() < deadline, "the worker never started the job"
                     await asyncio.sleep(0.01)
                 report = await worker.drain(timeout_s=5.0)
                 assert (report.finished, report.released) == (1, 0)
@@ -332,9 +340,9 @@ class TestLeasing:
                 report = await worker.drain(timeout_s=0.1)
                 assert (report.finished, report.released) == (0, 1)
                 job = await store.get(stuck)
-                assert job.status is JobStatus.RETRYING
-                assert job.error is not None
-                assert job.error.type == "Drained"
+                assert job.status is JobStatus.QUEUED
+                assert job.error is None
+                assert await store.queued_ids("q") == [stuck]
                 assert worker.state().phase is Phase.IDLE
 
         run(body())
