@@ -287,6 +287,9 @@ def test_ray_hook_turns_ray_stop_into_the_scoped_stop(tmp_path: Path) -> None:
     fake_ray.chmod(0o755)
     env = {
         **os.environ,
+        # The fake ray first on PATH: should the hook ever fail to load, `ray stop` below reaches
+        # the fake (and the assertion fails), never a real ray that would stop this host's clusters.
+        "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
         "HOME": str(tmp_path),
         "BILEVEL_VENV": str(venv),
         "BILEVEL_RAY_TEMP_DIR": str(tmp_path / "no-such-cluster"),
