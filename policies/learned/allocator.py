@@ -132,6 +132,51 @@ def choose_moves(
     return moves, log_prob, counts
 
 
+def moves_toward(
+    counts: np.ndarray,
+    free: int,
+    target: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    max_moves: int,
+) -> np.ndarray:
+    """The moves (in `choose_moves`' recorded form) that take `counts` toward `target` under the
+    same masks: each step gives a worker to the queue furthest below its target, from the pool if
+    it holds one, else from the queue furthest above its target; stop when no queue is below
+    target or no donor is above it. Used to label a teacher allocator's decision for imitation.
+    """
+    n = len(counts)
+    counts = counts.copy()
+    gave = np.zeros(n, dtype=bool)
+    got = np.zeros(n, dtype=bool)
+    moves = np.full((max_moves, 2), UNUSED, dtype=np.int64)
+    for k in range(max_moves):
+        receiver_ok, donor_ok = _masks_np(counts, free, low, high, gave, got)
+        deficit = np.where(receiver_ok, target - counts, 0)
+        surplus = np.where(donor_ok[:n], counts - target, 0)
+        r = int(np.argmax(deficit))
+        if deficit[r] <= 0:
+            moves[k] = (STOP, 0)
+            break
+        surplus[r] = 0
+        if donor_ok[n]:
+            d = n
+        elif surplus.max() > 0:
+            d = int(np.argmax(surplus))
+        else:
+            moves[k] = (STOP, 0)
+            break
+        moves[k] = (r, d)
+        counts[r] += 1
+        got[r] = True
+        if d < n:
+            counts[d] -= 1
+            gave[d] = True
+        else:
+            free -= 1
+    return moves
+
+
 def moves_log_prob(
     out: QueueSetOutput,
     counts: torch.Tensor,

@@ -14,8 +14,13 @@ iteration the rollout, the advantage, the update, and the metrics (`losses/...`,
 - A curriculum over scenarios and loads: every input draws a scenario, an arrival seed, a load scale
   and an episode length; the load range and the longest episode widen over the first part of the
   budget, so early updates see short, moderate episodes whose returns are less noisy.
-- Periodic evaluation on held-out seeds (>= `EVAL_SEED_BASE`; training seeds are below it) against
-  every heuristic on the same arrivals; the best evaluated policy is what training returns.
+- Periodic validation on seeds >= `EVAL_SEED_BASE` (disjoint from the training seeds
+  `policies.seeds.TRAIN_SEEDS` and from the evaluation seeds `policies.seeds.EVAL_SEEDS` that
+  `bilevel evaluate` reports on) against every heuristic with its *tuned* parameters
+  (`policies.tuned`, defaults for a scenario without stored values), on the same arrivals, from
+  the scenario's initial allocation and from random initial splits. The checkpoint kept is the one
+  with the best `Evaluation.score`, which weighs the worst scenario as much as the average and
+  penalises p99 regressions, so a policy that wins on one scenario by losing on another is not kept.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +40,19 @@ from policies.learned.networks import AllocatorNetConfig
 from policies.learned.policy import LearnedPolicy
 from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
 from policies.registry import HEURISTIC_ALLOCATORS
+from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS, TUNING_SEEDS
 from policies.sim.scenario import Scenario
+from policies.tuning import shipped_params
 
-# Training arrival seeds are drawn below this; evaluation seeds start here, so no evaluated
-# arrival sequence was ever trained on.
+# Validation seeds (checkpoint selection during training) start here: above both the training
+# seeds (TRAIN_SEEDS, 0..999) and the evaluation seeds `bilevel evaluate` reports on (EVAL_SEEDS,
+# 1000..1999), so checkpoint selection never sees an evaluated or a trained-on arrival sequence.
 EVAL_SEED_BASE = 10_000
+assert max(TRAIN_SEEDS.stop, EVAL_SEEDS.stop) <= EVAL_SEED_BASE
+# Suffix of the validation cells that start from a random split of the workers.
+RANDOM_START = "@random"
+# Heuristic parameters per scenario name, per heuristic (the form of `policies.tuned`).
+HeuristicParams = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 
 @dataclass
@@ -95,17 +109,38 @@ class Args:
     eval_every: int = 5
     """iterations between evaluations on held-out seeds (and one before training)"""
     eval_seeds: int = 4
-    """held-out arrival seeds per scenario in each evaluation"""
+    """validation arrival seeds (from EVAL_SEED_BASE) per scenario in each evaluation"""
+    eval_random_starts: bool = True
+    """also validate from a random split of the workers (one per seed), not only from the
+    scenario's initial allocation, which favours a policy that merely holds it"""
+    eval_max_duration_s: float | None = 3600.0
+    """cap on a validation run's length (seconds of arrivals), so long scenarios stay cheap"""
+    eval_tuned_heuristics: bool = True
+    """validate against the heuristics' tuned parameters (`policies.tuned`) where stored"""
+    p99_weight: float = 0.5
+    """weight of a p99 regression (learned p99 over the best heuristic's, above 1) in the score"""
+    imitation_coef: float = 0.0
+    """weight of an imitation term (DAgger: minus the log-probability of the moves a teacher
+    heuristic would make in the policy's own situation) at the start; annealed linearly to 0 over
+    `imitation_fraction` of the budget. The teacher of each scenario is the heuristic, with its
+    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it"""
+    imitation_fraction: float = 0.5
+    """fraction of the budget over which the imitation weight decays to 0"""
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Deterministic policy vs every heuristic on the same held-out arrivals."""
+    """Deterministic policy vs every heuristic on the same validation arrivals.
+
+    Keyed by cell: a scenario's name (runs from its initial allocation) or the name plus
+    `RANDOM_START` (runs from a random split of the workers, the same split for every policy).
+    """
 
     iteration: int
-    # Per scenario: mean over seeds of mean JCT and of p99 JCT, for "learned" and each heuristic.
+    # Per cell: mean over seeds of mean JCT and of p99 JCT, for "learned" and each heuristic.
     mean_jct_s: dict[str, dict[str, float]]
     p99_jct_s: dict[str, dict[str, float]]
+    p99_weight: float = 0.5
 
     def best_heuristic(self, scenario: str) -> str:
         """The heuristic with the lowest mean JCT on `scenario`."""
@@ -117,11 +152,29 @@ class Evaluation:
         table = self.mean_jct_s[scenario]
         return table["learned"] / table[self.best_heuristic(scenario)]
 
+    def p99_ratio(self, scenario: str) -> float:
+        """Learned p99 JCT over the p99 of the heuristic with the best mean."""
+        table = self.p99_jct_s[scenario]
+        return table["learned"] / table[self.best_heuristic(scenario)]
+
+    def badness(self, scenario: str) -> float:
+        """The mean-JCT ratio plus `p99_weight` times any p99 regression."""
+        return self.ratio(scenario) + self.p99_weight * max(self.p99_ratio(scenario) - 1.0, 0.0)
+
+    @property
+    def worst(self) -> float:
+        """The largest `badness` over the cells: the scenario the policy does worst on."""
+        return max(self.badness(s) for s in self.mean_jct_s)
+
     @property
     def score(self) -> float:
-        """Geometric mean of the ratios over scenarios: lower is better, 1 ties the heuristics."""
-        ratios = [self.ratio(s) for s in self.mean_jct_s]
-        return float(np.exp(np.mean(np.log(ratios))))
+        """Lower is better, 1 ties the best heuristic everywhere: the mean of the worst cell's
+        `badness` and the geometric mean of all cells' (a policy must not buy its average by
+        losing one scenario, nor keep one tie by giving up gains everywhere else)."""
+        values = [self.badness(s) for s in self.mean_jct_s]
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            return math.inf
+        return 0.5 * max(values) + 0.5 * float(np.exp(np.mean(np.log(values))))
 
 
 @dataclass
@@ -137,6 +190,8 @@ class TrainResult:
     evaluations: list[Evaluation] = field(default_factory=list)
     best: Evaluation | None = None
     train_seeds: list[int] = field(default_factory=list)
+    # Per scenario, the teacher heuristic of the imitation term (empty when it is off).
+    teachers: dict[str, str] = field(default_factory=dict)
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -207,12 +262,18 @@ def _draw_inputs(
         scenario = scenarios[int(rng.integers(len(scenarios)))]
         full_s = scenario.duration_s if scenario.duration_s is not None else longest_s
         episode_s = min(float(rng.uniform(shortest_s, longest_s)), full_s)
-        seed = int(rng.integers(EVAL_SEED_BASE))
+        seed = int(rng.integers(TRAIN_SEEDS.start, TRAIN_SEEDS.stop))
         load = float(rng.uniform(low_load, high_load))
         random_start = rng.random() < args.random_start_fraction
         initial_seed = int(rng.integers(2**31)) if random_start else None
         inputs.append(_Input(scenario, seed, load, episode_s, initial_seed))
     return inputs
+
+
+def tuned_heuristic_params(scenarios: Sequence[Scenario]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The stored tuned parameters of every heuristic per scenario (`policies.tuned`); a scenario
+    without stored values (or an edited one) gets the heuristics' defaults."""
+    return {s.name: shipped_params(s) or {} for s in scenarios}
 
 
 def evaluate(
@@ -224,42 +285,75 @@ def evaluate(
     heuristic_results: dict[str, dict[str, tuple[float, float]]] | None = None,
     *,
     learned_router: bool = True,
+    heuristic_params: HeuristicParams | None = None,
+    random_starts: bool = False,
+    max_duration_s: float | None = None,
+    p99_weight: float = 0.5,
 ) -> tuple[Evaluation, dict[str, dict[str, tuple[float, float]]]]:
-    """Deterministic `policy` and (unless cached in `heuristic_results`) every heuristic on the
-    full scenarios at the given seeds. Returns the evaluation and the heuristics' (mean, p99) means
-    per scenario, for reuse."""
+    """Deterministic `policy` and (unless cached in `heuristic_results`) every heuristic, with
+    `heuristic_params[scenario][heuristic]` (defaults where absent), on the scenarios at the given
+    seeds, capped at `max_duration_s`. With `random_starts`, each seed also runs from a random
+    split of the workers (cell "<scenario>@random"). Returns the evaluation and the heuristics'
+    (mean, p99) means per cell, for reuse."""
+    starts: list[int | None] = [None, 1] if random_starts else [None]
+
+    def duration(s: Scenario) -> float | None:
+        if max_duration_s is None or (s.duration_s is not None and s.duration_s <= max_duration_s):
+            return None
+        return max_duration_s
+
+    def cell(s: Scenario, start: int | None) -> str:
+        return s.name if start is None else s.name + RANDOM_START
+
+    def initial(seed: int, start: int | None) -> int | None:
+        # The same random split for every policy on a given seed, and none for the default start.
+        return None if start is None else 7_919 * seed + start
+
     tasks = [
-        RolloutTask(s, seed, policy=policy, learned_router=learned_router)
+        RolloutTask(
+            s, seed, duration_s=duration(s), policy=policy, learned_router=learned_router,
+            initial_seed=initial(seed, start),
+        )
         for s in scenarios
+        for start in starts
         for seed in seeds
-    ]
+    ]  # fmt: skip
     if heuristic_results is None:
+        params = heuristic_params or {}
         tasks += [
-            RolloutTask(s, seed, heuristic=h)
+            RolloutTask(
+                s, seed, duration_s=duration(s), heuristic=h,
+                heuristic_params=params.get(s.name, {}).get(h), initial_seed=initial(seed, start),
+            )
             for s in scenarios
             for h in HEURISTIC_ALLOCATORS
+            for start in starts
             for seed in seeds
-        ]
+        ]  # fmt: skip
     results = map_rollouts(tasks)
     collected: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for task, result in zip(tasks, results, strict=True):
         name = "learned" if task.heuristic is None else task.heuristic
-        collected[task.scenario.name][name].append((result.mean_jct_s, result.p99_jct_s))
+        where = (
+            task.scenario.name if task.initial_seed is None else task.scenario.name + RANDOM_START
+        )
+        collected[where][name].append((result.mean_jct_s, result.p99_jct_s))
     means: dict[str, dict[str, tuple[float, float]]] = {
-        s: {name: _mean_pair(pairs) for name, pairs in table.items()}
-        for s, table in collected.items()
+        c: {name: _mean_pair(pairs) for name, pairs in table.items()}
+        for c, table in collected.items()
     }
     if heuristic_results is None:
         heuristic_results = {
-            s: {h: v for h, v in table.items() if h != "learned"} for s, table in means.items()
+            c: {h: v for h, v in table.items() if h != "learned"} for c, table in means.items()
         }
-    merged = {s: {**heuristic_results[s], "learned": means[s]["learned"]} for s in means}
+    merged = {c: {**heuristic_results[c], "learned": means[c]["learned"]} for c in means}
     evaluation = Evaluation(
         iteration=iteration,
-        mean_jct_s={s: {k: v[0] for k, v in t.items()} for s, t in merged.items()},
-        p99_jct_s={s: {k: v[1] for k, v in t.items()} for s, t in merged.items()},
+        mean_jct_s={c: {k: v[0] for k, v in t.items()} for c, t in merged.items()},
+        p99_jct_s={c: {k: v[1] for k, v in t.items()} for c, t in merged.items()},
+        p99_weight=p99_weight,
     )
     return evaluation, heuristic_results
 
@@ -281,7 +375,14 @@ def _stack_allocator_batch(
     batches: dict[int, dict[str, torch.Tensor]] = {}
     for n, where in grouped.items():
         ds = [results[i].decisions[t] for i, t in where]
+        labelled = [len(results[i].teacher_moves) == len(results[i].decisions) for i, _ in where]
+        teacher = [
+            results[i].teacher_moves[t] if ok else d.moves
+            for (i, t), d, ok in zip(where, ds, labelled, strict=True)
+        ]
         batches[n] = {
+            "teacher_moves": torch.from_numpy(np.stack(teacher)),
+            "has_teacher": torch.tensor(labelled, dtype=torch.float32),
             "features": torch.from_numpy(np.stack([d.features for d in ds])),
             "counts": torch.from_numpy(np.stack([d.counts for d in ds])),
             "free": torch.tensor([d.free for d in ds], dtype=torch.int64),
@@ -331,6 +432,38 @@ def _clipped_loss(
     return loss, approx_kl, clipfrac
 
 
+def choose_teachers(
+    scenarios: Sequence[Scenario],
+    heuristic_params: HeuristicParams,
+    map_rollouts: MapRollouts,
+    max_duration_s: float | None = None,
+    seeds: Sequence[int] = TUNING_SEEDS,
+) -> dict[str, str]:
+    """Per scenario, the heuristic (with `heuristic_params`) of lowest mean JCT over `seeds`, which
+    are training arrivals (the heuristics' own tuning seeds), never validation or evaluation ones."""
+    tasks = [
+        RolloutTask(
+            s, seed, heuristic=h, heuristic_params=heuristic_params.get(s.name, {}).get(h),
+            duration_s=(
+                max_duration_s
+                if max_duration_s is not None and (s.duration_s or math.inf) > max_duration_s
+                else None
+            ),
+        )
+        for s in scenarios
+        for h in HEURISTIC_ALLOCATORS
+        for seed in seeds
+    ]  # fmt: skip
+    jct: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for task, r in zip(tasks, map_rollouts(tasks), strict=True):
+        assert task.heuristic is not None
+        value = r.mean_jct_s if math.isfinite(r.mean_jct_s) else math.inf
+        jct[task.scenario.name][task.heuristic].append(value)
+    return {
+        name: min(table, key=lambda h: (float(np.mean(table[h])), h)) for name, table in jct.items()
+    }
+
+
 def train(
     args: Args,
     scenarios: Sequence[Scenario],
@@ -363,13 +496,25 @@ def train(
     eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
     tick_s = {s.name: s.tick_s for s in scenarios}
 
-    evaluation, heuristics = evaluate(
-        policy, scenarios, eval_seeds, map_rollouts, 0, learned_router=args.train_router
-    )
+    validation: dict[str, Any] = {
+        "learned_router": args.train_router,
+        "heuristic_params": (
+            tuned_heuristic_params(scenarios) if args.eval_tuned_heuristics else None
+        ),
+        "random_starts": args.eval_random_starts,
+        "max_duration_s": args.eval_max_duration_s,
+        "p99_weight": args.p99_weight,
+    }
+    evaluation, heuristics = evaluate(policy, scenarios, eval_seeds, map_rollouts, 0, **validation)
     result = TrainResult(
         policy=policy.copy(), args=args, iterations=0, elapsed_s=0.0, best=evaluation
     )
     result.evaluations.append(evaluation)
+    tuned_params = tuned_heuristic_params(scenarios)
+    if args.imitation_coef > 0:
+        result.teachers = choose_teachers(
+            scenarios, tuned_params, map_rollouts, args.eval_max_duration_s
+        )
 
     iteration = 0
     while True:
@@ -386,6 +531,12 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         ent_coef = _anneal(args.ent_coef, fraction)
+        imitation_coef = (
+            _anneal(args.imitation_coef, fraction / args.imitation_fraction)
+            if args.imitation_fraction > 0
+            else 0.0
+        )
+        teacher_of = result.teachers if imitation_coef > 0 else {}
 
         # --- rollout ------------------------------------------------------------------------------
         inputs = _draw_inputs(args, scenarios, rng, fraction)
@@ -401,6 +552,10 @@ def train(
                 record=True,
                 group=g,
                 initial_seed=x.initial_seed,
+                teacher=teacher_of.get(x.scenario.name),
+                teacher_params=tuned_params.get(x.scenario.name, {}).get(
+                    teacher_of.get(x.scenario.name, "")
+                ),
             )
             for g, x in enumerate(inputs)
             for _ in range(args.replays)
@@ -449,6 +604,16 @@ def train(
                         out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
                         b["moves"][idx],
                     )  # fmt: skip
+                    has_teacher = b["has_teacher"][idx]
+                    if imitation_coef > 0 and float(has_teacher.sum()) > 0:
+                        teacher_lp, _ = moves_log_prob(
+                            out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
+                            b["teacher_moves"][idx],
+                        )  # fmt: skip
+                        imitation = -(teacher_lp * has_teacher).sum() / has_teacher.sum()
+                        stats["losses/imitation_nll"].append(float(imitation.detach()))
+                    else:
+                        imitation = torch.zeros(())
                 else:
                     b = router_batches[key]
                     log_probs = torch.log_softmax(policy.router_net(b["features"][idx]), dim=-1)
@@ -458,6 +623,8 @@ def train(
                     new_lp, b["old_log_prob"][idx], b["advantage"][idx], args.clip_coef
                 )
                 loss = pg_loss - ent_coef * entropy.mean()
+                if kind == "allocator":
+                    loss = loss + imitation_coef * imitation
                 optimizer.zero_grad()
                 torch.autograd.backward(loss)
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -479,6 +646,7 @@ def train(
             {
                 "charts/learning_rate": lr,
                 "charts/ent_coef": ent_coef,
+                "charts/imitation_coef": imitation_coef,
                 "charts/episodic_mean_jct_s": float(np.nanmean([r.mean_jct_s for r in results])),
                 "charts/moves_per_tick": float(sum(int(r.moved.sum()) for r in results) / ticks),
                 "charts/fallbacks": float(sum(r.fallbacks for r in results)),
@@ -492,9 +660,8 @@ def train(
         evaluation_now: Evaluation | None = None
         if iteration % args.eval_every == 0:
             evaluation_now, _ = evaluate(
-                policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics,
-                learned_router=args.train_router,
-            )  # fmt: skip
+                policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics, **validation
+            )
             result.evaluations.append(evaluation_now)
             if result.best is None or evaluation_now.score < result.best.score:
                 result.best = evaluation_now
@@ -505,9 +672,8 @@ def train(
     # A final evaluation, so the last updates are not lost when they were the best.
     if result.evaluations[-1].iteration != iteration:
         final, _ = evaluate(
-            policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics,
-            learned_router=args.train_router,
-        )  # fmt: skip
+            policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics, **validation
+        )
         result.evaluations.append(final)
         if result.best is None or final.score < result.best.score:
             result.best = final

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from policies.allocation import largest_remainder
 from policies.guardrails import Guardrails
-from policies.learned.allocator import LearnedAllocator, TickDecision
+from policies.learned.allocator import LearnedAllocator, TickDecision, moves_toward
 from policies.learned.policy import LearnedPolicy
 from policies.learned.router import LearnedRouter, RouteChoice
 from policies.registry import make_allocator
@@ -86,8 +86,10 @@ class RolloutTask:
     # Overrides the scenario's duration (episode length); None keeps it.
     duration_s: float | None = None
     policy: LearnedPolicy | None = None
-    # A registry allocator name, run with default parameters under the scenario's guardrails.
+    # A registry allocator name, run under the scenario's guardrails with `heuristic_params`
+    # (its constructor parameters, e.g. the tuned ones of `policies.tuned`; None: defaults).
     heuristic: str | None = None
+    heuristic_params: Mapping[str, Any] | None = None
     # Seed of the learned policy's sampling; None means deterministic (the mode).
     policy_seed: int | None = None
     # Route with the learned router where the scenario has a routing choice.
@@ -101,6 +103,11 @@ class RolloutTask:
     # run's total work, which a policy could learn to merely keep; random starts make it learn to
     # correct an allocation instead.
     initial_seed: int | None = None
+    # With a recording learned policy: a heuristic (registry name, and its parameters) asked at
+    # every recorded tick what it would do in the learned policy's situation (DAgger), without
+    # acting; its answer, as moves, is kept for an imitation term in training.
+    teacher: str | None = None
+    teacher_params: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.heuristic is None):
@@ -119,6 +126,8 @@ class RolloutResult:
     # (T,) workers moved by tick t's decision (after guardrails).
     moved: np.ndarray
     decisions: list[TickDecision] = field(default_factory=list)
+    # Per decision, the teacher's decision as moves (same form as TickDecision.moves), if asked.
+    teacher_moves: list[np.ndarray] = field(default_factory=list)
     route_choices: list[RouteChoice] = field(default_factory=list)
     # (len(route_choices),) tick index each routing choice is credited to.
     route_ticks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -157,9 +166,17 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
             learned_router = task.policy.router(rng=rng, record=task.record)
     else:
         assert task.heuristic is not None
-        inner = make_allocator(task.heuristic)
+        inner = make_allocator(task.heuristic, **dict(task.heuristic_params or {}))
     router = learned_router if learned_router is not None else make_router_for(scenario)
     allocator = Guardrails(inner, bounds, hysteresis_workers=scenario.guardrails.hysteresis_workers)
+    teacher: Guardrails | None = None
+    if task.teacher is not None and learned is not None and task.record:
+        teacher = Guardrails(
+            make_allocator(task.teacher, **dict(task.teacher_params or {})),
+            bounds,
+            hysteresis_workers=scenario.guardrails.hysteresis_workers,
+        )
+    teacher_moves: list[np.ndarray] = []
 
     run = prepared.start(router)
     areas: list[float] = []
@@ -170,7 +187,21 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         if learned_router is not None:
             route_marks.append(len(learned_router.choices))
         areas.append(_area_now(run))
-        moved.append(run.apply(allocator.allocate(view)))
+        if teacher is not None and learned is not None:
+            wanted = teacher.allocate(view)
+            recorded = len(learned.decisions)
+            allocation = allocator.allocate(view)
+            if len(learned.decisions) > recorded:
+                d = learned.decisions[-1]
+                target = np.fromiter(
+                    (wanted.get(q.name, q.allocated) for q in view.queues), np.int64, len(d.counts)
+                )
+                teacher_moves.append(
+                    moves_toward(d.counts, d.free, target, d.low, d.high, d.moves.shape[0])
+                )
+            moved.append(run.apply(allocation))
+        else:
+            moved.append(run.apply(allocator.allocate(view)))
     record = run.record()
     areas.append(record.area_job_s)
     summary = summarize(record)
@@ -191,6 +222,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         rewards=-np.diff(np.asarray(areas, dtype=np.float64)),
         moved=np.asarray(moved, dtype=np.int64),
         decisions=learned.decisions if learned is not None else [],
+        teacher_moves=teacher_moves,
         route_choices=route_choices,
         route_ticks=route_ticks,
         mean_jct_s=summary.jct.mean_s,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
 from policies.learned.rollout import MapRollouts
+from policies.seeds import TRAIN_SEEDS
 from policies.sim.scenario import Scenario
 from scheduler.checkpoints import (
     CheckpointError,
@@ -78,7 +81,7 @@ def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
     ax_eval.axhline(1.0, color="black", lw=0.8, ls="--")
     ax_eval.set_yscale("log")
     ax_eval.set_xlabel("iteration")
-    ax_eval.set_ylabel("learned / best heuristic mean JCT (held-out seeds)")
+    ax_eval.set_ylabel("learned / best tuned heuristic mean JCT (validation seeds)")
     ax_eval.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
@@ -109,9 +112,7 @@ def _evaluation_dict(evaluation: Evaluation | None) -> dict[str, Any]:
 
 
 def _summary_table(evaluation: Evaluation) -> Table:
-    table = Table(
-        title=f"held-out evaluation (iteration {evaluation.iteration})", box=box.SIMPLE_HEAD
-    )
+    table = Table(title=f"validation (iteration {evaluation.iteration})", box=box.SIMPLE_HEAD)
     for column in ("scenario", "learned mean s", "learned p99 s", "best heuristic", "its mean s"):
         table.add_column(column, justify="right" if "s" in column[-2:] else "left")
     table.add_column("gain", justify="right")
@@ -157,8 +158,14 @@ def train_command(
         Path | None, typer.Option("--init", help="Continue from this checkpoint's weights.")
     ] = None,
     eval_every: Annotated[
-        int, typer.Option("--eval-every", help="Iterations between held-out evaluations.")
+        int, typer.Option("--eval-every", help="Iterations between validation evaluations.")
     ] = 5,
+    eval_seeds: Annotated[
+        int,
+        typer.Option(
+            "--eval-seeds", help="Validation arrival seeds per scenario (from EVAL_SEED_BASE)."
+        ),
+    ] = 4,
     max_moves: Annotated[
         int, typer.Option("--max-moves", help="Worker moves the allocator may make per tick.")
     ] = 4,
@@ -170,6 +177,20 @@ def train_command(
             help="Job-seconds charged per worker moved, on top of the simulated model load.",
         ),
     ] = 0.0,
+    imitation_coef: Annotated[
+        float,
+        typer.Option(
+            "--imitation-coef",
+            help="Initial weight of imitating each scenario's best tuned heuristic on the policy's "
+            "own states (DAgger); annealed to 0. 0 disables it.",
+        ),
+    ] = 0.0,
+    imitation_fraction: Annotated[
+        float,
+        typer.Option(
+            "--imitation-fraction", help="Fraction of the budget over which imitation decays."
+        ),
+    ] = 0.5,
 ) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
     scenarios = _load_scenarios(scenario)
@@ -184,9 +205,12 @@ def train_command(
         minutes=minutes,
         max_iterations=iterations,
         eval_every=eval_every,
+        eval_seeds=eval_seeds,
         max_moves=max_moves,
         learning_rate=learning_rate,
         reconfiguration_penalty_s=reconfiguration_penalty_s,
+        imitation_coef=imitation_coef,
+        imitation_fraction=imitation_fraction,
     )
     weights_path, meta_path = checkpoint_paths(out)
     console = Console(stderr=True)
@@ -240,16 +264,23 @@ def train_command(
     wall_s = time.monotonic() - started
 
     metadata = {
+        "command": shlex.join(["bilevel", *sys.argv[1:]]),
         "created_unix_s": time.time(),
         "training_time_s": wall_s,
         "iterations": result.iterations,
         "scenarios": [s.name for s in scenarios],
         "scenario_files": [str(p) for p in scenario],
         "seed": seed,
-        "train_arrival_seeds": f"{len(result.train_seeds)} seeds drawn from [0, {EVAL_SEED_BASE})",
-        "eval_arrival_seeds": [EVAL_SEED_BASE + k for k in range(args.eval_seeds)],
+        "train_arrival_seeds": (
+            f"{len(result.train_seeds)} seeds drawn from [{TRAIN_SEEDS.start}, {TRAIN_SEEDS.stop})"
+        ),
+        "validation_arrival_seeds": [EVAL_SEED_BASE + k for k in range(args.eval_seeds)],
+        "validation": "tuned heuristics (policies.tuned), scenario start"
+        + (" and random starts" if args.eval_random_starts else "")
+        + "; score = mean of worst and geometric-mean per-cell badness (mean ratio + p99 penalty)",
         "workers": workers,
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "imitation_teachers": result.teachers,
         "best_evaluation": _evaluation_dict(result.best),
         "python": platform.python_version(),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,

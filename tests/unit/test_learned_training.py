@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
 from policies.learned.policy import LearnedPolicy
-from policies.learned.ppo import Args, discounted_returns, replay_advantages, train
+from policies.learned.ppo import (
+    EVAL_SEED_BASE,
+    RANDOM_START,
+    Args,
+    Evaluation,
+    discounted_returns,
+    evaluate,
+    replay_advantages,
+    train,
+)
 from policies.learned.rollout import (
     RolloutResult,
     RolloutTask,
@@ -16,6 +26,8 @@ from policies.learned.rollout import (
     run_rollout,
     scale_scenario,
 )
+from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
+from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS
 from policies.sim.scenario import Scenario, parse_scenario
 
 TINY = {
@@ -96,3 +108,99 @@ def test_smoke_training_beats_a_random_policy() -> None:
     trained = _mean_jct(result.policy, held_out, policy_seed=None)
     random_jct = _mean_jct(random_policy, held_out, policy_seed=7)
     assert trained < random_jct
+
+
+def test_validation_seeds_are_disjoint_from_training_and_evaluation_seeds() -> None:
+    assert TRAIN_SEEDS.stop <= EVAL_SEED_BASE
+    assert EVAL_SEEDS.stop <= EVAL_SEED_BASE
+
+
+def test_training_draws_arrival_seeds_from_the_training_range() -> None:
+    args = Args(
+        seed=0, max_iterations=2, inputs_per_iteration=3, replays=2, episode_s=(20.0, 30.0),
+        eval_every=10, eval_seeds=1, update_epochs=1, eval_random_starts=False,
+    )  # fmt: skip
+    result = train(args, [_tiny()], map_serial)
+    assert result.train_seeds
+    assert all(seed in TRAIN_SEEDS for seed in result.train_seeds)
+
+
+def test_rollout_runs_a_heuristic_with_the_given_parameters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import policies.learned.rollout as rollout_module
+
+    built: list[tuple[str, dict[str, Any]]] = []
+    real = make_allocator
+
+    def spy(name: str, **params: Any) -> Any:
+        built.append((name, params))
+        return real(name, **params)
+
+    monkeypatch.setattr(rollout_module, "make_allocator", spy)
+    run_rollout(RolloutTask(_tiny(), 3, heuristic="proportional"))
+    run_rollout(RolloutTask(_tiny(), 3, heuristic="proportional", heuristic_params={"beta": 3.0}))
+    assert built == [("proportional", {}), ("proportional", {"beta": 3.0})]
+
+
+def test_validation_covers_random_starts_and_every_heuristic() -> None:
+    policy = LearnedPolicy.create(seed=0)
+    evaluation, heuristics = evaluate(
+        policy, [_tiny()], [EVAL_SEED_BASE], map_serial, 0,
+        heuristic_params={"tiny": {"proportional": {"beta": 3.0}}}, random_starts=True,
+    )  # fmt: skip
+    assert set(evaluation.mean_jct_s) == {"tiny", "tiny" + RANDOM_START}
+    for cell in evaluation.mean_jct_s:
+        assert set(evaluation.mean_jct_s[cell]) == {*HEURISTIC_ALLOCATORS, "learned"}
+    assert set(heuristics) == set(evaluation.mean_jct_s)
+    assert math.isfinite(evaluation.score)
+
+
+def _evaluation(cells: dict[str, tuple[float, float]]) -> Evaluation:
+    """Cells of (learned mean, learned p99) against one heuristic at mean 1.0, p99 10.0."""
+    return Evaluation(
+        iteration=0,
+        mean_jct_s={c: {"learned": m, "h": 1.0} for c, (m, _) in cells.items()},
+        p99_jct_s={c: {"learned": p, "h": 10.0} for c, (_, p) in cells.items()},
+    )
+
+
+def test_score_punishes_the_worst_scenario_and_p99_regressions() -> None:
+    balanced = _evaluation({"a": (0.95, 10.0), "b": (0.95, 10.0)})
+    lopsided = _evaluation({"a": (0.70, 10.0), "b": (1.20, 10.0)})
+    # The lopsided policy has the lower geometric mean but loses one scenario by 20%.
+    assert 0.70 * 1.20 < 0.95 * 0.95
+    assert balanced.score < lopsided.score
+    worse_tail = _evaluation({"a": (0.95, 13.0), "b": (0.95, 10.0)})
+    assert worse_tail.badness("a") == pytest.approx(0.95 + 0.5 * 0.3)
+    assert balanced.score < worse_tail.score
+    assert _evaluation({"a": (1.0, 10.0)}).score == pytest.approx(1.0)
+
+
+def test_moves_toward_a_target_respect_the_masks() -> None:
+    from policies.learned.allocator import STOP, UNUSED, moves_toward
+
+    counts = np.array([1, 4, 1])
+    low = np.array([1, 1, 1])
+    high = np.array([6, 6, 6])
+    moves = moves_toward(counts, 1, np.array([3, 2, 2]), low, high, 3)
+    # The pool first, then the queue most above its target; a queue that gave never receives.
+    assert moves.tolist() == [[0, 3], [0, 1], [2, 1]]
+    assert moves_toward(counts, 0, counts, low, high, 2).tolist() == [[STOP, 0], [UNUSED, UNUSED]]
+
+
+def test_imitation_labels_every_decision_and_trains() -> None:
+    policy = LearnedPolicy.create(seed=0)
+    task = RolloutTask(
+        _tiny(), 3, policy=policy, policy_seed=1, record=True, teacher="proportional"
+    )
+    result = run_rollout(task)
+    assert len(result.teacher_moves) == len(result.decisions) > 0
+    args = Args(
+        seed=0, max_iterations=2, inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0),
+        eval_every=10, eval_seeds=1, update_epochs=1, imitation_coef=1.0,
+        imitation_fraction=1.0,
+    )  # fmt: skip
+    trained = train(args, [_tiny()], map_serial)
+    assert set(trained.teachers) == {"tiny"}
+    assert all(math.isfinite(m["losses/imitation_nll"]) for m in trained.history)
