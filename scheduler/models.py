@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -179,17 +179,3 @@ def parse_spec(text: str) -> JobSpec:
     """Inverse of `spec_json`; raises ValueError (pydantic's ValidationError is one) on anything
     that is not a valid stored spec."""
     return JobSpec.model_validate_json(text)
-
-
-class SubmitResult(BaseModel):
-    """What submit returns per job."""
-
-    model_config = ConfigDict(frozen=True)
-
-    job_id: str
-    # False when an idempotency key matched an existing job, whose id is job_id.
-    created: bool
-
-    @classmethod
-    def of(cls, job_id: str, created: bool) -> Self:
-        return cls(job_id=job_id, created=created)

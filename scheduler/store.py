@@ -21,7 +21,7 @@ from scheduler.codes import Code, codes
 from scheduler.connection import MAX_BLOCK_S
 from scheduler.errors import JobNotFound
 from scheduler.keys import Keys
-from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec, spec_json
+from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec
 from scheduler.scripts import Scripts
 from scheduler.settings import Settings
 from scheduler.waiter import ResultWaiter
@@ -559,5 +559,4 @@ __all__ = [
     "RouteInfo",
     "Store",
     "StoreStats",
-    "spec_json",
 ]

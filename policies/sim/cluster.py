@@ -138,11 +138,7 @@ class Cluster:
         idle = self.idle[q]
         if idle:
             w = idle.pop()
-            self.w_state[w] = BUSY
-            self.w_job[w] = job
-            svc = self.service_s[job]
-            self._busy_s += svc
-            self.engine.schedule_at(now_s + svc, PRIORITY_WORKER, self.kind_complete, w)
+            self._start(w, job, now_s)
         else:
             self.fifos[q].append(job)
             self.backlog_s[q] += self.size_estimate_s[job]
@@ -159,17 +155,7 @@ class Cluster:
         if self.w_assigned[w] != q:
             self._leave(w, now_s)
             return
-        fifo = self.fifos[q]
-        if fifo:
-            job = fifo.popleft()
-            self.backlog_s[q] = self.backlog_s[q] - self.size_estimate_s[job] if fifo else 0.0
-            self.w_job[w] = job
-            svc = self.service_s[job]
-            self._busy_s += svc
-            self.engine.schedule_at(now_s + svc, PRIORITY_WORKER, self.kind_complete, w)
-        else:
-            self.w_state[w] = IDLE
-            self.idle[q].append(w)
+        self._serve_next(w, now_s)
 
     # --- worker moves ---------------------------------------------------------------------------
 
@@ -180,14 +166,18 @@ class Cluster:
         if fifo:
             job = fifo.popleft()
             self.backlog_s[q] = self.backlog_s[q] - self.size_estimate_s[job] if fifo else 0.0
-            self.w_state[w] = BUSY
-            self.w_job[w] = job
-            svc = self.service_s[job]
-            self._busy_s += svc
-            self.engine.schedule_at(now_s + svc, PRIORITY_WORKER, self.kind_complete, w)
+            self._start(w, job, now_s)
         else:
             self.w_state[w] = IDLE
             self.idle[q].append(w)
+
+    def _start(self, w: int, job: int, now_s: float) -> None:
+        """Worker `w` starts `job` now; its completion is scheduled."""
+        self.w_state[w] = BUSY
+        self.w_job[w] = job
+        svc = self.service_s[job]
+        self._busy_s += svc
+        self.engine.schedule_at(now_s + svc, PRIORITY_WORKER, self.kind_complete, w)
 
     def _leave(self, w: int, now_s: float) -> None:
         """Idle worker `w` (not in any idle list) heads for its assigned queue, or waits unassigned."""

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
 from scheduler.config import ServiceConfig
-from scheduler.errors import BilevelError, JobFailed
+from scheduler.errors import BilevelError
 from scheduler.keys import Keys
 
 QUEUE_OF = {"embed": "embeddings", "classify": "classifier", "generate": "generator"}
@@ -109,13 +109,12 @@ async def _send_load(
 
 async def _collect(client: AsyncClient, sent: list[Sent], timeout_s: float) -> Outcomes:
     out = Outcomes()
-    deadline = time.monotonic() + timeout_s
-    for s in sent:
-        try:
-            await s.handle.result(timeout=max(0.1, deadline - time.monotonic()))
-        except JobFailed:
+    results = await client.gather(
+        [s.handle for s in sent], timeout=timeout_s, return_exceptions=True
+    )
+    for s, result in zip(sent, results, strict=True):
+        if isinstance(result, BilevelError):
             out.failed[s.job_type] = out.failed.get(s.job_type, 0) + 1
-            continue
     jobs = await client.store.get_many([s.handle.id for s in sent])
     t0 = min((j.created_s for j in jobs if j is not None), default=0.0)
     for job in jobs:
