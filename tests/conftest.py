@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -71,7 +72,31 @@ class Runner:
         self.loop = loop
 
     def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+        # Before pytest-timeout kills a hung test, print where every task of the loop is waiting:
+        # its thread dump shows only that the loop is idle.
+        dump = self.loop.call_later(TASK_DUMP_AFTER_S, _dump_tasks, self.loop)
+        try:
+            return self.loop.run_until_complete(coro)
+        finally:
+            dump.cancel()
+
+
+TASK_DUMP_AFTER_S = 40.0
+
+
+def _dump_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        print(f"~~~ task {task.get_name()} ~~~", file=sys.stderr)
+        # Follow the await chain down: a suspended task's own stack is only its outer frame.
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                print(f"  awaiting {awaited!r}", file=sys.stderr)
+                break
+            code = frame.f_code
+            print(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}", file=sys.stderr)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
 
 
 @pytest.fixture
