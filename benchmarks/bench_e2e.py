@@ -84,11 +84,12 @@ async def _round_trips(client: AsyncClient) -> dict[str, float]:
 
 
 def _service_processes() -> list[psutil.Process]:
-    """This run's actor processes (router, controller, workers): Ray titles them ray::<Class>."""
+    """This run's actor processes, which Ray titles ray::<Class>: the control plane (router and
+    controller) and the model workers."""
     out = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith(("ray::RoleHost", "ray::ModelWorkerShell")):
+        if title.startswith(("ray::ControlPlane", "ray::ModelWorkerShell")):
             out.append(proc)
     return out
 

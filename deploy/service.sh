@@ -135,7 +135,7 @@ start() {
 }
 
 # Rolling restart (new code or config): a new `serve` starts next to the running one as a standby
-# (the role names are taken), then the old one drains and exits, and the standby takes the leader
+# (the control-plane actor name is taken), then the old one drains and exits, and the standby takes the leader
 # locks. Jobs keep flowing; Redis stays up.
 upgrade() {
   if ! running "$state_dir/serve.pid"; then

@@ -60,6 +60,10 @@ class AllocationConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     # The allocator runs once per tick.
     tick_s: float = Field(default=1.0, gt=0)
+    # While nothing is queued, running, arriving or loading, the full tick (pool calls, decision,
+    # log line, published state) runs only this often; Redis is still checked every tick_s, and
+    # any activity brings the full tick back at once. Kept under the published state's 30 s TTL.
+    idle_tick_s: float = Field(default=10.0, gt=0, le=25.0)
     # Total workers the allocation may place across all queues.
     budget: int = Field(default=2, ge=1)
     max_moves_per_tick: int | None = Field(default=None, ge=0)

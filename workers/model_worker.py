@@ -224,6 +224,9 @@ class ModelWorker:
         # Set when a drain begins: wakes the serve loop from its idle wait.
         self._stopping = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Set when leases are taken: the heartbeat loop sleeps on it while none are in hand, so an
+        # idle worker does not wake every heartbeat interval for nothing.
+        self._leased = asyncio.Event()
         self._lock = asyncio.Lock()
         self._runner = _HandlerThread(f"{name}-handler")
         self._abandoned: list[_HandlerThread] = []
@@ -405,6 +408,7 @@ class ModelWorker:
     async def _run_leases(self, leases: list[Lease]) -> None:
         for lease in leases:
             self._in_flight[lease.job_id] = _Flight(lease)
+        self._leased.set()
         self._phase = Phase.BUSY
         try:
             # Jobs batch with jobs of the same type and the same time limit.
@@ -582,6 +586,9 @@ class ModelWorker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            if not self._in_flight:
+                self._leased.clear()
+                await self._leased.wait()
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 await self.heartbeat_once()

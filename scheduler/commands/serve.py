@@ -115,7 +115,7 @@ def serve(
     try:
         console.print(
             f"bilevel serving namespace [bold]{handle.namespace}[/] "
-            f"(actors {', '.join(handle.names.values())})",
+            f"(router and controller in actor {handle.name})",
             highlight=False,
         )
         if handle.embedded is not None:

@@ -1,8 +1,13 @@
-"""Ray actor shells for the two control-plane roles, around `RoleHost`, a plain typed class.
+"""The control plane's Ray actor: `ControlPlane`, hosting a `RoleHost` per role (plain classes).
 
 A RoleHost runs one role (router or controller) of one namespace: it campaigns for the role's
 leader lock and runs the role's loop, which acts only while the lock is held. Any number of hosts
 of a role may run; one leads, the others stand by and take over when its lock lapses.
+
+Both roles share one actor process. Each keeps its own lock, loop and Redis connections, so they
+lead and fail over independently; what they share is the process, because every Ray actor process
+costs about 0.3% of a core while idle (Ray's core worker wakes its main thread every 10 ms to
+check for signals), and the idle service is meant to cost under 2% of a core in all.
 
 The controller host owns the worker pool of its term as leader: it creates the pool when it gains
 the lock and drains and shuts it down when it loses the lock or stops. Pool workers are created by
@@ -200,12 +205,65 @@ class RoleHost:
         return self.name
 
 
-def role_actor_class() -> Any:
-    """RoleHost as a Ray actor class. It reserves no CPU: the control plane is mostly waiting, and
-    the CPUs are for the model workers. Ray is imported here so importing this module is cheap."""
+class ControlPlane:
+    """The router and controller hosts of one namespace in one process (see the module notes).
+    `name` is the actor's name; each host is named after it and its role."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        redis_url: str,
+        name: str,
+        leader_ttl_s: float = DEFAULT_LEADER_TTL_S,
+        pool_factory: PoolFactory | None = None,
+    ) -> None:
+        self.name = name
+        self.hosts: dict[Role, RoleHost] = {
+            role: RoleHost(
+                config,
+                role,
+                redis_url=redis_url,
+                name=f"{name}/{role}",
+                leader_ttl_s=leader_ttl_s,
+                pool_factory=pool_factory,
+            )
+            for role in ROLES
+        }
+
+    async def start(self) -> None:
+        for host in self.hosts.values():
+            await host.start()
+
+    async def stop(self) -> None:
+        """Router first: no new jobs reach the queues while the controller drains its pool."""
+        for role in ROLES:
+            await self.hosts[role].stop()
+
+    async def status(self) -> dict[Role, dict[str, Any]]:
+        return {role: await host.status() for role, host in self.hosts.items()}
+
+    async def pool_view(self) -> dict[str, Any] | None:
+        return await self.hosts["controller"].pool_view()
+
+    def ping(self) -> str:
+        return self.name
+
+
+def control_plane_actor_class() -> Any:
+    """ControlPlane as a Ray actor class. It reserves no CPU: the control plane is mostly waiting,
+    and the CPUs are for the model workers. Ray is imported here so importing this module is
+    cheap."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=0)(RoleHost)
+    return ray.remote(num_cpus=0, max_restarts=0)(ControlPlane)
 
 
-__all__ = ["DEFAULT_LEADER_TTL_S", "ROLES", "Role", "RoleHost", "role_actor_class"]
+__all__ = [
+    "DEFAULT_LEADER_TTL_S",
+    "ROLES",
+    "ControlPlane",
+    "Role",
+    "RoleHost",
+    "control_plane_actor_class",
+]

@@ -35,7 +35,7 @@ from scheduler.service.views import (
     ViewBuilder,
     allocation_bounds,
 )
-from scheduler.store import RequeueReport, Store
+from scheduler.store import RequeueReport, Store, StoreStats
 from workers.pool_view import PoolView, QueuePoolView
 
 log = get_logger("bilevel.controller")
@@ -83,10 +83,35 @@ class TickReport:
     # Whatever the pool's apply() returned (workers.pool.PoolChange).
     change: Any = None
     pool: PoolView = field(default_factory=PoolView)
+    stats: StoreStats | None = None
 
     @property
     def changed(self) -> bool:
         return self.target != self.before
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing waiting, running, arriving, loading or changing: the next full tick can wait."""
+        s = self.stats
+        return (
+            s is not None
+            and not self.changed
+            and s.ingress == 0
+            and self.promoted == 0
+            and self.replaced == 0
+            and self.requeue.requeued == 0
+            and all(q.depth == 0 and q.in_flight == 0 for q in s.queues.values())
+            and all(p.loading == 0 and p.draining == 0 for p in self.pool.queues.values())
+        )
+
+
+def activity_marks(stats: StoreStats) -> tuple[int, ...]:
+    """What changes when any job arrives, is routed, runs or finishes (the running totals
+    included, so a job that came and went between two looks still counts)."""
+    marks = [stats.ingress]
+    for q in stats.queues.values():
+        marks += (q.depth, q.in_flight, q.enqueued_total, q.completed_total, q.failed_total)
+    return tuple(marks)
 
 
 def make_guardrails(config: ServiceConfig, inner: Allocator | None = None) -> Guardrails:
@@ -167,6 +192,7 @@ class ControllerLoop:
             replaced=replaced,
             change=change,
             pool=pool_view,
+            stats=stats,
         )
         self.ticks += 1
         self.last = report
@@ -244,19 +270,41 @@ class ControllerLoop:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
 
+    async def _idle_still(self, quiet: TickReport, since_s: float) -> bool:
+        """While the last full tick was quiet: True when Redis shows nothing new and the next
+        full tick is not yet due. Two cheap Redis calls instead of a tick's pool calls to every
+        worker, which is what an idle service would otherwise spend its CPU on."""
+        assert quiet.stats is not None
+        idle_tick_s = max(self.config.allocation.tick_s, self.config.allocation.idle_tick_s)
+        if self.clock() - since_s >= idle_tick_s:
+            return False
+        if await self.store.promote_due():
+            return False
+        stats = await self.store.stats(self._queue_names)
+        return activity_marks(stats) == activity_marks(quiet.stats)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick every `allocation.tick_s` until `stop` is set. A failing tick is logged and the
-        next one runs: one Redis hiccup or pool error must not stop level 2."""
+        """Tick every `allocation.tick_s` until `stop` is set; while the service is idle, run the
+        full tick every `allocation.idle_tick_s` and only look at Redis in between. A failing
+        tick is logged and the next one runs: one Redis hiccup or pool error must not stop
+        level 2."""
         tick_s = self.config.allocation.tick_s
         log.info("controller_started", policy=self.guardrails.name, tick_s=tick_s)
+        quiet: TickReport | None = None
+        quiet_since_s = 0.0
         while not stop.is_set():
             started = self.clock()
             if self.acting:
                 try:
-                    await self.tick()
+                    if quiet is None or not await self._idle_still(quiet, quiet_since_s):
+                        report = await self.tick()
+                        quiet = report if report.quiet else None
+                        quiet_since_s = self.clock()
                 except Exception:
+                    quiet = None
                     log.exception("allocation_tick_failed")
             else:
+                quiet = None
                 # A controller that lost the lead must not keep nodes up for the new leader.
                 await self._withdraw_request()
             await self._pause(stop, max(0.0, started + tick_s - self.clock()))

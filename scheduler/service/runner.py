@@ -5,9 +5,10 @@
         with Client(service.redis_url, settings=config.store) as client:
             print(client.submit("embed", {"text": "hi"}).result(timeout=30))
 
-`start_service` starts the router and the controller as named, detached Ray actors. Names are scoped
-by namespace (``bilevel:<namespace>:router``); when they are taken (another `serve` of the same
-namespace runs) the new actors get standby names and wait for the leader locks.
+`start_service` starts the router and the controller in one named, detached Ray actor (a
+ControlPlane; each role keeps its own leader lock). The name is scoped by namespace
+(``bilevel:<namespace>:control``); when it is taken (another `serve` of the same namespace runs)
+the new actor gets a standby name and its roles wait for the leader locks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from scheduler.service.actors import (
     ROLES,
     PoolFactory,
     Role,
-    role_actor_class,
+    control_plane_actor_class,
 )
 
 log = get_logger("bilevel.service")
@@ -69,16 +70,16 @@ def ensure_ray(*, address: str | None = None) -> None:
     )
 
 
-def actor_name(namespace: str, role: Role) -> str:
-    """The leader-candidate actor name of `role` for a namespace."""
-    return f"bilevel:{namespace}:{role}"
+def actor_name(namespace: str) -> str:
+    """The primary control-plane actor name for a namespace."""
+    return f"bilevel:{namespace}:control"
 
 
-def _free_name(namespace: str, role: Role) -> str:
-    """The role's primary name if free, else a unique standby name."""
+def _free_name(namespace: str) -> str:
+    """The primary name if free, else a unique standby name."""
     import ray
 
-    name = actor_name(namespace, role)
+    name = actor_name(namespace)
     try:
         ray.get_actor(name)
     except ValueError:
@@ -88,12 +89,13 @@ def _free_name(namespace: str, role: Role) -> str:
 
 @dataclass
 class ServiceHandle:
-    """A running service (this process's actors). `stop()` ends them; also a context manager."""
+    """A running service (this process's control-plane actor). `stop()` ends it; also a context
+    manager."""
 
     config: ServiceConfig
     redis_url: str
-    actors: dict[Role, Any]
-    names: dict[Role, str]
+    actor: Any
+    name: str
     embedded: EmbeddedRedis | None = None
     stopped: bool = field(default=False)
 
@@ -101,25 +103,17 @@ class ServiceHandle:
     def namespace(self) -> str:
         return self.config.store.namespace
 
-    @property
-    def router(self) -> Any:
-        return self.actors["router"]
-
-    @property
-    def controller(self) -> Any:
-        return self.actors["controller"]
-
     def status(self, timeout_s: float = 10.0) -> dict[Role, dict[str, Any]]:
         """Each role's status (see RoleHost.status); a dead actor shows as {"alive": False}."""
         import ray
 
-        out: dict[Role, dict[str, Any]] = {}
-        for role, actor in self.actors.items():
-            try:
-                out[role] = {"alive": True, **ray.get(actor.status.remote(), timeout=timeout_s)}
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out[role] = {"alive": False, "role": role, "name": self.names[role]}
-        return out
+        try:
+            statuses: dict[Role, dict[str, Any]] = ray.get(
+                self.actor.status.remote(), timeout=timeout_s
+            )
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return {r: {"alive": False, "role": r, "name": f"{self.name}/{r}"} for r in ROLES}
+        return {role: {"alive": True, **s} for role, s in statuses.items()}
 
     def leading(self) -> dict[Role, bool]:
         return {role: bool(s.get("leading")) for role, s in self.status().items()}
@@ -137,25 +131,22 @@ class ServiceHandle:
         """The controller's last pool view (when it leads)."""
         import ray
 
-        view: dict[str, Any] | None = ray.get(self.controller.pool_view.remote(), timeout=10)
+        view: dict[str, Any] | None = ray.get(self.actor.pool_view.remote(), timeout=10)
         return view
 
     def stop(self, *, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop routing, then drain and stop the pool, then end the actors (and an embedded Redis).
+        """Stop routing, then drain and stop the pool, then end the actor (and an embedded Redis).
         Jobs not yet routed stay in the ingress for the next service."""
         import ray
 
         if self.stopped:
             return
         self.stopped = True
-        for role in ROLES:  # router first: no new jobs reach the queues while the pool drains
-            actor = self.actors.get(role)
-            if actor is None:
-                continue
+        if self.actor is not None:
             with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.get(actor.stop.remote(), timeout=timeout_s)
+                ray.get(self.actor.stop.remote(), timeout=timeout_s)
             with contextlib.suppress(ray.exceptions.RayActorError, ValueError):
-                ray.kill(actor, no_restart=True)
+                ray.kill(self.actor, no_restart=True)
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
@@ -192,11 +183,11 @@ def start_service(
     wait_s: float | None = 30.0,
     pool_factory: PoolFactory | None = None,
 ) -> ServiceHandle:
-    """Start the router and controller actors for `config` and return their handle.
+    """Start the control-plane actor (router and controller) for `config`; return its handle.
 
     Connects to Ray (see ensure_ray) and Redis (see resolve_redis). With `wait_s` it waits that
-    long for both roles to lead, unless another service of the namespace already leads (then these
-    actors are standbys and it returns at once).
+    long for both roles to lead, unless another service of the namespace already runs (then this
+    actor's roles are standbys and it returns at once).
     """
     import ray
 
@@ -205,30 +196,28 @@ def start_service(
     config = config.model_copy(
         update={"store": config.store.model_copy(update={"redis_url": SecretStr(url)})}
     )
-    actor_cls = role_actor_class()
-    actors: dict[Role, Any] = {}
-    names: dict[Role, str] = {}
+    name = _free_name(config.store.namespace)
+    actor = (
+        control_plane_actor_class()
+        .options(name=name, lifetime="detached")
+        .remote(
+            config,
+            redis_url=url,
+            name=name,
+            leader_ttl_s=leader_ttl_s,
+            pool_factory=pool_factory,
+        )
+    )
+    handle = ServiceHandle(config, url, actor, name, embedded)
     try:
-        for role in ROLES:
-            name = _free_name(config.store.namespace, role)
-            actor = actor_cls.options(name=name, lifetime="detached").remote(
-                config,
-                role,
-                redis_url=url,
-                name=name,
-                leader_ttl_s=leader_ttl_s,
-                pool_factory=pool_factory,
-            )
-            ray.get(actor.start.remote(), timeout=60)
-            actors[role], names[role] = actor, name
+        ray.get(actor.start.remote(), timeout=60)
     except BaseException:
-        ServiceHandle(config, url, actors, names, embedded).stop(timeout_s=5.0)
+        handle.stop(timeout_s=5.0)
         raise
-    handle = ServiceHandle(config, url, actors, names, embedded)
-    standby = any(n != actor_name(config.store.namespace, r) for r, n in names.items())
+    standby = name != actor_name(config.store.namespace)
     if wait_s is not None and not standby:
         handle.wait_leading(wait_s)
-    log.info("service_started", namespace=config.store.namespace, actors=list(names.values()))
+    log.info("service_started", namespace=config.store.namespace, actor=name)
     return handle
 
 

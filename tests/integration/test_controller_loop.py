@@ -165,7 +165,7 @@ class TestGuardrails:
 
 
 class TestRun:
-    def test_run_ticks_with_the_injected_sleep_and_stops(
+    def test_run_ticks_every_tick_while_there_is_work(
         self, store: Store, settings: Settings, clock: ManualClock, run: Runner
     ) -> None:
         """run() paces ticks by the injected sleep (no real waiting) and returns once stopped."""
@@ -180,9 +180,36 @@ class TestRun:
                 stop.set()
 
         loop = ControllerLoop(store, service_config(settings), pool, clock=clock, sleep=sleep)
+        run(submit_to_queue(store, "embeddings", new_job("embed")))  # queued: never idle
         run(asyncio.wait_for(loop.run(stop), 5.0))
         assert loop.ticks == 3
         assert slept == [pytest.approx(0.2)] * 3
+
+    def test_an_idle_service_ticks_fully_every_idle_tick_and_at_once_on_a_job(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """Once a tick finds nothing queued, running or changing, the next full ticks come every
+        idle_tick_s; a job arriving in between brings the full tick back at the next tick_s."""
+        stop = asyncio.Event()
+        config = service_config(
+            settings, allocation={"budget": 3, "tick_s": 0.25, "idle_tick_s": 1.0}
+        )
+        loop = ControllerLoop(store, config, PoolDouble(), clock=clock)
+        ticks_after: list[int] = []
+
+        async def sleep(seconds: float) -> None:
+            ticks_after.append(loop.ticks)
+            clock.advance(seconds)
+            if len(ticks_after) == 7:
+                await store.submit([new_job("embed")])  # into the ingress; no router runs
+            if len(ticks_after) == 9:
+                stop.set()
+
+        loop._sleep = sleep
+        run(asyncio.wait_for(loop.run(stop), 5.0))
+        # t=0 finds all quiet (no load: no workers wanted); t=0.25..0.75 only look at Redis; t=1.0
+        # is the idle full tick; the job submitted after t=1.5 is seen at t=1.75 and after.
+        assert ticks_after == [1, 1, 1, 1, 2, 2, 2, 3, 4]
 
 
 class FullCluster(PoolDouble):

@@ -223,8 +223,9 @@ class TestServiceOnRay:
     def test_killed_controller_fails_over_and_no_job_is_lost(
         self, services: list[Any], settings: Settings, run: Any
     ) -> None:
-        """Kill the leading controller mid-load: the standby leads, its workers take the jobs the
-        dead workers held (after their leases lapse), and every job finishes exactly once."""
+        """Kill the leading control plane (router and controller) mid-load: the standby's roles
+        lead, its workers take the jobs the dead workers held (after their leases lapse), and
+        every job finishes exactly once."""
         import ray
 
         config = _ray_config(settings, budget=2, policy="proportional")
@@ -243,7 +244,7 @@ class TestServiceOnRay:
                     (await client.stats(["generator"])).queues["generator"].in_flight == 0
                 ):
                     await asyncio.sleep(0.05)
-                ray.kill(leader.controller, no_restart=True)
+                ray.kill(leader.actor, no_restart=True)
                 results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
                 stats = await client.stats(["generator"])
                 return results, stats.queues["generator"].completed_total
@@ -252,4 +253,4 @@ class TestServiceOnRay:
         assert len(results) == 24
         assert all(isinstance(r, str) for r in results)
         assert completed == 24
-        assert standby.leading()["controller"]
+        assert standby.leading() == {"router": True, "controller": True}
