@@ -8,6 +8,7 @@ Dramatiq (benchmarks/references.py) on the same Redis build as references.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -28,7 +29,10 @@ N_BATCHED = 20_000
 N_INDIVIDUAL = 8_000
 INDIVIDUAL_CLIENTS = 16
 N_ROUND_TRIP = 500
-IDLE_S = 10.0
+# Idle CPU is measured over IDLE_S after IDLE_SETTLE_S with no load (the controller notices the
+# quiet within a tick); IDLE_S spans several of the controller's idle full ticks.
+IDLE_SETTLE_S = 3.0
+IDLE_S = 30.0
 
 
 def bench_config(redis_url: str) -> ServiceConfig:
@@ -83,32 +87,47 @@ async def _round_trips(client: AsyncClient) -> dict[str, float]:
     }
 
 
-def _service_processes() -> list[psutil.Process]:
+def _service_processes(ray_temp_dir: str) -> list[psutil.Process]:
     """This run's actor processes, which Ray titles ray::<Class>: the control plane (router and
-    controller) and the model workers."""
+    controller) and the model workers; children of this run's raylet (started in its temp dir),
+    so another Ray on the machine is not counted."""
     out = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith(("ray::ControlPlane", "ray::ModelWorkerShell")):
-            out.append(proc)
+        if not title.startswith(("ray::ControlPlane", "ray::ModelWorkerShell")):
+            continue
+        with contextlib.suppress(psutil.Error, AttributeError):
+            if ray_temp_dir in " ".join(proc.parent().cmdline()):
+                out.append(proc)
     return out
 
 
-def _idle_cpu_fraction(seconds: float) -> float:
-    procs = _service_processes()
-    before = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
-    time.sleep(seconds)
-    after = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
-    return (after - before) / seconds
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
 
-def _bilevel(redis_url: str) -> dict[str, Any]:
+def _idle_cpu(ray_temp_dir: str, redis_pid: int | None) -> dict[str, Any]:
+    """Core fractions used by the idle service's processes, and by Redis serving them."""
+    time.sleep(IDLE_SETTLE_S)
+    procs = _service_processes(ray_temp_dir)
+    redis = [psutil.Process(redis_pid)] if redis_pid is not None else []
+    before, redis_before = _cpu_s(procs), _cpu_s(redis)
+    time.sleep(IDLE_S)
+    return {
+        "idle_cpu_core_fraction": round((_cpu_s(procs) - before) / IDLE_S, 4),
+        "redis_idle_cpu_core_fraction": round((_cpu_s(redis) - redis_before) / IDLE_S, 4),
+        "service_processes": len(procs),
+    }
+
+
+def _bilevel(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
     import ray
 
     from scheduler.service.runner import start_service
 
+    ray_temp_dir = tempfile.mkdtemp(prefix="blbench", dir="/tmp")
     ray.init(
-        _temp_dir=tempfile.mkdtemp(prefix="blbench", dir="/tmp"),
+        _temp_dir=ray_temp_dir,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
@@ -129,8 +148,7 @@ def _bilevel(redis_url: str) -> dict[str, Any]:
                     }
 
             result = asyncio.run(drive())
-            result["idle_cpu_core_fraction"] = round(_idle_cpu_fraction(IDLE_S), 4)
-            result["service_processes"] = len(_service_processes())
+            result.update(_idle_cpu(ray_temp_dir, redis_pid))
     finally:
         ray.shutdown()
     return {"setup": f"{WORKERS} ModelWorker actors, rule router, static allocation", **result}
@@ -141,7 +159,7 @@ def main() -> dict[str, Any]:
 
     os.environ.setdefault("PYTHONPATH", str(REPO_ROOT))
     with EmbeddedRedis() as server:
-        ours = _bilevel(server.url)
+        ours = _bilevel(server.url, server.pid)
         celery = celery_reference(server.url)
         dramatiq = dramatiq_reference(server.url)
     return {
