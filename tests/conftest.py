@@ -14,6 +14,10 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+# hypothesis is imported here, at the shallow stack of conftest loading: left to its pytest plugin,
+# it is first imported from deep inside the session's end, where Python 3.11.7's parser can fail
+# with "AST constructor recursion depth mismatch" (CPython gh-106905) after the tests all passed.
+import hypothesis  # noqa: F401
 import pytest
 
 from scheduler.connection import client_from_url

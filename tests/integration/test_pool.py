@@ -51,7 +51,9 @@ def config(settings: Settings) -> ServiceConfig:
 def live_store(settings: Settings, run: Runner) -> Iterator[Store]:
     """A store on the wall clock: the actors' leases are on it too."""
     redis = client_from_url(settings.url() or "")
-    yield Store(redis, settings)
+    store = Store(redis, settings)
+    yield store
+    run(store.close())  # ends its result waiter's blocked read before the connection goes
     run(redis.aclose())
 
 
@@ -184,6 +186,41 @@ class TestPlacement:
             return [await is_dead(h) for h in handles]
 
         assert run(body()) == [True, True]
+        assert not [n for n in ray.util.list_named_actors() if n.startswith(f"{namespace}-")]
+
+    def test_detached_workers_are_adopted_by_the_next_pool_with_their_models(
+        self, config: ServiceConfig, namespace: str, live_store: Store, run: Runner
+    ) -> None:
+        """A detached pool's actors outlive it (as when its controller dies); a new pool with the
+        same prefix adopts them on their queues, models loaded, serves with them, adds new actors
+        without a name clash, and its shutdown ends them all."""
+
+        async def body() -> None:
+            first = WorkerPool(
+                config, name_prefix=f"{namespace}-", detached=True, drain_timeout_s=1.0
+            )
+            await first.apply({"e": 1, "c": 1}, wait=True)
+            pids = {name: await h.ping.remote() for name, h in first.handles().items()}
+            del first  # abandoned without shutdown: its actors live on
+            second = WorkerPool(
+                config, name_prefix=f"{namespace}-", detached=True, drain_timeout_s=1.0
+            )
+            try:
+                assert await second.adopt() == 2
+                assert await second.adopt() == 0  # known members are not adopted twice
+                assert {n: await h.ping.remote() for n, h in second.handles().items()} == pids
+                assert set(second.placement().values()) == {"e", "c"}
+                view = await second.view()
+                assert (view.queues["e"].ready, view.queues["c"].ready) == (1, 1)
+                [job_id] = await submit_to_queue(live_store, "e", new_job("embed", {"text": "a"}))
+                outcome = await live_store.wait_finished(job_id, 30.0)
+                assert outcome.status is JobStatus.SUCCEEDED
+                await second.apply({"e": 2, "c": 1}, wait=True)
+                assert len(second.handles()) == 3
+            finally:
+                await second.shutdown()
+
+        run(body())
         assert not [n for n in ray.util.list_named_actors() if n.startswith(f"{namespace}-")]
 
     def test_unknown_queue_in_target_is_refused(
