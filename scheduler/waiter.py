@@ -67,7 +67,10 @@ class ResultWaiter:
             ]
             if pending:
                 self._ensure_dispatcher()
-                await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+                # of the caller that arrives as the results do.
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.gather(*pending)
             out: list[str | Delivered | None] = []
             for status, future in zip(statuses, futures, strict=True):
                 if status is None or status in _FINISHED:

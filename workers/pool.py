@@ -283,10 +283,8 @@ class WorkerPool:
         try:
             if m.handle is not None and not m.dead:
                 with contextlib.suppress(RayActorError, TimeoutError):
-                    await asyncio.wait_for(
-                        _call(m.handle.stop.remote(self.drain_timeout_s)),
-                        self.drain_timeout_s + self.call_timeout_s,
-                    )
+                    async with asyncio.timeout(self.drain_timeout_s + self.call_timeout_s):
+                        await _call(m.handle.stop.remote(self.drain_timeout_s))
         finally:
             self._kill(m)
             await self._await_death(m)
@@ -299,7 +297,8 @@ class WorkerPool:
         deadline = asyncio.get_running_loop().time() + self.call_timeout_s
         while asyncio.get_running_loop().time() < deadline:
             try:
-                await asyncio.wait_for(_call(m.handle.ping.remote()), self.call_timeout_s)
+                async with asyncio.timeout(self.call_timeout_s):
+                    await _call(m.handle.ping.remote())
             except RayActorError:
                 return
             except TimeoutError:
@@ -335,10 +334,8 @@ class WorkerPool:
             # Still starting (a new process imports torch): asking would only wait.
             return None
         try:
-            state = cast(
-                WorkerState,
-                await asyncio.wait_for(_call(m.handle.state.remote()), self.call_timeout_s),
-            )
+            async with asyncio.timeout(self.call_timeout_s):
+                state = cast(WorkerState, await _call(m.handle.state.remote()))
         except TimeoutError:
             return None
         except RayActorError:

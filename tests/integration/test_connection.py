@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 import redis
 
 from scheduler.client import Client
+from scheduler.connection import client_from_url
 from scheduler.embedded_redis import EmbeddedRedis
 from scheduler.errors import RedisUnavailable
 from scheduler.settings import Settings
+from tests.conftest import Runner
 
 SECRET = "s3cr3t-Pa55"
 
@@ -92,3 +95,37 @@ class TestConnectionErrors:
             assert client.async_client.embedded is None
             assert client.settings.namespace == "from-env"
             client.handle(client.submit("embed").id).cancel()
+
+
+class TestCancellation:
+    def test_cancelling_a_task_between_commands_always_ends_it(
+        self, redis_server: EmbeddedRedis, run: Runner
+    ) -> None:
+        """A task issuing commands back to back ends when cancelled, whenever the cancel lands.
+        (redis-py bounds each write with asyncio.wait_for, which on Python 3.11 lost about half
+        of such cancellations; the project's connections bound it with asyncio.timeout.)"""
+
+        async def body() -> int:
+            client = client_from_url(redis_server.url)
+            lost = 0
+            try:
+                for i in range(60):
+
+                    async def commands() -> None:
+                        while True:
+                            await client.ping()
+
+                    task = asyncio.create_task(commands())
+                    await asyncio.sleep(0.001 * (i % 4))
+                    task.cancel()
+                    done, _ = await asyncio.wait({task}, timeout=2.0)
+                    if not done:
+                        lost += 1
+                        while not task.done():  # a lost cancellation: stop it for good
+                            task.cancel()
+                            await asyncio.wait({task}, timeout=0.1)
+            finally:
+                await client.aclose()
+            return lost
+
+        assert run(body()) == 0
