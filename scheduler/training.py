@@ -7,9 +7,11 @@ Ray) or a `ray up` cluster (`ray.init(address="auto")`) without change.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from policies.evaluation import TraceInput
 from policies.learned.rollout import (
     MapRollouts,
     RolloutResult,
@@ -21,20 +23,24 @@ from policies.learned.rollout import (
 __all__ = ["RayRollouts", "map_serial"]
 
 
-def _rollout_in_worker(task: RolloutTask) -> RolloutResult:
+def _rollout_in_worker(task: RolloutTask, trace: TraceInput | None = None) -> RolloutResult:
     """Runs one rollout single-threaded: rollouts are many and small, so parallelism comes from
-    running several at once, and torch's intra-op threads would only fight over the cores."""
+    running several at once, and torch's intra-op threads would only fight over the cores.
+    `trace` arrives separately from the task (see RayRollouts)."""
     import torch
 
     torch.set_num_threads(1)
+    if trace is not None:
+        task = dataclasses.replace(task, trace=trace)
     return run_rollout(task)
 
 
 class RayRollouts:
     """A `MapRollouts` that runs each rollout as a Ray task and gathers the results in order.
 
-    Uses the Ray the caller connected to (`ray.init` before constructing). The policy weights in a
-    batch are put into the object store once per distinct policy rather than once per task.
+    Uses the Ray the caller connected to (`ray.init` before constructing). A task's trace (tens of
+    megabytes for a real one) goes into the object store once per distinct trace, and every task
+    replaying it gets a reference, not a copy.
     """
 
     def __init__(self, *, num_cpus_per_task: float = 1.0) -> None:
@@ -44,9 +50,22 @@ class RayRollouts:
             raise RuntimeError("RayRollouts needs ray.init() first")
         self._ray: Any = ray
         self._remote: Any = ray.remote(num_cpus=num_cpus_per_task)(_rollout_in_worker)
+        # id(trace) -> (the trace, kept alive so its id stays its own; its object reference).
+        self._traces: dict[int, tuple[TraceInput, Any]] = {}
+
+    def _trace_ref(self, trace: TraceInput) -> Any:
+        if id(trace) not in self._traces:
+            self._traces[id(trace)] = (trace, self._ray.put(trace))
+        return self._traces[id(trace)][1]
 
     def __call__(self, tasks: Sequence[RolloutTask]) -> list[RolloutResult]:
-        refs = [self._remote.remote(task) for task in tasks]
+        refs = []
+        for task in tasks:
+            if task.trace is None:
+                refs.append(self._remote.remote(task))
+            else:
+                trace_ref = self._trace_ref(task.trace)
+                refs.append(self._remote.remote(dataclasses.replace(task, trace=None), trace_ref))
         results: list[RolloutResult] = self._ray.get(refs)
         return results
 

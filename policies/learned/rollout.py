@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from policies.allocation import largest_remainder
+from policies.evaluation import TraceInput, prepare_part
 from policies.guardrails import Guardrails
 from policies.learned.allocator import LearnedAllocator, TickDecision, moves_toward
 from policies.learned.policy import LearnedPolicy
@@ -30,7 +31,7 @@ from policies.learned.router import LearnedRouter, RouteChoice
 from policies.registry import make_allocator
 from policies.sim.metrics import summarize
 from policies.sim.run import SimRun, SimSpec
-from policies.sim.scenario import Scenario, make_router_for, parse_scenario, prepare
+from policies.sim.scenario import Scenario, make_router_for, parse_scenario
 from policies.views import Allocator, Router
 
 # Generator fields that carry an arrival rate, by generator kind; `scale_scenario` multiplies them.
@@ -108,6 +109,9 @@ class RolloutTask:
     # acting; its answer, as moves, is kept for an imitation term in training.
     teacher: str | None = None
     teacher_params: Mapping[str, Any] | None = None
+    # The lines of the trace a trace-replay scenario replays. Episodes use only its training
+    # window (policies.seeds.TRAIN_WINDOW_FRACTION); the rest is held out for `bilevel evaluate`.
+    trace: TraceInput | None = None
 
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.heuristic is None):
@@ -148,7 +152,7 @@ def _area_now(run: SimRun) -> float:
 def run_rollout(task: RolloutTask) -> RolloutResult:
     """Runs one episode of `task` and returns its rewards, decisions and summary."""
     scenario = scale_scenario(task.scenario, load_scale=task.load_scale, duration_s=task.duration_s)
-    prepared = prepare(scenario, task.arrival_seed)
+    prepared = prepare_part(scenario, task.arrival_seed, part="train", trace=task.trace)
     if task.initial_seed is not None:
         prepared = dataclasses.replace(
             prepared, spec=random_initial_allocation(prepared.spec, task.initial_seed)
@@ -236,6 +240,25 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
 
 # How a batch of rollouts gets run: serially, in a process pool, or as Ray tasks.
 MapRollouts = Callable[[Sequence[RolloutTask]], list[RolloutResult]]
+
+
+def with_traces(map_rollouts: MapRollouts, traces: Mapping[str, TraceInput]) -> MapRollouts:
+    """`map_rollouts` that first gives each task of a trace scenario its trace (`traces` by
+    scenario name), so training code that builds tasks from scenarios needs no trace plumbing."""
+    if not traces:
+        return map_rollouts
+
+    def attach(tasks: Sequence[RolloutTask]) -> list[RolloutResult]:
+        return map_rollouts(
+            [
+                dataclasses.replace(t, trace=traces[t.scenario.name])
+                if t.trace is None and t.scenario.name in traces
+                else t
+                for t in tasks
+            ]
+        )
+
+    return attach
 
 
 def map_serial(tasks: Sequence[RolloutTask]) -> list[RolloutResult]:

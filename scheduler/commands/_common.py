@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from policies.evaluation import TraceInput
 from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
 from policies.sim.traces import TraceFormat
 
@@ -69,3 +70,21 @@ def trace_files(scenario: Scenario, scenario_path: Path, trace: Path | None) -> 
             candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
             run_path = candidate if candidate.exists() else None
     return TraceFiles(trace_path, run_path)
+
+
+def _read_lines(path: Path) -> tuple[str, ...]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return tuple(f)
+    except OSError as exc:
+        raise fail(f"cannot read trace: {exc}") from None
+
+
+def read_trace(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceInput | None:
+    """The trace a trace scenario replays (--trace, else the scenario's own path), read whole;
+    None for a synthetic scenario."""
+    files = trace_files(scenario, scenario_path, trace)
+    if files is None:
+        return None
+    run_lines = _read_lines(files.run) if files.run is not None else None
+    return TraceInput(lines=_read_lines(files.trace), source=str(files.trace), run_lines=run_lines)

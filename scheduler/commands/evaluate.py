@@ -32,7 +32,7 @@ from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS
 from policies.seeds import DEFAULT_EVAL_SEEDS, TRAIN_WINDOW_FRACTION, TUNING_SEEDS, eval_seeds
 from policies.sim.scenario import Scenario
 from policies.tuning import default_grids, heuristic_factories, shipped_params, tune_scenario
-from scheduler.commands._common import fail, read_scenario, trace_files
+from scheduler.commands._common import fail, read_scenario, read_trace
 
 
 def _note(message: str) -> None:
@@ -78,28 +78,11 @@ class _Input:
     trace: TraceInput | None
 
 
-def _read_lines(path: Path) -> tuple[str, ...]:
-    try:
-        with path.open(encoding="utf-8") as f:
-            return tuple(f)
-    except OSError as exc:
-        raise fail(f"cannot read trace: {exc}") from None
-
-
-def _read_trace(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceInput | None:
-    """The trace a trace scenario replays (--trace, else the scenario's own path), read whole."""
-    files = trace_files(scenario, scenario_path, trace)
-    if files is None:
-        return None
-    run_lines = _read_lines(files.run) if files.run is not None else None
-    return TraceInput(lines=_read_lines(files.trace), source=str(files.trace), run_lines=run_lines)
-
-
 def _read_inputs(paths: Sequence[Path], trace: Path | None) -> list[_Input]:
     inputs = []
     for path in paths:
         scenario = read_scenario(path)
-        inputs.append(_Input(path, scenario, _read_trace(scenario, path, trace)))
+        inputs.append(_Input(path, scenario, read_trace(scenario, path, trace)))
     if trace is not None and not any(i.trace is not None for i in inputs):
         raise fail("--trace given, but no scenario replays a trace")
     names = [i.scenario.name for i in inputs]

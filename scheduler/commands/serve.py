@@ -33,6 +33,24 @@ def load_config(path: Path) -> ServiceConfig:
         raise fail(str(exc)) from None
 
 
+def with_policies(config: ServiceConfig, policy: str | None, router: str | None) -> ServiceConfig:
+    """`config` with --policy and --router in place of its policies, checked (and checkpoints
+    loaded) now: Exit(2) naming the field when one is unknown or its checkpoint is unusable."""
+    from scheduler.service.policies import load_policies
+
+    if policy is not None:
+        allocation = config.allocation.model_copy(update={"policy": policy, "params": {}})
+        config = config.model_copy(update={"allocation": allocation})
+    if router is not None:
+        routing = config.routing.model_copy(update={"policy": router, "params": {}})
+        config = config.model_copy(update={"routing": routing})
+    try:
+        load_policies(config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    return config
+
+
 def check_handlers(config: ServiceConfig) -> None:
     """Import the handler modules and check every configured job type has a handler; Exit(2)
     naming the module, or the queue index and job type, otherwise."""
@@ -92,9 +110,25 @@ def serve(
         float,
         typer.Option("--leader-ttl", min=0.1, help="Seconds a leader lock lives unrenewed."),
     ] = 10.0,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="Level 2: an allocator name, 'learned' (the shipped checkpoint) or a checkpoint "
+            "path; replaces the config's allocation.policy (and its params).",
+        ),
+    ] = None,
+    router: Annotated[
+        str | None,
+        typer.Option(
+            "--router",
+            help="Level 1: a router name, 'learned' or a checkpoint path; replaces the config's "
+            "routing.policy (and its params).",
+        ),
+    ] = None,
 ) -> None:
     """Run the scheduling service (router + controller on Ray) in the foreground."""
-    config = load_config(config_path)
+    config = with_policies(load_config(config_path), policy, router)
     check_handlers(config)
     from scheduler.service.runner import start_service
 

@@ -22,11 +22,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from policies.evaluation import TraceInput
 from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
-from policies.learned.rollout import MapRollouts
-from policies.seeds import TRAIN_SEEDS
+from policies.learned.rollout import MapRollouts, with_traces
+from policies.seeds import TRAIN_SEEDS, TRAIN_WINDOW_FRACTION
 from policies.sim.scenario import Scenario
 from scheduler.checkpoints import (
     CheckpointError,
@@ -34,23 +35,29 @@ from scheduler.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from scheduler.commands._common import fail, read_scenario
+from scheduler.commands._common import fail, read_scenario, read_trace
 from scheduler.training import RayRollouts, map_serial
 
 
-def _load_scenarios(paths: Sequence[Path]) -> list[Scenario]:
+def _load_scenarios(
+    paths: Sequence[Path], trace: Path | None
+) -> tuple[list[Scenario], dict[str, TraceInput]]:
+    """The scenarios, and the traces of those that replay one (by scenario name): read here, once,
+    and handed to the rollouts, which replay only each trace's training window."""
     scenarios: list[Scenario] = []
+    traces: dict[str, TraceInput] = {}
     for path in paths:
         scenario = read_scenario(path)
-        if scenario.needs_trace:
-            # Rollout workers draw their arrivals from the scenario alone; a trace would have to be
-            # shipped to every worker, which training does not do yet.
-            raise fail(f"{path}: trace-replay scenarios cannot be trained on yet")
+        lines = read_trace(scenario, path, trace)
+        if lines is not None:
+            traces[scenario.name] = lines
         scenarios.append(scenario)
     names = [s.name for s in scenarios]
     if len(set(names)) != len(names):
         raise fail(f"scenario names must be distinct, got {names}")
-    return scenarios
+    if trace is not None and not traces:
+        raise fail("--trace given, but no scenario replays a trace")
+    return scenarios, traces
 
 
 def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
@@ -142,6 +149,14 @@ def train_command(
             "--out", help="Checkpoint path (writes .pt, .json and .png).", show_default=False
         ),
     ],
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Trace file for trace-replay scenarios (default: the path in the scenario). "
+            "Training replays its first part; the rest stays held out for `bilevel evaluate`.",
+        ),
+    ] = None,
     minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock training budget.")] = 12.0,
     workers: Annotated[
         int, typer.Option("--workers", help="Parallel rollouts (Ray CPUs); 0 runs them serially.")
@@ -193,7 +208,7 @@ def train_command(
     ] = 0.5,
 ) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
-    scenarios = _load_scenarios(scenario)
+    scenarios, traces = _load_scenarios(scenario, trace)
     initial: LearnedPolicy | None = None
     if init is not None:
         try:
@@ -231,6 +246,7 @@ def train_command(
                 _temp_dir=tempfile.mkdtemp(prefix="bltrain", dir="/tmp"),
             )
         map_rollouts = RayRollouts()
+    map_rollouts = with_traces(map_rollouts, traces)
     started = time.monotonic()
     try:
         with Progress(
@@ -270,6 +286,14 @@ def train_command(
         "iterations": result.iterations,
         "scenarios": [s.name for s in scenarios],
         "scenario_files": [str(p) for p in scenario],
+        "traces": {
+            name: {
+                "source": t.source,
+                "digest": t.digest(),
+                "window": f"first {TRAIN_WINDOW_FRACTION:.0%} of the arrivals",
+            }
+            for name, t in traces.items()
+        },
         "seed": seed,
         "train_arrival_seeds": (
             f"{len(result.train_seeds)} seeds drawn from [{TRAIN_SEEDS.start}, {TRAIN_SEEDS.stop})"

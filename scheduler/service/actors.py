@@ -29,6 +29,12 @@ from scheduler.logs import configure_logging, get_logger
 from scheduler.service.autoscaling import AutoscaleRequester
 from scheduler.service.controller_loop import ControllerLoop, Pool
 from scheduler.service.leader import LeaderLock
+from scheduler.service.policies import (
+    LoadedPolicies,
+    configured_allocator,
+    configured_router,
+    load_policies,
+)
 from scheduler.service.router_loop import RouterLoop
 from scheduler.store import Store
 
@@ -54,7 +60,9 @@ class RoleHost:
     """Runs one role of the service under its leader lock until `stop()`.
 
     `redis_url` overrides the config's store URL (an embedded server's, say). `pool_factory` builds
-    the controller's pool for each term as leader (workers.pool.WorkerPool by default).
+    the controller's pool for each term as leader (workers.pool.WorkerPool by default). `policies`
+    are the config's learned policies, loaded by the starting process (see service.policies); by
+    default they are loaded here.
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class RoleHost:
         name: str,
         leader_ttl_s: float = DEFAULT_LEADER_TTL_S,
         pool_factory: PoolFactory | None = None,
+        policies: LoadedPolicies | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
@@ -75,6 +84,7 @@ class RoleHost:
         self.name = name
         self.leader_ttl_s = leader_ttl_s
         self.pool_factory: PoolFactory = pool_factory or _worker_pool
+        self.policies = policies if policies is not None else load_policies(config)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._store: Store | None = None
@@ -96,7 +106,12 @@ class RoleHost:
         )
         self._tasks.append(asyncio.create_task(self._lock.keep(self._stop, self._on_change)))
         if self.role == "router":
-            self._router = RouterLoop(self._store, self.config, leader=self._lock)
+            self._router = RouterLoop(
+                self._store,
+                self.config,
+                router=configured_router(self.config, self.policies),
+                leader=self._lock,
+            )
             self._tasks.append(asyncio.create_task(self._router.run(self._stop)))
         else:
             self._tasks.append(asyncio.create_task(self._supervise_controller()))
@@ -125,6 +140,7 @@ class RoleHost:
                 self._store,
                 self.config,
                 pool,
+                allocator=configured_allocator(self.config, self.policies),
                 leader=lock,
                 autoscaler=AutoscaleRequester.from_config(self.config),
             )
@@ -217,8 +233,10 @@ class ControlPlane:
         name: str,
         leader_ttl_s: float = DEFAULT_LEADER_TTL_S,
         pool_factory: PoolFactory | None = None,
+        policies: LoadedPolicies | None = None,
     ) -> None:
         self.name = name
+        loaded = policies if policies is not None else load_policies(config)
         self.hosts: dict[Role, RoleHost] = {
             role: RoleHost(
                 config,
@@ -227,6 +245,7 @@ class ControlPlane:
                 name=f"{name}/{role}",
                 leader_ttl_s=leader_ttl_s,
                 pool_factory=pool_factory,
+                policies=loaded,
             )
             for role in ROLES
         }

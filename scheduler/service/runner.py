@@ -33,6 +33,7 @@ from scheduler.service.actors import (
     Role,
     control_plane_actor_class,
 )
+from scheduler.service.policies import load_policies
 
 log = get_logger("bilevel.service")
 
@@ -191,6 +192,8 @@ def start_service(
     """
     import ray
 
+    # Checked and loaded first: a bad policy or checkpoint fails the start, naming the field.
+    policies = load_policies(config)
     ensure_ray(address=ray_address)
     url, embedded = resolve_redis(config, redis_url)
     config = config.model_copy(
@@ -206,6 +209,7 @@ def start_service(
             name=name,
             leader_ttl_s=leader_ttl_s,
             pool_factory=pool_factory,
+            policies=policies,
         )
     )
     handle = ServiceHandle(config, url, actor, name, embedded)

@@ -56,6 +56,29 @@ class TestServeChecks:
         assert "max_workers 1 < min_workers 2" in result.output
         assert "Traceback" not in result.output
 
+    def test_unknown_policy_and_unusable_checkpoint_exit_2_naming_the_field(
+        self, tmp_path: Path
+    ) -> None:
+        """--policy and --router take a policy name, 'learned' or a checkpoint; anything else,
+        or a checkpoint of another feature schema, stops serve before Ray starts."""
+        from policies.learned.policy import LearnedPolicy
+        from scheduler.checkpoints import save_checkpoint
+
+        config = str(_write(tmp_path, _demo_raw()))
+        unknown = CliRunner().invoke(app, ["serve", "--config", config, "--policy", "nope"])
+        assert unknown.exit_code == 2
+        assert "allocation.policy: 'nope' is neither a policy" in unknown.output
+        _, meta_path = save_checkpoint(tmp_path / "old", LearnedPolicy.create(seed=0))
+        meta = json.loads(meta_path.read_text())
+        meta["feature_schema_version"] += 7
+        meta_path.write_text(json.dumps(meta))
+        ckpt = tmp_path / "old.pt"
+        old = CliRunner().invoke(app, ["serve", "--config", config, "--router", str(ckpt)])
+        assert old.exit_code == 2
+        assert "routing.policy:" in old.output
+        assert "schema" in old.output
+        assert "Traceback" not in old.output
+
     def test_unknown_field_is_named(self, tmp_path: Path) -> None:
         """A misspelt key is reported with its path."""
         raw = _demo_raw()
@@ -183,6 +206,33 @@ class TestServiceOnRay:
         out = json.loads(shown.output)
         assert out["leaders"] == {"router": True, "controller": True}
         assert {q["queue"]: q["workers"] for q in out["queues"]} == status["controller"]["target"]
+
+    def test_the_learned_policies_serve_live(
+        self, services: list[Any], settings: Settings, run: Any
+    ) -> None:
+        """With allocation.policy and routing.policy "learned" (the shipped checkpoint), the
+        controller allocates with the network inside the guardrails and every job completes."""
+        config = _ray_config(settings, budget=3, policy="learned", params={})
+        config = config.model_copy(
+            update={"routing": config.routing.model_copy(update={"policy": "learned"})}
+        )
+        handle = _start(services, config)
+        assert handle.wait_leading(20.0)
+
+        async def jobs() -> list[Any]:
+            async with AsyncClient(settings=settings) as client:
+                handles = await client.submit_many(DEMO_JOBS * 4)
+                return await asyncio.gather(*(h.result(timeout=60) for h in handles))
+
+        assert all(r is not None for r in run(jobs()))
+        target = handle.status()["controller"]["target"]
+        assert sum(target.values()) <= 3
+        shown = CliRunner().invoke(
+            app,
+            ["status", "--redis-url", handle.redis_url, "--namespace", handle.namespace, "--json",
+             "--window", "0"],
+        )  # fmt: skip
+        assert "learned" in json.loads(shown.output)["policy"]
 
     def test_load_shift_moves_workers_and_pays_the_model_load(
         self, services: list[Any], settings: Settings, run: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from policies.evaluation import TraceInput
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import Args, train
 from policies.learned.rollout import RolloutTask, map_serial
@@ -46,3 +47,25 @@ def test_ray_rollouts_match_serial_and_drive_training() -> None:
     )  # fmt: skip
     result = train(args, [scenario], remote)
     assert result.iterations == 2
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_ray_rollouts_ship_a_trace_once_and_replay_it_like_serial() -> None:
+    """Tasks of a trace scenario run on Ray with the trace passed by reference (put once), and
+    give the same episodes as in-process."""
+    scenario = parse_scenario(
+        {**SCENARIO, "name": "ray_trace", "duration_s": None,
+         "workload": {"trace": {"format": "generic_csv"}}}
+    )  # fmt: skip
+    lines = ["arrival_s,job_type\n"] + [f"{i * 0.2:.1f},{'ab'[i % 2]}\n" for i in range(200)]
+    trace = TraceInput(lines=tuple(lines), source="inline")
+    policy = LearnedPolicy.create(seed=2)
+    tasks = [RolloutTask(scenario, seed, policy=policy, trace=trace) for seed in range(3)]
+    remote = RayRollouts()
+    on_ray = remote(tasks)
+    assert len(remote._traces) == 1
+    local = map_serial(tasks)
+    assert [r.jobs for r in on_ray] == [r.jobs for r in local]
+    assert all(r.jobs > 0 for r in on_ray)
+    for a, b in zip(on_ray, local, strict=True):
+        assert a.rewards.tolist() == b.rewards.tolist()

@@ -1,0 +1,93 @@
+"""The live service's two policies, from its config: a registry name, "learned" (the shipped
+checkpoint) or a checkpoint path, for `allocation.policy` and for `routing.policy`.
+
+Checkpoints are loaded by `load_policies` in the process that starts the service, and the loaded
+weights travel to the control-plane actor with its arguments: a path valid on the machine that ran
+`bilevel serve` need not exist on the node where Ray places the actor. Loading there also means a
+missing or incompatible checkpoint fails the start with the field's path, not a controller that
+crashes on every term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.learned.policy import LearnedPolicy
+from policies.registry import ALLOCATORS, ROUTERS, make_allocator, make_router
+from policies.views import Allocator, Router
+from scheduler.checkpoints import (
+    LEARNED,
+    CheckpointError,
+    checkpoint_paths,
+    default_checkpoint_path,
+    load_checkpoint,
+)
+from scheduler.config import ConfigError, ServiceConfig
+from scheduler.service.views import allocation_bounds
+
+
+@dataclass(frozen=True)
+class LoadedPolicies:
+    """The learned policies the config names, by level ("allocation", "routing")."""
+
+    learned: dict[str, LearnedPolicy] = field(default_factory=dict)
+
+
+def _load(level: str, name: str, registry: Mapping[str, Any]) -> LearnedPolicy | None:
+    """None for a registry name, else the checkpoint's policy ("learned": the shipped one)."""
+    if name in registry:
+        return None
+    path = default_checkpoint_path() if name == LEARNED else checkpoint_paths(name)[0]
+    if not path.exists():
+        known = ", ".join(sorted([*registry, LEARNED]))
+        raise ConfigError(
+            f"{level}.policy: {name!r} is neither a policy ({known}) nor a checkpoint "
+            f"({path} not found)"
+        )
+    try:
+        policy, _ = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{level}.policy: {exc}") from None
+    return policy
+
+
+def load_policies(config: ServiceConfig) -> LoadedPolicies:
+    """Checks both policy names and loads the checkpoints they name; ConfigError names the field."""
+    learned: dict[str, LearnedPolicy] = {}
+    allocation = _load("allocation", config.allocation.policy, ALLOCATORS)
+    if allocation is not None:
+        unknown = sorted(set(config.allocation.params))
+        if unknown:
+            raise ConfigError(f"allocation.params: a learned allocator takes none, got {unknown}")
+        learned["allocation"] = allocation
+    routing = _load("routing", config.routing.policy, ROUTERS)
+    if routing is not None:
+        if config.routing.params:
+            raise ConfigError(
+                f"routing.params: a learned router takes none, got {sorted(config.routing.params)}"
+            )
+        learned["routing"] = routing
+    return LoadedPolicies(learned)
+
+
+def configured_allocator(config: ServiceConfig, loaded: LoadedPolicies) -> Allocator:
+    """Level 2's policy (to be wrapped in the guardrails)."""
+    policy = loaded.learned.get("allocation")
+    if policy is None:
+        return make_allocator(config.allocation.policy, **config.allocation.params)
+    return policy.allocator(
+        bounds=allocation_bounds(config), max_moves=config.allocation.max_moves_per_tick
+    )
+
+
+def configured_router(config: ServiceConfig, loaded: LoadedPolicies) -> Router:
+    """Level 1's policy."""
+    policy = loaded.learned.get("routing")
+    if policy is None:
+        return make_router(config.routing.policy, **config.routing.params)
+    return policy.router()
+
+
+__all__ = ["LoadedPolicies", "configured_allocator", "configured_router", "load_policies"]

@@ -1,0 +1,81 @@
+"""`bilevel train` on a trace scenario of one's own, then `bilevel simulate` with the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from policies.evaluation import TraceInput
+from policies.learned.policy import LearnedPolicy
+from policies.learned.rollout import RolloutTask, map_serial, run_rollout, with_traces
+from policies.seeds import TRAIN_WINDOW_FRACTION
+from policies.sim.scenario import parse_scenario
+from scheduler.commands import simulate, train
+
+TRACE_SCENARIO = {
+    "name": "my_trace",
+    "queues": [
+        {"name": n, "job_types": [n], "service": {"kind": "exponential", "mean_s": 0.4},
+         "model_load_s": 1.0}
+        for n in ("a", "b")
+    ],
+    "cluster": {"workers": 3},
+    "workload": {"trace": {"format": "generic_csv", "path": "my_trace.csv"}},
+    "tick_s": 1.0,
+}  # fmt: skip
+
+
+def _trace_text(n: int = 400) -> str:
+    rng = np.random.default_rng(3)
+    times = np.cumsum(rng.exponential(0.25, n))
+    types = rng.choice(["a", "b"], n, p=[0.7, 0.3])
+    return "arrival_s,job_type\n" + "".join(
+        f"{t:.3f},{k}\n" for t, k in zip(times, types, strict=True)
+    )
+
+
+def test_rollouts_of_a_trace_scenario_replay_its_training_window_only() -> None:
+    """Episodes get the trace through with_traces and replay its first part; without the trace
+    an episode of a trace scenario is refused, naming what is missing."""
+    scenario = parse_scenario(TRACE_SCENARIO)
+    trace = TraceInput(lines=tuple(_trace_text().splitlines(keepends=True)), source="t.csv")
+    policy = LearnedPolicy.create(seed=0)
+    run_with = with_traces(map_serial, {"my_trace": trace})
+    [result] = run_with([RolloutTask(scenario, 0, policy=policy)])
+    # The window is the first part of the trace's time span: about that share of the arrivals.
+    replayed = result.jobs + result.unfinished
+    assert 0.9 * TRAIN_WINDOW_FRACTION * 400 <= replayed <= 1.1 * TRAIN_WINDOW_FRACTION * 400
+    with pytest.raises(ValueError, match="replays a trace: its lines are needed"):
+        run_rollout(RolloutTask(scenario, 0, policy=policy))
+
+
+def test_train_on_a_trace_then_simulate_with_the_checkpoint(tmp_path: Path) -> None:
+    scenario = tmp_path / "my_trace.yaml"
+    scenario.write_text(yaml.safe_dump(TRACE_SCENARIO))
+    (tmp_path / "my_trace.csv").write_text(_trace_text())
+    app = typer.Typer()
+    train.register(app)
+    simulate.register(app)
+    out = tmp_path / "ckpt" / "mine"
+    trained = CliRunner().invoke(
+        app,
+        ["train", "--scenario", str(scenario), "--out", str(out), "--workers", "0",
+         "--iterations", "2", "--eval-every", "2", "--eval-seeds", "1"],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["traces"]["my_trace"]["source"].endswith("my_trace.csv")
+    assert meta["iterations"] == 2
+    simulated = CliRunner().invoke(
+        app,
+        ["simulate", "--scenario", str(scenario), "--policy", str(out.with_suffix(".pt")),
+         "--json"],
+    )  # fmt: skip
+    assert simulated.exit_code == 0, simulated.output
+    assert json.loads(simulated.stdout)["jobs"] == 400
