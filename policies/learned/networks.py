@@ -11,6 +11,8 @@ checkpoint can rebuild exactly the network it was trained with.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.features import N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
+from policies.features import N_BASE_FEATURES, N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
 
 # Initial bias of the "stop" logit: an untrained allocator should mostly hold its workers, since
 # every move costs a model load; with logit 2 against ~0 for each queue, it stops at once with
@@ -26,13 +28,54 @@ from policies.features import N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
 _STOP_BIAS = 2.0
 
 
+# One base heuristic of a residual allocator: its registry name and constructor parameters.
+BaseSpec = tuple[str, dict[str, float]]
+
+
 @dataclass(frozen=True, slots=True)
 class AllocatorNetConfig:
-    """Shape of `QueueSetNet`."""
+    """Shape of `QueueSetNet`, and the base heuristics a residual allocator corrects."""
 
     # Width of the per-queue encoder, the pooled summary and the per-queue head.
     hidden: int = 64
     n_features: int = N_QUEUE_FEATURES
+    # A residual allocator: heuristics whose proposals the moves may start from. Each tick a gate
+    # (a global softmax) picks one, and the moves correct its proposal; stopping at once reproduces
+    # it. Every proposal's features are inputs. Empty: the moves start from the current allocation.
+    # Use `residual` to build one, which also sizes the input.
+    bases: tuple[BaseSpec, ...] = ()
+    # Initial bias of the stop logit (see `_STOP_BIAS`) and of the first base's gate logit (the
+    # others start at 0); they only shape freshly built networks.
+    stop_bias: float = _STOP_BIAS
+    gate_bias: float = _STOP_BIAS
+
+    def __post_init__(self) -> None:
+        # JSON metadata gives lists; keep the frozen config hashable-looking and comparable.
+        bases = tuple((str(name), dict(params)) for name, params in self.bases)
+        object.__setattr__(self, "bases", bases)
+        wanted = N_QUEUE_FEATURES + N_BASE_FEATURES * len(bases)
+        if self.n_features != wanted:
+            raise ValueError(f"n_features must be {wanted} for {len(bases)} base heuristics")
+
+    @classmethod
+    def residual(
+        cls,
+        bases: Sequence[BaseSpec],
+        *,
+        hidden: int = 64,
+        stop_bias: float = _STOP_BIAS,
+        gate_bias: float = _STOP_BIAS,
+    ) -> AllocatorNetConfig:
+        """A network that picks one of `bases` and corrects its proposal."""
+        if not bases:
+            raise ValueError("a residual allocator needs at least one base heuristic")
+        return cls(
+            hidden=hidden,
+            n_features=N_QUEUE_FEATURES + N_BASE_FEATURES * len(bases),
+            bases=tuple(bases),
+            stop_bias=stop_bias,
+            gate_bias=gate_bias,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +106,8 @@ class QueueSetOutput:
     stop_logit: torch.Tensor
     # (B,) >= 0: how much the stop preference grows per move already made this tick.
     stop_slope: torch.Tensor
+    # (B, K): preference for starting from each base heuristic's proposal (K = 0: not residual).
+    gate_logits: torch.Tensor
 
 
 def _layer(n_in: int, n_out: int, gain: float = 2.0**0.5) -> nn.Linear:
@@ -71,6 +116,13 @@ def _layer(n_in: int, n_out: int, gain: float = 2.0**0.5) -> nn.Linear:
     nn.init.orthogonal_(linear.weight, gain)
     nn.init.zeros_(linear.bias)
     return linear
+
+
+def stop_offset(config: AllocatorNetConfig, n_queues: int) -> float:
+    """Added to a residual allocator's stop logit: log(n) makes the chance of leaving the base
+    proposal alone the same for 3 queues as for 60 (against n receiver logits near 0 it is
+    e^b / (e^b + 1) for stop bias b), so exploration does not grow with the queue count."""
+    return math.log(n_queues) if config.bases and n_queues > 0 else 0.0
 
 
 class QueueSetNet(nn.Module):
@@ -91,9 +143,12 @@ class QueueSetNet(nn.Module):
         # Per-queue head sees its own encoding beside the cluster summary.
         # Small output gain (cleanrl uses 0.01 for the actor) keeps the first policy near uniform.
         self.queue_head = nn.Sequential(_layer(2 * h, h), nn.Tanh(), _layer(h, 2, gain=0.01))
-        self.global_head = _layer(h, 3, gain=0.01)
+        # Stop, stop slope, pool, then one gate logit per base heuristic.
+        self.global_head = _layer(h, 3 + len(self.config.bases), gain=0.01)
         with torch.no_grad():
-            self.global_head.bias[0] = _STOP_BIAS
+            self.global_head.bias[0] = self.config.stop_bias
+            if self.config.bases:
+                self.global_head.bias[3] = self.config.gate_bias
 
     def forward(self, features: torch.Tensor) -> QueueSetOutput:
         encoded = self.encoder(features)  # (B, n, h)
@@ -107,9 +162,10 @@ class QueueSetNet(nn.Module):
         return QueueSetOutput(
             receiver_logits=per_queue[..., 0],
             donor_logits=per_queue[..., 1],
-            stop_logit=glob[:, 0],
+            stop_logit=glob[:, 0] + stop_offset(self.config, n),
             stop_slope=nn.functional.softplus(glob[:, 1]),
             pool_logit=glob[:, 2],
+            gate_logits=glob[:, 3:],
         )
 
 
@@ -122,6 +178,7 @@ class QueueSetOutputNp:
     pool_logit: float
     stop_logit: float
     stop_slope: float
+    gate_logits: np.ndarray  # (K,)
 
 
 class QueueSetNetNp:
@@ -146,6 +203,7 @@ class QueueSetNetNp:
         self.head1, self.head2 = wb(net.queue_head[0]), wb(net.queue_head[2])
         self.glob = wb(net.global_head)
         self.hidden = net.config.hidden
+        self.config = net.config
 
     def __call__(self, features: np.ndarray) -> QueueSetOutputNp:
         """Outputs for one view's (n, F) float32 features (n >= 1)."""
@@ -162,9 +220,10 @@ class QueueSetNetNp:
         return QueueSetOutputNp(
             receiver_logits=per_queue[:, 0],
             donor_logits=per_queue[:, 1],
-            stop_logit=float(glob[0]),
+            stop_logit=float(glob[0]) + stop_offset(self.config, len(features)),
             stop_slope=float(np.logaddexp(0.0, glob[1])),  # softplus
             pool_logit=float(glob[2]),
+            gate_logits=glob[3:],
         )
 
 

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.learned.allocator import moves_log_prob
-from policies.learned.networks import AllocatorNetConfig
+from policies.learned.allocator import gate_log_prob, moves_log_prob
+from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
 from policies.registry import HEURISTIC_ALLOCATORS
@@ -101,6 +101,15 @@ class Args:
     """width of the allocator network"""
     max_moves: int = 4
     """moves the allocator may make per tick"""
+    bases: tuple[BaseSpec, ...] = ()
+    """train a residual allocator over these heuristics ((registry name, parameters), the same for
+    every scenario): each tick it picks one and corrects its proposal, and the untrained policy is
+    the first (empty: moves start from the current allocation)"""
+    stop_bias: float = 2.0
+    """initial stop logit; for a residual allocator, e^b / (e^b + 1) is the initial chance per tick
+    of keeping the picked base's proposal when sampling"""
+    gate_bias: float = 2.0
+    """initial gate logit of the first base (the others start at 0)"""
     train_router: bool = True
     """train the learned router where a scenario has a routing choice"""
     random_start_fraction: float = 0.5
@@ -389,6 +398,7 @@ def _stack_allocator_batch(
             "low": torch.from_numpy(np.stack([d.low for d in ds])),
             "high": torch.from_numpy(np.stack([d.high for d in ds])),
             "moves": torch.from_numpy(np.stack([d.moves for d in ds])),
+            "base": torch.tensor([d.base for d in ds], dtype=torch.int64),
             "old_log_prob": torch.tensor([d.log_prob for d in ds], dtype=torch.float32),
             "advantage": torch.tensor([advantages[i][t] for i, t in where], dtype=torch.float32),
         }
@@ -486,7 +496,18 @@ def train(
         initial.copy()
         if initial is not None
         else LearnedPolicy.create(
-            AllocatorNetConfig(hidden=args.hidden), max_moves=args.max_moves, seed=args.seed
+            (
+                AllocatorNetConfig.residual(
+                    args.bases,
+                    hidden=args.hidden,
+                    stop_bias=args.stop_bias,
+                    gate_bias=args.gate_bias,
+                )
+                if args.bases
+                else AllocatorNetConfig(hidden=args.hidden, stop_bias=args.stop_bias)
+            ),
+            max_moves=args.max_moves,
+            seed=args.seed,
         )
     )
     params = list(policy.allocator_net.parameters()) + list(policy.router_net.parameters())
@@ -600,10 +621,13 @@ def train(
                 if kind == "allocator":
                     b = alloc_batches[key]
                     out = policy.allocator_net(b["features"][idx])
-                    new_lp, entropy = moves_log_prob(
+                    moves_lp, entropy = moves_log_prob(
                         out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
                         b["moves"][idx],
                     )  # fmt: skip
+                    gate_lp, gate_entropy = gate_log_prob(out.gate_logits, b["base"][idx])
+                    new_lp = gate_lp + moves_lp
+                    entropy = entropy + gate_entropy
                     has_teacher = b["has_teacher"][idx]
                     if imitation_coef > 0 and float(has_teacher.sum()) > 0:
                         teacher_lp, _ = moves_log_prob(

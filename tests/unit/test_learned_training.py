@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import typer
 
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import (
@@ -29,6 +30,7 @@ from policies.learned.rollout import (
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS
 from policies.sim.scenario import Scenario, parse_scenario
+from scheduler.commands.train import parse_base
 
 TINY = {
     "name": "tiny",
@@ -204,3 +206,32 @@ def test_imitation_labels_every_decision_and_trains() -> None:
     trained = train(args, [_tiny()], map_serial)
     assert set(trained.teachers) == {"tiny"}
     assert all(math.isfinite(m["losses/imitation_nll"]) for m in trained.history)
+
+
+def test_residual_training_starts_from_its_base_heuristic() -> None:
+    """A residual run's untrained policy validates as exactly its first base heuristic, and its
+    updates (gate and moves) run with finite losses."""
+    # Default parameters, as validation runs them without tuned values.
+    bases = (("switch_aware", {}), ("proportional", {}))
+    args = Args(
+        seed=0, max_iterations=2, inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0),
+        eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, eval_random_starts=False,
+        eval_tuned_heuristics=False,
+    )  # fmt: skip
+    result = train(args, [_tiny()], map_serial)
+    first = result.evaluations[0].mean_jct_s["tiny"]
+    assert first["learned"] == first["switch_aware"] != first["proportional"]
+    assert result.policy.allocator_net.config.bases == bases
+    assert all(math.isfinite(m["losses/allocator_policy_loss"]) for m in result.history)
+
+
+def test_train_cli_parses_base_heuristics_and_refuses_bad_ones() -> None:
+    """`--base NAME:K=V,K=V` gives (name, float parameters); a bad name or parameter fails early."""
+    assert parse_base("switch_aware:horizon_s=80,min_net_gain_job_s=50") == (
+        "switch_aware",
+        {"horizon_s": 80.0, "min_net_gain_job_s": 50.0},
+    )
+    assert parse_base("proportional") == ("proportional", {})
+    for bad in ("nonsense", "proportional:beta=x", "proportional:gamma=1", "proportional:beta=-1"):
+        with pytest.raises(typer.Exit):
+            parse_base(bad)
