@@ -132,7 +132,9 @@ class Args:
     """weight of an imitation term (DAgger: minus the log-probability of the moves a teacher
     heuristic would make in the policy's own situation) at the start; annealed linearly to 0 over
     `imitation_fraction` of the budget. The teacher of each scenario is the heuristic, with its
-    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it"""
+    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it.
+    A residual allocator imitates with its gate instead: minus the log-probability of picking the
+    base of lowest mean JCT on the tuning seeds of the tick's scenario"""
     imitation_fraction: float = 0.5
     """fraction of the budget over which the imitation weight decays to 0"""
 
@@ -201,6 +203,8 @@ class TrainResult:
     train_seeds: list[int] = field(default_factory=list)
     # Per scenario, the teacher heuristic of the imitation term (empty when it is off).
     teachers: dict[str, str] = field(default_factory=dict)
+    # For a residual allocator: per scenario, the index of the base the gate imitates.
+    base_teachers: dict[str, int] = field(default_factory=dict)
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -374,9 +378,13 @@ def _mean_pair(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _stack_allocator_batch(
-    results: Sequence[RolloutResult], advantages: Sequence[np.ndarray]
+    results: Sequence[RolloutResult],
+    advantages: Sequence[np.ndarray],
+    base_teachers: Mapping[str, int] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Every recorded tick, grouped by queue count (a batch needs one n), as tensors."""
+    """Every recorded tick, grouped by queue count (a batch needs one n), as tensors; with
+    `base_teachers`, each tick's scenario's teacher base (-1 where none)."""
+    base_teachers = base_teachers or {}
     grouped: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for i, r in enumerate(results):
         for t, d in enumerate(r.decisions):
@@ -399,6 +407,9 @@ def _stack_allocator_batch(
             "high": torch.from_numpy(np.stack([d.high for d in ds])),
             "moves": torch.from_numpy(np.stack([d.moves for d in ds])),
             "base": torch.tensor([d.base for d in ds], dtype=torch.int64),
+            "teacher_base": torch.tensor(
+                [base_teachers.get(results[i].scenario, -1) for i, _ in where], dtype=torch.int64
+            ),
             "old_log_prob": torch.tensor([d.log_prob for d in ds], dtype=torch.float32),
             "advantage": torch.tensor([advantages[i][t] for i, t in where], dtype=torch.float32),
         }
@@ -442,6 +453,36 @@ def _clipped_loss(
     return loss, approx_kl, clipfrac
 
 
+def _best_candidate(
+    scenarios: Sequence[Scenario],
+    candidates: Callable[[Scenario], Sequence[tuple[str, Mapping[str, Any] | None]]],
+    map_rollouts: MapRollouts,
+    max_duration_s: float | None,
+    seeds: Sequence[int],
+) -> dict[str, int]:
+    """Per scenario, the index of the candidate heuristic ((name, parameters)) of lowest mean JCT
+    over `seeds`; ties go to the earlier candidate."""
+    tasks = [
+        (s.name, k, RolloutTask(
+            s, seed, heuristic=name, heuristic_params=params,
+            duration_s=(
+                max_duration_s
+                if max_duration_s is not None and (s.duration_s or math.inf) > max_duration_s
+                else None
+            ),
+        ))
+        for s in scenarios
+        for k, (name, params) in enumerate(candidates(s))
+        for seed in seeds
+    ]  # fmt: skip
+    jct: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (scenario, k, _), r in zip(tasks, map_rollouts([t for *_, t in tasks]), strict=True):
+        jct[scenario][k].append(r.mean_jct_s if math.isfinite(r.mean_jct_s) else math.inf)
+    return {
+        name: min(table, key=lambda k: (float(np.mean(table[k])), k)) for name, table in jct.items()
+    }
+
+
 def choose_teachers(
     scenarios: Sequence[Scenario],
     heuristic_params: HeuristicParams,
@@ -451,27 +492,27 @@ def choose_teachers(
 ) -> dict[str, str]:
     """Per scenario, the heuristic (with `heuristic_params`) of lowest mean JCT over `seeds`, which
     are training arrivals (the heuristics' own tuning seeds), never validation or evaluation ones."""
-    tasks = [
-        RolloutTask(
-            s, seed, heuristic=h, heuristic_params=heuristic_params.get(s.name, {}).get(h),
-            duration_s=(
-                max_duration_s
-                if max_duration_s is not None and (s.duration_s or math.inf) > max_duration_s
-                else None
-            ),
-        )
-        for s in scenarios
-        for h in HEURISTIC_ALLOCATORS
-        for seed in seeds
-    ]  # fmt: skip
-    jct: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for task, r in zip(tasks, map_rollouts(tasks), strict=True):
-        assert task.heuristic is not None
-        value = r.mean_jct_s if math.isfinite(r.mean_jct_s) else math.inf
-        jct[task.scenario.name][task.heuristic].append(value)
-    return {
-        name: min(table, key=lambda h: (float(np.mean(table[h])), h)) for name, table in jct.items()
-    }
+    names = list(HEURISTIC_ALLOCATORS)
+    best = _best_candidate(
+        scenarios,
+        lambda s: [(h, heuristic_params.get(s.name, {}).get(h)) for h in names],
+        map_rollouts,
+        max_duration_s,
+        seeds,
+    )
+    return {scenario: names[k] for scenario, k in best.items()}
+
+
+def choose_base_teachers(
+    scenarios: Sequence[Scenario],
+    bases: Sequence[BaseSpec],
+    map_rollouts: MapRollouts,
+    max_duration_s: float | None = None,
+    seeds: Sequence[int] = TUNING_SEEDS,
+) -> dict[str, int]:
+    """Per scenario, the index of the base heuristic of lowest mean JCT over `seeds` (training
+    arrivals): the gate's imitation target for a residual allocator."""
+    return _best_candidate(scenarios, lambda _: list(bases), map_rollouts, max_duration_s, seeds)
 
 
 def train(
@@ -532,7 +573,15 @@ def train(
     )
     result.evaluations.append(evaluation)
     tuned_params = tuned_heuristic_params(scenarios)
-    if args.imitation_coef > 0:
+    if args.imitation_coef > 0 and args.bases:
+        result.base_teachers = choose_base_teachers(
+            scenarios, args.bases, map_rollouts, args.eval_max_duration_s
+        )
+        result.teachers = {
+            s: f"base {k} ({args.bases[k][0]} {args.bases[k][1]})"
+            for s, k in result.base_teachers.items()
+        }
+    elif args.imitation_coef > 0:
         result.teachers = choose_teachers(
             scenarios, tuned_params, map_rollouts, args.eval_max_duration_s
         )
@@ -557,7 +606,8 @@ def train(
             if args.imitation_fraction > 0
             else 0.0
         )
-        teacher_of = result.teachers if imitation_coef > 0 else {}
+        # A residual allocator imitates with its gate (labels known per scenario), not its moves.
+        teacher_of = result.teachers if imitation_coef > 0 and not args.bases else {}
 
         # --- rollout ------------------------------------------------------------------------------
         inputs = _draw_inputs(args, scenarios, rng, fraction)
@@ -601,7 +651,7 @@ def train(
         advantages = [a / adv_std for a in advantages]
 
         # --- update -------------------------------------------------------------------------------
-        alloc_batches = _stack_allocator_batch(results, advantages)
+        alloc_batches = _stack_allocator_batch(results, advantages, result.base_teachers)
         router_batches = _stack_router_batch(results, advantages) if args.train_router else {}
         policy.allocator_net.train()
         policy.router_net.train()
@@ -629,7 +679,15 @@ def train(
                     new_lp = gate_lp + moves_lp
                     entropy = entropy + gate_entropy
                     has_teacher = b["has_teacher"][idx]
-                    if imitation_coef > 0 and float(has_teacher.sum()) > 0:
+                    teacher_base = b["teacher_base"][idx]
+                    if imitation_coef > 0 and bool((teacher_base >= 0).any()):
+                        labelled = teacher_base >= 0
+                        gate_teacher_lp, _ = gate_log_prob(
+                            out.gate_logits[labelled], teacher_base[labelled]
+                        )
+                        imitation = -gate_teacher_lp.mean()
+                        stats["losses/imitation_nll"].append(float(imitation.detach()))
+                    elif imitation_coef > 0 and float(has_teacher.sum()) > 0:
                         teacher_lp, _ = moves_log_prob(
                             out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
                             b["teacher_moves"][idx],

@@ -15,6 +15,7 @@ from policies.learned.ppo import (
     RANDOM_START,
     Args,
     Evaluation,
+    choose_base_teachers,
     discounted_returns,
     evaluate,
     replay_advantages,
@@ -235,3 +236,20 @@ def test_train_cli_parses_base_heuristics_and_refuses_bad_ones() -> None:
     for bad in ("nonsense", "proportional:beta=x", "proportional:gamma=1", "proportional:beta=-1"):
         with pytest.raises(typer.Exit):
             parse_base(bad)
+
+
+def test_residual_imitation_teaches_the_gate_the_best_base_on_training_seeds() -> None:
+    """With bases, imitation labels each scenario with its best base (on the tuning seeds) and
+    trains the gate toward it: the gate's log-probability of the teacher goes up."""
+    bases = (("static", {}), ("proportional", {"beta": 1.0}))
+    teachers = choose_base_teachers([_tiny()], bases, map_serial)
+    assert set(teachers) == {"tiny"}
+    args = Args(
+        seed=0, max_iterations=3, inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0),
+        eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, imitation_coef=5.0,
+        imitation_fraction=1.0, eval_random_starts=False, learning_rate=3e-3,
+    )  # fmt: skip
+    result = train(args, [_tiny()], map_serial)
+    assert result.base_teachers == teachers
+    nll = [m["losses/imitation_nll"] for m in result.history]
+    assert nll[-1] < nll[0]
