@@ -327,6 +327,9 @@ def train_command(
         "workers": workers,
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "imitation_teachers": result.teachers,
+        "gate_pretrain_nll": None
+        if math.isnan(result.gate_pretrain_nll)
+        else result.gate_pretrain_nll,
         "best_evaluation": _evaluation_dict(result.best),
         "python": platform.python_version(),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,

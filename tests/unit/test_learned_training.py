@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import typer
 
+from policies.learned.networks import AllocatorNetConfig
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import (
     EVAL_SEED_BASE,
@@ -18,6 +19,7 @@ from policies.learned.ppo import (
     choose_base_teachers,
     discounted_returns,
     evaluate,
+    pretrain_gate,
     replay_advantages,
     train,
 )
@@ -253,3 +255,24 @@ def test_residual_imitation_teaches_the_gate_the_best_base_on_training_seeds() -
     assert result.base_teachers == teachers
     nll = [m["losses/imitation_nll"] for m in result.history]
     assert nll[-1] < nll[0]
+
+
+def test_gate_warm_start_separates_scenarios_with_different_teachers() -> None:
+    """Balanced supervised steps teach the gate a different base per scenario, read from the
+    view alone: afterwards the deterministic policy picks each scenario's teacher every tick."""
+    slow = parse_scenario(
+        {**TINY, "name": "tiny_slow", "tick_s": 4.0,
+         "queues": [{**q, "model_load_s": 30.0} for q in TINY["queues"]]}
+    )  # fmt: skip
+    scenarios = [_tiny(), slow]
+    bases = (("static", {}), ("proportional", {"beta": 1.0}))
+    policy = LearnedPolicy.create(AllocatorNetConfig.residual(bases), seed=0)
+    teachers = {"tiny": 1, "tiny_slow": 0}
+    nll = pretrain_gate(
+        policy, scenarios, teachers, map_serial, np.random.default_rng(0),
+        steps=150, learning_rate=3e-3, episode_s=40.0,
+    )  # fmt: skip
+    assert nll < 0.1
+    for scenario in scenarios:
+        result = run_rollout(RolloutTask(scenario, 7, policy=policy, record=True))
+        assert {d.base for d in result.decisions} == {teachers[scenario.name]}
