@@ -14,9 +14,9 @@ once), and the per-move structure matches the cost the simulator charges: one mo
 The stop score grows with each move made (a learned non-negative slope), so the mode of the
 distribution (used for evaluation) also stops after a few moves instead of repeating the best move.
 
-Residual form. With base heuristics (`bases`), a gate first picks one of them, and the moves start
-from its proposal instead of the current allocation; the network sees every proposal
-(`policies.features.base_features`). Stopping at once then reproduces the picked heuristic exactly,
+Residual form. With base heuristics (`bases`), a gate first picks one of them (from the queue
+features alone, so only the picked heuristic runs), and the moves start from its proposal instead
+of the current allocation; the per-queue head sees that proposal (`policies.features.base_features`). Stopping at once then reproduces the picked heuristic exactly,
 and in a fresh network the first base's gate logit and the stop logit dominate, so an untrained
 residual allocator *is* its first base in deterministic mode. Training only has to learn which
 heuristic suits the situation and where a correction (undoing a needless switch, moving ahead of a
@@ -29,7 +29,6 @@ Both use the masks of `_masks_np` / `_masks_torch`, which must stay in step (a u
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from policies.allocation import largest_remainder
-from policies.features import base_features, queue_features
+from policies.features import N_QUEUE_FEATURES, base_features, queue_features
 from policies.learned.networks import QueueSetNet, QueueSetNetNp, QueueSetOutput, QueueSetOutputNp
 from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
 
@@ -304,7 +303,8 @@ class LearnedAllocator:
     other. If the budget shrank below the current allocation, it is first scaled down
     proportionally, then the moves apply. With `bases` (the heuristics a residual network was built
     for, in its config's order) the moves start from the proposal of the one the gate picks (see
-    the module docstring); every base is asked every tick, so a stateful one keeps its state.
+    the module docstring). Only the picked base runs each tick, so the bases should be stateless
+    (switch-aware MaxWeight, proportional and static are; the target-ongoing autoscaler is not).
     """
 
     name: str = "learned"
@@ -344,30 +344,29 @@ class LearnedAllocator:
         if n == 0:
             return {}
         budget = max(view.budget, 0)
-        current = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
-        starts = [current] + [_proposal(base, view, budget) for base in self.bases]
-        if int(current.sum()) > budget:
-            starts[0] = largest_remainder(current, budget)
-        features = np.concatenate(
-            [queue_features(view)] + [base_features(view, p) for p in starts[1:]], axis=1
-        )
+        features = queue_features(view)
         low, high = bound_arrays(view, self.bounds)
         with np.errstate(all="ignore"):
-            out = self._forward(features)
-        if not (
-            np.isfinite(out.receiver_logits).all()
-            and np.isfinite(out.donor_logits).all()
-            and np.isfinite(out.gate_logits).all()
-            and math.isfinite(out.stop_logit + out.stop_slope + out.pool_logit)
-        ):
+            encoding = self._forward.encode(features)
+        if not np.isfinite(encoding.glob).all():
             # Raised, not patched over: guardrails then use their fallback and log why.
             raise ValueError("the allocator network produced non-finite outputs")
         base, log_prob = -1, 0.0
         if self.bases:
-            gate = _log_softmax_np(out.gate_logits)
+            # The gate picks first, so only the picked heuristic runs this tick.
+            gate = _log_softmax_np(encoding.glob[3:])
             base = _pick(gate, self.rng)
             log_prob = float(gate[base])
-        counts = starts[base + 1]
+            counts = _proposal(self.bases[base], view, budget)
+            features = np.concatenate([features, base_features(view, counts)], axis=1)
+        else:
+            counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
+            if int(counts.sum()) > budget:
+                counts = largest_remainder(counts, budget)
+        with np.errstate(all="ignore"):
+            out = self._forward.heads(encoding, features[:, N_QUEUE_FEATURES:])
+        if not (np.isfinite(out.receiver_logits).all() and np.isfinite(out.donor_logits).all()):
+            raise ValueError("the allocator network produced non-finite outputs")
         free = budget - int(counts.sum())
         moves, moves_lp, after = choose_moves(
             out, counts, free, low, high, self.max_moves, self.rng

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import typer
 
-from policies.learned.networks import AllocatorNetConfig
+from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import (
     EVAL_SEED_BASE,
@@ -215,7 +215,7 @@ def test_residual_training_starts_from_its_base_heuristic() -> None:
     """A residual run's untrained policy validates as exactly its first base heuristic, and its
     updates (gate and moves) run with finite losses."""
     # Default parameters, as validation runs them without tuned values.
-    bases = (("switch_aware", {}), ("proportional", {}))
+    bases: tuple[BaseSpec, ...] = (("switch_aware", {}), ("proportional", {}))
     args = Args(
         seed=0, max_iterations=2, inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0),
         eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, eval_random_starts=False,
@@ -235,7 +235,10 @@ def test_train_cli_parses_base_heuristics_and_refuses_bad_ones() -> None:
         {"horizon_s": 80.0, "min_net_gain_job_s": 50.0},
     )
     assert parse_base("proportional") == ("proportional", {})
-    for bad in ("nonsense", "proportional:beta=x", "proportional:gamma=1", "proportional:beta=-1"):
+    for bad in (
+        "nonsense", "target_ongoing", "proportional:beta=x", "proportional:gamma=1",
+        "proportional:beta=-1",
+    ):  # fmt: skip
         with pytest.raises(typer.Exit):
             parse_base(bad)
 
@@ -243,7 +246,7 @@ def test_train_cli_parses_base_heuristics_and_refuses_bad_ones() -> None:
 def test_residual_imitation_teaches_the_gate_the_best_base_on_training_seeds() -> None:
     """With bases, imitation labels each scenario with its best base (on the tuning seeds) and
     trains the gate toward it: the gate's log-probability of the teacher goes up."""
-    bases = (("static", {}), ("proportional", {"beta": 1.0}))
+    bases: tuple[BaseSpec, ...] = (("static", {}), ("proportional", {"beta": 1.0}))
     teachers = choose_base_teachers([_tiny()], bases, map_serial)
     assert set(teachers) == {"tiny"}
     args = Args(
@@ -262,10 +265,10 @@ def test_gate_warm_start_separates_scenarios_with_different_teachers() -> None:
     view alone: afterwards the deterministic policy picks each scenario's teacher every tick."""
     slow = parse_scenario(
         {**TINY, "name": "tiny_slow", "tick_s": 4.0,
-         "queues": [{**q, "model_load_s": 30.0} for q in TINY["queues"]]}
+         "queues": [{**q, "model_load_s": 30.0} for q in cast(list[dict[str, Any]], TINY["queues"])]}
     )  # fmt: skip
     scenarios = [_tiny(), slow]
-    bases = (("static", {}), ("proportional", {"beta": 1.0}))
+    bases: tuple[BaseSpec, ...] = (("static", {}), ("proportional", {"beta": 1.0}))
     policy = LearnedPolicy.create(AllocatorNetConfig.residual(bases), seed=0)
     teachers = {"tiny": 1, "tiny_slow": 0}
     nll = pretrain_gate(
