@@ -40,6 +40,15 @@ QUEUE_FEATURE_NAMES: tuple[str, ...] = (
 )
 N_QUEUE_FEATURES: int = len(QUEUE_FEATURE_NAMES)
 
+# Extra per-queue features of a residual allocator (one that corrects a base heuristic's proposal),
+# column order of `base_features`; they follow the `queue_features` columns.
+BASE_FEATURE_NAMES: tuple[str, ...] = (
+    "base_allocated_frac",  # workers the base heuristic proposes / budget
+    "base_delta",  # sign(proposed - allocated) * log1p(|proposed - allocated|)
+    "base_moves_in",  # 1 when the base proposes to add a worker here (a model load to pay)
+)
+N_BASE_FEATURES: int = len(BASE_FEATURE_NAMES)
+
 # Per-(job, queue) features, column order of `job_queue_features`.
 JOB_QUEUE_FEATURE_NAMES: tuple[str, ...] = (
     "eligible",  # 1 when rule routing allows this queue for the job
@@ -120,6 +129,20 @@ def queue_features(view: ClusterView) -> np.ndarray:
     out[:, 13] = np.log1p(backlog_s / np.maximum(ready, 1.0) / tick_s)
     out[:, 14] = has_slo
     out[:, 15] = np.clip(pressure, 0.0, _SLO_PRESSURE_CAP)
+    return out.astype(np.float32)
+
+
+def base_features(view: ClusterView, proposal: np.ndarray) -> np.ndarray:
+    """Features of a base heuristic's `proposal` (workers per queue, in queue order) against the
+    current allocation, shape (n_queues, N_BASE_FEATURES), float32."""
+    n = len(view.queues)
+    allocated = np.fromiter((q.allocated for q in view.queues), dtype=np.float64, count=n)
+    proposed = proposal.astype(np.float64)
+    delta = proposed - allocated
+    out = np.empty((n, N_BASE_FEATURES), dtype=np.float64)
+    out[:, 0] = proposed / max(view.budget, 1)
+    out[:, 1] = np.sign(delta) * np.log1p(np.abs(delta))
+    out[:, 2] = delta > 0
     return out.astype(np.float32)
 
 

@@ -14,6 +14,14 @@ once), and the per-move structure matches the cost the simulator charges: one mo
 The stop score grows with each move made (a learned non-negative slope), so the mode of the
 distribution (used for evaluation) also stops after a few moves instead of repeating the best move.
 
+Residual form. With base heuristics (`bases`), a gate first picks one of them (from the queue
+features alone, so only the picked heuristic runs), and the moves start from its proposal instead
+of the current allocation; the per-queue head sees that proposal (`policies.features.base_features`). Stopping at once then reproduces the picked heuristic exactly,
+and in a fresh network the first base's gate logit and the stop logit dominate, so an untrained
+residual allocator *is* its first base in deterministic mode. Training only has to learn which
+heuristic suits the situation and where a correction (undoing a needless switch, moving ahead of a
+burst) pays.
+
 Sampling happens in numpy on one view (fast enough for 64 queues in well under a millisecond);
 `moves_log_prob` recomputes the same log-probabilities in torch, batched, for the training update.
 Both use the masks of `_masks_np` / `_masks_torch`, which must stay in step (a unit test checks).
@@ -21,16 +29,16 @@ Both use the masks of `_masks_np` / `_masks_torch`, which must stay in step (a u
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from policies.allocation import largest_remainder
-from policies.features import queue_features
+from policies.features import N_QUEUE_FEATURES, base_features, queue_features
 from policies.learned.networks import QueueSetNet, QueueSetNetNp, QueueSetOutput, QueueSetOutputNp
-from policies.views import Allocation, AllocationBounds, ClusterView
+from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
 
 # Codes in the receiver column of a recorded move sequence.
 STOP = -1  # the policy chose to stop at this step (or had no legal move, which forces a stop)
@@ -44,15 +52,18 @@ _MASKED = -1.0e9
 class TickDecision:
     """One tick's observation and sampled moves, all the training update needs to re-score it."""
 
-    features: np.ndarray  # (n, F) float32, queue_features of the view
-    counts: np.ndarray  # (n,) int64, workers per queue before the moves
+    features: np.ndarray  # (n, F) float32, the network's input for the view
+    # (n,) int64, workers per queue before the moves: the current allocation, or the base's proposal
+    counts: np.ndarray
     free: int  # unassigned workers before the moves
     low: np.ndarray  # (n,) int64, per-queue minimum the masks respect
     high: np.ndarray  # (n,) int64, per-queue maximum the masks respect
     # (max_moves, 2) int64: (receiver, donor) per step; receiver STOP / UNUSED as above, donor n
     # means the unassigned pool.
     moves: np.ndarray
-    log_prob: float
+    log_prob: float  # of the gate's pick and the moves together
+    # Index of the base heuristic the gate picked (whose proposal `counts` is); -1 when not residual.
+    base: int = -1
 
 
 def _log_softmax_np(x: np.ndarray) -> np.ndarray:
@@ -240,6 +251,28 @@ def moves_log_prob(
     return log_prob, entropy / steps.clamp(min=1.0)
 
 
+def _proposal(base: Allocator, view: ClusterView, budget: int) -> np.ndarray:
+    """A base heuristic's allocation as counts in queue order, fitted into the budget."""
+    wanted = base.allocate(view)
+    counts = np.fromiter(
+        (max(wanted.get(q.name, q.allocated), 0) for q in view.queues), np.int64, len(view.queues)
+    )
+    return largest_remainder(counts, budget) if int(counts.sum()) > budget else counts
+
+
+def gate_log_prob(
+    gate_logits: torch.Tensor, base: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability, entropy) of the gate's recorded picks `base` (B,) under `gate_logits`
+    (B, K); zeros for a network without bases (K = 0)."""
+    if gate_logits.shape[1] == 0:
+        zero = torch.zeros(gate_logits.shape[0])
+        return zero, zero
+    log_probs = torch.log_softmax(gate_logits, dim=1)
+    picked = log_probs.gather(1, base.clamp(min=0)[:, None]).squeeze(1)
+    return picked, -(log_probs.exp() * log_probs).sum(dim=1)
+
+
 def bound_arrays(
     view: ClusterView, bounds: AllocationBounds | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +301,10 @@ class LearnedAllocator:
     shapes the masks (a move never takes a queue below its minimum or above its maximum); the hard
     enforcement stays with `policies.guardrails.Guardrails`, which should wrap this allocator as any
     other. If the budget shrank below the current allocation, it is first scaled down
-    proportionally, then the moves apply.
+    proportionally, then the moves apply. With `bases` (the heuristics a residual network was built
+    for, in its config's order) the moves start from the proposal of the one the gate picks (see
+    the module docstring). Only the picked base runs each tick, so the bases should be stateless
+    (switch-aware MaxWeight, proportional and static are; the target-ongoing autoscaler is not).
     """
 
     name: str = "learned"
@@ -281,7 +317,13 @@ class LearnedAllocator:
         bounds: AllocationBounds | None = None,
         rng: np.random.Generator | None = None,
         record: bool = False,
+        bases: Sequence[Allocator] = (),
     ) -> None:
+        if len(bases) != len(net.config.bases):
+            raise ValueError(
+                f"the network was built for {len(net.config.bases)} base heuristics, "
+                f"got {len(bases)}"
+            )
         if max_moves < 0:
             raise ValueError(f"max_moves must be >= 0, got {max_moves}")
         self.net = net.eval()
@@ -293,6 +335,7 @@ class LearnedAllocator:
         self.max_moves = max_moves
         self.rng = rng
         self.record = record
+        self.bases = tuple(bases)
         self.decisions: list[TickDecision] = []
 
     def allocate(self, view: ClusterView) -> Allocation:
@@ -301,24 +344,35 @@ class LearnedAllocator:
         if n == 0:
             return {}
         budget = max(view.budget, 0)
-        counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
-        if int(counts.sum()) > budget:
-            counts = largest_remainder(counts, budget)
-        free = budget - int(counts.sum())
-        low, high = bound_arrays(view, self.bounds)
         features = queue_features(view)
+        low, high = bound_arrays(view, self.bounds)
         with np.errstate(all="ignore"):
-            out = self._forward(features)
-        if not (
-            np.isfinite(out.receiver_logits).all()
-            and np.isfinite(out.donor_logits).all()
-            and math.isfinite(out.stop_logit + out.stop_slope + out.pool_logit)
-        ):
+            encoding = self._forward.encode(features)
+        if not np.isfinite(encoding.glob).all():
             # Raised, not patched over: guardrails then use their fallback and log why.
             raise ValueError("the allocator network produced non-finite outputs")
-        moves, log_prob, after = choose_moves(
+        base, log_prob = -1, 0.0
+        if self.bases:
+            # The gate picks first, so only the picked heuristic runs this tick.
+            gate = _log_softmax_np(encoding.glob[3:])
+            base = _pick(gate, self.rng)
+            log_prob = float(gate[base])
+            counts = _proposal(self.bases[base], view, budget)
+            features = np.concatenate([features, base_features(view, counts)], axis=1)
+        else:
+            counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
+            if int(counts.sum()) > budget:
+                counts = largest_remainder(counts, budget)
+        with np.errstate(all="ignore"):
+            out = self._forward.heads(encoding, features[:, N_QUEUE_FEATURES:])
+        if not (np.isfinite(out.receiver_logits).all() and np.isfinite(out.donor_logits).all()):
+            raise ValueError("the allocator network produced non-finite outputs")
+        free = budget - int(counts.sum())
+        moves, moves_lp, after = choose_moves(
             out, counts, free, low, high, self.max_moves, self.rng
         )
         if self.record:
-            self.decisions.append(TickDecision(features, counts, free, low, high, moves, log_prob))
+            self.decisions.append(
+                TickDecision(features, counts, free, low, high, moves, log_prob + moves_lp, base)
+            )
         return {q.name: int(c) for q, c in zip(view.queues, after.tolist(), strict=True)}

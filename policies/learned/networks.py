@@ -11,6 +11,8 @@ checkpoint can rebuild exactly the network it was trained with.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.features import N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
+from policies.features import N_BASE_FEATURES, N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
 
 # Initial bias of the "stop" logit: an untrained allocator should mostly hold its workers, since
 # every move costs a model load; with logit 2 against ~0 for each queue, it stops at once with
@@ -26,13 +28,55 @@ from policies.features import N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
 _STOP_BIAS = 2.0
 
 
+# One base heuristic of a residual allocator: its registry name and constructor parameters.
+BaseSpec = tuple[str, dict[str, float]]
+
+
 @dataclass(frozen=True, slots=True)
 class AllocatorNetConfig:
-    """Shape of `QueueSetNet`."""
+    """Shape of `QueueSetNet`, and the base heuristics a residual allocator corrects."""
 
     # Width of the per-queue encoder, the pooled summary and the per-queue head.
     hidden: int = 64
     n_features: int = N_QUEUE_FEATURES
+    # A residual allocator: heuristics whose proposals the moves may start from. Each tick a gate
+    # (a global softmax over the queue features alone) picks one, and the moves correct its
+    # proposal, whose features (`policies.features.base_features`) the per-queue head sees;
+    # stopping at once reproduces it. Only the picked base has to run, which keeps a tick cheap.
+    # Empty: the moves start from the current allocation. `residual` builds one and sizes the input.
+    bases: tuple[BaseSpec, ...] = ()
+    # Initial bias of the stop logit (see `_STOP_BIAS`) and of the first base's gate logit (the
+    # others start at 0); they only shape freshly built networks.
+    stop_bias: float = _STOP_BIAS
+    gate_bias: float = _STOP_BIAS
+
+    def __post_init__(self) -> None:
+        # JSON metadata gives lists; keep the frozen config hashable-looking and comparable.
+        bases = tuple((str(name), dict(params)) for name, params in self.bases)
+        object.__setattr__(self, "bases", bases)
+        wanted = N_QUEUE_FEATURES + (N_BASE_FEATURES if bases else 0)
+        if self.n_features != wanted:
+            raise ValueError(f"n_features must be {wanted} with {len(bases)} base heuristics")
+
+    @classmethod
+    def residual(
+        cls,
+        bases: Sequence[BaseSpec],
+        *,
+        hidden: int = 64,
+        stop_bias: float = _STOP_BIAS,
+        gate_bias: float = _STOP_BIAS,
+    ) -> AllocatorNetConfig:
+        """A network that picks one of `bases` and corrects its proposal."""
+        if not bases:
+            raise ValueError("a residual allocator needs at least one base heuristic")
+        return cls(
+            hidden=hidden,
+            n_features=N_QUEUE_FEATURES + N_BASE_FEATURES,
+            bases=tuple(bases),
+            stop_bias=stop_bias,
+            gate_bias=gate_bias,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +107,8 @@ class QueueSetOutput:
     stop_logit: torch.Tensor
     # (B,) >= 0: how much the stop preference grows per move already made this tick.
     stop_slope: torch.Tensor
+    # (B, K): preference for starting from each base heuristic's proposal (K = 0: not residual).
+    gate_logits: torch.Tensor
 
 
 def _layer(n_in: int, n_out: int, gain: float = 2.0**0.5) -> nn.Linear:
@@ -73,10 +119,20 @@ def _layer(n_in: int, n_out: int, gain: float = 2.0**0.5) -> nn.Linear:
     return linear
 
 
+def stop_offset(config: AllocatorNetConfig, n_queues: int) -> float:
+    """Added to a residual allocator's stop logit: log(n) makes the chance of leaving the base
+    proposal alone the same for 3 queues as for 60 (against n receiver logits near 0 it is
+    e^b / (e^b + 1) for stop bias b), so exploration does not grow with the queue count."""
+    return math.log(n_queues) if config.bases and n_queues > 0 else 0.0
+
+
 class QueueSetNet(nn.Module):
     """Shared per-queue encoder -> mean+max pooling across queues -> per-queue and global heads.
 
-    Input: queue features (B, n, F) as `policies.features.queue_features` gives them (n >= 1).
+    Input: queue features (B, n, F) as `policies.features.queue_features` gives them (n >= 1),
+    for a residual network followed by the picked base's `base_features` columns, which only the
+    per-queue head sees: the encoder, the pooled summary and so the gate depend on the queue
+    features alone, so the gate can pick before any base runs.
     """
 
     def __init__(self, config: AllocatorNetConfig | None = None) -> None:
@@ -84,32 +140,42 @@ class QueueSetNet(nn.Module):
         self.config = config if config is not None else AllocatorNetConfig()
         h = self.config.hidden
         self.encoder = nn.Sequential(
-            _layer(self.config.n_features, h), nn.Tanh(), _layer(h, h), nn.Tanh()
+            _layer(N_QUEUE_FEATURES, h), nn.Tanh(), _layer(h, h), nn.Tanh()
         )
         # Integration layer: a summary of the whole cluster from order-free pooling.
         self.integrate = nn.Sequential(_layer(2 * h, h), nn.Tanh())
-        # Per-queue head sees its own encoding beside the cluster summary.
+        # Per-queue head sees its own encoding beside the cluster summary (and the base's proposal).
         # Small output gain (cleanrl uses 0.01 for the actor) keeps the first policy near uniform.
-        self.queue_head = nn.Sequential(_layer(2 * h, h), nn.Tanh(), _layer(h, 2, gain=0.01))
-        self.global_head = _layer(h, 3, gain=0.01)
+        n_base = self.config.n_features - N_QUEUE_FEATURES
+        self.queue_head = nn.Sequential(
+            _layer(2 * h + n_base, h), nn.Tanh(), _layer(h, 2, gain=0.01)
+        )
+        # Stop, stop slope, pool, then one gate logit per base heuristic.
+        self.global_head = _layer(h, 3 + len(self.config.bases), gain=0.01)
         with torch.no_grad():
-            self.global_head.bias[0] = _STOP_BIAS
+            self.global_head.bias[0] = self.config.stop_bias
+            if self.config.bases:
+                self.global_head.bias[3] = self.config.gate_bias
 
     def forward(self, features: torch.Tensor) -> QueueSetOutput:
-        encoded = self.encoder(features)  # (B, n, h)
+        encoded = self.encoder(features[..., :N_QUEUE_FEATURES])  # (B, n, h)
         pooled = torch.cat([encoded.mean(dim=1), encoded.amax(dim=1)], dim=-1)
         summary = self.integrate(pooled)  # (B, h)
         n = encoded.shape[1]
         per_queue = self.queue_head(
-            torch.cat([encoded, summary.unsqueeze(1).expand(-1, n, -1)], -1)
+            torch.cat(
+                [encoded, summary.unsqueeze(1).expand(-1, n, -1), features[..., N_QUEUE_FEATURES:]],
+                -1,
+            )
         )
         glob = self.global_head(summary)
         return QueueSetOutput(
             receiver_logits=per_queue[..., 0],
             donor_logits=per_queue[..., 1],
-            stop_logit=glob[:, 0],
+            stop_logit=glob[:, 0] + stop_offset(self.config, n),
             stop_slope=nn.functional.softplus(glob[:, 1]),
             pool_logit=glob[:, 2],
+            gate_logits=glob[:, 3:],
         )
 
 
@@ -122,6 +188,16 @@ class QueueSetOutputNp:
     pool_logit: float
     stop_logit: float
     stop_slope: float
+    gate_logits: np.ndarray  # (K,)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedNp:
+    """`QueueSetNetNp.encode`'s result: per-queue encodings, the summary, the global outputs."""
+
+    encoded: np.ndarray  # (n, h)
+    summary: np.ndarray  # (h,)
+    glob: np.ndarray  # (3 + K,) float64: stop, slope, pool, gate logits
 
 
 class QueueSetNetNp:
@@ -146,25 +222,43 @@ class QueueSetNetNp:
         self.head1, self.head2 = wb(net.queue_head[0]), wb(net.queue_head[2])
         self.glob = wb(net.global_head)
         self.hidden = net.config.hidden
+        self.config = net.config
 
-    def __call__(self, features: np.ndarray) -> QueueSetOutputNp:
-        """Outputs for one view's (n, F) float32 features (n >= 1)."""
-        h = self.hidden
-        encoded = np.tanh(features @ self.enc1[0] + self.enc1[1])
+    def encode(self, queue_features: np.ndarray) -> EncodedNp:
+        """The stage that depends on the queue features (n, N_QUEUE_FEATURES) alone."""
+        encoded = np.tanh(queue_features @ self.enc1[0] + self.enc1[1])
         encoded = np.tanh(encoded @ self.enc2[0] + self.enc2[1])
         pooled = np.concatenate([encoded.mean(axis=0), encoded.max(axis=0)])
         summary = np.tanh(pooled @ self.integrate[0] + self.integrate[1])
-        # (encoded | summary) @ W splits into encoded @ W[:h] + summary @ W[h:]: no (n, 2h) concat.
-        w1, b1 = self.head1
-        hidden = np.tanh(encoded @ w1[:h] + (summary @ w1[h:] + b1))
-        per_queue = (hidden @ self.head2[0] + self.head2[1]).astype(np.float64)
         glob = (summary @ self.glob[0] + self.glob[1]).astype(np.float64)
+        return EncodedNp(encoded, summary, glob)
+
+    def heads(self, encoding: EncodedNp, base: np.ndarray) -> QueueSetOutputNp:
+        """The outputs, given `encode`'s result and the picked base's (n, N_BASE_FEATURES)
+        features (n, 0 for a network without bases)."""
+        h = self.hidden
+        # (encoded | summary | base) @ W splits into encoded @ W[:h] + summary @ W[h:2h] + ...:
+        # no (n, 2h) concat.
+        w1, b1 = self.head1
+        pre = encoding.encoded @ w1[:h] + (encoding.summary @ w1[h : 2 * h] + b1)
+        if base.shape[1]:
+            pre += base @ w1[2 * h :]
+        hidden = np.tanh(pre)
+        per_queue = (hidden @ self.head2[0] + self.head2[1]).astype(np.float64)
+        glob = encoding.glob
         return QueueSetOutputNp(
             receiver_logits=per_queue[:, 0],
             donor_logits=per_queue[:, 1],
-            stop_logit=float(glob[0]),
+            stop_logit=float(glob[0]) + stop_offset(self.config, len(per_queue)),
             stop_slope=float(np.logaddexp(0.0, glob[1])),  # softplus
             pool_logit=float(glob[2]),
+            gate_logits=glob[3:],
+        )
+
+    def __call__(self, features: np.ndarray) -> QueueSetOutputNp:
+        """Outputs for one view's (n, F) float32 features (n >= 1), as the torch network's input."""
+        return self.heads(
+            self.encode(features[:, :N_QUEUE_FEATURES]), features[:, N_QUEUE_FEATURES:]
         )
 
 

@@ -22,6 +22,7 @@ from policies.learned.networks import (
     RouterNetConfig,
 )
 from policies.learned.router import LearnedRouter
+from policies.registry import make_allocator
 from policies.views import AllocationBounds
 
 
@@ -55,13 +56,16 @@ class LearnedPolicy:
         record: bool = False,
         max_moves: int | None = None,
     ) -> LearnedAllocator:
-        """A level-2 allocator on these weights (deterministic unless `rng` is given)."""
+        """A level-2 allocator on these weights (deterministic unless `rng` is given); a residual
+        network gets fresh instances of its base heuristics."""
+        config = self.allocator_net.config
         return LearnedAllocator(
             self.allocator_net,
             max_moves=self.max_moves if max_moves is None else max_moves,
             bounds=bounds,
             rng=rng,
             record=record,
+            bases=[make_allocator(name, **params) for name, params in config.bases],
         )
 
     def router(

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.learned.allocator import moves_log_prob
-from policies.learned.networks import AllocatorNetConfig
+from policies.learned.allocator import gate_log_prob, moves_log_prob
+from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
 from policies.registry import HEURISTIC_ALLOCATORS
@@ -101,6 +101,15 @@ class Args:
     """width of the allocator network"""
     max_moves: int = 4
     """moves the allocator may make per tick"""
+    bases: tuple[BaseSpec, ...] = ()
+    """train a residual allocator over these heuristics ((registry name, parameters), the same for
+    every scenario): each tick it picks one and corrects its proposal, and the untrained policy is
+    the first (empty: moves start from the current allocation)"""
+    stop_bias: float = 2.0
+    """initial stop logit; for a residual allocator, e^b / (e^b + 1) is the initial chance per tick
+    of keeping the picked base's proposal when sampling"""
+    gate_bias: float = 2.0
+    """initial gate logit of the first base (the others start at 0)"""
     train_router: bool = True
     """train the learned router where a scenario has a routing choice"""
     random_start_fraction: float = 0.5
@@ -123,9 +132,16 @@ class Args:
     """weight of an imitation term (DAgger: minus the log-probability of the moves a teacher
     heuristic would make in the policy's own situation) at the start; annealed linearly to 0 over
     `imitation_fraction` of the budget. The teacher of each scenario is the heuristic, with its
-    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it"""
+    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it.
+    A residual allocator imitates with its gate instead: minus the log-probability of picking the
+    base of lowest mean JCT on the tuning seeds of the tick's scenario"""
     imitation_fraction: float = 0.5
     """fraction of the budget over which the imitation weight decays to 0"""
+    gate_pretrain_steps: int = 300
+    """for a residual allocator with imitation: supervised steps (one minibatch per scenario each)
+    fitting the gate to the teacher bases before the first update. PPO's iterations each draw one
+    or two scenarios, so the imitation term alone pulls the gate toward whichever was drawn last
+    and, in practice, to the base most scenarios share; balanced batches separate them"""
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,10 @@ class TrainResult:
     train_seeds: list[int] = field(default_factory=list)
     # Per scenario, the teacher heuristic of the imitation term (empty when it is off).
     teachers: dict[str, str] = field(default_factory=dict)
+    # For a residual allocator: per scenario, the index of the base the gate imitates, and the
+    # gate's NLL of it after the supervised warm start (NaN without one).
+    base_teachers: dict[str, int] = field(default_factory=dict)
+    gate_pretrain_nll: float = math.nan
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -365,9 +385,13 @@ def _mean_pair(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _stack_allocator_batch(
-    results: Sequence[RolloutResult], advantages: Sequence[np.ndarray]
+    results: Sequence[RolloutResult],
+    advantages: Sequence[np.ndarray],
+    base_teachers: Mapping[str, int] | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Every recorded tick, grouped by queue count (a batch needs one n), as tensors."""
+    """Every recorded tick, grouped by queue count (a batch needs one n), as tensors; with
+    `base_teachers`, each tick's scenario's teacher base (-1 where none)."""
+    base_teachers = base_teachers or {}
     grouped: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for i, r in enumerate(results):
         for t, d in enumerate(r.decisions):
@@ -389,6 +413,10 @@ def _stack_allocator_batch(
             "low": torch.from_numpy(np.stack([d.low for d in ds])),
             "high": torch.from_numpy(np.stack([d.high for d in ds])),
             "moves": torch.from_numpy(np.stack([d.moves for d in ds])),
+            "base": torch.tensor([d.base for d in ds], dtype=torch.int64),
+            "teacher_base": torch.tensor(
+                [base_teachers.get(results[i].scenario, -1) for i, _ in where], dtype=torch.int64
+            ),
             "old_log_prob": torch.tensor([d.log_prob for d in ds], dtype=torch.float32),
             "advantage": torch.tensor([advantages[i][t] for i, t in where], dtype=torch.float32),
         }
@@ -432,6 +460,36 @@ def _clipped_loss(
     return loss, approx_kl, clipfrac
 
 
+def _best_candidate(
+    scenarios: Sequence[Scenario],
+    candidates: Callable[[Scenario], Sequence[tuple[str, Mapping[str, Any] | None]]],
+    map_rollouts: MapRollouts,
+    max_duration_s: float | None,
+    seeds: Sequence[int],
+) -> dict[str, int]:
+    """Per scenario, the index of the candidate heuristic ((name, parameters)) of lowest mean JCT
+    over `seeds`; ties go to the earlier candidate."""
+    tasks = [
+        (s.name, k, RolloutTask(
+            s, seed, heuristic=name, heuristic_params=params,
+            duration_s=(
+                max_duration_s
+                if max_duration_s is not None and (s.duration_s or math.inf) > max_duration_s
+                else None
+            ),
+        ))
+        for s in scenarios
+        for k, (name, params) in enumerate(candidates(s))
+        for seed in seeds
+    ]  # fmt: skip
+    jct: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (scenario, k, _), r in zip(tasks, map_rollouts([t for *_, t in tasks]), strict=True):
+        jct[scenario][k].append(r.mean_jct_s if math.isfinite(r.mean_jct_s) else math.inf)
+    return {
+        name: min(table, key=lambda k: (float(np.mean(table[k])), k)) for name, table in jct.items()
+    }
+
+
 def choose_teachers(
     scenarios: Sequence[Scenario],
     heuristic_params: HeuristicParams,
@@ -441,27 +499,75 @@ def choose_teachers(
 ) -> dict[str, str]:
     """Per scenario, the heuristic (with `heuristic_params`) of lowest mean JCT over `seeds`, which
     are training arrivals (the heuristics' own tuning seeds), never validation or evaluation ones."""
+    names = list(HEURISTIC_ALLOCATORS)
+    best = _best_candidate(
+        scenarios,
+        lambda s: [(h, heuristic_params.get(s.name, {}).get(h)) for h in names],
+        map_rollouts,
+        max_duration_s,
+        seeds,
+    )
+    return {scenario: names[k] for scenario, k in best.items()}
+
+
+def choose_base_teachers(
+    scenarios: Sequence[Scenario],
+    bases: Sequence[BaseSpec],
+    map_rollouts: MapRollouts,
+    max_duration_s: float | None = None,
+    seeds: Sequence[int] = TUNING_SEEDS,
+) -> dict[str, int]:
+    """Per scenario, the index of the base heuristic of lowest mean JCT over `seeds` (training
+    arrivals): the gate's imitation target for a residual allocator."""
+    return _best_candidate(scenarios, lambda _: list(bases), map_rollouts, max_duration_s, seeds)
+
+
+def pretrain_gate(
+    policy: LearnedPolicy,
+    scenarios: Sequence[Scenario],
+    teachers: Mapping[str, int],
+    map_rollouts: MapRollouts,
+    rng: np.random.Generator,
+    *,
+    steps: int,
+    learning_rate: float,
+    episode_s: float,
+    minibatch_size: int = 64,
+) -> float:
+    """Fits the gate of `policy` (in place) to each scenario's teacher base on the ticks of two
+    training-seed episodes per scenario (one from the scenario's start, one from a random split):
+    `steps` rounds of one minibatch per scenario. Returns the last round's mean NLL."""
+    labelled = [s for s in scenarios if s.name in teachers]
     tasks = [
         RolloutTask(
-            s, seed, heuristic=h, heuristic_params=heuristic_params.get(s.name, {}).get(h),
-            duration_s=(
-                max_duration_s
-                if max_duration_s is not None and (s.duration_s or math.inf) > max_duration_s
-                else None
-            ),
+            s, int(rng.integers(TRAIN_SEEDS.start, TRAIN_SEEDS.stop)),
+            duration_s=min(episode_s, s.duration_s or episode_s), policy=policy,
+            policy_seed=int(rng.integers(2**31)), record=True, initial_seed=start,
         )
-        for s in scenarios
-        for h in HEURISTIC_ALLOCATORS
-        for seed in seeds
+        for s in labelled
+        for start in (None, int(rng.integers(2**31)))
     ]  # fmt: skip
-    jct: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    features: dict[str, list[np.ndarray]] = defaultdict(list)
     for task, r in zip(tasks, map_rollouts(tasks), strict=True):
-        assert task.heuristic is not None
-        value = r.mean_jct_s if math.isfinite(r.mean_jct_s) else math.inf
-        jct[task.scenario.name][task.heuristic].append(value)
-    return {
-        name: min(table, key=lambda h: (float(np.mean(table[h])), h)) for name, table in jct.items()
-    }
+        features[task.scenario.name] += [d.features for d in r.decisions]
+    data = {name: torch.from_numpy(np.stack(f)) for name, f in features.items() if f}
+    optimizer = torch.optim.Adam(policy.allocator_net.parameters(), lr=learning_rate, eps=1e-5)
+    policy.allocator_net.train()
+    nll = math.nan
+    for _ in range(steps):
+        losses = []
+        for name, x in data.items():
+            idx = torch.from_numpy(rng.integers(0, len(x), minibatch_size))
+            out = policy.allocator_net(x[idx])
+            label = torch.full((minibatch_size,), teachers[name], dtype=torch.int64)
+            loss = -gate_log_prob(out.gate_logits, label)[0].mean()
+            optimizer.zero_grad()
+            torch.autograd.backward(loss)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        nll = float(np.mean(losses))
+    policy.allocator_net.eval()
+    return nll
 
 
 def train(
@@ -486,7 +592,18 @@ def train(
         initial.copy()
         if initial is not None
         else LearnedPolicy.create(
-            AllocatorNetConfig(hidden=args.hidden), max_moves=args.max_moves, seed=args.seed
+            (
+                AllocatorNetConfig.residual(
+                    args.bases,
+                    hidden=args.hidden,
+                    stop_bias=args.stop_bias,
+                    gate_bias=args.gate_bias,
+                )
+                if args.bases
+                else AllocatorNetConfig(hidden=args.hidden, stop_bias=args.stop_bias)
+            ),
+            max_moves=args.max_moves,
+            seed=args.seed,
         )
     )
     params = list(policy.allocator_net.parameters()) + list(policy.router_net.parameters())
@@ -511,7 +628,29 @@ def train(
     )
     result.evaluations.append(evaluation)
     tuned_params = tuned_heuristic_params(scenarios)
-    if args.imitation_coef > 0:
+    if args.imitation_coef > 0 and args.bases:
+        result.base_teachers = choose_base_teachers(
+            scenarios, args.bases, map_rollouts, args.eval_max_duration_s
+        )
+        result.teachers = {
+            s: f"base {k} ({args.bases[k][0]} {args.bases[k][1]})"
+            for s, k in result.base_teachers.items()
+        }
+        if args.gate_pretrain_steps > 0:
+            result.gate_pretrain_nll = pretrain_gate(
+                policy, scenarios, result.base_teachers, map_rollouts, rng,
+                steps=args.gate_pretrain_steps, learning_rate=args.learning_rate * 3,
+                episode_s=args.episode_s[0],
+            )  # fmt: skip
+            # The pretrained policy is a candidate too: validated before any PPO update.
+            evaluation, _ = evaluate(
+                policy, scenarios, eval_seeds, map_rollouts, 0, heuristics, **validation
+            )
+            result.evaluations.append(evaluation)
+            if result.best is None or evaluation.score < result.best.score:
+                result.best = evaluation
+                result.policy = policy.copy()
+    elif args.imitation_coef > 0:
         result.teachers = choose_teachers(
             scenarios, tuned_params, map_rollouts, args.eval_max_duration_s
         )
@@ -536,7 +675,8 @@ def train(
             if args.imitation_fraction > 0
             else 0.0
         )
-        teacher_of = result.teachers if imitation_coef > 0 else {}
+        # A residual allocator imitates with its gate (labels known per scenario), not its moves.
+        teacher_of = result.teachers if imitation_coef > 0 and not args.bases else {}
 
         # --- rollout ------------------------------------------------------------------------------
         inputs = _draw_inputs(args, scenarios, rng, fraction)
@@ -580,7 +720,7 @@ def train(
         advantages = [a / adv_std for a in advantages]
 
         # --- update -------------------------------------------------------------------------------
-        alloc_batches = _stack_allocator_batch(results, advantages)
+        alloc_batches = _stack_allocator_batch(results, advantages, result.base_teachers)
         router_batches = _stack_router_batch(results, advantages) if args.train_router else {}
         policy.allocator_net.train()
         policy.router_net.train()
@@ -600,12 +740,23 @@ def train(
                 if kind == "allocator":
                     b = alloc_batches[key]
                     out = policy.allocator_net(b["features"][idx])
-                    new_lp, entropy = moves_log_prob(
+                    moves_lp, entropy = moves_log_prob(
                         out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
                         b["moves"][idx],
                     )  # fmt: skip
+                    gate_lp, gate_entropy = gate_log_prob(out.gate_logits, b["base"][idx])
+                    new_lp = gate_lp + moves_lp
+                    entropy = entropy + gate_entropy
                     has_teacher = b["has_teacher"][idx]
-                    if imitation_coef > 0 and float(has_teacher.sum()) > 0:
+                    teacher_base = b["teacher_base"][idx]
+                    if imitation_coef > 0 and bool((teacher_base >= 0).any()):
+                        labelled = teacher_base >= 0
+                        gate_teacher_lp, _ = gate_log_prob(
+                            out.gate_logits[labelled], teacher_base[labelled]
+                        )
+                        imitation = -gate_teacher_lp.mean()
+                        stats["losses/imitation_nll"].append(float(imitation.detach()))
+                    elif imitation_coef > 0 and float(has_teacher.sum()) > 0:
                         teacher_lp, _ = moves_log_prob(
                             out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
                             b["teacher_moves"][idx],

@@ -24,9 +24,11 @@ from rich.table import Table
 
 from policies.evaluation import TraceInput
 from policies.features import FEATURE_SCHEMA_VERSION
+from policies.learned.networks import BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
 from policies.learned.rollout import MapRollouts, with_traces
+from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import TRAIN_SEEDS, TRAIN_WINDOW_FRACTION
 from policies.sim.scenario import Scenario
 from scheduler.checkpoints import (
@@ -136,6 +138,29 @@ def _summary_table(evaluation: Evaluation) -> Table:
     return table
 
 
+def parse_base(text: str) -> BaseSpec:
+    """`--base NAME` or `--base NAME:K=V,K=V` as (name, parameters); checked by building it once,
+    so a bad name or parameter fails now rather than inside every rollout."""
+    name, _, rest = text.partition(":")
+    params: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise fail(f"--base {text!r}: {item!r} is not K=NUMBER") from None
+    # Only the picked base runs each tick, so a base that keeps state across ticks would act on a
+    # history with holes: the target-ongoing autoscaler's delays would not mean what they say.
+    stateless = [h for h in HEURISTIC_ALLOCATORS if h != "target_ongoing"]
+    if name not in stateless:
+        raise fail(f"--base must name a stateless heuristic ({', '.join(stateless)}): {text!r}")
+    try:
+        make_allocator(name, **params)
+    except (TypeError, ValueError) as exc:
+        raise fail(f"--base {text!r}: {exc}") from None
+    return name, params
+
+
 def train_command(
     scenario: Annotated[
         list[Path],
@@ -206,6 +231,27 @@ def train_command(
             "--imitation-fraction", help="Fraction of the budget over which imitation decays."
         ),
     ] = 0.5,
+    base: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base",
+            help="Train a residual allocator over this heuristic, as NAME or NAME:K=V,K=V "
+            "(constructor parameters, the same for every scenario); repeat for several, which a "
+            "learned gate picks from each tick. The untrained policy is the first.",
+        ),
+    ] = None,
+    stop_bias: Annotated[
+        float,
+        typer.Option(
+            "--stop-bias",
+            help="Initial stop logit (for a residual allocator: how rarely the untrained policy "
+            "departs from the picked heuristic while exploring).",
+        ),
+    ] = 2.0,
+    gate_bias: Annotated[
+        float,
+        typer.Option("--gate-bias", help="Initial gate logit of the first --base (others 0)."),
+    ] = 2.0,
 ) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
     scenarios, traces = _load_scenarios(scenario, trace)
@@ -216,6 +262,9 @@ def train_command(
         except CheckpointError as exc:
             raise fail(str(exc)) from None
     args = Args(
+        bases=tuple(parse_base(text) for text in base or []),
+        stop_bias=stop_bias,
+        gate_bias=gate_bias,
         seed=seed,
         minutes=minutes,
         max_iterations=iterations,
@@ -305,6 +354,9 @@ def train_command(
         "workers": workers,
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "imitation_teachers": result.teachers,
+        "gate_pretrain_nll": None
+        if math.isnan(result.gate_pretrain_nll)
+        else result.gate_pretrain_nll,
         "best_evaluation": _evaluation_dict(result.best),
         "python": platform.python_version(),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,

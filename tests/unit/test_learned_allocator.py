@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from policies.features import N_QUEUE_FEATURES, queue_features
 from policies.guardrails import Guardrails, invalid_reason
-from policies.learned.allocator import STOP, UNUSED, moves_log_prob
-from policies.learned.networks import QueueSetNet, QueueSetNetNp
+from policies.learned.allocator import (
+    STOP,
+    UNUSED,
+    LearnedAllocator,
+    gate_log_prob,
+    moves_log_prob,
+)
+from policies.learned.networks import AllocatorNetConfig, BaseSpec, QueueSetNet, QueueSetNetNp
 from policies.learned.policy import LearnedPolicy
+from policies.registry import make_allocator
+from policies.sim.scenario import make_router_for, parse_scenario, prepare
 from policies.views import AllocationBounds, ClusterView, JobView, QueueView
+
+# Two queues whose loads swap halfway, so a switch-aware heuristic has moves to make.
+_SIM_SCENARIO: dict[str, Any] = {
+    "name": "swap",
+    "queues": [
+        {"name": "a", "job_types": ["a"], "service": {"kind": "exponential", "mean_s": 0.5},
+         "model_load_s": 2.0},
+        {"name": "b", "job_types": ["b"], "service": {"kind": "exponential", "mean_s": 0.5},
+         "model_load_s": 2.0},
+    ],
+    "cluster": {"workers": 6},
+    "workload": {"generators": [
+        {"kind": "mmpp", "mix": {"a": 1}, "states": [
+            {"rate_per_s": 8.0, "mean_sojourn_s": 20.0}, {"rate_per_s": 1.0, "mean_sojourn_s": 20.0}]},
+        {"kind": "poisson", "rate_per_s": 2.0, "mix": {"b": 1}},
+    ]},
+    "tick_s": 1.0,
+    "duration_s": 120.0,
+}  # fmt: skip
 
 
 def _view(n: int, seed: int = 0, budget: int | None = None) -> ClusterView:
@@ -205,3 +235,144 @@ def test_router_scores_are_permutation_invariant() -> None:
     reordered = _permuted(view, np.arange(6)[::-1])
     second = policy.router().route_batch([job], reordered.queues, np.random.default_rng(0))
     assert first == second
+
+
+# --- residual over base heuristics ----------------------------------------------------------------
+
+_BASES: list[BaseSpec] = [
+    ("switch_aware", {"horizon_s": 20.0}),
+    ("proportional", {"beta": 1.0}),
+]
+
+
+def _residual_policy(seed: int = 0) -> LearnedPolicy:
+    return LearnedPolicy.create(AllocatorNetConfig.residual(_BASES), max_moves=2, seed=seed)
+
+
+def test_untrained_residual_allocator_is_its_first_base_heuristic() -> None:
+    """Deterministic and untrained, the residual allocator returns exactly the first base's
+    allocation, tick after tick of a simulated run."""
+    scenario = parse_scenario(_SIM_SCENARIO)
+    policy = _residual_policy()
+    run = prepare(scenario, 3).start(make_router_for(scenario))
+    learned = policy.allocator()
+    heuristic = make_allocator(_BASES[0][0], **_BASES[0][1])
+    moved = 0
+    while (view := run.advance_to_next_tick()) is not None:
+        expected = heuristic.allocate(view)
+        assert learned.allocate(view) == expected
+        moved += run.apply(expected)
+    assert moved > 0  # the heuristic did act, so the equality is not only "hold"
+
+
+def test_residual_network_outputs_permute_with_the_queues() -> None:
+    """With base features and gate logits, the network is still permutation-equivariant."""
+    net = _residual_policy().allocator_net
+    features = torch.randn(2, 9, net.config.n_features)
+    order = torch.randperm(9)
+    out, out_p = net(features), net(features[:, order])
+    torch.testing.assert_close(out_p.receiver_logits, out.receiver_logits[:, order])
+    torch.testing.assert_close(out_p.donor_logits, out.donor_logits[:, order])
+    torch.testing.assert_close(out_p.gate_logits, out.gate_logits)
+    torch.testing.assert_close(out_p.stop_logit, out.stop_logit)
+
+
+def test_residual_stop_chance_does_not_depend_on_the_queue_count() -> None:
+    """The log(n) stop offset keeps a fresh residual allocator's chance of leaving the proposal
+    alone the same at 3 and at 200 queues."""
+    net = _residual_policy().allocator_net
+    with torch.no_grad():
+        chances = []
+        for n in (3, 200):
+            out = net(torch.zeros(1, n, net.config.n_features))
+            step = torch.cat([out.receiver_logits[0], out.stop_logit])
+            chances.append(float(torch.softmax(step, 0)[-1]))
+    assert chances[0] == pytest.approx(chances[1], abs=0.02)
+    assert chances[0] > 0.8
+
+
+def test_residual_log_probs_include_the_gate() -> None:
+    """Recorded log-probabilities (gate pick plus moves) match the batched recomputation, and the
+    gate does pick other bases when sampling."""
+    policy = _residual_policy(seed=2)
+    with torch.no_grad():
+        for p in policy.allocator_net.parameters():
+            p.mul_(8.0)
+        policy.allocator_net.global_head.bias[0] = -1.0  # rarely stop
+        policy.allocator_net.global_head.bias[3:] = 0.0  # no base favoured
+    allocator = policy.allocator(rng=np.random.default_rng(1), record=True)
+    for seed in range(16):
+        allocation = allocator.allocate(_view(6, seed=seed, budget=40))
+        assert invalid_reason(allocation, _view(6, seed=seed, budget=40)) is None
+    ds = allocator.decisions
+    out = policy.allocator_net(torch.from_numpy(np.stack([d.features for d in ds])))
+    moves_lp, _ = moves_log_prob(
+        out,
+        torch.from_numpy(np.stack([d.counts for d in ds])),
+        torch.tensor([d.free for d in ds]),
+        torch.from_numpy(np.stack([d.low for d in ds])),
+        torch.from_numpy(np.stack([d.high for d in ds])),
+        torch.from_numpy(np.stack([d.moves for d in ds])),
+    )
+    gate_lp, gate_entropy = gate_log_prob(out.gate_logits, torch.tensor([d.base for d in ds]))
+    np.testing.assert_allclose(
+        (gate_lp + moves_lp).detach().numpy(), [d.log_prob for d in ds], rtol=1e-4, atol=1e-4
+    )
+    assert (gate_entropy > 0).all()
+    assert len({d.base for d in ds}) > 1
+    torch.autograd.backward(gate_lp.sum())  # the update reaches the gate's weights
+    gate_grad = policy.allocator_net.global_head.bias.grad
+    assert gate_grad is not None
+    assert bool((gate_grad[3:] != 0).all())
+
+
+def test_residual_config_round_trips_through_json_and_checks_its_input_width() -> None:
+    """Bases survive hyper-parameters -> JSON -> a rebuilt network; a wrong width is refused."""
+    policy = _residual_policy()
+    params = json.loads(json.dumps(policy.hyperparameters()))
+    rebuilt = LearnedPolicy.from_hyperparameters(params)
+    assert rebuilt.allocator_net.config == policy.allocator_net.config
+    with pytest.raises(ValueError, match="n_features"):
+        AllocatorNetConfig(bases=tuple(_BASES))
+    with pytest.raises(ValueError, match="base heuristics"):
+        LearnedAllocator(policy.allocator_net)
+
+
+class _CountingStatic:
+    """Equal shares, counting how often it is asked."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.inner = make_allocator("static")
+
+    def allocate(self, view: ClusterView) -> dict[str, int]:
+        self.calls += 1
+        return self.inner.allocate(view)
+
+
+def test_only_the_picked_base_runs_each_tick() -> None:
+    """The gate reads the queue features alone, so one base heuristic runs per tick, not all."""
+    policy = _residual_policy()
+    bases = [_CountingStatic(), _CountingStatic()]
+    allocator = LearnedAllocator(policy.allocator_net, bases=bases, rng=np.random.default_rng(0))
+    for seed in range(20):
+        allocator.allocate(_view(5, seed=seed))
+    assert bases[0].calls + bases[1].calls == 20
+    assert bases[1].calls > 0  # sampling did pick the second base too
+
+
+def test_residual_numpy_forward_matches_torch() -> None:
+    """With the base columns, the two-stage numpy path gives the torch network's outputs."""
+    net = _residual_policy(seed=3).allocator_net
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(8.0)
+    features = np.random.default_rng(0).normal(size=(7, net.config.n_features)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(features)[None])
+    fast = QueueSetNetNp(net)(features)
+    np.testing.assert_allclose(fast.receiver_logits, ref.receiver_logits[0], atol=1e-4)
+    np.testing.assert_allclose(fast.gate_logits, ref.gate_logits[0], atol=1e-4)
+    assert fast.stop_logit == pytest.approx(float(ref.stop_logit[0]), abs=1e-4)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import typer
 
+from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import (
     EVAL_SEED_BASE,
     RANDOM_START,
     Args,
     Evaluation,
+    choose_base_teachers,
     discounted_returns,
     evaluate,
+    pretrain_gate,
     replay_advantages,
     train,
 )
@@ -29,6 +33,7 @@ from policies.learned.rollout import (
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS
 from policies.sim.scenario import Scenario, parse_scenario
+from scheduler.commands.train import parse_base
 
 TINY = {
     "name": "tiny",
@@ -204,3 +209,73 @@ def test_imitation_labels_every_decision_and_trains() -> None:
     trained = train(args, [_tiny()], map_serial)
     assert set(trained.teachers) == {"tiny"}
     assert all(math.isfinite(m["losses/imitation_nll"]) for m in trained.history)
+
+
+def test_residual_training_starts_from_its_base_heuristic() -> None:
+    """A residual run's untrained policy validates as exactly its first base heuristic, and its
+    updates (gate and moves) run with finite losses."""
+    # Default parameters, as validation runs them without tuned values.
+    bases: tuple[BaseSpec, ...] = (("switch_aware", {}), ("proportional", {}))
+    args = Args(
+        seed=0, max_iterations=2, inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0),
+        eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, eval_random_starts=False,
+        eval_tuned_heuristics=False,
+    )  # fmt: skip
+    result = train(args, [_tiny()], map_serial)
+    first = result.evaluations[0].mean_jct_s["tiny"]
+    assert first["learned"] == first["switch_aware"] != first["proportional"]
+    assert result.policy.allocator_net.config.bases == bases
+    assert all(math.isfinite(m["losses/allocator_policy_loss"]) for m in result.history)
+
+
+def test_train_cli_parses_base_heuristics_and_refuses_bad_ones() -> None:
+    """`--base NAME:K=V,K=V` gives (name, float parameters); a bad name or parameter fails early."""
+    assert parse_base("switch_aware:horizon_s=80,min_net_gain_job_s=50") == (
+        "switch_aware",
+        {"horizon_s": 80.0, "min_net_gain_job_s": 50.0},
+    )
+    assert parse_base("proportional") == ("proportional", {})
+    for bad in (
+        "nonsense", "target_ongoing", "proportional:beta=x", "proportional:gamma=1",
+        "proportional:beta=-1",
+    ):  # fmt: skip
+        with pytest.raises(typer.Exit):
+            parse_base(bad)
+
+
+def test_residual_imitation_teaches_the_gate_the_best_base_on_training_seeds() -> None:
+    """With bases, imitation labels each scenario with its best base (on the tuning seeds) and
+    trains the gate toward it: the gate's log-probability of the teacher goes up."""
+    bases: tuple[BaseSpec, ...] = (("static", {}), ("proportional", {"beta": 1.0}))
+    teachers = choose_base_teachers([_tiny()], bases, map_serial)
+    assert set(teachers) == {"tiny"}
+    args = Args(
+        seed=0, max_iterations=3, inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0),
+        eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, imitation_coef=5.0,
+        imitation_fraction=1.0, eval_random_starts=False, learning_rate=3e-3,
+    )  # fmt: skip
+    result = train(args, [_tiny()], map_serial)
+    assert result.base_teachers == teachers
+    nll = [m["losses/imitation_nll"] for m in result.history]
+    assert nll[-1] < nll[0]
+
+
+def test_gate_warm_start_separates_scenarios_with_different_teachers() -> None:
+    """Balanced supervised steps teach the gate a different base per scenario, read from the
+    view alone: afterwards the deterministic policy picks each scenario's teacher every tick."""
+    slow = parse_scenario(
+        {**TINY, "name": "tiny_slow", "tick_s": 4.0,
+         "queues": [{**q, "model_load_s": 30.0} for q in cast(list[dict[str, Any]], TINY["queues"])]}
+    )  # fmt: skip
+    scenarios = [_tiny(), slow]
+    bases: tuple[BaseSpec, ...] = (("static", {}), ("proportional", {"beta": 1.0}))
+    policy = LearnedPolicy.create(AllocatorNetConfig.residual(bases), seed=0)
+    teachers = {"tiny": 1, "tiny_slow": 0}
+    nll = pretrain_gate(
+        policy, scenarios, teachers, map_serial, np.random.default_rng(0),
+        steps=150, learning_rate=3e-3, episode_s=40.0,
+    )  # fmt: skip
+    assert nll < 0.1
+    for scenario in scenarios:
+        result = run_rollout(RolloutTask(scenario, 7, policy=policy, record=True))
+        assert {d.base for d in result.decisions} == {teachers[scenario.name]}
