@@ -183,13 +183,9 @@ def test_guardrails_wrap_the_learned_allocator() -> None:
     assert "non-finite" in guarded.last_fallback_reason
 
 
-def test_recorded_log_probs_match_the_batched_recomputation() -> None:
-    """The training update re-scores recorded ticks to the log-probability they were sampled with."""
-    policy = _trained_like_policy(seed=6)
-    allocator = policy.allocator(rng=np.random.default_rng(1), record=True)
-    for seed in range(12):
-        allocator.allocate(_view(6, seed=seed, budget=40))
-    ds = allocator.decisions
+def _rescore(policy: LearnedPolicy, ds: list[Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The network's outputs on recorded ticks, and the moves' log-probabilities and entropies as
+    the training update recomputes them."""
     out = policy.allocator_net(torch.from_numpy(np.stack([d.features for d in ds])))
     log_prob, entropy = moves_log_prob(
         out,
@@ -199,6 +195,17 @@ def test_recorded_log_probs_match_the_batched_recomputation() -> None:
         torch.from_numpy(np.stack([d.high for d in ds])),
         torch.from_numpy(np.stack([d.moves for d in ds])),
     )
+    return out, log_prob, entropy
+
+
+def test_recorded_log_probs_match_the_batched_recomputation() -> None:
+    """The training update re-scores recorded ticks to the log-probability they were sampled with."""
+    policy = _trained_like_policy(seed=6)
+    allocator = policy.allocator(rng=np.random.default_rng(1), record=True)
+    for seed in range(12):
+        allocator.allocate(_view(6, seed=seed, budget=40))
+    ds = allocator.decisions
+    _, log_prob, entropy = _rescore(policy, ds)
     np.testing.assert_allclose(
         log_prob.detach().numpy(), [d.log_prob for d in ds], rtol=1e-4, atol=1e-4
     )
@@ -305,15 +312,7 @@ def test_residual_log_probs_include_the_gate() -> None:
         allocation = allocator.allocate(_view(6, seed=seed, budget=40))
         assert invalid_reason(allocation, _view(6, seed=seed, budget=40)) is None
     ds = allocator.decisions
-    out = policy.allocator_net(torch.from_numpy(np.stack([d.features for d in ds])))
-    moves_lp, _ = moves_log_prob(
-        out,
-        torch.from_numpy(np.stack([d.counts for d in ds])),
-        torch.tensor([d.free for d in ds]),
-        torch.from_numpy(np.stack([d.low for d in ds])),
-        torch.from_numpy(np.stack([d.high for d in ds])),
-        torch.from_numpy(np.stack([d.moves for d in ds])),
-    )
+    out, moves_lp, _ = _rescore(policy, ds)
     gate_lp, gate_entropy = gate_log_prob(out.gate_logits, torch.tensor([d.base for d in ds]))
     np.testing.assert_allclose(
         (gate_lp + moves_lp).detach().numpy(), [d.log_prob for d in ds], rtol=1e-4, atol=1e-4
