@@ -85,7 +85,7 @@ class Runner:
             dump.cancel()
 
 
-TASK_DUMP_AFTER_S = 40.0
+TASK_DUMP_AFTER_S = 240.0
 
 
 def _dump_tasks(loop: asyncio.AbstractEventLoop) -> None:
