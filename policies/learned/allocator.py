@@ -95,6 +95,21 @@ def _masks_np(
     return receiver_ok, np.append(donor_ok, free > 0)
 
 
+def _apply_move(
+    counts: np.ndarray, got: np.ndarray, gave: np.ndarray, free: int, r: int, d: int
+) -> int:
+    """One worker to queue `r` from queue `d`, or from the free pool when `d` is past the last
+    queue; marks both ends (a queue that got may not give in the same tick, and the reverse).
+    Returns the free workers left."""
+    counts[r] += 1
+    got[r] = True
+    if d < len(counts):
+        counts[d] -= 1
+        gave[d] = True
+        return free
+    return free - 1
+
+
 def choose_moves(
     out: QueueSetOutputNp,
     counts: np.ndarray,
@@ -133,13 +148,7 @@ def choose_moves(
         d = _pick(donor_step, rng)
         log_prob += float(donor_step[d])
         moves[k] = (r, d)
-        counts[r] += 1
-        got[r] = True
-        if d < n:
-            counts[d] -= 1
-            gave[d] = True
-        else:
-            free -= 1
+        free = _apply_move(counts, got, gave, free, r, d)
     return moves, log_prob, counts
 
 
@@ -178,13 +187,7 @@ def moves_toward(
             moves[k] = (STOP, 0)
             break
         moves[k] = (r, d)
-        counts[r] += 1
-        got[r] = True
-        if d < n:
-            counts[d] -= 1
-            gave[d] = True
-        else:
-            free -= 1
+        free = _apply_move(counts, got, gave, free, r, d)
     return moves
 
 
