@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -135,10 +135,20 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedPolicy, dict[str, Any]]:
     return policy, meta
 
 
-def _checkpoint_for(name_or_path: str | Path) -> Path:
-    if str(name_or_path) == LEARNED:
-        return default_checkpoint_path()
-    return Path(name_or_path)
+def named_policy(name_or_path: str | Path, kind: str, known: Iterable[str]) -> LearnedPolicy:
+    """The learned policy of "learned" (the shipped checkpoint) or of a checkpoint path, for a
+    `kind` ("policy", "router") whose registry names are `known`. CheckpointError names the file
+    and, when there is none, the names that would have worked."""
+    name = str(name_or_path)
+    path = default_checkpoint_path() if name == LEARNED else Path(name_or_path)
+    if name != LEARNED and not checkpoint_paths(path)[0].exists():
+        names = ", ".join(sorted([*known, LEARNED]))
+        raise CheckpointError(
+            f"no checkpoint at {checkpoint_paths(path)[0]} and {name!r} is not a {kind} name; "
+            f"known {kind} names: {names}"
+        )
+    policy, _ = load_checkpoint(path)
+    return policy
 
 
 def resolve_allocator(name_or_path: str | Path, **params: Any) -> Allocator:
@@ -149,40 +159,23 @@ def resolve_allocator(name_or_path: str | Path, **params: Any) -> Allocator:
     `max_moves`; it is returned bare, to be wrapped in `policies.guardrails.Guardrails` like any
     allocator. Raises ValueError for an unknown name and CheckpointError for a bad checkpoint.
     """
-    name = str(name_or_path)
-    if name in ALLOCATORS:
-        return make_allocator(name, **params)
-    path = _checkpoint_for(name_or_path)
-    if name != LEARNED and not checkpoint_paths(path)[0].exists():
-        known = ", ".join(sorted([*ALLOCATORS, LEARNED]))
-        raise CheckpointError(
-            f"no checkpoint at {checkpoint_paths(path)[0]} and {name!r} is not a policy name; "
-            f"known policies: {known}"
-        )
+    if str(name_or_path) in ALLOCATORS:
+        return make_allocator(str(name_or_path), **params)
     unknown = sorted(set(params) - {"bounds", "max_moves"})
     if unknown:
         raise ValueError(f"bad parameters for a learned allocator: {unknown}")
     bounds = params.get("bounds")
     if bounds is not None and not isinstance(bounds, AllocationBounds):
         raise ValueError(f"bounds must be an AllocationBounds, got {type(bounds).__name__}")
-    policy, _ = load_checkpoint(path)
+    policy = named_policy(name_or_path, "policy", ALLOCATORS)
     return policy.allocator(bounds=bounds, max_moves=params.get("max_moves"))
 
 
 def resolve_router(name_or_path: str | Path, **params: Any) -> Router:
     """A router by registry name (built with `params`), "learned" (the shipped checkpoint's router)
     or a checkpoint path; errors as `resolve_allocator`."""
-    name = str(name_or_path)
-    if name in ROUTERS:
-        return make_router(name, **params)
-    path = _checkpoint_for(name_or_path)
-    if name != LEARNED and not checkpoint_paths(path)[0].exists():
-        known = ", ".join(sorted([*ROUTERS, LEARNED]))
-        raise CheckpointError(
-            f"no checkpoint at {checkpoint_paths(path)[0]} and {name!r} is not a router name; "
-            f"known routers: {known}"
-        )
+    if str(name_or_path) in ROUTERS:
+        return make_router(str(name_or_path), **params)
     if params:
         raise ValueError(f"a learned router takes no parameters, got {sorted(params)}")
-    policy, _ = load_checkpoint(path)
-    return policy.router()
+    return named_policy(name_or_path, "router", ROUTERS).router()

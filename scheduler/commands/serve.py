@@ -34,20 +34,14 @@ def load_config(path: Path) -> ServiceConfig:
 
 
 def with_policies(config: ServiceConfig, policy: str | None, router: str | None) -> ServiceConfig:
-    """`config` with --policy and --router in place of its policies, checked (and checkpoints
-    loaded) now: Exit(2) naming the field when one is unknown or its checkpoint is unusable."""
-    from scheduler.service.policies import load_policies
-
+    """`config` with --policy and --router in place of its policies (start_service checks them
+    first of all, naming the field)."""
     if policy is not None:
         allocation = config.allocation.model_copy(update={"policy": policy, "params": {}})
         config = config.model_copy(update={"allocation": allocation})
     if router is not None:
         routing = config.routing.model_copy(update={"policy": router, "params": {}})
         config = config.model_copy(update={"routing": routing})
-    try:
-        load_policies(config)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
     return config
 
 
@@ -142,6 +136,8 @@ def serve(
         handle = start_service(
             config, redis_url=redis_url, leader_ttl_s=leader_ttl_s, ray_address=ray_address
         )
+    except ConfigError as exc:  # a policy or checkpoint the config names: nothing started yet
+        raise fail(str(exc)) from None
     except BilevelError as exc:
         raise fail(str(exc), code=1) from None
     # After ray.init, which installs its own SIGTERM handler: ours must win so the workers drain.

@@ -17,13 +17,7 @@ from typing import Any
 from policies.learned.policy import LearnedPolicy
 from policies.registry import ALLOCATORS, ROUTERS, make_allocator, make_router
 from policies.views import Allocator, Router
-from scheduler.checkpoints import (
-    LEARNED,
-    CheckpointError,
-    checkpoint_paths,
-    default_checkpoint_path,
-    load_checkpoint,
-)
+from scheduler.checkpoints import CheckpointError, named_policy
 from scheduler.config import ConfigError, ServiceConfig
 from scheduler.service.views import allocation_bounds
 
@@ -36,21 +30,13 @@ class LoadedPolicies:
 
 
 def _load(level: str, name: str, registry: Mapping[str, Any]) -> LearnedPolicy | None:
-    """None for a registry name, else the checkpoint's policy ("learned": the shipped one)."""
+    """None for a registry name, else the checkpoint's policy; ConfigError names the field."""
     if name in registry:
         return None
-    path = default_checkpoint_path() if name == LEARNED else checkpoint_paths(name)[0]
-    if not path.exists():
-        known = ", ".join(sorted([*registry, LEARNED]))
-        raise ConfigError(
-            f"{level}.policy: {name!r} is neither a policy ({known}) nor a checkpoint "
-            f"({path} not found)"
-        )
     try:
-        policy, _ = load_checkpoint(path)
+        return named_policy(name, "policy" if level == "allocation" else "router", registry)
     except CheckpointError as exc:
         raise ConfigError(f"{level}.policy: {exc}") from None
-    return policy
 
 
 def load_policies(config: ServiceConfig) -> LoadedPolicies:

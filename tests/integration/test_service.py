@@ -67,7 +67,8 @@ class TestServeChecks:
         config = str(_write(tmp_path, _demo_raw()))
         unknown = CliRunner().invoke(app, ["serve", "--config", config, "--policy", "nope"])
         assert unknown.exit_code == 2
-        assert "allocation.policy: 'nope' is neither a policy" in unknown.output
+        assert "allocation.policy: no checkpoint at nope" in unknown.output
+        assert "known policy names: " in unknown.output
         _, meta_path = save_checkpoint(tmp_path / "old", LearnedPolicy.create(seed=0))
         meta = json.loads(meta_path.read_text())
         meta["feature_schema_version"] += 7
