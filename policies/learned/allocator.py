@@ -22,6 +22,10 @@ residual allocator *is* its first base in deterministic mode. Training only has 
 heuristic suits the situation and where a correction (undoing a needless switch, moving ahead of a
 burst) pays.
 
+Forecast. With a rate forecaster (`policies.learned.forecast`), the view the bases and the network
+see carries the learned forecast of each queue's arrival rate over the next few model loads
+instead of the current estimate; everything else in the view is as observed.
+
 Sampling happens in numpy on one view (fast enough for 64 queues in well under a millisecond);
 `moves_log_prob` recomputes the same log-probabilities in torch, batched, for the training update.
 Both use the masks of `_masks_np` / `_masks_torch`, which must stay in step (a unit test checks).
@@ -37,6 +41,7 @@ import torch
 
 from policies.allocation import largest_remainder
 from policies.features import N_QUEUE_FEATURES, base_features, queue_features
+from policies.learned.forecast import RateForecaster
 from policies.learned.networks import QueueSetNet, QueueSetNetNp, QueueSetOutput, QueueSetOutputNp
 from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
 
@@ -308,6 +313,9 @@ class LearnedAllocator:
     for, in its config's order) the moves start from the proposal of the one the gate picks (see
     the module docstring). Only the picked base runs each tick, so the bases should be stateless
     (switch-aware MaxWeight, proportional and static are; the target-ongoing autoscaler is not).
+    With a `forecaster` (`policies.learned.forecast`), the bases and the network see its forecast
+    as each queue's arrival rate. `force_base` makes the gate always pick that base (training
+    uses it, with `max_moves=0`, to score each base as the policy would run it).
     """
 
     name: str = "learned"
@@ -321,6 +329,8 @@ class LearnedAllocator:
         rng: np.random.Generator | None = None,
         record: bool = False,
         bases: Sequence[Allocator] = (),
+        forecaster: RateForecaster | None = None,
+        force_base: int | None = None,
     ) -> None:
         if len(bases) != len(net.config.bases):
             raise ValueError(
@@ -329,6 +339,10 @@ class LearnedAllocator:
             )
         if max_moves < 0:
             raise ValueError(f"max_moves must be >= 0, got {max_moves}")
+        if force_base is not None and not 0 <= force_base < len(bases):
+            raise ValueError(
+                f"force_base must index one of the {len(bases)} bases, got {force_base}"
+            )
         self.net = net.eval()
         # The decision path runs on a numpy snapshot of the weights (see QueueSetNetNp).
         self._forward = QueueSetNetNp(net)
@@ -339,6 +353,8 @@ class LearnedAllocator:
         self.rng = rng
         self.record = record
         self.bases = tuple(bases)
+        self.forecaster = forecaster
+        self.force_base = force_base
         self.decisions: list[TickDecision] = []
 
     def allocate(self, view: ClusterView) -> Allocation:
@@ -347,6 +363,8 @@ class LearnedAllocator:
         if n == 0:
             return {}
         budget = max(view.budget, 0)
+        if self.forecaster is not None:
+            view = self.forecaster.forecast_view(view)
         features = queue_features(view)
         low, high = bound_arrays(view, self.bounds)
         with np.errstate(all="ignore"):
@@ -358,7 +376,7 @@ class LearnedAllocator:
         if self.bases:
             # The gate picks first, so only the picked heuristic runs this tick.
             gate = _log_softmax_np(encoding.glob[3:])
-            base = _pick(gate, self.rng)
+            base = _pick(gate, self.rng) if self.force_base is None else self.force_base
             log_prob = float(gate[base])
             counts = _proposal(self.bases[base], view, budget)
             features = np.concatenate([features, base_features(view, counts)], axis=1)

@@ -1,4 +1,4 @@
-"""A learned policy as one value: both networks, their shapes, and the allocator's move limit.
+"""A learned policy as one value: its networks, their shapes, and the allocator's move limit.
 
 This is what a checkpoint holds (`scheduler.checkpoints` writes it to files), what training ships to
 rollout workers (it pickles as weights bytes plus configs, never as live modules), and what builds
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from policies.learned.allocator import LearnedAllocator
+from policies.learned.forecast import ForecasterConfig, RateForecaster, RateForecastNet
 from policies.learned.networks import (
     AllocatorNetConfig,
     JobQueueScorer,
@@ -28,11 +29,23 @@ from policies.views import AllocationBounds
 
 @dataclass(eq=False)
 class LearnedPolicy:
-    """The allocator network, the router network, and how many moves a tick may make."""
+    """The allocator network, the router network, how many moves a tick may make, and optionally
+    the arrival-rate forecaster the allocator plans with (`policies.learned.forecast`)."""
 
     allocator_net: QueueSetNet = field(default_factory=QueueSetNet)
     router_net: JobQueueScorer = field(default_factory=JobQueueScorer)
     max_moves: int = 4
+    forecaster_net: RateForecastNet | None = None
+
+    def _nets(self) -> list[tuple[str, torch.nn.Module]]:
+        """Every network with the prefix its weights carry in a state dict."""
+        nets: list[tuple[str, torch.nn.Module]] = [
+            ("allocator", self.allocator_net),
+            ("router", self.router_net),
+        ]
+        if self.forecaster_net is not None:
+            nets.append(("forecaster", self.forecaster_net))
+        return nets
 
     @classmethod
     def create(
@@ -42,11 +55,16 @@ class LearnedPolicy:
         *,
         max_moves: int = 4,
         seed: int | None = None,
+        forecaster_config: ForecasterConfig | None = None,
     ) -> LearnedPolicy:
-        """Fresh networks; `seed` makes their initial weights reproducible."""
+        """Fresh networks (a forecaster only with `forecaster_config`); `seed` makes their initial
+        weights reproducible."""
         if seed is not None:
             torch.manual_seed(seed)
-        return cls(QueueSetNet(allocator_config), JobQueueScorer(router_config), max_moves)
+        forecaster = RateForecastNet(forecaster_config) if forecaster_config is not None else None
+        return cls(
+            QueueSetNet(allocator_config), JobQueueScorer(router_config), max_moves, forecaster
+        )
 
     def allocator(
         self,
@@ -55,10 +73,16 @@ class LearnedPolicy:
         rng: np.random.Generator | None = None,
         record: bool = False,
         max_moves: int | None = None,
+        force_base: int | None = None,
     ) -> LearnedAllocator:
         """A level-2 allocator on these weights (deterministic unless `rng` is given); a residual
-        network gets fresh instances of its base heuristics."""
+        network gets fresh instances of its base heuristics, and a fresh forecasting state."""
         config = self.allocator_net.config
+        forecaster = (
+            RateForecaster(self.forecaster_net, record=record)
+            if self.forecaster_net is not None
+            else None
+        )
         return LearnedAllocator(
             self.allocator_net,
             max_moves=self.max_moves if max_moves is None else max_moves,
@@ -66,6 +90,8 @@ class LearnedPolicy:
             rng=rng,
             record=record,
             bases=[make_allocator(name, **params) for name, params in config.bases],
+            forecaster=forecaster,
+            force_base=force_base,
         )
 
     def router(
@@ -80,28 +106,38 @@ class LearnedPolicy:
             "allocator": self.allocator_net.config.to_dict(),
             "router": self.router_net.config.to_dict(),
             "max_moves": self.max_moves,
+            "forecaster": (
+                self.forecaster_net.config.to_dict() if self.forecaster_net is not None else None
+            ),
         }
 
     @classmethod
     def from_hyperparameters(cls, params: dict[str, Any]) -> LearnedPolicy:
-        """Untrained networks of the shapes `hyperparameters()` described."""
+        """Untrained networks of the shapes `hyperparameters()` described (a policy saved before
+        forecasters existed has no "forecaster" entry, and gets none)."""
+        forecaster = params.get("forecaster")
         return cls(
             QueueSetNet(AllocatorNetConfig(**params["allocator"])),
             JobQueueScorer(RouterNetConfig(**params["router"])),
             int(params["max_moves"]),
+            RateForecastNet(ForecasterConfig(**forecaster)) if forecaster is not None else None,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Both networks' weights under "allocator." and "router." prefixes."""
+        """Every network's weights under its prefix ("allocator.", "router.", "forecaster.")."""
         state: dict[str, Any] = {}
-        for prefix, net in (("allocator", self.allocator_net), ("router", self.router_net)):
+        for prefix, net in self._nets():
             for key, value in net.state_dict().items():
                 state[f"{prefix}.{key}"] = value
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Loads weights written by `state_dict` (strict: every key must match)."""
-        for prefix, net in (("allocator", self.allocator_net), ("router", self.router_net)):
+        known = {prefix for prefix, _ in self._nets()}
+        strays = sorted({k.split(".", 1)[0] for k in state} - known)
+        if strays:
+            raise ValueError(f"weights for networks this policy does not have: {strays}")
+        for prefix, net in self._nets():
             part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             net.load_state_dict(part)
 

@@ -9,6 +9,10 @@ iteration the rollout, the advantage, the update, and the metrics (`losses/...`,
   samples and uses the replays' mean return-to-go at each tick as the baseline (Mao et al., "Variance
   reduction for reinforcement learning in input-driven environments", ICLR 2019; Decima). Ticks fall
   at fixed multiples of tick_s, so tick t of every replay is the same instant.
+- Before any policy update, the allocator's arrival-rate forecast (`policies.learned.forecast`)
+  is fitted by regression on recorded episodes (`forecast_training`): its target does not depend
+  on the policy, so supervision learns it with far less noise than the policy gradient would.
+  The teachers are then chosen, and the gate fitted, on the forecast the policy will plan with.
 - Rollouts are injected (`map_rollouts`): this module never starts processes. `scheduler.training`
   passes Ray tasks, tests a serial map.
 - A curriculum over scenarios and loads: every input draws a scenario, an arrival seed, a load scale
@@ -36,6 +40,8 @@ import numpy as np
 import torch
 
 from policies.learned.allocator import gate_log_prob, moves_log_prob
+from policies.learned.forecast import ForecasterConfig
+from policies.learned.forecast_training import ForecastFit, train_forecaster
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
@@ -137,6 +143,19 @@ class Args:
     base of lowest mean JCT on the tuning seeds of the tick's scenario"""
     imitation_fraction: float = 0.5
     """fraction of the budget over which the imitation weight decays to 0"""
+    forecast: bool = True
+    """give the allocator a learned arrival-rate forecast (`policies.learned.forecast`) that its
+    bases and network plan with, fitted by regression before the gate and the moves are trained"""
+    forecast_window_loads: float = 4.0
+    """the forecast is for the mean rate over this many of the slowest model load (at least 4
+    ticks): the time a moved worker needs to pay back its load"""
+    forecast_episodes: int = 4
+    """recorded episodes per scenario (up to `eval_max_duration_s` long) the forecast is fitted on"""
+    forecast_steps: int = 1500
+    """Adam steps of the forecast fit (one balanced minibatch per scenario each)"""
+    teacher_seeds: int = 4
+    """training seeds (from 0) on which each scenario's best base, or best heuristic, is chosen as
+    the imitation teacher; the heuristics' tuning seeds are the first of them"""
     gate_pretrain_steps: int = 300
     """for a residual allocator with imitation: supervised steps (one minibatch per scenario each)
     fitting the gate to the teacher bases before the first update. PPO's iterations each draw one
@@ -212,6 +231,8 @@ class TrainResult:
     # gate's NLL of it after the supervised warm start (NaN without one).
     base_teachers: dict[str, int] = field(default_factory=dict)
     gate_pretrain_nll: float = math.nan
+    # How the forecast fit went (None without a forecaster).
+    forecast_fit: ForecastFit | None = None
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -317,11 +338,6 @@ def evaluate(
     (mean, p99) means per cell, for reuse."""
     starts: list[int | None] = [None, 1] if random_starts else [None]
 
-    def duration(s: Scenario) -> float | None:
-        if max_duration_s is None or (s.duration_s is not None and s.duration_s <= max_duration_s):
-            return None
-        return max_duration_s
-
     def cell(s: Scenario, start: int | None) -> str:
         return s.name if start is None else s.name + RANDOM_START
 
@@ -331,8 +347,8 @@ def evaluate(
 
     tasks = [
         RolloutTask(
-            s, seed, duration_s=duration(s), policy=policy, learned_router=learned_router,
-            initial_seed=initial(seed, start),
+            s, seed, duration_s=_capped_duration(s, max_duration_s), policy=policy,
+            learned_router=learned_router, initial_seed=initial(seed, start),
         )
         for s in scenarios
         for start in starts
@@ -342,7 +358,7 @@ def evaluate(
         params = heuristic_params or {}
         tasks += [
             RolloutTask(
-                s, seed, duration_s=duration(s), heuristic=h,
+                s, seed, duration_s=_capped_duration(s, max_duration_s), heuristic=h,
                 heuristic_params=params.get(s.name, {}).get(h), initial_seed=initial(seed, start),
             )
             for s in scenarios
@@ -460,28 +476,29 @@ def _clipped_loss(
     return loss, approx_kl, clipfrac
 
 
+def _capped_duration(scenario: Scenario, max_duration_s: float | None) -> float | None:
+    """`max_duration_s` when the scenario runs longer than it, else None (its own duration)."""
+    if max_duration_s is not None and (scenario.duration_s or math.inf) > max_duration_s:
+        return max_duration_s
+    return None
+
+
 def _best_candidate(
     scenarios: Sequence[Scenario],
-    candidates: Callable[[Scenario], Sequence[tuple[str, Mapping[str, Any] | None]]],
+    n_candidates: int,
+    candidate_task: Callable[[Scenario, int, int, float | None], RolloutTask],
     map_rollouts: MapRollouts,
     max_duration_s: float | None,
     seeds: Sequence[int],
 ) -> dict[str, int]:
-    """Per scenario, the index of the candidate heuristic ((name, parameters)) of lowest mean JCT
-    over `seeds`; ties go to the earlier candidate."""
+    """Per scenario, the index of the candidate of lowest mean JCT over `seeds`; ties go to the
+    earlier candidate. `candidate_task(scenario, k, seed, duration)` is candidate k's episode."""
     tasks = [
-        (s.name, k, RolloutTask(
-            s, seed, heuristic=name, heuristic_params=params,
-            duration_s=(
-                max_duration_s
-                if max_duration_s is not None and (s.duration_s or math.inf) > max_duration_s
-                else None
-            ),
-        ))
+        (s.name, k, candidate_task(s, k, seed, _capped_duration(s, max_duration_s)))
         for s in scenarios
-        for k, (name, params) in enumerate(candidates(s))
+        for k in range(n_candidates)
         for seed in seeds
-    ]  # fmt: skip
+    ]
     jct: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for (scenario, k, _), r in zip(tasks, map_rollouts([t for *_, t in tasks]), strict=True):
         jct[scenario][k].append(r.mean_jct_s if math.isfinite(r.mean_jct_s) else math.inf)
@@ -500,13 +517,14 @@ def choose_teachers(
     """Per scenario, the heuristic (with `heuristic_params`) of lowest mean JCT over `seeds`, which
     are training arrivals (the heuristics' own tuning seeds), never validation or evaluation ones."""
     names = list(HEURISTIC_ALLOCATORS)
-    best = _best_candidate(
-        scenarios,
-        lambda s: [(h, heuristic_params.get(s.name, {}).get(h)) for h in names],
-        map_rollouts,
-        max_duration_s,
-        seeds,
-    )
+
+    def task(s: Scenario, k: int, seed: int, duration_s: float | None) -> RolloutTask:
+        params = heuristic_params.get(s.name, {}).get(names[k])
+        return RolloutTask(
+            s, seed, heuristic=names[k], heuristic_params=params, duration_s=duration_s
+        )
+
+    best = _best_candidate(scenarios, len(names), task, map_rollouts, max_duration_s, seeds)
     return {scenario: names[k] for scenario, k in best.items()}
 
 
@@ -516,10 +534,19 @@ def choose_base_teachers(
     map_rollouts: MapRollouts,
     max_duration_s: float | None = None,
     seeds: Sequence[int] = TUNING_SEEDS,
+    policy: LearnedPolicy | None = None,
 ) -> dict[str, int]:
     """Per scenario, the index of the base heuristic of lowest mean JCT over `seeds` (training
-    arrivals): the gate's imitation target for a residual allocator."""
-    return _best_candidate(scenarios, lambda _: list(bases), map_rollouts, max_duration_s, seeds)
+    arrivals): the gate's imitation target for a residual allocator. With `policy` (whose bases
+    are `bases`), each base runs as the policy runs it, i.e. on its rate forecast, uncorrected."""
+
+    def task(s: Scenario, k: int, seed: int, duration_s: float | None) -> RolloutTask:
+        if policy is not None:
+            return RolloutTask(s, seed, policy=policy, force_base=k, duration_s=duration_s)
+        name, params = bases[k]
+        return RolloutTask(s, seed, heuristic=name, heuristic_params=params, duration_s=duration_s)
+
+    return _best_candidate(scenarios, len(bases), task, map_rollouts, max_duration_s, seeds)
 
 
 def pretrain_gate(
@@ -604,6 +631,9 @@ def train(
             ),
             max_moves=args.max_moves,
             seed=args.seed,
+            forecaster_config=(
+                ForecasterConfig(window_loads=args.forecast_window_loads) if args.forecast else None
+            ),
         )
     )
     params = list(policy.allocator_net.parameters()) + list(policy.router_net.parameters())
@@ -612,6 +642,20 @@ def train(
     started = clock()
     eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
     tick_s = {s.name: s.tick_s for s in scenarios}
+
+    if policy.forecaster_net is not None and initial is None:
+        # First, so that the teachers below are chosen, and the gate fitted, on the forecast the
+        # policy will plan with.
+        result_fit = train_forecaster(
+            policy, scenarios, map_rollouts, rng,
+            episodes_per_scenario=args.forecast_episodes,
+            episode_s=args.eval_max_duration_s or args.episode_s[1],
+            load_scale=args.load_scale, steps=args.forecast_steps,
+            learning_rate=args.learning_rate * 6,
+        )  # fmt: skip
+    else:
+        result_fit = None
+    teacher_seeds = range(TRAIN_SEEDS.start, TRAIN_SEEDS.start + args.teacher_seeds)
 
     validation: dict[str, Any] = {
         "learned_router": args.train_router,
@@ -624,13 +668,18 @@ def train(
     }
     evaluation, heuristics = evaluate(policy, scenarios, eval_seeds, map_rollouts, 0, **validation)
     result = TrainResult(
-        policy=policy.copy(), args=args, iterations=0, elapsed_s=0.0, best=evaluation
+        policy=policy.copy(),
+        args=args,
+        iterations=0,
+        elapsed_s=0.0,
+        best=evaluation,
+        forecast_fit=result_fit,
     )
     result.evaluations.append(evaluation)
     tuned_params = tuned_heuristic_params(scenarios)
     if args.imitation_coef > 0 and args.bases:
         result.base_teachers = choose_base_teachers(
-            scenarios, args.bases, map_rollouts, args.eval_max_duration_s
+            scenarios, args.bases, map_rollouts, args.eval_max_duration_s, teacher_seeds, policy
         )
         result.teachers = {
             s: f"base {k} ({args.bases[k][0]} {args.bases[k][1]})"
@@ -652,7 +701,7 @@ def train(
                 result.policy = policy.copy()
     elif args.imitation_coef > 0:
         result.teachers = choose_teachers(
-            scenarios, tuned_params, map_rollouts, args.eval_max_duration_s
+            scenarios, tuned_params, map_rollouts, args.eval_max_duration_s, teacher_seeds
         )
 
     iteration = 0

@@ -26,6 +26,7 @@ from policies.allocation import largest_remainder
 from policies.evaluation import TraceInput, prepare_part
 from policies.guardrails import Guardrails
 from policies.learned.allocator import LearnedAllocator, TickDecision, moves_toward
+from policies.learned.forecast import ForecastSample
 from policies.learned.policy import LearnedPolicy
 from policies.learned.router import LearnedRouter, RouteChoice
 from policies.registry import make_allocator
@@ -112,6 +113,9 @@ class RolloutTask:
     # The lines of the trace a trace-replay scenario replays. Episodes use only its training
     # window (policies.seeds.TRAIN_WINDOW_FRACTION); the rest is held out for `bilevel evaluate`.
     trace: TraceInput | None = None
+    # With a learned policy: always take this base heuristic's proposal, uncorrected (no moves),
+    # with the policy's forecast; scores each base as the residual policy would run it.
+    force_base: int | None = None
 
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.heuristic is None):
@@ -135,6 +139,10 @@ class RolloutResult:
     route_choices: list[RouteChoice] = field(default_factory=list)
     # (len(route_choices),) tick index each routing choice is credited to.
     route_ticks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # The recorded forecast inputs whose window ended before arrivals stopped, and per sample the
+    # mean arrival rate per queue over that window (what the forecaster learns to predict).
+    forecast_samples: list[ForecastSample] = field(default_factory=list)
+    forecast_targets: list[np.ndarray] = field(default_factory=list)
     mean_jct_s: float = math.nan
     p99_jct_s: float = math.nan
     jobs: int = 0
@@ -164,7 +172,13 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
     inner: Allocator
     if task.policy is not None:
         rng = None if task.policy_seed is None else np.random.default_rng(task.policy_seed)
-        learned = task.policy.allocator(bounds=bounds, rng=rng, record=task.record)
+        learned = task.policy.allocator(
+            bounds=bounds,
+            rng=rng,
+            record=task.record,
+            force_base=task.force_base,
+            max_moves=0 if task.force_base is not None else None,
+        )
         inner = learned
         if task.learned_router and has_routing_choice(scenario):
             learned_router = task.policy.router(rng=rng, record=task.record)
@@ -187,7 +201,12 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
     moved: list[int] = []
     # Number of routing choices made by the time each tick was reached.
     route_marks: list[int] = []
+    # (time, jobs routed per queue so far) at every tick, for the forecast targets.
+    routed_marks: list[tuple[float, np.ndarray]] = []
+    forecasting = learned is not None and learned.forecaster is not None and task.record
     while (view := run.advance_to_next_tick()) is not None:
+        if forecasting:
+            routed_marks.append((view.now_s, run.routed_jobs))
         if learned_router is not None:
             route_marks.append(len(learned_router.choices))
         areas.append(_area_now(run))
@@ -219,6 +238,12 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         route_ticks = np.maximum(
             np.searchsorted(made_by, np.arange(len(route_choices)), side="right") - 1, 0
         )
+    forecast_samples: list[ForecastSample] = []
+    forecast_targets: list[np.ndarray] = []
+    if forecasting and learned is not None and learned.forecaster is not None:
+        forecast_samples, forecast_targets = forecast_targets_of(
+            learned.forecaster.samples, routed_marks, prepared.spec.horizon_s
+        )
     return RolloutResult(
         scenario=scenario.name,
         arrival_seed=task.arrival_seed,
@@ -229,6 +254,8 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         teacher_moves=teacher_moves,
         route_choices=route_choices,
         route_ticks=route_ticks,
+        forecast_samples=forecast_samples,
+        forecast_targets=forecast_targets,
         mean_jct_s=summary.jct.mean_s,
         p99_jct_s=summary.jct.p99_s,
         jobs=summary.completed,
@@ -236,6 +263,32 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         reconfigurations=summary.reconfigurations,
         fallbacks=allocator.fallback_count,
     )
+
+
+def forecast_targets_of(
+    samples: Sequence[ForecastSample],
+    routed_marks: Sequence[tuple[float, np.ndarray]],
+    arrivals_end_s: float,
+) -> tuple[list[ForecastSample], list[np.ndarray]]:
+    """The samples whose window [t, t + window] ends by `arrivals_end_s` and, for each, the mean
+    arrival rate per queue over its window, from the routed counts at the ticks (interpolated
+    between ticks). Samples past the end are dropped: the drain after the last arrival would read
+    as a collapse of every rate."""
+    if not samples or not routed_marks:
+        return [], []
+    times = np.array([t for t, _ in routed_marks])
+    counts = np.stack([c for _, c in routed_marks])
+    end_s = min(arrivals_end_s, float(times[-1]))
+    kept: list[ForecastSample] = []
+    targets: list[np.ndarray] = []
+    for sample in samples:
+        if sample.now_s + sample.window_s > end_s or sample.window_s <= 0:
+            continue
+        at = np.array([sample.now_s, sample.now_s + sample.window_s])
+        ahead = np.stack([np.interp(at, times, counts[:, q]) for q in range(counts.shape[1])])
+        kept.append(sample)
+        targets.append((ahead[:, 1] - ahead[:, 0]) / sample.window_s)
+    return kept, targets
 
 
 # How a batch of rollouts gets run: serially, in a process pool, or as Ray tasks.

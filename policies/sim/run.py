@@ -254,6 +254,11 @@ class SimRun:
             r + alpha * (o - r) for r, o in zip(self._rate_per_s, observed.tolist(), strict=True)
         ]
 
+    @property
+    def routed_jobs(self) -> np.ndarray:
+        """Jobs routed to each queue so far (up to the last tick), in queue order; a copy."""
+        return self._routed_count.copy()
+
     # --- level 2 --------------------------------------------------------------------------------
 
     @property

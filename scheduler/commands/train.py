@@ -252,6 +252,13 @@ def train_command(
         float,
         typer.Option("--gate-bias", help="Initial gate logit of the first --base (others 0)."),
     ] = 2.0,
+    forecast: Annotated[
+        bool,
+        typer.Option(
+            "--forecast/--no-forecast",
+            help="Fit a learned arrival-rate forecast that the allocator and its bases plan with.",
+        ),
+    ] = True,
 ) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
     scenarios, traces = _load_scenarios(scenario, trace)
@@ -275,6 +282,7 @@ def train_command(
         reconfiguration_penalty_s=reconfiguration_penalty_s,
         imitation_coef=imitation_coef,
         imitation_fraction=imitation_fraction,
+        forecast=forecast,
     )
     weights_path, meta_path = checkpoint_paths(out)
     console = Console(stderr=True)
@@ -357,6 +365,7 @@ def train_command(
         "gate_pretrain_nll": None
         if math.isnan(result.gate_pretrain_nll)
         else result.gate_pretrain_nll,
+        "forecast_fit": result.forecast_fit.to_dict() if result.forecast_fit else None,
         "best_evaluation": _evaluation_dict(result.best),
         "python": platform.python_version(),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,

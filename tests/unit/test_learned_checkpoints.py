@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from policies.allocation import ProportionalAllocator
 from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.allocator import LearnedAllocator
+from policies.learned.forecast import ForecasterConfig
 from policies.learned.networks import AllocatorNetConfig
 from policies.learned.policy import LearnedPolicy
 from policies.learned.router import LearnedRouter
@@ -73,6 +75,54 @@ def test_round_trip_preserves_weights_shapes_and_metadata(checkpoint: Path) -> N
     # Either file of the pair, or the bare stem, names the checkpoint.
     assert load_checkpoint(checkpoint.with_suffix(".json"))[1] == meta
     assert load_checkpoint(checkpoint.with_suffix(""))[1] == meta
+
+
+def test_forecaster_round_trips_and_a_policy_without_one_still_loads(tmp_path: Path) -> None:
+    """A policy with a rate forecaster keeps its config and weights through a checkpoint; its
+    allocator plans with the forecast. Metadata written before forecasters existed (no
+    "forecaster" entry) loads as a policy without one, and weights of a forecaster the metadata
+    does not describe are refused, naming the file."""
+    config = ForecasterConfig(window_loads=3.0, hidden=8)
+    policy = LearnedPolicy.create(
+        AllocatorNetConfig.residual([("switch_aware", {})], hidden=16),
+        forecaster_config=config,
+        seed=2,
+    )
+    assert policy.forecaster_net is not None
+    with torch.no_grad():
+        policy.forecaster_net.head.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))
+    weights, meta_path = save_checkpoint(tmp_path / "fc", policy, {})
+    loaded, _ = load_checkpoint(weights)
+    assert loaded.forecaster_net is not None
+    assert loaded.forecaster_net.config == config
+    for key, value in policy.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    views = [_view(), _view()]
+    views[1] = ClusterView(
+        now_s=60.0,
+        tick_s=1.0,
+        budget=6,
+        queues=tuple(dataclasses.replace(q, arrival_rate_per_s=9.0) for q in views[0].queues),
+    )
+    ours, theirs = loaded.allocator(), policy.allocator()
+    assert [ours.allocate(v) for v in views] == [theirs.allocate(v) for v in views]
+    assert ours.forecaster is not None
+    # Weighted to the slow average, the forecast after a jump stays well below the new rate.
+    planned = ours.forecaster.forecast_view(views[1])
+    assert all(q.arrival_rate_per_s < 5.0 for q in planned.queues)
+
+    meta = json.loads(meta_path.read_text())
+    del meta["hyperparameters"]["forecaster"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="forecaster") as info:
+        load_checkpoint(weights)
+    assert str(weights) in str(info.value)
+    plain = LearnedPolicy.create(AllocatorNetConfig(hidden=16), seed=2)
+    old_weights, old_meta = save_checkpoint(tmp_path / "old", plain, {})
+    meta = json.loads(old_meta.read_text())
+    del meta["hyperparameters"]["forecaster"]
+    old_meta.write_text(json.dumps(meta))
+    assert load_checkpoint(old_weights)[0].forecaster_net is None
 
 
 def test_mismatched_feature_schema_is_refused_naming_both_versions(checkpoint: Path) -> None:

@@ -219,7 +219,7 @@ def test_residual_training_starts_from_its_base_heuristic() -> None:
     args = Args(
         seed=0, max_iterations=2, inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0),
         eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, eval_random_starts=False,
-        eval_tuned_heuristics=False,
+        eval_tuned_heuristics=False, forecast=False,
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     first = result.evaluations[0].mean_jct_s["tiny"]
@@ -279,3 +279,33 @@ def test_gate_warm_start_separates_scenarios_with_different_teachers() -> None:
     for scenario in scenarios:
         result = run_rollout(RolloutTask(scenario, 7, policy=policy, record=True))
         assert {d.base for d in result.decisions} == {teachers[scenario.name]}
+
+
+def test_training_fits_the_forecast_first_and_scores_bases_on_it() -> None:
+    """With a forecaster, training fits it before anything else (its error on the recorded data
+    drops below "the current rate holds"), and each scenario's teacher base is chosen by running
+    the policy's own forecast-fed bases: the pick is the base of lowest mean JCT among runs of
+    the policy forced to each base."""
+    bases: tuple[BaseSpec, ...] = (("static", {}), ("switch_aware", {}))
+    args = Args(
+        seed=0, max_iterations=1, inputs_per_iteration=1, replays=2, episode_s=(40.0, 60.0),
+        eval_every=10, eval_seeds=1, update_epochs=1, bases=bases, imitation_coef=1.0,
+        eval_random_starts=False, forecast_episodes=2, forecast_steps=200, teacher_seeds=2,
+        gate_pretrain_steps=5,
+    )  # fmt: skip
+    result = train(args, [_tiny()], map_serial)
+    fit = result.forecast_fit
+    assert fit is not None and fit.samples > 0
+    assert fit.fitted_mse < fit.current_rate_mse
+    policy = result.policy
+    assert policy.forecaster_net is not None
+    forced = [
+        np.mean([
+            run_rollout(RolloutTask(_tiny(), seed, policy=policy, force_base=k)).mean_jct_s
+            for seed in (0, 1)
+        ])
+        for k in range(len(bases))
+    ]  # fmt: skip
+    assert choose_base_teachers([_tiny()], bases, map_serial, None, (0, 1), policy) == {
+        "tiny": int(np.argmin(forced))
+    }
