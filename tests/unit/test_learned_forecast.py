@@ -111,7 +111,9 @@ def test_forecast_stays_between_the_averages_and_changes_only_the_rates() -> Non
         got = np.array([q.arrival_rate_per_s for q in out.queues])
         assert ((got >= lows - 1e-9) & (got <= highs + 1e-9)).all()
         for before, after in zip(view.queues, out.queues, strict=True):
-            assert dataclasses.replace(after, arrival_rate_per_s=before.arrival_rate_per_s) == before
+            assert (
+                dataclasses.replace(after, arrival_rate_per_s=before.arrival_rate_per_s) == before
+            )
 
 
 def test_fresh_forecaster_trusts_the_current_rate() -> None:
@@ -162,7 +164,8 @@ def test_targets_are_what_arrived_in_the_window_and_stop_before_the_drain() -> N
     samples, targets = forecast_targets_of(
         allocator.forecaster.samples, marks, prepared.spec.horizon_s
     )
-    assert samples and len(samples) < len(allocator.forecaster.samples)
+    assert samples
+    assert len(samples) < len(allocator.forecaster.samples)
     arrival_s = prepared.jobs.arrivals.arrival_s
     type_names = prepared.jobs.arrivals.job_types
     kinds = np.array([type_names[i] for i in prepared.jobs.arrivals.type_idx])

@@ -295,7 +295,8 @@ def test_training_fits_the_forecast_first_and_scores_bases_on_it() -> None:
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     fit = result.forecast_fit
-    assert fit is not None and fit.samples > 0
+    assert fit is not None
+    assert fit.samples > 0
     assert fit.fitted_mse < fit.current_rate_mse
     policy = result.policy
     assert policy.forecaster_net is not None
