@@ -28,10 +28,12 @@ from policies.sim.scenario import (
     make_router_for,
     prepare,
 )
-from policies.views import Allocator
+from policies.views import Allocator, Router
 
 # Builds a fresh, unguarded allocator for one run (allocators may keep state across ticks).
 PolicyFactory = Callable[[], Allocator]
+# Builds a fresh router for one run (routers may keep state, e.g. round-robin turns).
+RouterFactory = Callable[[], Router]
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -190,10 +192,14 @@ def guarded(scenario: Scenario, inner: Allocator) -> Guardrails:
     return Guardrails(inner, g.bounds(), hysteresis_workers=g.hysteresis_workers)
 
 
-def run_policy(prepared: PreparedRun, factory: PolicyFactory) -> RunOutcome:
-    """One run of a fresh allocator from `factory`, guarded, with the scenario's router."""
+def run_policy(
+    prepared: PreparedRun, factory: PolicyFactory, router: RouterFactory | None = None
+) -> RunOutcome:
+    """One run of a fresh allocator from `factory`, guarded, with a fresh router from `router`
+    (default: the scenario's)."""
     scenario = prepared.scenario
-    record = prepared.start(make_router_for(scenario)).run(guarded(scenario, factory()))
+    level_1 = router() if router is not None else make_router_for(scenario)
+    record = prepared.start(level_1).run(guarded(scenario, factory()))
     return outcome_of(record)
 
 
@@ -206,18 +212,22 @@ def evaluate_scenario(
     trace: TraceInput | None = None,
     max_jobs: int | None = None,
     progress: Callable[[str, int], None] | None = None,
+    routers: Mapping[str, RouterFactory] | None = None,
 ) -> dict[str, list[RunOutcome]]:
     """Every policy of `factories` on the same jobs for each seed: {policy: outcomes in seed order}.
 
+    A policy named in `routers` routes with that router, the others with the scenario's (so a
+    comparison of routers gives every name the same allocator factory and its own router).
     `progress(policy, seed)` is called before each run.
     """
+    routers = routers or {}
     results: dict[str, list[RunOutcome]] = {name: [] for name in factories}
     for seed in seeds:
         prepared = prepare_part(scenario, seed, part=part, trace=trace, max_jobs=max_jobs)
         for name, factory in factories.items():
             if progress is not None:
                 progress(name, seed)
-            results[name].append(run_policy(prepared, factory))
+            results[name].append(run_policy(prepared, factory, routers.get(name)))
     return results
 
 

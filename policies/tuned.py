@@ -86,6 +86,21 @@ TUNED: Mapping[str, TunedEntry] = {
             "switch_aware": {"horizon_s": 30.0, "min_net_gain_job_s": 50.0},
         },
     ),
+    "replicas": TunedEntry(
+        fingerprint="1c4d474dd79c1350",
+        seeds=(0, 1),
+        params={
+            "static": {},
+            "proportional": {"beta": 2.0},
+            "target_ongoing": {
+                "target_ongoing_requests": 0.5,
+                "upscale_delay_s": 0.0,
+                "downscale_delay_s": 30.0,
+            },
+            "maxweight": {},
+            "switch_aware": {"horizon_s": 30.0, "min_net_gain_job_s": 0.0},
+        },
+    ),
     "steady": TunedEntry(
         fingerprint="44327c0f481d865e",
         seeds=(0, 1),

@@ -44,7 +44,7 @@ from policies.learned.forecast import ForecasterConfig
 from policies.learned.forecast_training import ForecastFit, train_forecaster
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
-from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
+from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask, has_routing_choice
 from policies.registry import HEURISTIC_ALLOCATORS
 from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS, TUNING_SEEDS
 from policies.sim.scenario import Scenario
@@ -118,6 +118,9 @@ class Args:
     """initial gate logit of the first base (the others start at 0)"""
     train_router: bool = True
     """train the learned router where a scenario has a routing choice"""
+    train_allocator: bool = True
+    """train the allocator; False trains the router alone, the allocator (from `initial`) acting
+    by its mode and never updated: the alternating step for scenarios with a routing choice"""
     random_start_fraction: float = 0.5
     """fraction of inputs that start from a random split of the workers instead of the scenario's
     initial allocation (which follows the run's total work, so merely keeping it is strong)"""
@@ -636,14 +639,23 @@ def train(
             ),
         )
     )
-    params = list(policy.allocator_net.parameters()) + list(policy.router_net.parameters())
+    if not (args.train_allocator or args.train_router):
+        raise ValueError("nothing to train: both train_allocator and train_router are off")
+    if not args.train_allocator and not any(has_routing_choice(s) for s in scenarios):
+        raise ValueError(
+            "training the router alone needs a scenario where some job type has two or more "
+            f"eligible queues; none of {[s.name for s in scenarios]} has one"
+        )
+    params = list(policy.router_net.parameters()) if args.train_router else []
+    if args.train_allocator:
+        params += list(policy.allocator_net.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     budget_s = args.minutes * 60.0
     started = clock()
     eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
     tick_s = {s.name: s.tick_s for s in scenarios}
 
-    if policy.forecaster_net is not None and initial is None:
+    if policy.forecaster_net is not None and initial is None and args.train_allocator:
         # First, so that the teachers below are chosen, and the gate fitted, on the forecast the
         # policy will plan with.
         result_fit = train_forecaster(
@@ -677,7 +689,7 @@ def train(
     )
     result.evaluations.append(evaluation)
     tuned_params = tuned_heuristic_params(scenarios)
-    if args.imitation_coef > 0 and args.bases:
+    if args.imitation_coef > 0 and args.bases and args.train_allocator:
         result.base_teachers = choose_base_teachers(
             scenarios, args.bases, map_rollouts, args.eval_max_duration_s, teacher_seeds, policy
         )
@@ -699,7 +711,7 @@ def train(
             if result.best is None or evaluation.score < result.best.score:
                 result.best = evaluation
                 result.policy = policy.copy()
-    elif args.imitation_coef > 0:
+    elif args.imitation_coef > 0 and args.train_allocator:
         result.teachers = choose_teachers(
             scenarios, tuned_params, map_rollouts, args.eval_max_duration_s, teacher_seeds
         )
@@ -738,6 +750,7 @@ def train(
                 policy=policy,
                 policy_seed=int(rng.integers(2**31)),
                 learned_router=args.train_router,
+                allocator_samples=args.train_allocator,
                 record=True,
                 group=g,
                 initial_seed=x.initial_seed,
@@ -769,7 +782,11 @@ def train(
         advantages = [a / adv_std for a in advantages]
 
         # --- update -------------------------------------------------------------------------------
-        alloc_batches = _stack_allocator_batch(results, advantages, result.base_teachers)
+        alloc_batches = (
+            _stack_allocator_batch(results, advantages, result.base_teachers)
+            if args.train_allocator
+            else {}
+        )
         router_batches = _stack_router_batch(results, advantages) if args.train_router else {}
         policy.allocator_net.train()
         policy.router_net.train()

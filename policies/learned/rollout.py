@@ -113,6 +113,9 @@ class RolloutTask:
     # The lines of the trace a trace-replay scenario replays. Episodes use only its training
     # window (policies.seeds.TRAIN_WINDOW_FRACTION); the rest is held out for `bilevel evaluate`.
     trace: TraceInput | None = None
+    # With a learned policy and `policy_seed`: False makes the allocator act by its mode while the
+    # router samples (training the router alone, against a fixed allocator).
+    allocator_samples: bool = True
     # With a learned policy: always take this base heuristic's proposal, uncorrected (no moves),
     # with the policy's forecast; scores each base as the residual policy would run it.
     force_base: int | None = None
@@ -174,7 +177,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         rng = None if task.policy_seed is None else np.random.default_rng(task.policy_seed)
         learned = task.policy.allocator(
             bounds=bounds,
-            rng=rng,
+            rng=rng if task.allocator_samples else None,
             record=task.record,
             force_base=task.force_base,
             max_moves=0 if task.force_base is not None else None,

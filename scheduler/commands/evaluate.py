@@ -6,6 +6,7 @@ The file reading lives here; running, tuning and statistics are in `policies.eva
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -22,16 +23,23 @@ from rich.table import Table
 
 from policies.evaluation import (
     PolicyFactory,
+    RouterFactory,
     RunOutcome,
     TraceInput,
     compare,
     evaluate_scenario,
     policy_stats,
 )
-from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS
+from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS, make_router
 from policies.seeds import DEFAULT_EVAL_SEEDS, TRAIN_WINDOW_FRACTION, TUNING_SEEDS, eval_seeds
 from policies.sim.scenario import Scenario
-from policies.tuning import default_grids, heuristic_factories, shipped_params, tune_scenario
+from policies.tuning import (
+    default_grids,
+    heuristic_factories,
+    heuristic_factory,
+    shipped_params,
+    tune_scenario,
+)
 from scheduler.commands._common import fail, read_scenario, read_trace
 
 
@@ -66,6 +74,22 @@ def _policy_factory(policy: str) -> Callable[[Scenario], PolicyFactory]:
         return lambda: resolve_allocator(policy, bounds=bounds)
 
     return for_scenario
+
+
+def _router_factory(router: str) -> RouterFactory:
+    """A factory of the router under test (a router name, "learned", or a checkpoint path),
+    resolved once now so a bad name or checkpoint fails before any run."""
+    from scheduler.checkpoints import resolve_router
+
+    try:
+        resolve_router(router)
+    except (ValueError, OSError) as exc:
+        known = ", ".join(sorted(ROUTERS))
+        raise fail(
+            f"cannot use router {router!r}: {exc}\n"
+            f"give a router ({known}), 'learned', or a checkpoint file"
+        ) from None
+    return lambda: resolve_router(router)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -129,17 +153,14 @@ def _progress() -> Progress | None:
     )
 
 
-def _evaluate_one(
+def _run_all(
     item: _Input,
-    policy: str,
-    factory: Callable[[Scenario], PolicyFactory],
-    baselines: Sequence[str],
+    factories: dict[str, PolicyFactory],
     seeds: Sequence[int],
-    retune: bool,
-) -> dict[str, Any]:
-    params, source = _tuned_params(item, retune, baselines)
-    factories: dict[str, PolicyFactory] = {"__policy__": factory(item.scenario)}
-    factories.update(heuristic_factories(params, baselines))
+    routers: dict[str, RouterFactory] | None = None,
+) -> dict[str, list[RunOutcome]]:
+    """Every entry of `factories` (with its router from `routers`, if any) on every seed, with a
+    progress bar on a terminal."""
     with ExitStack() as stack:
         bar = _progress()
         update: Callable[[str, int], None] | None = None
@@ -151,12 +172,54 @@ def _evaluate_one(
                 bar.advance(task)
 
         try:
-            results = evaluate_scenario(
-                item.scenario, factories, seeds, part="test", trace=item.trace, progress=update
+            return evaluate_scenario(
+                item.scenario,
+                factories,
+                seeds,
+                part="test",
+                trace=item.trace,
+                progress=update,
+                routers=routers,
             )
         except ValueError as exc:
             raise fail(f"{item.scenario.name}: {exc}") from None
+
+
+def _evaluate_one(
+    item: _Input,
+    policy: str,
+    factory: Callable[[Scenario], PolicyFactory],
+    baselines: Sequence[str],
+    seeds: Sequence[int],
+    retune: bool,
+) -> dict[str, Any]:
+    params, source = _tuned_params(item, retune, baselines)
+    factories: dict[str, PolicyFactory] = {"__policy__": factory(item.scenario)}
+    factories.update(heuristic_factories(params, baselines))
+    results = _run_all(item, factories, seeds)
     return _scenario_payload(item, policy, results, params, source, baselines)
+
+
+def _evaluate_router(
+    item: _Input,
+    router: str,
+    factory: RouterFactory,
+    baselines: Sequence[str],
+    seeds: Sequence[int],
+    retune: bool,
+) -> dict[str, Any]:
+    """The router under test against every heuristic router of `baselines`, all with the
+    scenario's allocator at its tuned parameters, on the same held-out jobs."""
+    allocator = item.scenario.allocator.name
+    params, source = _tuned_params(item, retune, [allocator])
+    allocate = heuristic_factory(allocator, params.get(allocator, {}))
+    routers: dict[str, RouterFactory] = {"__policy__": factory}
+    routers.update({name: functools.partial(make_router, name) for name in baselines})
+    results = _run_all(item, dict.fromkeys(routers, allocate), seeds, routers)
+    payload = _scenario_payload(item, router, results, {}, source, baselines)
+    payload["compared"] = "routers"
+    payload["allocator"] = {"name": allocator, "params": params.get(allocator, {})}
+    return payload
 
 
 def _scenario_payload(
@@ -209,10 +272,18 @@ def _params_text(params: dict[str, Any]) -> str:
 
 
 def _table(name: str, payload: dict[str, Any], n_seeds: int) -> Table:
-    title = (
-        f"{name}: {n_seeds} evaluation seeds, {payload['held_out']}; heuristics tuned on "
-        f"training arrivals ({payload['tuned_params']} values)"
-    )
+    if payload.get("compared") == "routers":
+        allocator = payload["allocator"]
+        title = (
+            f"{name}: routers, {n_seeds} evaluation seeds, {payload['held_out']}; every router "
+            f"with the scenario's allocator {allocator['name']} "
+            f"({_params_text(allocator['params']) or 'defaults'}, {payload['tuned_params']})"
+        )
+    else:
+        title = (
+            f"{name}: {n_seeds} evaluation seeds, {payload['held_out']}; heuristics tuned on "
+            f"training arrivals ({payload['tuned_params']} values)"
+        )
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("policy", no_wrap=True)
     table.add_column("params")
@@ -263,13 +334,22 @@ def evaluate(
         typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
     ],
     policy: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--policy",
             help="Policy under test: a heuristic name, 'learned', or a checkpoint path.",
             show_default=False,
         ),
-    ],
+    ] = None,
+    router: Annotated[
+        str | None,
+        typer.Option(
+            "--router",
+            help="Evaluate a level-1 router instead (a router name, 'learned', or a checkpoint "
+            "path): against every heuristic router, all with the scenario's tuned allocator.",
+            show_default=False,
+        ),
+    ] = None,
     seeds: Annotated[
         int, typer.Option("--seeds", help="Held-out evaluation seeds (at least 5).")
     ] = DEFAULT_EVAL_SEEDS,
@@ -287,29 +367,47 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--baseline",
-            help="Compare with these heuristics only (repeatable; default: every heuristic).",
+            help="Compare with these heuristics only (repeatable; default: every heuristic, or "
+            "every router with --router).",
         ),
     ] = None,
 ) -> None:
     """Evaluate a policy against every tuned heuristic on held-out arrivals: mean and p99 JCT with
-    95% CIs over seeds, and the gain over the best heuristic, per scenario."""
+    95% CIs over seeds, and the gain over the best heuristic, per scenario. With --router, a
+    router against every heuristic router instead."""
+    if (policy is None) == (router is None):
+        raise fail("give exactly one of --policy (an allocator) and --router")
     try:
         seed_list = eval_seeds(seeds)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    chosen = list(baselines) if baselines else list(HEURISTIC_ALLOCATORS)
-    unknown = [b for b in chosen if b not in HEURISTIC_ALLOCATORS]
+    known = tuple(ROUTERS) if router is not None else HEURISTIC_ALLOCATORS
+    chosen = list(baselines) if baselines else list(known)
+    unknown = [b for b in chosen if b not in known]
     if unknown:
-        raise fail(f"unknown baseline(s) {unknown}; heuristics: {', '.join(HEURISTIC_ALLOCATORS)}")
-    factory = _policy_factory(policy)
-    inputs = _read_inputs(scenarios, trace)
-    payloads = {
-        item.scenario.name: _evaluate_one(item, policy, factory, chosen, seed_list, retune)
-        for item in inputs
-    }
+        raise fail(f"unknown baseline(s) {unknown}; choose from: {', '.join(known)}")
+    inputs: list[_Input]
+    if router is not None:
+        router_factory = _router_factory(router)
+        inputs = _read_inputs(scenarios, trace)
+        payloads = {
+            item.scenario.name: _evaluate_router(
+                item, router, router_factory, chosen, seed_list, retune
+            )
+            for item in inputs
+        }
+    else:
+        assert policy is not None
+        factory = _policy_factory(policy)
+        inputs = _read_inputs(scenarios, trace)
+        payloads = {
+            item.scenario.name: _evaluate_one(item, policy, factory, chosen, seed_list, retune)
+            for item in inputs
+        }
     if as_json:
         out = {
             "policy": policy,
+            "router": router,
             "seeds": seed_list,
             "tuning_seeds": list(TUNING_SEEDS),
             "scenarios": payloads,

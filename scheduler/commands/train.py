@@ -27,7 +27,7 @@ from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.networks import BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
-from policies.learned.rollout import MapRollouts, with_traces
+from policies.learned.rollout import MapRollouts, has_routing_choice, with_traces
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import TRAIN_SEEDS, TRAIN_WINDOW_FRACTION
 from policies.sim.scenario import Scenario
@@ -252,6 +252,14 @@ def train_command(
         float,
         typer.Option("--gate-bias", help="Initial gate logit of the first --base (others 0)."),
     ] = 2.0,
+    router_only: Annotated[
+        bool,
+        typer.Option(
+            "--router-only",
+            help="Train only the learned router, in episodes of the --init policy's allocator "
+            "acting by its mode (not updated); needs a scenario with a routing choice.",
+        ),
+    ] = False,
     forecast: Annotated[
         bool,
         typer.Option(
@@ -263,9 +271,10 @@ def train_command(
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
     scenarios, traces = _load_scenarios(scenario, trace)
     initial: LearnedPolicy | None = None
+    initial_meta: dict[str, Any] | None = None
     if init is not None:
         try:
-            initial, _ = load_checkpoint(init)
+            initial, initial_meta = load_checkpoint(init)
         except CheckpointError as exc:
             raise fail(str(exc)) from None
     args = Args(
@@ -283,7 +292,15 @@ def train_command(
         imitation_coef=imitation_coef,
         imitation_fraction=imitation_fraction,
         forecast=forecast,
+        train_allocator=not router_only,
     )
+    if router_only and initial is None:
+        raise fail("--router-only trains the router of an existing policy: give --init CHECKPOINT")
+    if router_only and not any(has_routing_choice(s) for s in scenarios):
+        raise fail(
+            "--router-only needs a scenario where some job type has two or more eligible queues; "
+            f"none of {', '.join(s.name for s in scenarios)} has one"
+        )
     weights_path, meta_path = checkpoint_paths(out)
     console = Console(stderr=True)
 
@@ -367,6 +384,10 @@ def train_command(
         else result.gate_pretrain_nll,
         "forecast_fit": result.forecast_fit.to_dict() if result.forecast_fit else None,
         "best_evaluation": _evaluation_dict(result.best),
+        # What the weights continued from, so a checkpoint trained in steps keeps every step.
+        "initialized_from": (
+            {"path": str(init), "metadata": initial_meta} if initial_meta is not None else None
+        ),
         "python": platform.python_version(),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
     }

@@ -121,9 +121,50 @@ def test_bad_inputs_exit_2_with_clear_errors(
         (["--policy", "nonesuch"], "nonesuch"),
         (["--policy", str(tmp_path / "missing.pt")], "missing.pt"),
         (["--policy", "static", "--baseline", "oracle"], "oracle"),
+        ([], "exactly one of --policy"),
+        (["--policy", "static", "--router", "random"], "exactly one of --policy"),
+        (["--router", "nonesuch"], "nonesuch"),
+        (["--router", "random", "--baseline", "static"], "static"),
     ]
     for args, needle in cases:
         result = CliRunner().invoke(app, [*base, *args])
         assert result.exit_code == 2, (args, result.output)
         assert needle in result.output
         assert "Traceback" not in result.output
+
+
+def test_router_mode_compares_routers_under_the_scenarios_allocator(tmp_path: Path) -> None:
+    """--router: the router under test and every heuristic router, each run with the scenario's
+    allocator at its tuned parameters on the same held-out jobs. Two identical replicas: the
+    "first eligible" rule sends all of one type to one replica and loses to shortest-wait, and the
+    router under test, shortest_wait itself, ties the best heuristic router exactly."""
+    data: dict[str, Any] = {
+        "name": "twins",
+        "queues": [
+            {"name": "a", "job_types": ["x"], "service": {"kind": "exponential", "mean_s": 0.5},
+             "model_load_s": 2.0},
+            {"name": "b", "job_types": ["x"], "service": {"kind": "exponential", "mean_s": 0.5},
+             "model_load_s": 2.0},
+        ],
+        "cluster": {"workers": 8, "initial_allocation": {"a": 4, "b": 4}},
+        "workload": {"generators": [{"kind": "poisson", "rate_per_s": 10.0, "mix": {"x": 1}}]},
+        "tick_s": 1.0,
+        "duration_s": 40.0,
+        "allocator": "static",
+    }  # fmt: skip
+    path = tmp_path / "twins.yaml"
+    path.write_text(yaml.safe_dump(data))
+    app = typer.Typer()
+    register(app)
+    out = _evaluate(app, "--scenario", str(path), "--router", "shortest_wait", "--json")
+    assert out["router"] == "shortest_wait"
+    assert out["policy"] is None
+    s = out["scenarios"]["twins"]
+    assert s["compared"] == "routers"
+    assert s["allocator"] == {"name": "static", "params": {}}
+    assert set(s["heuristics"]) == {"rule", "shortest_wait", "power_of_two", "random"}
+    means = {name: h["mean_jct_s"]["mean"] for name, h in s["heuristics"].items()}
+    assert means["rule"] > 2 * means["shortest_wait"]
+    assert s["best_heuristic"] in ("shortest_wait", "power_of_two")
+    assert s["policy"]["mean_jct_s"]["mean"] == means["shortest_wait"]
+    assert s["gain_mean_jct"] == 0.0

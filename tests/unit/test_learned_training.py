@@ -7,8 +7,10 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+import torch
 import typer
 
+from policies.learned.forecast import ForecasterConfig
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import (
@@ -310,3 +312,33 @@ def test_training_fits_the_forecast_first_and_scores_bases_on_it() -> None:
     assert choose_base_teachers([_tiny()], bases, map_serial, None, (0, 1), policy) == {
         "tiny": int(np.argmin(forced))
     }
+
+
+def test_router_alone_trains_the_router_and_leaves_the_allocator_as_it_was() -> None:
+    """train_allocator=False (the alternating step): only the router is updated (router losses,
+    no allocator losses), the kept policy's allocator and forecaster weights are the initial ones
+    bit for bit, and without a routing choice it is refused."""
+    twins = parse_scenario(
+        {
+            **TINY,
+            "name": "twins",
+            "queues": [{**q, "job_types": ["a", "b"]} for q in TINY["queues"]],
+        }
+    )
+    start = LearnedPolicy.create(forecaster_config=ForecasterConfig(), seed=3)
+    args = Args(
+        seed=0, max_iterations=2, inputs_per_iteration=2, replays=2, episode_s=(30.0, 40.0),
+        eval_every=10, eval_seeds=1, update_epochs=2, eval_random_starts=False,
+        train_allocator=False, learning_rate=3e-3,
+    )  # fmt: skip
+    result = train(args, [twins], map_serial, initial=start)
+    before, after = start.state_dict(), result.policy.state_dict()
+    assert result.history
+    assert all(math.isfinite(m["losses/router_policy_loss"]) for m in result.history)
+    assert "losses/allocator_policy_loss" not in result.history[-1]
+    assert any(k.startswith("forecaster.") for k in before)
+    for key, value in before.items():
+        if not key.startswith("router."):
+            assert torch.equal(value, after[key]), key
+    with pytest.raises(ValueError, match="two or more eligible queues"):
+        train(args, [_tiny()], map_serial, initial=start)

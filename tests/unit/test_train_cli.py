@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import typer
 import yaml
 from typer.testing import CliRunner
@@ -79,3 +80,59 @@ def test_train_on_a_trace_then_simulate_with_the_checkpoint(tmp_path: Path) -> N
     )  # fmt: skip
     assert simulated.exit_code == 0, simulated.output
     assert json.loads(simulated.stdout)["jobs"] == 400
+
+
+def test_router_only_step_keeps_the_earlier_step_and_refuses_what_it_cannot_train(
+    tmp_path: Path,
+) -> None:
+    """`--router-only --init CKPT` on a scenario with a routing choice writes a checkpoint whose
+    allocator and forecaster weights are the initial ones and whose metadata keeps the initial
+    checkpoint's under `initialized_from`; without --init, or without a routing choice, it exits 2
+    naming the problem, before any training."""
+    shared = {**TRACE_SCENARIO, "name": "shared"}
+    shared["queues"] = [{**q, "job_types": ["a", "b"]} for q in TRACE_SCENARIO["queues"]]
+    (tmp_path / "my_trace.csv").write_text(_trace_text())
+    for name, data in (("shared", shared), ("my_trace", TRACE_SCENARIO)):
+        (tmp_path / f"{name}.yaml").write_text(
+            yaml.safe_dump({**data, "workload": {"trace": {"format": "generic_csv",
+                                                           "path": "my_trace.csv"}}})
+        )  # fmt: skip
+    app = typer.Typer()
+    train.register(app)
+    simulate.register(app)
+    first = tmp_path / "first"
+    common = ["--workers", "0", "--iterations", "1", "--eval-every", "1", "--eval-seeds", "1"]
+    trained = CliRunner().invoke(
+        app, ["train", "--scenario", str(tmp_path / "shared.yaml"), "--out", str(first), *common]
+    )
+    assert trained.exit_code == 0, trained.output
+    second = tmp_path / "second"
+    step = CliRunner().invoke(
+        app,
+        ["train", "--scenario", str(tmp_path / "shared.yaml"), "--out", str(second),
+         "--init", str(first.with_suffix(".pt")), "--router-only", *common],
+    )  # fmt: skip
+    assert step.exit_code == 0, step.output
+    meta = json.loads(second.with_suffix(".json").read_text())
+    assert meta["initialized_from"] == {
+        "path": str(first.with_suffix(".pt")),
+        "metadata": json.loads(first.with_suffix(".json").read_text()),
+    }
+    assert meta["args"]["train_allocator"] is False
+    before = LearnedPolicy.from_hyperparameters(meta["hyperparameters"])
+    start = torch.load(first.with_suffix(".pt"), weights_only=True)
+    after = torch.load(second.with_suffix(".pt"), weights_only=True)
+    assert set(start) == set(after) == set(before.state_dict())
+    for key in start:
+        if not key.startswith("router."):
+            assert torch.equal(start[key], after[key]), key
+
+    for args, needle in (
+        (["--scenario", str(tmp_path / "shared.yaml"), "--router-only"], "--init"),
+        (["--scenario", str(tmp_path / "my_trace.yaml"), "--router-only",
+          "--init", str(first.with_suffix(".pt"))], "two or more eligible queues"),
+    ):  # fmt: skip
+        refused = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "x"), *common])
+        assert refused.exit_code == 2, refused.output
+        assert needle in refused.output
+        assert not (tmp_path / "x.pt").exists()
