@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,21 +50,28 @@ def _note(message: str) -> None:
 # --- the policy under test --------------------------------------------------------------------
 
 
+def _check_resolves(
+    kind: str, name: str, resolve: Callable[[str], object], known: Iterable[str]
+) -> None:
+    """Resolves `name` once now, so a bad name or checkpoint fails before any run, naming the
+    `kind` ("policy", "router") and what would have worked."""
+    try:
+        resolve(name)
+    except (ValueError, OSError) as exc:
+        names = ", ".join(sorted(known))
+        raise fail(
+            f"cannot use {kind} {name!r}: {exc}\n"
+            f"give a {kind} name ({names}), 'learned', or a checkpoint file"
+        ) from None
+
+
 def _policy_factory(policy: str) -> Callable[[Scenario], PolicyFactory]:
     """For each scenario, a factory of the policy under test (`scheduler.checkpoints`: a heuristic
-    name, "learned", or a checkpoint path). Resolved once now, so a bad name or checkpoint fails
-    before any run."""
+    name, "learned", or a checkpoint path)."""
     # Imported here: it loads torch, which the other commands should not pay for at start-up.
     from scheduler.checkpoints import resolve_allocator
 
-    try:
-        resolve_allocator(policy)
-    except (ValueError, OSError) as exc:
-        known = ", ".join(sorted(ALLOCATORS))
-        raise fail(
-            f"cannot use policy {policy!r}: {exc}\n"
-            f"give a heuristic ({known}), 'learned', or a checkpoint file"
-        ) from None
+    _check_resolves("policy", policy, resolve_allocator, ALLOCATORS)
 
     def for_scenario(scenario: Scenario) -> PolicyFactory:
         if policy in ALLOCATORS:
@@ -77,18 +84,10 @@ def _policy_factory(policy: str) -> Callable[[Scenario], PolicyFactory]:
 
 
 def _router_factory(router: str) -> RouterFactory:
-    """A factory of the router under test (a router name, "learned", or a checkpoint path),
-    resolved once now so a bad name or checkpoint fails before any run."""
+    """A factory of the router under test (a router name, "learned", or a checkpoint path)."""
     from scheduler.checkpoints import resolve_router
 
-    try:
-        resolve_router(router)
-    except (ValueError, OSError) as exc:
-        known = ", ".join(sorted(ROUTERS))
-        raise fail(
-            f"cannot use router {router!r}: {exc}\n"
-            f"give a router ({known}), 'learned', or a checkpoint file"
-        ) from None
+    _check_resolves("router", router, resolve_router, ROUTERS)
     return lambda: resolve_router(router)
 
 
