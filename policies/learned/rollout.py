@@ -42,8 +42,9 @@ _RATE_FIELDS = {"poisson": ("rate_per_s",), "diurnal": ("base_rate_per_s",)}
 def scale_scenario(
     scenario: Scenario, *, load_scale: float = 1.0, duration_s: float | None = None
 ) -> Scenario:
-    """`scenario` with every generator's arrival rates times `load_scale` (a trace's load_scale
-    too) and, when given, another `duration_s`; the result is validated like a scenario file."""
+    """`scenario` with every generator's arrival rates times `load_scale` (a trace's load_scale or
+    target utilisation too) and, when given, another `duration_s`; the result is validated like a
+    scenario file."""
     if load_scale == 1.0 and duration_s is None:
         return scenario
     data: dict[str, Any] = scenario.model_dump(mode="json")
@@ -54,7 +55,12 @@ def scale_scenario(
             state["rate_per_s"] *= load_scale
     trace = data["workload"]["trace"]
     if trace is not None and load_scale != 1.0:
-        trace["load_scale"] = (trace.get("load_scale") or 1.0) * load_scale
+        # A trace sets its load either way; scaling the arrival rate scales a target utilisation
+        # just as it does a multiplier (the two may not be given together).
+        if trace.get("target_utilization") is not None:
+            trace["target_utilization"] *= load_scale
+        else:
+            trace["load_scale"] = (trace.get("load_scale") or 1.0) * load_scale
     if duration_s is not None:
         data["duration_s"] = duration_s
     return parse_scenario(data, source=scenario.name)

@@ -84,6 +84,28 @@ def test_scale_scenario_scales_rates_and_length() -> None:
     assert scaled.duration_s == 30.0
 
 
+def test_scale_scenario_scales_a_trace_by_its_own_load_setting() -> None:
+    """A trace's load is a multiplier or a target utilisation (never both): scaling multiplies
+    whichever it has, and the result is still a valid scenario."""
+    base = {
+        "name": "replay",
+        "queues": TINY["queues"],
+        "cluster": {"workers": 4},
+        "tick_s": 1.0,
+    }
+    for trace, field, expected in (
+        ({"format": "generic_csv", "target_utilization": 0.7}, "target_utilization", 0.84),
+        ({"format": "generic_csv", "load_scale": 2.0}, "load_scale", 2.4),
+        ({"format": "generic_csv"}, "load_scale", 1.2),
+    ):
+        scenario = parse_scenario({**base, "workload": {"trace": trace}})
+        scaled = scale_scenario(scenario, load_scale=1.2).workload.trace
+        assert scaled is not None
+        assert getattr(scaled, field) == pytest.approx(expected)
+        other = "load_scale" if field == "target_utilization" else "target_utilization"
+        assert getattr(scaled, other) is None
+
+
 def test_rollout_rewards_sum_to_minus_time_in_system() -> None:
     """Tick rewards add up to minus the jobs' total time in system after the first tick."""
     result = run_rollout(RolloutTask(_tiny(), 3, heuristic="proportional"))
