@@ -518,7 +518,8 @@ def choose_teachers(
     seeds: Sequence[int] = TUNING_SEEDS,
 ) -> dict[str, str]:
     """Per scenario, the heuristic (with `heuristic_params`) of lowest mean JCT over `seeds`, which
-    are training arrivals (the heuristics' own tuning seeds), never validation or evaluation ones."""
+    are training arrivals (by default the heuristics' own tuning seeds), never validation or
+    evaluation ones."""
     names = list(HEURISTIC_ALLOCATORS)
 
     def task(s: Scenario, k: int, seed: int, duration_s: float | None) -> RolloutTask:
@@ -657,7 +658,8 @@ def train(
 
     if policy.forecaster_net is not None and initial is None and args.train_allocator:
         # First, so that the teachers below are chosen, and the gate fitted, on the forecast the
-        # policy will plan with.
+        # policy will plan with. A regression on exogenous targets is far less noisy than the
+        # policy gradient, so it takes larger steps (as the gate's warm start does, at 3x).
         result_fit = train_forecaster(
             policy, scenarios, map_rollouts, rng,
             episodes_per_scenario=args.forecast_episodes,
