@@ -87,6 +87,9 @@ class Args:
     """simulated seconds after which a reward counts half; per-tick gamma = 0.5 ** (tick_s / this)"""
     reconfiguration_penalty_s: float = 0.0
     """job-seconds charged per worker moved, on top of the model load the simulator charges"""
+    slo_penalty_s: float = 0.0
+    """job-seconds charged per job whose time in system passes its JCT target (deadline, else its
+    type's or queue's SLO), at the tick it passes it"""
     learning_rate: float = 5e-4
     """Adam step size (annealed linearly to 0 over the budget when anneal_lr)"""
     anneal_lr: bool = True
@@ -164,6 +167,44 @@ class Args:
     fitting the gate to the teacher bases before the first update. PPO's iterations each draw one
     or two scenarios, so the imitation term alone pulls the gate toward whichever was drawn last
     and, in practice, to the base most scenarios share; balanced batches separate them"""
+
+    def __post_init__(self) -> None:
+        """Refuses values that would train nothing or train on nonsense, naming the field."""
+        at_least = {
+            "minutes": (self.minutes, 0.0),
+            "reconfiguration_penalty_s": (self.reconfiguration_penalty_s, 0.0),
+            "slo_penalty_s": (self.slo_penalty_s, 0.0),
+            "imitation_coef": (self.imitation_coef, 0.0),
+            "ent_coef": (self.ent_coef, 0.0),
+            "inputs_per_iteration": (self.inputs_per_iteration, 1),
+            "replays": (self.replays, 1),
+            "update_epochs": (self.update_epochs, 1),
+            "minibatch_size": (self.minibatch_size, 1),
+            "eval_every": (self.eval_every, 1),
+            "eval_seeds": (self.eval_seeds, 1),
+            "max_moves": (self.max_moves, 0),
+            "forecast_episodes": (self.forecast_episodes, 1),
+            "forecast_steps": (self.forecast_steps, 0),
+            "teacher_seeds": (self.teacher_seeds, 1),
+            "gate_pretrain_steps": (self.gate_pretrain_steps, 0),
+        }
+        for name, (value, low) in at_least.items():
+            if not (math.isfinite(value) and value >= low):
+                raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
+        for name, value in (
+            ("learning_rate", self.learning_rate),
+            ("discount_half_life_s", self.discount_half_life_s),
+            ("forecast_window_loads", self.forecast_window_loads),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name, (low, high) in (("episode_s", self.episode_s), ("load_scale", self.load_scale)):
+            if not (0 < low <= high and math.isfinite(high)):
+                raise ValueError(
+                    f"{name} must be (low, high) with 0 < low <= high, got {(low, high)}"
+                )
+        if self.max_iterations is not None and self.max_iterations < 0:
+            raise ValueError(f"max_iterations must be >= 0, got {self.max_iterations}")
 
 
 @dataclass(frozen=True)
@@ -249,16 +290,27 @@ def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def replay_advantages(
-    results: Sequence[RolloutResult], gamma: float, penalty_s: float = 0.0
+    results: Sequence[RolloutResult],
+    gamma: float,
+    penalty_s: float = 0.0,
+    slo_penalty_s: float = 0.0,
 ) -> list[np.ndarray]:
     """Per episode, per tick: return-to-go minus the mean over the replays of the same input.
+
+    Rewards are the episode's, less `penalty_s` per worker moved and `slo_penalty_s` per SLO miss
+    (both in job-seconds, the reward's unit).
 
     Episodes of one input may end at different ticks (draining differs); a replay that has ended
     contributes a return of 0 from then on, which is what it will collect. Each input's advantages
     are divided by its mean absolute per-tick reward, so a busy scenario does not drown a quiet one.
     """
     returns = [
-        discounted_returns(r.rewards - penalty_s * r.moved.astype(np.float64), gamma)
+        discounted_returns(
+            r.rewards
+            - penalty_s * r.moved.astype(np.float64)
+            - slo_penalty_s * _per_tick(r.slo_misses, len(r.rewards)),
+            gamma,
+        )
         for r in results
     ]
     by_group: dict[int, list[int]] = defaultdict(list)
@@ -275,6 +327,13 @@ def replay_advantages(
         for row, i in enumerate(members):
             advantages[i] = (padded[row, : len(returns[i])] - baseline[: len(returns[i])]) / scale
     return advantages
+
+
+def _per_tick(counts: np.ndarray, ticks: int) -> np.ndarray:
+    """`counts` as floats over `ticks` ticks (zeros where a result carries none)."""
+    out = np.zeros(ticks)
+    out[: min(len(counts), ticks)] = counts[:ticks]
+    return out
 
 
 def _anneal(start: float, fraction: float) -> float:
@@ -775,7 +834,10 @@ def train(
         for g in {r.group for r in results}:
             members = [i for i, r in enumerate(results) if r.group == g]
             group_adv = replay_advantages(
-                [results[i] for i in members], gammas[g], args.reconfiguration_penalty_s
+                [results[i] for i in members],
+                gammas[g],
+                args.reconfiguration_penalty_s,
+                args.slo_penalty_s,
             )
             for i, a in zip(members, group_adv, strict=True):
                 advantages[i] = a

@@ -9,7 +9,10 @@ Rewards. Tick t's decision is credited with the interval up to tick t+1 (the las
 to the end of the run): reward_t = -(integral of jobs in system over that interval), in job-seconds.
 Summed over the episode this is minus the total time jobs spent in the system, i.e. minus total JCT
 (plus the unfinished jobs' time so far, so starving a queue is never free). An optional penalty per
-worker moved prices reconfiguration beyond the model load the simulator already charges.
+worker moved prices reconfiguration beyond the model load the simulator already charges, and an
+optional penalty per SLO miss is charged to the tick interval in which the job's time in system
+passed its JCT target (its deadline, else its type's or queue's SLO), finished or not: that is
+when the miss became certain, so the decisions just before it get the blame.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from policies.learned.forecast import ForecastSample
 from policies.learned.policy import LearnedPolicy
 from policies.learned.router import LearnedRouter, RouteChoice
 from policies.registry import make_allocator
-from policies.sim.metrics import summarize
+from policies.sim.metrics import RunRecord, summarize
 from policies.sim.run import SimRun, SimSpec
 from policies.sim.scenario import Scenario, make_router_for, parse_scenario
 from policies.views import Allocator, Router
@@ -142,6 +145,8 @@ class RolloutResult:
     rewards: np.ndarray
     # (T,) workers moved by tick t's decision (after guardrails).
     moved: np.ndarray
+    # (T,) jobs whose time in system passed their JCT target during tick t's interval.
+    slo_misses: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     decisions: list[TickDecision] = field(default_factory=list)
     # Per decision, the teacher's decision as moves (same form as TickDecision.moves), if asked.
     teacher_moves: list[np.ndarray] = field(default_factory=list)
@@ -212,6 +217,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
     route_marks: list[int] = []
     # (time, jobs routed per queue so far) at every tick, for the forecast targets.
     routed_marks: list[tuple[float, np.ndarray]] = []
+    tick_times: list[float] = []
     forecasting = learned is not None and learned.forecaster is not None and task.record
     while (view := run.advance_to_next_tick()) is not None:
         if forecasting:
@@ -219,6 +225,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         if learned_router is not None:
             route_marks.append(len(learned_router.choices))
         areas.append(_area_now(run))
+        tick_times.append(view.now_s)
         if teacher is not None and learned is not None:
             wanted = teacher.allocate(view)
             recorded = len(learned.decisions)
@@ -259,6 +266,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         group=task.group,
         rewards=-np.diff(np.asarray(areas, dtype=np.float64)),
         moved=np.asarray(moved, dtype=np.int64),
+        slo_misses=slo_misses_per_tick(record, tick_times),
         decisions=learned.decisions if learned is not None else [],
         teacher_moves=teacher_moves,
         route_choices=route_choices,
@@ -272,6 +280,23 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         reconfigurations=summary.reconfigurations,
         fallbacks=allocator.fallback_count,
     )
+
+
+def slo_misses_per_tick(record: RunRecord, tick_times: Sequence[float]) -> np.ndarray:
+    """(T,) per tick interval, the accepted jobs whose time in system passed their JCT target in
+    it (misses before the first tick count in the first interval); jobs without a target never
+    miss."""
+    counts = np.zeros(len(tick_times), dtype=np.int64)
+    if not tick_times:
+        return counts
+    accepted = record.queue_idx >= 0
+    target = record.slo_target_s
+    finished_s = np.where(np.isnan(record.completion_s), record.end_s, record.completion_s)
+    missed = accepted & ~np.isnan(target) & (finished_s - record.arrival_s > target)
+    at_s = (record.arrival_s + target)[missed]
+    ticks = np.clip(np.searchsorted(np.asarray(tick_times), at_s, side="right") - 1, 0, None)
+    np.add.at(counts, ticks, 1)
+    return counts
 
 
 def forecast_targets_of(

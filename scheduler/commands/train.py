@@ -217,6 +217,13 @@ def train_command(
             help="Job-seconds charged per worker moved, on top of the simulated model load.",
         ),
     ] = 0.0,
+    slo_penalty_s: Annotated[
+        float,
+        typer.Option(
+            "--slo-penalty-s",
+            help="Job-seconds charged per job that passes its JCT target (deadline or SLO).",
+        ),
+    ] = 0.0,
     imitation_coef: Annotated[
         float,
         typer.Option(
@@ -277,23 +284,27 @@ def train_command(
             initial, initial_meta = load_checkpoint(init)
         except CheckpointError as exc:
             raise fail(str(exc)) from None
-    args = Args(
-        bases=tuple(parse_base(text) for text in base or []),
-        stop_bias=stop_bias,
-        gate_bias=gate_bias,
-        seed=seed,
-        minutes=minutes,
-        max_iterations=iterations,
-        eval_every=eval_every,
-        eval_seeds=eval_seeds,
-        max_moves=max_moves,
-        learning_rate=learning_rate,
-        reconfiguration_penalty_s=reconfiguration_penalty_s,
-        imitation_coef=imitation_coef,
-        imitation_fraction=imitation_fraction,
-        forecast=forecast,
-        train_allocator=not router_only,
-    )
+    try:
+        args = Args(
+            bases=tuple(parse_base(text) for text in base or []),
+            stop_bias=stop_bias,
+            gate_bias=gate_bias,
+            seed=seed,
+            minutes=minutes,
+            max_iterations=iterations,
+            eval_every=eval_every,
+            eval_seeds=eval_seeds,
+            max_moves=max_moves,
+            learning_rate=learning_rate,
+            reconfiguration_penalty_s=reconfiguration_penalty_s,
+            slo_penalty_s=slo_penalty_s,
+            imitation_coef=imitation_coef,
+            imitation_fraction=imitation_fraction,
+            forecast=forecast,
+            train_allocator=not router_only,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     if router_only and initial is None:
         raise fail("--router-only trains the router of an existing policy: give --init CHECKPOINT")
     if router_only and not any(has_routing_choice(s) for s in scenarios):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import typer
 
+from policies.evaluation import guarded
 from policies.learned.forecast import ForecasterConfig
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
@@ -34,7 +35,7 @@ from policies.learned.rollout import (
 )
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS
-from policies.sim.scenario import Scenario, parse_scenario
+from policies.sim.scenario import Scenario, make_router_for, parse_scenario, prepare
 from scheduler.commands.train import parse_base
 
 TINY = {
@@ -364,3 +365,53 @@ def test_router_alone_trains_the_router_and_leaves_the_allocator_as_it_was() -> 
             assert torch.equal(value, after[key]), key
     with pytest.raises(ValueError, match="two or more eligible queues"):
         train(args, [_tiny()], map_serial, initial=start)
+
+
+def test_slo_misses_are_charged_to_the_tick_the_target_passed() -> None:
+    """Each job whose time in system passes its target counts once, in the tick interval where
+    arrival + target falls (finished or not); the counts match the run's own SLO attainment, and
+    the penalty lowers exactly the returns that cover those ticks."""
+    scenario = parse_scenario(
+        {**TINY, "queues": [{**q, "slo_s": 0.6} for q in TINY["queues"]],
+         "cluster": {"workers": 3}}
+    )  # fmt: skip
+    result = run_rollout(RolloutTask(scenario, 5, heuristic="static"))
+    assert len(result.slo_misses) == len(result.rewards)
+    prepared_jobs = result.jobs + result.unfinished
+    record = (
+        prepare(scenario, 5)
+        .start(make_router_for(scenario))
+        .run(guarded(scenario, make_allocator("static")))
+    )
+    jct = record.completion_s - record.arrival_s
+    late = np.count_nonzero(jct > 0.6) + np.count_nonzero(np.isnan(record.completion_s))
+    assert int(result.slo_misses.sum()) == late > 0
+    assert prepared_jobs == len(record.arrival_s)
+    plain = replay_advantages([result, result], gamma=1.0)
+    charged = replay_advantages([result, result], gamma=1.0, slo_penalty_s=3.0)
+    # Identical replays: the baseline absorbs any penalty, so the advantages stay zero ...
+    assert np.allclose(plain[0], 0.0)
+    assert np.allclose(charged[0], 0.0)
+    # ... and against a replay without misses the charged one is worse by the penalty to go.
+    clean = RolloutResult(
+        scenario=result.scenario, arrival_seed=5, group=0, rewards=result.rewards,
+        moved=result.moved, slo_misses=np.zeros_like(result.slo_misses),
+    )  # fmt: skip
+    adv = replay_advantages([result, clean], gamma=1.0, slo_penalty_s=3.0)
+    to_go = 3.0 * np.cumsum(result.slo_misses[::-1])[::-1]
+    scale = np.abs(result.rewards).mean()
+    np.testing.assert_allclose((adv[1] - adv[0]) * scale, to_go)
+
+
+def test_args_refuse_values_that_would_train_nothing_naming_the_field() -> None:
+    for bad, needle in (
+        ({"slo_penalty_s": -1.0}, "slo_penalty_s"),
+        ({"replays": 0}, "replays"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"episode_s": (900.0, 300.0)}, "episode_s"),
+        ({"load_scale": (0.0, 1.0)}, "load_scale"),
+        ({"minutes": math.nan}, "minutes"),
+        ({"forecast_window_loads": -2.0}, "forecast_window_loads"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            Args(**bad)  # type: ignore[arg-type]

@@ -136,3 +136,26 @@ def test_router_only_step_keeps_the_earlier_step_and_refuses_what_it_cannot_trai
         assert refused.exit_code == 2, refused.output
         assert needle in refused.output
         assert not (tmp_path / "x.pt").exists()
+
+
+def test_bad_training_numbers_exit_2_naming_the_field(tmp_path: Path) -> None:
+    scenario = tmp_path / "my_trace.yaml"
+    scenario.write_text(yaml.safe_dump(TRACE_SCENARIO))
+    (tmp_path / "my_trace.csv").write_text(_trace_text())
+    app = typer.Typer()
+    train.register(app)
+    simulate.register(app)
+    for flag, value, needle in (
+        ("--slo-penalty-s", "-1", "slo_penalty_s"),
+        ("--learning-rate", "0", "learning_rate"),
+        ("--eval-seeds", "0", "eval_seeds"),
+    ):
+        result = CliRunner().invoke(
+            app,
+            ["train", "--scenario", str(scenario), "--out", str(tmp_path / "x"), "--workers", "0",
+             flag, value],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert needle in result.output
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "x.pt").exists()
