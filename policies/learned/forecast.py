@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from policies.learned.networks import linear_np
 from policies.views import ClusterView, QueueView
 
 # Per-queue forecast features, column order of `forecast_features`.
@@ -117,13 +118,9 @@ class RateForecastNetNp:
     would dominate for a few queues; see `networks.QueueSetNetNp`)."""
 
     def __init__(self, net: RateForecastNet) -> None:
-        def wb(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-            assert isinstance(layer, nn.Linear)
-            return layer.weight.detach().numpy().T.copy(), layer.bias.detach().numpy().copy()
-
-        self.enc = wb(net.encoder[0])
-        self.integrate = wb(net.integrate[0])
-        self.head = wb(net.head)
+        self.enc = linear_np(net.encoder[0])
+        self.integrate = linear_np(net.integrate[0])
+        self.head = linear_np(net.head)
         self.hidden = net.config.hidden
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
@@ -183,9 +180,11 @@ class RateForecaster:
                 fresh[:, i] = self._state[:, old[name]]
         self._names, self._state = names, fresh
 
-    def _update(self, view: ClusterView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _update(
+        self, view: ClusterView, window_s: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Folds the view's rates into the averages; returns (rates (n, 3), features (n, F),
-        service times (n,))."""
+        service times (n,)) for a forecast `window_s` ahead."""
         config = self.config
         elapsed_s = 0.0 if self._last_s is None else max(view.now_s - self._last_s, 0.0)
         self._last_s = view.now_s
@@ -218,7 +217,7 @@ class RateForecaster:
                 volatility,
                 np.minimum((view.now_s - since_s) / config.slow_s, 1.0),
                 np.log1p(np.maximum(depth, 0.0)),
-                np.full(n, math.log1p(forecast_window_s(config, view) / tick_s)),
+                np.full(n, math.log1p(window_s / tick_s)),
                 np.log1p(service_s / tick_s),
             ],
             axis=1,
@@ -230,17 +229,14 @@ class RateForecaster:
         """`view` with each queue's arrival rate replaced by its forecast over the window."""
         if not view.queues:
             return view
-        rates, features, service_s = self._update(view)
+        window_s = forecast_window_s(self.config, view)
+        rates, features, service_s = self._update(view, window_s)
         weights = self._forward(features)
         if not np.isfinite(weights).all():
             raise ValueError("the rate forecaster produced non-finite outputs")
         forecast = (weights * rates).sum(axis=1)
         if self.record:
-            self.samples.append(
-                ForecastSample(
-                    view.now_s, forecast_window_s(self.config, view), features, rates, service_s
-                )
-            )
+            self.samples.append(ForecastSample(view.now_s, window_s, features, rates, service_s))
         return dataclasses.replace(view, queues=_with_rates(view.queues, forecast.tolist()))
 
 
@@ -268,6 +264,12 @@ def forecast_loss(
     target_per_s: torch.Tensor,
 ) -> torch.Tensor:
     """Mean squared error of the forecast in log1p(Erlangs), over a (B, n, ...) batch of views."""
-    forecast = (net(features) * rates).sum(dim=-1)
-    error = torch.log1p(forecast * service_s) - torch.log1p(target_per_s * service_s)
+    return log_load_mse((net(features) * rates).sum(dim=-1), service_s, target_per_s)
+
+
+def log_load_mse(
+    forecast_per_s: torch.Tensor, service_s: torch.Tensor, target_per_s: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error of rate forecasts against what arrived, in log1p(Erlangs)."""
+    error = torch.log1p(forecast_per_s * service_s) - torch.log1p(target_per_s * service_s)
     return (error * error).mean()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from policies.learned.forecast import RateForecastNet, forecast_loss
+from policies.learned.forecast import forecast_loss, log_load_mse
 from policies.learned.policy import LearnedPolicy
 from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask
 from policies.seeds import TRAIN_SEEDS
@@ -63,7 +63,7 @@ def forecast_tasks(
             duration_s=min(episode_s, s.duration_s or episode_s),
             policy=policy,
             policy_seed=int(rng.integers(2**31)),
-            record=True,
+            record_forecast=True,
             initial_seed=int(rng.integers(2**31)) if k % 2 else None,
         )
         for s in scenarios
@@ -93,29 +93,20 @@ def _stack(results: Sequence[RolloutResult]) -> dict[str, dict[str, torch.Tensor
     return data
 
 
-def _mse(net: RateForecastNet, data: dict[str, dict[str, torch.Tensor]]) -> float:
-    """Mean over scenarios of the forecast's mean squared error on all of their samples."""
+def _mse(
+    data: dict[str, dict[str, torch.Tensor]],
+    forecast_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+) -> float:
+    """Mean over scenarios of the mean squared log-load error of `forecast_of(samples)`."""
     with torch.no_grad():
         return float(
             np.mean(
                 [
-                    float(
-                        forecast_loss(net, d["features"], d["rates"], d["service_s"], d["target"])
-                    )
+                    float(log_load_mse(forecast_of(d), d["service_s"], d["target"]))
                     for d in data.values()
                 ]
             )
         )
-
-
-def _current_rate_mse(data: dict[str, dict[str, torch.Tensor]]) -> float:
-    """The same error for the forecast "the current rate holds"."""
-    errors = []
-    for d in data.values():
-        now = d["rates"][..., 0]
-        error = torch.log1p(now * d["service_s"]) - torch.log1p(d["target"] * d["service_s"])
-        errors.append(float((error * error).mean()))
-    return float(np.mean(errors))
 
 
 def fit_forecaster(
@@ -135,7 +126,8 @@ def fit_forecaster(
     if not data:
         raise ValueError("no forecast samples: the episodes were shorter than one forecast window")
     samples = sum(len(d["target"]) for d in data.values())
-    baseline = _current_rate_mse(data)
+    # The untrained assumption: the current rate (the first of the averages) holds.
+    baseline = _mse(data, lambda d: d["rates"][..., 0])
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     net.train()
     for _ in range(steps):
@@ -152,7 +144,7 @@ def fit_forecaster(
         torch.autograd.backward(loss)
         optimizer.step()
     net.eval()
-    fitted = _mse(net, data)
+    fitted = _mse(data, lambda d: (net(d["features"]) * d["rates"]).sum(dim=-1))
     if not math.isfinite(fitted):
         raise ValueError("the forecaster's fit diverged (non-finite error)")
     return ForecastFit(samples=samples, current_rate_mse=baseline, fitted_mse=fitted)

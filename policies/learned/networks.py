@@ -200,6 +200,12 @@ class EncodedNp:
     glob: np.ndarray  # (3 + K,) float64: stop, slope, pool, gate logits
 
 
+def linear_np(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen copy of an `nn.Linear`'s (weight transposed, bias), for `x @ w + b` in numpy."""
+    assert isinstance(layer, nn.Linear)
+    return layer.weight.detach().numpy().T.copy(), layer.bias.detach().numpy().copy()
+
+
 class QueueSetNetNp:
     """A frozen numpy copy of a `QueueSetNet` for one view at a time.
 
@@ -210,17 +216,10 @@ class QueueSetNetNp:
     """
 
     def __init__(self, net: QueueSetNet) -> None:
-        def wb(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-            assert isinstance(layer, nn.Linear)
-            return (
-                layer.weight.detach().numpy().T.copy(),
-                layer.bias.detach().numpy().copy(),
-            )
-
-        self.enc1, self.enc2 = wb(net.encoder[0]), wb(net.encoder[2])
-        self.integrate = wb(net.integrate[0])
-        self.head1, self.head2 = wb(net.queue_head[0]), wb(net.queue_head[2])
-        self.glob = wb(net.global_head)
+        self.enc1, self.enc2 = linear_np(net.encoder[0]), linear_np(net.encoder[2])
+        self.integrate = linear_np(net.integrate[0])
+        self.head1, self.head2 = linear_np(net.queue_head[0]), linear_np(net.queue_head[2])
+        self.glob = linear_np(net.global_head)
         self.hidden = net.config.hidden
         self.config = net.config
 

@@ -74,12 +74,14 @@ class LearnedPolicy:
         record: bool = False,
         max_moves: int | None = None,
         force_base: int | None = None,
+        record_forecast: bool = False,
     ) -> LearnedAllocator:
         """A level-2 allocator on these weights (deterministic unless `rng` is given); a residual
-        network gets fresh instances of its base heuristics, and a fresh forecasting state."""
+        network gets fresh instances of its base heuristics, and a fresh forecasting state, which
+        keeps its inputs with `record_forecast` (for fitting the forecaster)."""
         config = self.allocator_net.config
         forecaster = (
-            RateForecaster(self.forecaster_net, record=record)
+            RateForecaster(self.forecaster_net, record=record_forecast)
             if self.forecaster_net is not None
             else None
         )

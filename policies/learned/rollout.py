@@ -128,6 +128,9 @@ class RolloutTask:
     # With a learned policy: always take this base heuristic's proposal, uncorrected (no moves),
     # with the policy's forecast; scores each base as the residual policy would run it.
     force_base: int | None = None
+    # With a learned policy that has a forecaster: keep its inputs and what then arrived, for
+    # fitting it (`RolloutResult.forecast_samples`); other episodes skip that bookkeeping.
+    record_forecast: bool = False
 
     def __post_init__(self) -> None:
         if (self.policy is None) == (self.heuristic is None):
@@ -192,6 +195,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
             record=task.record,
             force_base=task.force_base,
             max_moves=0 if task.force_base is not None else None,
+            record_forecast=task.record_forecast,
         )
         inner = learned
         if task.learned_router and has_routing_choice(scenario):
@@ -218,7 +222,8 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
     # (time, jobs routed per queue so far) at every tick, for the forecast targets.
     routed_marks: list[tuple[float, np.ndarray]] = []
     tick_times: list[float] = []
-    forecasting = learned is not None and learned.forecaster is not None and task.record
+    forecaster = learned.forecaster if learned is not None else None
+    forecasting = forecaster is not None and task.record_forecast
     while (view := run.advance_to_next_tick()) is not None:
         if forecasting:
             routed_marks.append((view.now_s, run.routed_jobs))
@@ -256,9 +261,9 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         )
     forecast_samples: list[ForecastSample] = []
     forecast_targets: list[np.ndarray] = []
-    if forecasting and learned is not None and learned.forecaster is not None:
+    if forecasting and forecaster is not None:
         forecast_samples, forecast_targets = forecast_targets_of(
-            learned.forecaster.samples, routed_marks, prepared.spec.horizon_s
+            forecaster.samples, routed_marks, prepared.spec.horizon_s
         )
     return RolloutResult(
         scenario=scenario.name,

@@ -154,7 +154,7 @@ def test_targets_are_what_arrived_in_the_window_and_stop_before_the_drain() -> N
     scenario = parse_scenario(_BURSTY)
     prepared = prepare(scenario, seed=3)
     policy = LearnedPolicy.create(forecaster_config=ForecasterConfig(window_loads=2.0), seed=0)
-    allocator = policy.allocator(record=True)
+    allocator = policy.allocator(record_forecast=True)
     run = prepared.start(make_router_for(scenario))
     marks = []
     while (view := run.advance_to_next_tick()) is not None:
@@ -199,7 +199,7 @@ def test_fit_learns_that_bursts_revert() -> None:
     assert fit.fitted_mse < 0.8 * fit.current_rate_mse
 
     # A held-out run: in bursts (current rate far above the slow average) the forecast is lower.
-    result = run_rollout(dataclasses.replace(tasks[0], arrival_seed=999, record=True))
+    result = run_rollout(dataclasses.replace(tasks[0], arrival_seed=999))
     assert result.forecast_samples
     assert policy.forecaster_net is not None
     net = RateForecastNetNp(policy.forecaster_net)

@@ -56,13 +56,19 @@ def test_rollouts_of_a_trace_scenario_replay_its_training_window_only() -> None:
         run_rollout(RolloutTask(scenario, 0, policy=policy))
 
 
-def test_train_on_a_trace_then_simulate_with_the_checkpoint(tmp_path: Path) -> None:
+def _cli_with_trace(tmp_path: Path) -> tuple[typer.Typer, Path]:
+    """A CLI with `train` and `simulate`, and TRACE_SCENARIO written beside its trace file."""
     scenario = tmp_path / "my_trace.yaml"
     scenario.write_text(yaml.safe_dump(TRACE_SCENARIO))
     (tmp_path / "my_trace.csv").write_text(_trace_text())
     app = typer.Typer()
     train.register(app)
     simulate.register(app)
+    return app, scenario
+
+
+def test_train_on_a_trace_then_simulate_with_the_checkpoint(tmp_path: Path) -> None:
+    app, scenario = _cli_with_trace(tmp_path)
     out = tmp_path / "ckpt" / "mine"
     trained = CliRunner().invoke(
         app,
@@ -89,17 +95,10 @@ def test_router_only_step_keeps_the_earlier_step_and_refuses_what_it_cannot_trai
     allocator and forecaster weights are the initial ones and whose metadata keeps the initial
     checkpoint's under `initialized_from`; without --init, or without a routing choice, it exits 2
     naming the problem, before any training."""
+    app, own = _cli_with_trace(tmp_path)
     shared = {**TRACE_SCENARIO, "name": "shared"}
     shared["queues"] = [{**q, "job_types": ["a", "b"]} for q in TRACE_SCENARIO["queues"]]
-    (tmp_path / "my_trace.csv").write_text(_trace_text())
-    for name, data in (("shared", shared), ("my_trace", TRACE_SCENARIO)):
-        (tmp_path / f"{name}.yaml").write_text(
-            yaml.safe_dump({**data, "workload": {"trace": {"format": "generic_csv",
-                                                           "path": "my_trace.csv"}}})
-        )  # fmt: skip
-    app = typer.Typer()
-    train.register(app)
-    simulate.register(app)
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(shared))
     first = tmp_path / "first"
     common = ["--workers", "0", "--iterations", "1", "--eval-every", "1", "--eval-seeds", "1"]
     trained = CliRunner().invoke(
@@ -129,7 +128,7 @@ def test_router_only_step_keeps_the_earlier_step_and_refuses_what_it_cannot_trai
 
     for args, needle in (
         (["--scenario", str(tmp_path / "shared.yaml"), "--router-only"], "--init"),
-        (["--scenario", str(tmp_path / "my_trace.yaml"), "--router-only",
+        (["--scenario", str(own), "--router-only",
           "--init", str(first.with_suffix(".pt"))], "two or more eligible queues"),
     ):  # fmt: skip
         refused = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "x"), *common])
@@ -139,12 +138,7 @@ def test_router_only_step_keeps_the_earlier_step_and_refuses_what_it_cannot_trai
 
 
 def test_bad_training_numbers_exit_2_naming_the_field(tmp_path: Path) -> None:
-    scenario = tmp_path / "my_trace.yaml"
-    scenario.write_text(yaml.safe_dump(TRACE_SCENARIO))
-    (tmp_path / "my_trace.csv").write_text(_trace_text())
-    app = typer.Typer()
-    train.register(app)
-    simulate.register(app)
+    app, scenario = _cli_with_trace(tmp_path)
     for flag, value, needle in (
         ("--slo-penalty-s", "-1", "slo_penalty_s"),
         ("--learning-rate", "0", "learning_rate"),
