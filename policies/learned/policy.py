@@ -122,7 +122,9 @@ class LearnedPolicy:
             QueueSetNet(AllocatorNetConfig(**params["allocator"])),
             JobQueueScorer(RouterNetConfig(**params["router"])),
             int(params["max_moves"]),
-            RateForecastNet(ForecasterConfig(**forecaster)) if forecaster is not None else None,
+            RateForecastNet(ForecasterConfig.from_dict(forecaster))
+            if forecaster is not None
+            else None,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from policies.allocation import ProportionalAllocator
 from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.allocator import LearnedAllocator
-from policies.learned.forecast import ForecasterConfig
+from policies.learned.forecast import FORECAST_FEATURE_NAMES, ForecasterConfig
 from policies.learned.networks import AllocatorNetConfig
 from policies.learned.policy import LearnedPolicy
 from policies.learned.router import LearnedRouter
@@ -117,6 +117,18 @@ def test_forecaster_round_trips_and_a_policy_without_one_still_loads(tmp_path: P
     with pytest.raises(CheckpointError, match="forecaster") as info:
         load_checkpoint(weights)
     assert str(weights) in str(info.value)
+    # A forecaster saved before its features were configurable read every feature.
+    every = LearnedPolicy.create(
+        forecaster_config=ForecasterConfig(hidden=8, features=FORECAST_FEATURE_NAMES), seed=2
+    )
+    every_weights, every_meta = save_checkpoint(tmp_path / "every", every, {})
+    meta = json.loads(every_meta.read_text())
+    del meta["hyperparameters"]["forecaster"]["features"]
+    every_meta.write_text(json.dumps(meta))
+    reloaded = load_checkpoint(every_weights)[0].forecaster_net
+    assert reloaded is not None
+    assert reloaded.config.features == FORECAST_FEATURE_NAMES
+
     plain = LearnedPolicy.create(AllocatorNetConfig(hidden=16), seed=2)
     old_weights, old_meta = save_checkpoint(tmp_path / "old", plain, {})
     meta = json.loads(old_meta.read_text())

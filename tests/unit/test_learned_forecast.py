@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from policies.learned.forecast import (
-    N_FORECAST_FEATURES,
+    FORECAST_FEATURE_NAMES,
+    STEADY_FORECAST_FEATURES,
     ForecasterConfig,
     RateForecaster,
     RateForecastNet,
@@ -68,7 +69,7 @@ def _view(n: int, now_s: float = 0.0, seed: int = 0) -> ClusterView:
 def _trained_net(seed: int = 0) -> RateForecastNet:
     """A net with random (not near-identity) weights, so the tests see a real mixture."""
     torch.manual_seed(seed)
-    net = RateForecastNet(ForecasterConfig(now_bias=0.0))
+    net = RateForecastNet(ForecasterConfig(now_bias=0.0, features=FORECAST_FEATURE_NAMES))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -77,7 +78,7 @@ def _trained_net(seed: int = 0) -> RateForecastNet:
 
 def test_permuting_the_queues_permutes_the_forecast() -> None:
     net = _trained_net()
-    features = torch.randn(3, 7, N_FORECAST_FEATURES)
+    features = torch.randn(3, 7, len(net.config.features))
     perm = torch.randperm(7)
     with torch.no_grad():
         out = net(features)
@@ -88,7 +89,8 @@ def test_permuting_the_queues_permutes_the_forecast() -> None:
 @pytest.mark.parametrize("n", [1, 7, 200])
 def test_numpy_copy_matches_torch_and_weights_are_a_distribution(n: int) -> None:
     net = _trained_net(seed=n)
-    features = np.random.default_rng(n).normal(size=(n, N_FORECAST_FEATURES)).astype(np.float32)
+    width = len(net.config.features)
+    features = np.random.default_rng(n).normal(size=(n, width)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(features)[None])[0].numpy()
     got = RateForecastNetNp(net)(features)
@@ -125,6 +127,39 @@ def test_fresh_forecaster_trusts_the_current_rate() -> None:
     out = forecaster.forecast_view(view)
     for before, after in zip(view.queues, out.queues, strict=True):
         assert after.arrival_rate_per_s == pytest.approx(before.arrival_rate_per_s, rel=0.1)
+
+
+def test_a_forecaster_reads_only_its_configured_features() -> None:
+    """By default only the slowly changing features reach the network, as the same columns of the
+    full feature set; a config with every feature reads them all."""
+    every = RateForecaster(_trained_net(), record=True)
+    steady_net = RateForecastNet(ForecasterConfig())
+    steady = RateForecaster(steady_net, record=True)
+    for t in range(5):
+        view = _view(4, now_s=float(t), seed=t)
+        every.forecast_view(view)
+        steady.forecast_view(view)
+    assert steady_net.config.features == STEADY_FORECAST_FEATURES
+    assert _trained_net().config.features == FORECAST_FEATURE_NAMES
+    columns = [FORECAST_FEATURE_NAMES.index(name) for name in STEADY_FORECAST_FEATURES]
+    for full, part in zip(every.samples, steady.samples, strict=True):
+        assert full.features.shape == (4, len(FORECAST_FEATURE_NAMES))
+        np.testing.assert_array_equal(part.features, full.features[:, columns])
+
+
+def test_forecast_feature_lists_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown forecast features \['queue_colour'\]"):
+        ForecasterConfig(features=("log_load_slow", "queue_colour"))
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        ForecasterConfig(features=())
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        ForecasterConfig(features=("warm", "warm"))
+    # JSON hands the list back; it is kept as a tuple, and an old dict gets every feature.
+    config = ForecasterConfig.from_dict({**ForecasterConfig().to_dict(), "features": ["warm"]})
+    assert config.features == ("warm",)
+    old = ForecasterConfig().to_dict()
+    del old["features"]
+    assert ForecasterConfig.from_dict(old).features == FORECAST_FEATURE_NAMES
 
 
 def test_queues_may_come_and_go_and_bad_readings_stay_finite() -> None:
