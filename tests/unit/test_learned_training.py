@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -285,6 +286,25 @@ def test_residual_imitation_teaches_the_gate_the_best_base_on_training_seeds() -
     assert nll[-1] < nll[0]
 
 
+def test_teachers_are_chosen_from_the_start_and_from_random_splits() -> None:
+    """Every other teacher seed starts from a random split of the workers, seeded by the seed, so
+    a teacher must also recover from a poor allocation; the others start as the scenario does."""
+    seen: list[RolloutTask] = []
+
+    def recording(tasks: Sequence[RolloutTask]) -> list[RolloutResult]:
+        seen.extend(tasks)
+        return map_serial(tasks)
+
+    bases: tuple[BaseSpec, ...] = (("static", {}), ("proportional", {"beta": 1.0}))
+    choose_base_teachers([_tiny()], bases, recording, None, (0, 1, 2, 3))
+    starts = {(t.heuristic, t.arrival_seed): t.initial_seed for t in seen}
+    assert len(seen) == 8
+    assert starts[("static", 0)] is None
+    assert starts[("static", 1)] == 1
+    assert starts[("proportional", 2)] is None
+    assert starts[("proportional", 3)] == 3
+
+
 def test_gate_warm_start_separates_scenarios_with_different_teachers() -> None:
     """Balanced supervised steps teach the gate a different base per scenario, read from the
     view alone: afterwards the deterministic policy picks each scenario's teacher every tick."""
@@ -310,7 +330,7 @@ def test_training_fits_the_forecast_first_and_scores_bases_on_it() -> None:
     """With a forecaster, training fits it before anything else (its error on the recorded data
     drops below "the current rate holds"), and each scenario's teacher base is chosen by running
     the policy's own forecast-fed bases: the pick is the base of lowest mean JCT among runs of
-    the policy forced to each base."""
+    the policy forced to each base, the second seed's from a random split of the workers."""
     bases: tuple[BaseSpec, ...] = (("static", {}), ("switch_aware", {}))
     args = Args(
         seed=0, max_iterations=1, inputs_per_iteration=1, replays=2, episode_s=(40.0, 60.0),
@@ -327,8 +347,10 @@ def test_training_fits_the_forecast_first_and_scores_bases_on_it() -> None:
     assert policy.forecaster_net is not None
     forced = [
         np.mean([
-            run_rollout(RolloutTask(_tiny(), seed, policy=policy, force_base=k)).mean_jct_s
-            for seed in (0, 1)
+            run_rollout(
+                RolloutTask(_tiny(), seed, policy=policy, force_base=k, initial_seed=start)
+            ).mean_jct_s
+            for seed, start in ((0, None), (1, 1))
         ])
         for k in range(len(bases))
     ]  # fmt: skip
