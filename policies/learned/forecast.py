@@ -13,8 +13,8 @@ reverts to). Each tick a small permutation-equivariant network (shared per-queue
 max pooling across queues, per-queue head, as `networks.QueueSetNet`) reads features of those
 averages and outputs, per queue, softmax weights over the three; the forecast is their weighted
 mean. By default it reads only the features that change slowly (`STEADY_FORECAST_FEATURES`), so
-the weights follow the queue's regime rather than the noise of one tick. So the forecast always lies between the averages (it cannot run away on an unseen
-workload), and a fresh network puts almost all weight on the current rate, which reproduces the
+the weights follow the queue's regime rather than the noise of one tick. The forecast always lies
+between the averages (it cannot run away on an unseen workload), and a fresh network puts almost all weight on the current rate, which reproduces the
 heuristics' own assumption. Training fits the weights so that the forecast matches the mean arrival
 rate over the next `window_s` (`forecast_window_s`: a couple of model loads, the time a move needs
 to pay back), in log1p(Erlangs).

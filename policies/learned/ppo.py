@@ -729,6 +729,10 @@ def train(
     started = clock()
     eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
     tick_s = {s.name: s.tick_s for s in scenarios}
+    # The forecast fit and the gate's warm start record episodes as long as the teachers are
+    # chosen on (up to `eval_max_duration_s`): a gate fitted on the first minutes of a diurnal
+    # scenario never saw its peak, and picked the wrong base there.
+    recorded_episode_s = args.eval_max_duration_s or args.episode_s[1]
 
     if policy.forecaster_net is not None and initial is None and args.train_allocator:
         # First, so that the teachers below are chosen, and the gate fitted, on the forecast the
@@ -737,7 +741,7 @@ def train(
         result_fit = train_forecaster(
             policy, scenarios, map_rollouts, rng,
             episodes_per_scenario=args.forecast_episodes,
-            episode_s=args.eval_max_duration_s or args.episode_s[1],
+            episode_s=recorded_episode_s,
             load_scale=args.load_scale, steps=args.forecast_steps,
             learning_rate=args.learning_rate * 6,
         )  # fmt: skip
@@ -777,9 +781,7 @@ def train(
             result.gate_pretrain_nll = pretrain_gate(
                 policy, scenarios, result.base_teachers, map_rollouts, rng,
                 steps=args.gate_pretrain_steps, learning_rate=args.learning_rate * 3,
-                # As long as the episodes the teachers were chosen on: a gate fitted on the first
-                # minutes of a diurnal scenario never saw its peak, and picked the wrong base there.
-                episode_s=args.eval_max_duration_s or args.episode_s[1],
+                episode_s=recorded_episode_s,
             )  # fmt: skip
             # The pretrained policy is a candidate too: validated before any PPO update.
             evaluation, _ = evaluate(
