@@ -4,9 +4,9 @@
 Each entry holds the fingerprint of the scenario (and trace) it was tuned on: `bilevel evaluate`
 uses the values only for exactly that scenario and tunes anything else afresh.
 
-Tuned with `policies.tuning.tune_scenario` on training seeds (policies.seeds.TUNING_SEEDS),
-full-length runs; trace scenarios on the training window of the files in ../shared/traces
-(trace_azure_functions is not stored: its stretched 11-hour replay is tuned on demand).
+Written by `bilevel tune --write`: `policies.tuning.tune_scenario` on the training seeds
+`policies.seeds.TUNING_SEEDS`, full-length runs; trace scenarios on the training window
+(the first 60%) of the trace file they were tuned with, whose digest the fingerprint holds.
 """
 
 from __future__ import annotations
@@ -28,22 +28,22 @@ class TunedEntry:
 TUNED: Mapping[str, TunedEntry] = {
     "bursty_switch": TunedEntry(
         fingerprint="00bc3e617adebda9",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
-            "proportional": {"beta": 0.5},
+            "proportional": {"beta": 1.0},
             "target_ongoing": {
-                "target_ongoing_requests": 0.75,
-                "upscale_delay_s": 30.0,
-                "downscale_delay_s": 300.0,
+                "target_ongoing_requests": 0.5,
+                "upscale_delay_s": 0.0,
+                "downscale_delay_s": 30.0,
             },
             "maxweight": {},
-            "switch_aware": {"horizon_s": 160.0, "min_net_gain_job_s": 0.0},
+            "switch_aware": {"horizon_s": 320.0, "min_net_gain_job_s": 10.0},
         },
     ),
     "diurnal": TunedEntry(
         fingerprint="7704a791fb332984",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
             "proportional": {"beta": 1.0},
@@ -53,27 +53,27 @@ TUNED: Mapping[str, TunedEntry] = {
                 "downscale_delay_s": 30.0,
             },
             "maxweight": {},
-            "switch_aware": {"horizon_s": 30.0, "min_net_gain_job_s": 0.0},
+            "switch_aware": {"horizon_s": 60.0, "min_net_gain_job_s": 0.0},
         },
     ),
     "heavy_tailed": TunedEntry(
         fingerprint="26f69d811e10c757",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
             "proportional": {"beta": 3.0},
             "target_ongoing": {
                 "target_ongoing_requests": 0.5,
-                "upscale_delay_s": 30.0,
-                "downscale_delay_s": 300.0,
+                "upscale_delay_s": 10.0,
+                "downscale_delay_s": 60.0,
             },
             "maxweight": {},
-            "switch_aware": {"horizon_s": 80.0, "min_net_gain_job_s": 50.0},
+            "switch_aware": {"horizon_s": 40.0, "min_net_gain_job_s": 50.0},
         },
     ),
     "many_queues": TunedEntry(
         fingerprint="34ecf6c494cdc183",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
             "proportional": {"beta": 0.5},
@@ -88,7 +88,7 @@ TUNED: Mapping[str, TunedEntry] = {
     ),
     "replicas": TunedEntry(
         fingerprint="1c4d474dd79c1350",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
             "proportional": {"beta": 2.0},
@@ -103,10 +103,10 @@ TUNED: Mapping[str, TunedEntry] = {
     ),
     "steady": TunedEntry(
         fingerprint="44327c0f481d865e",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
-            "proportional": {"beta": 2.0},
+            "proportional": {"beta": 1.5},
             "target_ongoing": {
                 "target_ongoing_requests": 0.75,
                 "upscale_delay_s": 30.0,
@@ -116,9 +116,24 @@ TUNED: Mapping[str, TunedEntry] = {
             "switch_aware": {"horizon_s": 10.0, "min_net_gain_job_s": 10.0},
         },
     ),
+    "trace_azure_functions": TunedEntry(
+        fingerprint="53173d2c8cc748ae",
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
+        params={
+            "static": {},
+            "proportional": {"beta": 3.0},
+            "target_ongoing": {
+                "target_ongoing_requests": 0.5,
+                "upscale_delay_s": 10.0,
+                "downscale_delay_s": 60.0,
+            },
+            "maxweight": {},
+            "switch_aware": {"horizon_s": 10.0, "min_net_gain_job_s": 0.0},
+        },
+    ),
     "trace_azure_llm": TunedEntry(
         fingerprint="f0a24e2ac7110562",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
             "proportional": {"beta": 0.0},
@@ -133,10 +148,10 @@ TUNED: Mapping[str, TunedEntry] = {
     ),
     "trace_mooncake": TunedEntry(
         fingerprint="6ebe7e462fa46745",
-        seeds=(0, 1),
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
-            "proportional": {"beta": 2.0},
+            "proportional": {"beta": 3.0},
             "target_ongoing": {
                 "target_ongoing_requests": 0.5,
                 "upscale_delay_s": 30.0,

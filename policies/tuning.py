@@ -45,8 +45,8 @@ def _grid(**axes: Sequence[float]) -> tuple[dict[str, float], ...]:
 
 
 def default_grids(scenario: Scenario) -> dict[str, tuple[Params, ...]]:
-    """The grid of every heuristic for `scenario`, at most a dozen points each, so that tuning
-    every shipped scenario takes minutes on two cores."""
+    """The grid of every heuristic for `scenario`, at most fifteen points each, so that tuning a
+    shipped scenario takes minutes."""
     # The switch-aware horizon only matters relative to the scenario's slowest model load (its
     # default horizon is at least twice that), so the grid scales with it.
     unit_s = max(max(q.model_load_s for q in scenario.queues), scenario.tick_s)
@@ -67,7 +67,7 @@ def default_grids(scenario: Scenario) -> dict[str, tuple[Params, ...]]:
         "maxweight": ({},),
         # How far ahead a move must pay, and by how much (job-seconds) it must beat staying.
         "switch_aware": _grid(
-            horizon_s=tuple(k * unit_s for k in (1.0, 2.0, 4.0, 8.0)),
+            horizon_s=tuple(k * unit_s for k in (1.0, 2.0, 4.0, 8.0, 16.0)),
             min_net_gain_job_s=(0.0, 10.0, 50.0),
         ),
     }

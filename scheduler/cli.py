@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from scheduler.commands import demo, evaluate, serve, simulate, status, submit, train
+from scheduler.commands import demo, evaluate, serve, simulate, status, submit, train, tune
 
 app = typer.Typer(
     name="bilevel",
@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # Each module registers its own commands on the app.
-for _module in (demo, evaluate, serve, simulate, status, submit, train):
+for _module in (demo, evaluate, serve, simulate, status, submit, train, tune):
     _module.register(app)
 
 

@@ -160,10 +160,11 @@ class Args:
     """recorded episodes per scenario (up to `eval_max_duration_s` long) the forecast is fitted on"""
     forecast_steps: int = 1500
     """Adam steps of the forecast fit (one balanced minibatch per scenario each)"""
-    teacher_seeds: int = 4
+    teacher_seeds: int = len(TUNING_SEEDS)
     """training seeds (from 0) on which each scenario's best base, or best heuristic, is chosen as
-    the imitation teacher, every other one from a random split of the workers; the heuristics'
-    tuning seeds are the first of them"""
+    the imitation teacher, every other one from a random split of the workers; by default the
+    heuristics' tuning seeds, which are the first of them (fewer cannot rank bases a few percent
+    apart on a bursty scenario, whose mean JCT varies twofold from seed to seed)"""
     gate_pretrain_steps: int = 300
     """for a residual allocator with imitation: supervised steps (one minibatch per scenario each)
     fitting the gate to the teacher bases before the first update, on episodes as long as those

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,28 @@ def read_trace(scenario: Scenario, scenario_path: Path, trace: Path | None) -> T
         return None
     run_lines = _read_lines(files.run) if files.run is not None else None
     return TraceInput(lines=_read_lines(files.trace), source=str(files.trace), run_lines=run_lines)
+
+
+@dataclass(frozen=True)
+class ScenarioInput:
+    """A scenario file, read and validated, with the trace it replays (None for a synthetic one)."""
+
+    path: Path
+    scenario: Scenario
+    trace: TraceInput | None
+
+
+def read_inputs(paths: Sequence[Path], trace: Path | None) -> list[ScenarioInput]:
+    """Every scenario in `paths` with its trace; Exit(2) when --trace fits none of them or two
+    scenarios share a name (results are keyed by it)."""
+    inputs = []
+    for path in paths:
+        scenario = read_scenario(path)
+        inputs.append(ScenarioInput(path, scenario, read_trace(scenario, path, trace)))
+    if trace is not None and not any(i.trace is not None for i in inputs):
+        raise fail("--trace given, but no scenario replays a trace")
+    names = [i.scenario.name for i in inputs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise fail(f"scenario names must be unique in one run: {duplicated}")
+    return inputs

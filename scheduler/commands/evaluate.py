@@ -11,7 +11,6 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +24,6 @@ from policies.evaluation import (
     PolicyFactory,
     RouterFactory,
     RunOutcome,
-    TraceInput,
     compare,
     evaluate_scenario,
     policy_stats,
@@ -40,7 +38,7 @@ from policies.tuning import (
     shipped_params,
     tune_scenario,
 )
-from scheduler.commands._common import fail, read_scenario, read_trace
+from scheduler.commands._common import ScenarioInput, fail, read_inputs
 
 
 def _note(message: str) -> None:
@@ -94,32 +92,11 @@ def _router_factory(router: str) -> RouterFactory:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Input:
-    path: Path
-    scenario: Scenario
-    trace: TraceInput | None
-
-
-def _read_inputs(paths: Sequence[Path], trace: Path | None) -> list[_Input]:
-    inputs = []
-    for path in paths:
-        scenario = read_scenario(path)
-        inputs.append(_Input(path, scenario, read_trace(scenario, path, trace)))
-    if trace is not None and not any(i.trace is not None for i in inputs):
-        raise fail("--trace given, but no scenario replays a trace")
-    names = [i.scenario.name for i in inputs]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise fail(f"scenario names must be unique in one evaluation: {duplicated}")
-    return inputs
-
-
 # --- running ------------------------------------------------------------------------------------
 
 
 def _tuned_params(
-    item: _Input, retune: bool, baselines: Sequence[str]
+    item: ScenarioInput, retune: bool, baselines: Sequence[str]
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """(params per heuristic, where they came from): the shipped values for exactly this
     scenario, else a fresh tuning on the training arrivals."""
@@ -153,7 +130,7 @@ def _progress() -> Progress | None:
 
 
 def _run_all(
-    item: _Input,
+    item: ScenarioInput,
     factories: dict[str, PolicyFactory],
     seeds: Sequence[int],
     routers: dict[str, RouterFactory] | None = None,
@@ -185,7 +162,7 @@ def _run_all(
 
 
 def _evaluate_one(
-    item: _Input,
+    item: ScenarioInput,
     policy: str,
     factory: Callable[[Scenario], PolicyFactory],
     baselines: Sequence[str],
@@ -200,7 +177,7 @@ def _evaluate_one(
 
 
 def _evaluate_router(
-    item: _Input,
+    item: ScenarioInput,
     router: str,
     factory: RouterFactory,
     baselines: Sequence[str],
@@ -222,7 +199,7 @@ def _evaluate_router(
 
 
 def _scenario_payload(
-    item: _Input,
+    item: ScenarioInput,
     policy: str,
     results: dict[str, list[RunOutcome]],
     params: dict[str, dict[str, Any]],
@@ -385,10 +362,10 @@ def evaluate(
     unknown = [b for b in chosen if b not in known]
     if unknown:
         raise fail(f"unknown baseline(s) {unknown}; choose from: {', '.join(known)}")
-    inputs: list[_Input]
+    inputs: list[ScenarioInput]
     if router is not None:
         router_factory = _router_factory(router)
-        inputs = _read_inputs(scenarios, trace)
+        inputs = read_inputs(scenarios, trace)
         payloads = {
             item.scenario.name: _evaluate_router(
                 item, router, router_factory, chosen, seed_list, retune
@@ -398,7 +375,7 @@ def evaluate(
     else:
         assert policy is not None
         factory = _policy_factory(policy)
-        inputs = _read_inputs(scenarios, trace)
+        inputs = read_inputs(scenarios, trace)
         payloads = {
             item.scenario.name: _evaluate_one(item, policy, factory, chosen, seed_list, retune)
             for item in inputs

@@ -1,8 +1,10 @@
-"""`bilevel evaluate` through typer's CliRunner, on a tiny scenario tuned on the fly."""
+"""`bilevel evaluate` and `bilevel tune` through typer's CliRunner, on a tiny scenario tuned on
+the fly."""
 
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,13 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from policies.evaluation import scenario_fingerprint
+from policies.registry import HEURISTIC_ALLOCATORS
+from policies.seeds import TUNING_SEEDS
+from policies.sim.scenario import parse_scenario
+from policies.tuned import TunedEntry
+from policies.tuning import render_tuned_module, shipped_params
+from scheduler.commands import tune
 from scheduler.commands.evaluate import register
 
 
@@ -18,6 +27,7 @@ from scheduler.commands.evaluate import register
 def app() -> typer.Typer:
     app = typer.Typer()
     register(app)
+    tune.register(app)
     return app
 
 
@@ -168,3 +178,59 @@ def test_router_mode_compares_routers_under_the_scenarios_allocator(tmp_path: Pa
     assert s["best_heuristic"] in ("shortest_wait", "power_of_two")
     assert s["policy"]["mean_jct_s"]["mean"] == means["shortest_wait"]
     assert s["gain_mean_jct"] == 0.0
+
+
+# --- bilevel tune ---------------------------------------------------------------------------------
+
+
+def test_tune_writes_the_values_evaluate_reads_and_keeps_other_entries(
+    app: typer.Typer, scenario_file: Path, tmp_path: Path
+) -> None:
+    """--write merges the scenario's winning parameters into a tuned-values module, under the
+    scenario's fingerprint and the tuning seeds, beside the entries the module already held; the
+    JSON names the same winners, each the lowest-scoring point of its grid."""
+    module = tmp_path / "tuned.py"
+    other = TunedEntry("0123456789abcdef", (0,), {"static": {}})
+    module.write_text(render_tuned_module({"other": other}))
+    result = CliRunner().invoke(
+        app, ["tune", "--scenario", str(scenario_file), "--write", str(module), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)["lopsided"]
+    assert out["seeds"] == list(TUNING_SEEDS)
+    assert set(out["heuristics"]) == set(HEURISTIC_ALLOCATORS)
+    for h in out["heuristics"].values():
+        scored = [p for p in h["points"] if p["mean_sojourn_s"] is not None]
+        if scored:
+            assert h["best"] == min(scored, key=lambda p: p["mean_sojourn_s"])["params"]
+
+    table = runpy.run_path(str(module))["TUNED"]
+    assert table["other"].fingerprint == other.fingerprint
+    scenario = parse_scenario(scenario_file.read_text())
+    assert table["lopsided"].fingerprint == scenario_fingerprint(scenario)
+    assert table["lopsided"].seeds == tuple(TUNING_SEEDS)
+    assert shipped_params(scenario, table=table) == {
+        name: h["best"] for name, h in out["heuristics"].items()
+    }
+
+
+def test_tune_refuses_a_bad_target_and_leaves_it_as_it_was(
+    app: typer.Typer, scenario_file: Path, tmp_path: Path
+) -> None:
+    """--write to a directory, or to a file that is not a tuned-values module: exit 2 naming it,
+    and the file is untouched."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("TUNED = {  # cut short\n")
+    stranger = tmp_path / "stranger.py"
+    stranger.write_text("VALUES = {}\n")
+    for target, needle in ((tmp_path, "not a file"), (broken, "cannot read"), (stranger, "TUNED")):
+        before = target.read_text() if target.is_file() else None
+        result = CliRunner().invoke(
+            app, ["tune", "--scenario", str(scenario_file), "--write", str(target)]
+        )
+        assert result.exit_code == 2, result.output
+        assert needle in result.output
+        assert target.name in result.output
+        assert "Traceback" not in result.output
+        if before is not None:
+            assert target.read_text() == before

@@ -80,12 +80,12 @@ def test_tuning_picks_the_argmin_of_the_grid() -> None:
 
 
 def test_default_grids_are_small_and_valid() -> None:
-    """Every heuristic has a grid of at most 12 points, each accepted by its constructor."""
+    """Every heuristic has a grid of at most 15 points, each accepted by its constructor."""
     scenario = parse_scenario(TINY)
     grids = default_grids(scenario)
     assert set(grids) == set(HEURISTIC_ALLOCATORS)
     for name, grid in grids.items():
-        assert 1 <= len(grid) <= 12
+        assert 1 <= len(grid) <= 15
         for params in grid:
             heuristic_factory(name, params)()
 

@@ -1,0 +1,167 @@
+"""`bilevel tune`: every heuristic's parameters tuned on a scenario's training arrivals.
+
+This is how `policies/tuned.py` is made (`--write policies/tuned.py`, then `ruff format` on it, as
+`make lint` checks the layout), and how a user tunes the heuristics for a scenario of their own
+before comparing a policy with them. The grids and the
+seeds are `policies.tuning.default_grids` and `policies.seeds.TUNING_SEEDS`, the same that
+`bilevel evaluate --retune` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from policies.tuned import TunedEntry
+from policies.tuning import ScenarioTuning, render_tuned_module, tune_scenario
+from scheduler.commands._common import ScenarioInput, fail, read_inputs
+
+# The docstring note of a written module: where the values come from.
+MODULE_NOTE = (
+    "Written by `bilevel tune --write`: `policies.tuning.tune_scenario` on the training seeds\n"
+    "`policies.seeds.TUNING_SEEDS`, full-length runs; trace scenarios on the training window\n"
+    "(the first 60%) of the trace file they were tuned with, whose digest the fingerprint holds."
+)
+
+
+def _tune(item: ScenarioInput) -> ScenarioTuning:
+    console = Console(stderr=True)
+    console.print(f"tuning {item.scenario.name} ...", highlight=False)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if done == total:
+            console.print(f"  {name}: {total} grid points", highlight=False)
+
+    try:
+        tuning = tune_scenario(item.scenario, trace=item.trace, progress=progress)
+    except ValueError as exc:
+        raise fail(f"{item.scenario.name}: {exc}") from None
+    console.print(f"  done in {tuning.wall_s:.1f} s", highlight=False)
+    return tuning
+
+
+def _finite_or_none(x: float) -> float | None:
+    """A one-point grid is not run: its scores are NaN, which JSON has no word for."""
+    return x if math.isfinite(x) else None
+
+
+def _payload(tuning: ScenarioTuning) -> dict[str, Any]:
+    return {
+        "fingerprint": tuning.fingerprint,
+        "seeds": list(tuning.seeds),
+        "wall_s": tuning.wall_s,
+        "heuristics": {
+            name: {
+                "best": dict(h.best),
+                "points": [
+                    {
+                        "params": dict(p.params),
+                        "mean_sojourn_s": _finite_or_none(p.mean_sojourn_s),
+                        "mean_jct_s": _finite_or_none(p.mean_jct_s),
+                    }
+                    for p in h.points
+                ],
+            }
+            for name, h in tuning.heuristics.items()
+        },
+    }
+
+
+def _table(tuning: ScenarioTuning) -> Table:
+    table = Table(title=f"{tuning.scenario}: tuned on seeds {list(tuning.seeds)}")
+    table.add_column("heuristic")
+    table.add_column("parameters")
+    table.add_column("mean time in system (s)", justify="right")
+    for name, h in tuning.heuristics.items():
+        best = next((p for p in h.points if dict(p.params) == dict(h.best)), None)
+        score = "-"
+        if best is not None and math.isfinite(best.mean_sojourn_s):
+            score = f"{best.mean_sojourn_s:.4g}"
+        params = ", ".join(f"{k}={v}" for k, v in h.best.items()) or "(none)"
+        table.add_row(name, params, score)
+    return table
+
+
+def read_tuned_module(path: Path) -> dict[str, TunedEntry]:
+    """The entries of the tuned-values module at `path` (none when it does not exist yet);
+    Exit(2) naming the file when it is not one."""
+    if not path.exists():
+        return {}
+    if not path.is_file():
+        raise fail(f"--write {path}: not a file")
+    try:
+        table = runpy.run_path(str(path)).get("TUNED")
+    except Exception as exc:  # the file is the user's: any failure to load it is reported
+        raise fail(f"cannot read the tuned values in {path}: {exc}") from None
+    if not isinstance(table, Mapping):
+        raise fail(f"{path} defines no TUNED mapping")
+    return {
+        name: TunedEntry(entry.fingerprint, tuple(entry.seeds), entry.params)
+        for name, entry in table.items()
+    }
+
+
+def write_tuned_module(path: Path, entries: Mapping[str, TunedEntry]) -> None:
+    """Merges `entries` into the tuned-values module at `path` (created when missing) and writes it
+    whole: read at write time, so runs tuning other scenarios into the same file keep each other's
+    entries, and replaced atomically, so a failed write leaves the old file."""
+    merged = {**read_tuned_module(path), **entries}
+    text = render_tuned_module(merged, note=MODULE_NOTE)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc}") from None
+
+
+def tune(
+    scenarios: Annotated[
+        list[Path],
+        typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
+    ],
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+    ] = None,
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            "--write",
+            help="Merge the results into this tuned-values module (policies/tuned.py is the one "
+            "`bilevel evaluate` reads).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Tune every heuristic on each scenario's training arrivals: a grid over its parameters, the
+    point of lowest mean time in system over the tuning seeds."""
+    inputs = read_inputs(scenarios, trace)
+    if write is not None:
+        read_tuned_module(write)  # refuse a target that is not a tuned-values module before tuning
+    tunings = {item.scenario.name: _tune(item) for item in inputs}
+    if write is not None:
+        write_tuned_module(write, {name: t.entry() for name, t in tunings.items()})
+        Console(stderr=True).print(f"wrote {write}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps({name: _payload(t) for name, t in tunings.items()}))
+        return
+    console = Console() if Console().is_terminal else Console(width=140)
+    for t in tunings.values():
+        console.print(_table(t))
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `tune` command to the CLI."""
+    app.command("tune")(tune)
