@@ -14,7 +14,7 @@ import math
 import os
 import runpy
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from policies.seeds import TRAIN_SEEDS, TUNING_SEEDS
 from policies.tuned import TunedEntry
 from policies.tuning import ScenarioTuning, render_tuned_module, tune_scenario
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
@@ -34,7 +35,7 @@ MODULE_NOTE = (
 )
 
 
-def _tune(item: ScenarioInput) -> ScenarioTuning:
+def _tune(item: ScenarioInput, seeds: Sequence[int]) -> ScenarioTuning:
     console = Console(stderr=True)
     console.print(f"tuning {item.scenario.name} ...", highlight=False)
 
@@ -43,7 +44,7 @@ def _tune(item: ScenarioInput) -> ScenarioTuning:
             console.print(f"  {name}: {total} grid points", highlight=False)
 
     try:
-        tuning = tune_scenario(item.scenario, trace=item.trace, progress=progress)
+        tuning = tune_scenario(item.scenario, seeds=seeds, trace=item.trace, progress=progress)
     except ValueError as exc:
         raise fail(f"{item.scenario.name}: {exc}") from None
     console.print(f"  done in {tuning.wall_s:.1f} s", highlight=False)
@@ -143,14 +144,25 @@ def tune(
             show_default=False,
         ),
     ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds",
+            help="Tune on the first N training seeds (fewer is faster and noisier; a trace "
+            "replays the same arrivals whatever the seed).",
+        ),
+    ] = len(TUNING_SEEDS),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Tune every heuristic on each scenario's training arrivals: a grid over its parameters, the
     point of lowest mean time in system over the tuning seeds."""
+    if not 1 <= seeds <= len(TRAIN_SEEDS):
+        raise fail(f"--seeds must be between 1 and {len(TRAIN_SEEDS)}, got {seeds}")
     inputs = read_inputs(scenarios, trace)
     if write is not None:
         read_tuned_module(write)  # refuse a target that is not a tuned-values module before tuning
-    tunings = {item.scenario.name: _tune(item) for item in inputs}
+    seed_list = list(TRAIN_SEEDS[:seeds])
+    tunings = {item.scenario.name: _tune(item, seed_list) for item in inputs}
     if write is not None:
         write_tuned_module(write, {name: t.entry() for name, t in tunings.items()})
         Console(stderr=True).print(f"wrote {write}", highlight=False)

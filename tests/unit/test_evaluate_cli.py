@@ -218,7 +218,7 @@ def test_tune_refuses_a_bad_target_and_leaves_it_as_it_was(
     app: typer.Typer, scenario_file: Path, tmp_path: Path
 ) -> None:
     """--write to a directory, or to a file that is not a tuned-values module: exit 2 naming it,
-    and the file is untouched."""
+    and the file is untouched; --seeds outside the training range is refused too."""
     broken = tmp_path / "broken.py"
     broken.write_text("TUNED = {  # cut short\n")
     stranger = tmp_path / "stranger.py"
@@ -234,3 +234,19 @@ def test_tune_refuses_a_bad_target_and_leaves_it_as_it_was(
         assert "Traceback" not in result.output
         if before is not None:
             assert target.read_text() == before
+    for bad in ("0", "1001"):
+        result = CliRunner().invoke(app, ["tune", "--scenario", str(scenario_file), "--seeds", bad])
+        assert result.exit_code == 2, result.output
+        assert f"--seeds must be between 1 and 1000, got {bad}" in result.output
+
+
+def test_tune_seeds_picks_the_first_training_seeds(app: typer.Typer, scenario_file: Path) -> None:
+    """--seeds N tunes on training seeds 0..N-1, as the JSON and the table say."""
+    result = CliRunner().invoke(app, ["tune", "--scenario", str(scenario_file), "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "tuned on seeds [0, 1]" in result.stdout
+    result = CliRunner().invoke(
+        app, ["tune", "--scenario", str(scenario_file), "--seeds", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["lopsided"]["seeds"] == [0, 1, 2]
