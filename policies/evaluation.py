@@ -19,7 +19,7 @@ import numpy as np
 
 from policies.guardrails import Guardrails
 from policies.seeds import TRAIN_WINDOW_FRACTION, TracePart
-from policies.sim.metrics import RunRecord, summarize
+from policies.sim.metrics import RunRecord, finite_or_none, summarize
 from policies.sim.run import Jobs
 from policies.sim.scenario import (
     PreparedRun,
@@ -160,9 +160,9 @@ class RunOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "mean_jct_s": _finite_or_none(self.mean_jct_s),
-            "p99_jct_s": _finite_or_none(self.p99_jct_s),
-            "mean_sojourn_s": _finite_or_none(self.mean_sojourn_s),
+            "mean_jct_s": finite_or_none(self.mean_jct_s),
+            "p99_jct_s": finite_or_none(self.p99_jct_s),
+            "mean_sojourn_s": finite_or_none(self.mean_sojourn_s),
             "completed": self.completed,
             "unfinished": self.unfinished,
             "reconfigurations": self.reconfigurations,
@@ -326,8 +326,8 @@ class MeanCI:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "mean": _finite_or_none(self.mean),
-            "ci95": _finite_or_none(self.half_width),
+            "mean": finite_or_none(self.mean),
+            "ci95": finite_or_none(self.half_width),
             "n": self.n,
         }
 
@@ -397,8 +397,8 @@ class Comparison:
         return {
             "policy": self.policy,
             "best_heuristic": self.best_baseline,
-            "gain_mean_jct": _finite_or_none(self.gain_mean_jct),
-            "gain_p99_jct": _finite_or_none(self.gain_p99_jct),
+            "gain_mean_jct": finite_or_none(self.gain_mean_jct),
+            "gain_p99_jct": finite_or_none(self.gain_p99_jct),
             "paired_gain_mean_jct": self.paired_gain_mean_jct.to_dict(),
         }
 
@@ -434,7 +434,3 @@ def _gain(policy_value: float, baseline_value: float) -> float:
     if not baseline_value > 0:
         return math.nan
     return 1.0 - policy_value / baseline_value
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

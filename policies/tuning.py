@@ -30,6 +30,7 @@ from policies.evaluation import (
 )
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import TUNING_SEEDS
+from policies.sim.metrics import finite_or_none
 from policies.sim.scenario import Scenario
 from policies.tuned import TUNED, TunedEntry
 
@@ -125,6 +126,29 @@ class ScenarioTuning:
     def entry(self) -> TunedEntry:
         """The form `policies.tuned` stores."""
         return TunedEntry(fingerprint=self.fingerprint, seeds=self.seeds, params=self.params())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the winners and every grid point's scores (None for a one-point grid,
+        which is not run)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "seeds": list(self.seeds),
+            "wall_s": self.wall_s,
+            "heuristics": {
+                name: {
+                    "best": dict(h.best),
+                    "points": [
+                        {
+                            "params": dict(p.params),
+                            "mean_sojourn_s": finite_or_none(p.mean_sojourn_s),
+                            "mean_jct_s": finite_or_none(p.mean_jct_s),
+                        }
+                        for p in h.points
+                    ],
+                }
+                for name, h in self.heuristics.items()
+            },
+        }
 
 
 def _best_index(scores: Sequence[float]) -> int:

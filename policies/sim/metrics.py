@@ -81,10 +81,10 @@ class JctStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "jobs": self.jobs,
-            "mean_jct_s": _finite_or_none(self.mean_s),
-            "p50_jct_s": _finite_or_none(self.p50_s),
-            "p95_jct_s": _finite_or_none(self.p95_s),
-            "p99_jct_s": _finite_or_none(self.p99_s),
+            "mean_jct_s": finite_or_none(self.mean_s),
+            "p50_jct_s": finite_or_none(self.p50_s),
+            "p95_jct_s": finite_or_none(self.p95_s),
+            "p99_jct_s": finite_or_none(self.p99_s),
             "slo_attainment": self.slo_attainment,
         }
 
@@ -124,7 +124,7 @@ class Summary:
             "utilization": self.utilization,
             "reconfigurations": self.reconfigurations,
             "wall_s": self.wall_s,
-            "sim_jobs_per_s": _finite_or_none(self.sim_jobs_per_s),
+            "sim_jobs_per_s": finite_or_none(self.sim_jobs_per_s),
             "arrived": self.arrived,
             "in_system": self.in_system,
             "rejected": self.rejected,
@@ -136,7 +136,8 @@ class Summary:
         return out
 
 
-def _finite_or_none(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
+    """`x`, or None where it is NaN or infinite (JSON has no word for those)."""
     return x if math.isfinite(x) else None
 
 

@@ -16,7 +16,7 @@ import runpy
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -51,33 +51,6 @@ def _tune(item: ScenarioInput, seeds: Sequence[int]) -> ScenarioTuning:
     return tuning
 
 
-def _finite_or_none(x: float) -> float | None:
-    """A one-point grid is not run: its scores are NaN, which JSON has no word for."""
-    return x if math.isfinite(x) else None
-
-
-def _payload(tuning: ScenarioTuning) -> dict[str, Any]:
-    return {
-        "fingerprint": tuning.fingerprint,
-        "seeds": list(tuning.seeds),
-        "wall_s": tuning.wall_s,
-        "heuristics": {
-            name: {
-                "best": dict(h.best),
-                "points": [
-                    {
-                        "params": dict(p.params),
-                        "mean_sojourn_s": _finite_or_none(p.mean_sojourn_s),
-                        "mean_jct_s": _finite_or_none(p.mean_jct_s),
-                    }
-                    for p in h.points
-                ],
-            }
-            for name, h in tuning.heuristics.items()
-        },
-    }
-
-
 def _table(tuning: ScenarioTuning) -> Table:
     table = Table(title=f"{tuning.scenario}: tuned on seeds {list(tuning.seeds)}")
     table.add_column("heuristic")
@@ -106,10 +79,13 @@ def read_tuned_module(path: Path) -> dict[str, TunedEntry]:
         raise fail(f"cannot read the tuned values in {path}: {exc}") from None
     if not isinstance(table, Mapping):
         raise fail(f"{path} defines no TUNED mapping")
-    return {
-        name: TunedEntry(entry.fingerprint, tuple(entry.seeds), entry.params)
-        for name, entry in table.items()
-    }
+    try:
+        return {
+            str(name): TunedEntry(str(entry.fingerprint), tuple(entry.seeds), dict(entry.params))
+            for name, entry in table.items()
+        }
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise fail(f"{path}: TUNED holds something other than tuned entries ({exc})") from None
 
 
 def write_tuned_module(path: Path, entries: Mapping[str, TunedEntry]) -> None:
@@ -120,10 +96,14 @@ def write_tuned_module(path: Path, entries: Mapping[str, TunedEntry]) -> None:
     text = render_tuned_module(merged, note=MODULE_NOTE)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise fail(f"cannot write {path}: {exc}") from None
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
         raise fail(f"cannot write {path}: {exc}") from None
 
 
@@ -167,7 +147,7 @@ def tune(
         write_tuned_module(write, {name: t.entry() for name, t in tunings.items()})
         Console(stderr=True).print(f"wrote {write}", highlight=False)
     if as_json:
-        typer.echo(json.dumps({name: _payload(t) for name, t in tunings.items()}))
+        typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))
         return
     console = Console() if Console().is_terminal else Console(width=140)
     for t in tunings.values():

@@ -223,7 +223,15 @@ def test_tune_refuses_a_bad_target_and_leaves_it_as_it_was(
     broken.write_text("TUNED = {  # cut short\n")
     stranger = tmp_path / "stranger.py"
     stranger.write_text("VALUES = {}\n")
-    for target, needle in ((tmp_path, "not a file"), (broken, "cannot read"), (stranger, "TUNED")):
+    odd = tmp_path / "odd.py"
+    odd.write_text("TUNED = {'lopsided': 1}\n")
+    cases = (
+        (tmp_path, "not a file"),
+        (broken, "cannot read"),
+        (stranger, "defines no TUNED"),
+        (odd, "other than tuned entries"),
+    )
+    for target, needle in cases:
         before = target.read_text() if target.is_file() else None
         result = CliRunner().invoke(
             app, ["tune", "--scenario", str(scenario_file), "--write", str(target)]
