@@ -37,7 +37,7 @@ from scheduler.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from scheduler.commands._common import fail, read_scenario, read_trace
+from scheduler.commands._common import fail, read_inputs
 from scheduler.training import RayRollouts, map_serial
 
 
@@ -46,20 +46,9 @@ def _load_scenarios(
 ) -> tuple[list[Scenario], dict[str, TraceInput]]:
     """The scenarios, and the traces of those that replay one (by scenario name): read here, once,
     and handed to the rollouts, which replay only each trace's training window."""
-    scenarios: list[Scenario] = []
-    traces: dict[str, TraceInput] = {}
-    for path in paths:
-        scenario = read_scenario(path)
-        lines = read_trace(scenario, path, trace)
-        if lines is not None:
-            traces[scenario.name] = lines
-        scenarios.append(scenario)
-    names = [s.name for s in scenarios]
-    if len(set(names)) != len(names):
-        raise fail(f"scenario names must be distinct, got {names}")
-    if trace is not None and not traces:
-        raise fail("--trace given, but no scenario replays a trace")
-    return scenarios, traces
+    inputs = read_inputs(paths, trace)
+    traces = {i.scenario.name: i.trace for i in inputs if i.trace is not None}
+    return [i.scenario for i in inputs], traces
 
 
 def plot_learning_curve(result: TrainResult, out_path: Path) -> None:

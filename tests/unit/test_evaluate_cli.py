@@ -124,7 +124,8 @@ def test_table_output_names_the_gain(app: typer.Typer, scenario_file: Path) -> N
 def test_bad_inputs_exit_2_with_clear_errors(
     app: typer.Typer, scenario_file: Path, tmp_path: Path
 ) -> None:
-    """Fewer than 5 seeds, an unknown policy, a missing checkpoint, an unknown baseline."""
+    """Fewer than 5 seeds, an unknown policy, a missing checkpoint, an unknown baseline, the same
+    scenario twice."""
     base = ["evaluate", "--scenario", str(scenario_file)]
     cases = [
         (["--policy", "static", "--seeds", "4"], "at least 5"),
@@ -135,6 +136,7 @@ def test_bad_inputs_exit_2_with_clear_errors(
         (["--policy", "static", "--router", "random"], "exactly one of --policy"),
         (["--router", "nonesuch"], "nonesuch"),
         (["--router", "random", "--baseline", "static"], "static"),
+        (["--policy", "static", "--scenario", str(scenario_file)], "must be unique"),
     ]
     for args, needle in cases:
         result = CliRunner().invoke(app, [*base, *args])
