@@ -2,8 +2,9 @@
 at 8, 64 and 256 queues, on one CPU thread.
 
 Run `python -m benchmarks.bench_learned [CHECKPOINT]` (default: the shipped checkpoint); prints one
-JSON object: {"target_ms": 1.0, "results": {"<n_queues>": {"mode"|"sample"|"guarded":
-{"median_ms", "p99_ms", ...}}}}. Views come from bench_allocation's seeded generator and evolve tick
+JSON object: {"target_ms": 1.0, "results": {"<n_queues>": {"mode"|"sample"|"guarded"[|"target_head"]:
+{"median_ms", "p99_ms", ...}}}}; "target_head" (a checkpoint with one) forces the gate to the
+target head every tick, the dearer option (a second network and the hold rule). Views come from bench_allocation's seeded generator and evolve tick
 by tick. Exit status 1 when the median at 64 queues misses the 1 ms target.
 """
 
@@ -42,7 +43,15 @@ def main(argv: list[str]) -> int:
                 Guardrails(policy.allocator(), AllocationBounds(default_min=0)), n, seed=n
             ),
         }
-    within = results[str(TARGET_QUEUES)]["mode"]["median_ms"] <= TARGET_MS
+        config = policy.allocator_net.config
+        if config.target_head:
+            forced = policy.allocator(force_base=config.n_options - 1)
+            results[str(n)]["target_head"] = time_ticks(forced, n, seed=n)
+    # The decision as shipped (the mode), and the dearer target-head option where there is one.
+    at_target = results[str(TARGET_QUEUES)]
+    within = all(
+        at_target[k]["median_ms"] <= TARGET_MS for k in ("mode", "target_head") if k in at_target
+    )
     report = {
         "checkpoint": path,
         "hyperparameters": meta["hyperparameters"],

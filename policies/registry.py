@@ -13,6 +13,7 @@ from policies.allocation import (
     SwitchAwareMaxWeightAllocator,
     TargetOngoingRequestsAllocator,
 )
+from policies.regime import RegimeTargetsAllocator
 from policies.routing import (
     PowerOfTwoRouter,
     RandomRouter,
@@ -37,6 +38,9 @@ ALLOCATORS: Mapping[str, Callable[..., Allocator]] = MappingProxyType(
         "target_ongoing": TargetOngoingRequestsAllocator,
         "maxweight": MaxWeightAllocator,
         "switch_aware": SwitchAwareMaxWeightAllocator,
+        # Fitted to one scenario's queues by a policy search during training
+        # (policies.learned.regime_search), so not among the heuristics compared against.
+        "regime_targets": RegimeTargetsAllocator,
     }
 )
 

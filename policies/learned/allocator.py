@@ -22,6 +22,14 @@ residual allocator *is* its first base in deterministic mode. Training only has 
 heuristic suits the situation and where a correction (undoing a needless switch, moving ahead of a
 burst) pays.
 
+Target head. A residual network may also have a target head (`AllocatorNetConfig.target_head`):
+one more gate option, after the bases, whose proposal is the network's own split of the budget.
+A second equivariant network turns each queue's features and its burst regime (its observed rate
+against its own slow average, `policies.regime`) into target-share logits; the shares are rounded to
+whole workers by largest remainder and applied through the regime allocator's hold rule. That head
+is fitted by imitating a regime table found by policy search (`policies.learned.target_distill`);
+the gate learns when to use it, and the moves correct it, like any base.
+
 Forecast. With a rate forecaster (`policies.learned.forecast`), the view the bases and the network
 see carries the learned forecast of each queue's arrival rate over the next few model loads
 instead of the current estimate; everything else in the view is as observed.
@@ -43,6 +51,7 @@ from policies.allocation import largest_remainder
 from policies.features import N_QUEUE_FEATURES, base_features, queue_features
 from policies.learned.forecast import RateForecaster
 from policies.learned.networks import QueueSetNet, QueueSetNetNp, QueueSetOutput, QueueSetOutputNp
+from policies.regime import SlowRates, hold_targets, regime_features
 from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
 
 # Codes in the receiver column of a recorded move sequence.
@@ -67,8 +76,11 @@ class TickDecision:
     # means the unassigned pool.
     moves: np.ndarray
     log_prob: float  # of the gate's pick and the moves together
-    # Index of the base heuristic the gate picked (whose proposal `counts` is); -1 when not residual.
+    # Index of the gate option picked (whose proposal `counts` is): a base heuristic, or the target
+    # head after them; -1 when not residual.
     base: int = -1
+    # (n, F + R) float32, the target head's input (queue and regime features); None without one.
+    target_features: np.ndarray | None = None
 
 
 def _log_softmax_np(x: np.ndarray) -> np.ndarray:
@@ -339,9 +351,12 @@ class LearnedAllocator:
             )
         if max_moves < 0:
             raise ValueError(f"max_moves must be >= 0, got {max_moves}")
-        if force_base is not None and not 0 <= force_base < len(bases):
+        n_options = net.config.n_options
+        if force_base is not None and not 0 <= force_base < n_options:
             raise ValueError(
-                f"force_base must index one of the {len(bases)} bases, got {force_base}"
+                f"force_base must index one of the {n_options} gate options "
+                f"({len(bases)} bases{', then the target head' if net.config.target_head else ''})"
+                f", got {force_base}"
             )
         self.net = net.eval()
         # The decision path runs on a numpy snapshot of the weights (see QueueSetNetNp).
@@ -356,6 +371,24 @@ class LearnedAllocator:
         self.forecaster = forecaster
         self.force_base = force_base
         self.decisions: list[TickDecision] = []
+        # The target head's regime features need each queue's slow rate average, kept per run.
+        self.slow_rates = SlowRates(net.config.slow_s) if net.config.target_head else None
+
+    def _own_targets(
+        self, view: ClusterView, target_features: np.ndarray, budget: int
+    ) -> np.ndarray:
+        """The target head's proposal: its shares of the budget in whole workers, through the
+        hold rule of `policies.regime` (a backlogged queue keeps its workers)."""
+        n = len(view.queues)
+        with np.errstate(all="ignore"):
+            logits = self._forward.target_logits(target_features)
+        if not np.isfinite(logits).all():
+            raise ValueError("the allocator network produced non-finite outputs")
+        targets = largest_remainder(np.exp(logits - logits.max()), budget)
+        current = np.fromiter((q.allocated for q in view.queues), np.int64, n)
+        depth = np.fromiter((q.depth for q in view.queues), np.int64, n)
+        counts = hold_targets(current, targets, depth, self.net.config.target_hold)
+        return largest_remainder(counts, budget) if int(counts.sum()) > budget else counts
 
     def allocate(self, view: ClusterView) -> Allocation:
         """The current allocation after this tick's moves; every queue covered, within budget."""
@@ -363,9 +396,16 @@ class LearnedAllocator:
         if n == 0:
             return {}
         budget = max(view.budget, 0)
+        # Regimes are read from the observed rates, before the forecast replaces them.
+        slow = self.slow_rates.update(view) if self.slow_rates is not None else None
         if self.forecaster is not None:
             view = self.forecaster.forecast_view(view)
         features = queue_features(view)
+        target_features = (
+            None
+            if slow is None
+            else np.concatenate([features, regime_features(view, *slow)], axis=1)
+        )
         low, high = bound_arrays(view, self.bounds)
         with np.errstate(all="ignore"):
             encoding = self._forward.encode(features)
@@ -378,7 +418,11 @@ class LearnedAllocator:
             gate = _log_softmax_np(encoding.glob[3:])
             base = _pick(gate, self.rng) if self.force_base is None else self.force_base
             log_prob = float(gate[base])
-            counts = _proposal(self.bases[base], view, budget)
+            if base < len(self.bases):
+                counts = _proposal(self.bases[base], view, budget)
+            else:
+                assert target_features is not None
+                counts = self._own_targets(view, target_features, budget)
             features = np.concatenate([features, base_features(view, counts)], axis=1)
         else:
             counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
@@ -394,6 +438,9 @@ class LearnedAllocator:
         )
         if self.record:
             self.decisions.append(
-                TickDecision(features, counts, free, low, high, moves, log_prob + moves_lp, base)
-            )
+                TickDecision(
+                    features, counts, free, low, high, moves, log_prob + moves_lp, base,
+                    target_features,
+                )
+            )  # fmt: skip
         return {q.name: int(c) for q, c in zip(view.queues, after.tolist(), strict=True)}

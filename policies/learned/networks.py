@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from policies.features import N_BASE_FEATURES, N_JOB_QUEUE_FEATURES, N_QUEUE_FEATURES
+from policies.regime import N_REGIME_FEATURES
 
 # Initial bias of the "stop" logit: an untrained allocator should mostly hold its workers, since
 # every move costs a model load; with logit 2 against ~0 for each queue, it stops at once with
@@ -49,6 +50,15 @@ class AllocatorNetConfig:
     # others start at 0); they only shape freshly built networks.
     stop_bias: float = _STOP_BIAS
     gate_bias: float = _STOP_BIAS
+    # A target head (residual allocators only): one more option for the gate, whose proposal is the
+    # network's own split of the budget, from per-queue target-share logits of a second equivariant
+    # network that also sees each queue's burst regime (`policies.regime`), applied through the
+    # regime allocator's hold rule with factor `target_hold`. It is trained by imitating a regime
+    # table found by policy search (`policies.learned.regime_search`), not by the policy gradient.
+    target_head: bool = False
+    target_hold: float = 2.0
+    # Time constant of the slow rate average the regime features compare against.
+    slow_s: float = 600.0
 
     def __post_init__(self) -> None:
         # JSON metadata gives lists; keep the frozen config hashable-looking and comparable.
@@ -57,6 +67,16 @@ class AllocatorNetConfig:
         wanted = N_QUEUE_FEATURES + (N_BASE_FEATURES if bases else 0)
         if self.n_features != wanted:
             raise ValueError(f"n_features must be {wanted} with {len(bases)} base heuristics")
+        if self.target_head and not bases:
+            raise ValueError("a target head is a gate option: it needs at least one base heuristic")
+        for name, value in (("target_hold", self.target_hold), ("slow_s", self.slow_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+    @property
+    def n_options(self) -> int:
+        """Gate options: the bases, then the target head if there is one."""
+        return len(self.bases) + int(self.target_head)
 
     @classmethod
     def residual(
@@ -66,8 +86,10 @@ class AllocatorNetConfig:
         hidden: int = 64,
         stop_bias: float = _STOP_BIAS,
         gate_bias: float = _STOP_BIAS,
+        target_head: bool = False,
     ) -> AllocatorNetConfig:
-        """A network that picks one of `bases` and corrects its proposal."""
+        """A network that picks one of `bases` (or, with `target_head`, its own targets) and
+        corrects that proposal."""
         if not bases:
             raise ValueError("a residual allocator needs at least one base heuristic")
         return cls(
@@ -76,6 +98,7 @@ class AllocatorNetConfig:
             bases=tuple(bases),
             stop_bias=stop_bias,
             gate_bias=gate_bias,
+            target_head=target_head,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +130,8 @@ class QueueSetOutput:
     stop_logit: torch.Tensor
     # (B,) >= 0: how much the stop preference grows per move already made this tick.
     stop_slope: torch.Tensor
-    # (B, K): preference for starting from each base heuristic's proposal (K = 0: not residual).
+    # (B, K): preference for starting from each gate option's proposal: the base heuristics, then
+    # the target head if any (K = 0: not residual).
     gate_logits: torch.Tensor
 
 
@@ -124,6 +148,34 @@ def stop_offset(config: AllocatorNetConfig, n_queues: int) -> float:
     proposal alone the same for 3 queues as for 60 (against n receiver logits near 0 it is
     e^b / (e^b + 1) for stop bias b), so exploration does not grow with the queue count."""
     return math.log(n_queues) if config.bases and n_queues > 0 else 0.0
+
+
+class TargetShareNet(nn.Module):
+    """Per-queue target-share logits from queue and regime features (B, n, F + R) -> (B, n).
+
+    Its own encoder and mean+max pooling (the same shape as `QueueSetNet`'s), because a queue's
+    share depends on which *other* queues burst, which the main summary does not see.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        n_in = N_QUEUE_FEATURES + N_REGIME_FEATURES
+        self.encoder = nn.Sequential(
+            _layer(n_in, hidden), nn.Tanh(), _layer(hidden, hidden), nn.Tanh()
+        )
+        self.head = nn.Sequential(
+            _layer(3 * hidden, hidden), nn.Tanh(), _layer(hidden, 1, gain=0.01)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        encoded = self.encoder(features)
+        n = encoded.shape[-2]
+        pooled = torch.cat([encoded.mean(dim=-2), encoded.amax(dim=-2)], dim=-1)
+        logits: torch.Tensor = self.head(
+            torch.cat([encoded, pooled.unsqueeze(-2).expand(*encoded.shape[:-1], -1)], dim=-1)
+        ).squeeze(-1)
+        assert logits.shape[-1] == n
+        return logits
 
 
 class QueueSetNet(nn.Module):
@@ -150,8 +202,9 @@ class QueueSetNet(nn.Module):
         self.queue_head = nn.Sequential(
             _layer(2 * h + n_base, h), nn.Tanh(), _layer(h, 2, gain=0.01)
         )
-        # Stop, stop slope, pool, then one gate logit per base heuristic.
-        self.global_head = _layer(h, 3 + len(self.config.bases), gain=0.01)
+        # Stop, stop slope, pool, then one gate logit per option (bases, then the target head).
+        self.global_head = _layer(h, 3 + self.config.n_options, gain=0.01)
+        self.target_net = TargetShareNet(h) if self.config.target_head else None
         with torch.no_grad():
             self.global_head.bias[0] = self.config.stop_bias
             if self.config.bases:
@@ -222,6 +275,21 @@ class QueueSetNetNp:
         self.glob = linear_np(net.global_head)
         self.hidden = net.config.hidden
         self.config = net.config
+        self.target: list[tuple[np.ndarray, np.ndarray]] = []
+        if net.target_net is not None:
+            t = net.target_net
+            self.target = [linear_np(t.encoder[0]), linear_np(t.encoder[2])]
+            self.target += [linear_np(t.head[0]), linear_np(t.head[2])]
+
+    def target_logits(self, features: np.ndarray) -> np.ndarray:
+        """`TargetShareNet` on one view's (n, F + R) queue and regime features -> (n,) float64."""
+        (w1, b1), (w2, b2), (w3, b3), (w4, b4) = self.target
+        encoded = np.tanh(np.tanh(features @ w1 + b1) @ w2 + b2)
+        h = self.hidden
+        pooled = np.concatenate([encoded.mean(axis=0), encoded.max(axis=0)])
+        hidden = np.tanh(encoded @ w3[:h] + (pooled @ w3[h:] + b3))
+        out: np.ndarray = (hidden @ w4 + b4)[:, 0].astype(np.float64)
+        return out
 
     def encode(self, queue_features: np.ndarray) -> EncodedNp:
         """The stage that depends on the queue features (n, N_QUEUE_FEATURES) alone."""

@@ -45,7 +45,15 @@ from policies.learned.forecast import ForecasterConfig
 from policies.learned.forecast_training import ForecastFit, train_forecaster
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
-from policies.learned.rollout import MapRollouts, RolloutResult, RolloutTask, has_routing_choice
+from policies.learned.regime_search import RegimeSearchResult, search_regime_table
+from policies.learned.rollout import (
+    MapRollouts,
+    RolloutResult,
+    RolloutTask,
+    has_routing_choice,
+    training_starts,
+)
+from policies.learned.target_distill import DistillFit, distill_targets
 from policies.registry import HEURISTIC_ALLOCATORS
 from policies.seeds import EVAL_SEEDS, TRAIN_SEEDS, TUNING_SEEDS
 from policies.sim.scenario import Scenario
@@ -120,6 +128,20 @@ class Args:
     of keeping the picked base's proposal when sampling"""
     gate_bias: float = 2.0
     """initial gate logit of the first base (the others start at 0)"""
+    target_head: bool = False
+    """give a residual allocator a target head: one more gate option, the network's own split of
+    the workers by burst regime, fitted by imitating a regime table that a policy search finds on
+    each scenario with bursty queues (`policies.learned.regime_search`); scenarios without bursty
+    queues get no table, and there the gate learns to leave the option alone"""
+    regime_search_rounds: int = 12
+    """most rounds of the regime-table search per scenario (each scores every single-worker move
+    of every regime on the teacher seeds)"""
+    distill_rounds: int = 4
+    """DAgger rounds of fitting the target head to the regime tables"""
+    distill_episodes: int = 8
+    """recorded episodes per scenario with a table in each distillation round"""
+    distill_steps: int = 300
+    """Adam steps (one minibatch per scenario each) after each distillation round"""
     train_router: bool = True
     """train the learned router where a scenario has a routing choice"""
     train_allocator: bool = True
@@ -191,6 +213,10 @@ class Args:
             "forecast_steps": (self.forecast_steps, 0),
             "teacher_seeds": (self.teacher_seeds, 1),
             "gate_pretrain_steps": (self.gate_pretrain_steps, 0),
+            "regime_search_rounds": (self.regime_search_rounds, 0),
+            "distill_rounds": (self.distill_rounds, 1),
+            "distill_episodes": (self.distill_episodes, 1),
+            "distill_steps": (self.distill_steps, 0),
         }
         for name, (value, low) in at_least.items():
             if not (math.isfinite(value) and value >= low):
@@ -209,6 +235,8 @@ class Args:
                 )
         if self.max_iterations is not None and self.max_iterations < 0:
             raise ValueError(f"max_iterations must be >= 0, got {self.max_iterations}")
+        if self.target_head and not self.bases:
+            raise ValueError("target_head is a gate option of a residual allocator: give bases")
 
 
 @dataclass(frozen=True)
@@ -281,6 +309,10 @@ class TrainResult:
     gate_pretrain_nll: float = math.nan
     # How the forecast fit went (None without a forecaster).
     forecast_fit: ForecastFit | None = None
+    # With a target head: per scenario with bursty queues, the regime table the search found (the
+    # head's teacher), and how imitating them went (None when no scenario had one).
+    regime_tables: dict[str, RegimeSearchResult] = field(default_factory=dict)
+    target_fit: DistillFit | None = None
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -570,12 +602,12 @@ def _best_candidate(
             k,
             dataclasses.replace(
                 candidate_task(s, k, seed, _capped_duration(s, max_duration_s)),
-                initial_seed=seed if i % 2 else None,
+                initial_seed=initial,
             ),
         )
         for s in scenarios
         for k in range(n_candidates)
-        for i, seed in enumerate(seeds)
+        for seed, initial in training_starts(seeds)
     ]
     jct: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for (scenario, k, _), r in zip(tasks, map_rollouts([t for *_, t in tasks]), strict=True):
@@ -617,7 +649,8 @@ def choose_base_teachers(
 ) -> dict[str, int]:
     """Per scenario, the index of the base heuristic of lowest mean JCT over `seeds` (training
     arrivals): the gate's imitation target for a residual allocator. With `policy` (whose bases
-    are `bases`), each base runs as the policy runs it, i.e. on its rate forecast, uncorrected."""
+    are `bases`), each base runs as the policy runs it, i.e. on its rate forecast, uncorrected,
+    and a target head is a candidate too (index len(bases)), as the head proposes."""
 
     def task(s: Scenario, k: int, seed: int, duration_s: float | None) -> RolloutTask:
         if policy is not None:
@@ -625,7 +658,40 @@ def choose_base_teachers(
         name, params = bases[k]
         return RolloutTask(s, seed, heuristic=name, heuristic_params=params, duration_s=duration_s)
 
-    return _best_candidate(scenarios, len(bases), task, map_rollouts, max_duration_s, seeds)
+    n_options = len(bases) if policy is None else policy.allocator_net.config.n_options
+    return _best_candidate(scenarios, n_options, task, map_rollouts, max_duration_s, seeds)
+
+
+def fit_target_head(
+    policy: LearnedPolicy,
+    scenarios: Sequence[Scenario],
+    map_rollouts: MapRollouts,
+    rng: np.random.Generator,
+    args: Args,
+    seeds: Sequence[int],
+    episode_s: float,
+) -> tuple[dict[str, RegimeSearchResult], DistillFit | None]:
+    """Searches a regime table on every scenario with bursty queues (on `seeds`, training
+    arrivals), then fits `policy`'s target head to them (in place). Returns the tables and the fit
+    (None, and an untouched head, when no scenario has bursty queues)."""
+    tables: dict[str, RegimeSearchResult] = {}
+    for s in scenarios:
+        found = search_regime_table(
+            s, map_rollouts, seeds=seeds, max_rounds=args.regime_search_rounds,
+            hold=policy.allocator_net.config.target_hold,
+            slow_s=policy.allocator_net.config.slow_s,
+            max_duration_s=args.eval_max_duration_s,
+        )  # fmt: skip
+        if found is not None:
+            tables[s.name] = found
+    if not tables:
+        return tables, None
+    fit = distill_targets(
+        policy, scenarios, {name: t.params for name, t in tables.items()}, map_rollouts, rng,
+        rounds=args.distill_rounds, episodes_per_round=args.distill_episodes,
+        steps=args.distill_steps, episode_s=episode_s,
+    )  # fmt: skip
+    return tables, fit
 
 
 def pretrain_gate(
@@ -704,6 +770,7 @@ def train(
                     hidden=args.hidden,
                     stop_bias=args.stop_bias,
                     gate_bias=args.gate_bias,
+                    target_head=args.target_head,
                 )
                 if args.bases
                 else AllocatorNetConfig(hidden=args.hidden, stop_bias=args.stop_bias)
@@ -770,12 +837,21 @@ def train(
     )
     result.evaluations.append(evaluation)
     tuned_params = tuned_heuristic_params(scenarios)
+    if policy.allocator_net.target_net is not None and initial is None and args.train_allocator:
+        # Before the gate's teachers are chosen, so the trained head competes with the bases.
+        result.regime_tables, result.target_fit = fit_target_head(
+            policy, scenarios, map_rollouts, rng, args, teacher_seeds, recorded_episode_s
+        )
     if args.imitation_coef > 0 and args.bases and args.train_allocator:
         result.base_teachers = choose_base_teachers(
             scenarios, args.bases, map_rollouts, args.eval_max_duration_s, teacher_seeds, policy
         )
         result.teachers = {
-            s: f"base {k} ({args.bases[k][0]} {args.bases[k][1]})"
+            s: (
+                f"base {k} ({args.bases[k][0]} {args.bases[k][1]})"
+                if k < len(args.bases)
+                else f"option {k} (the target head)"
+            )
             for s, k in result.base_teachers.items()
         }
         if args.gate_pretrain_steps > 0:

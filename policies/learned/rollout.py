@@ -32,6 +32,7 @@ from policies.learned.allocator import LearnedAllocator, TickDecision, moves_tow
 from policies.learned.forecast import ForecastSample
 from policies.learned.policy import LearnedPolicy
 from policies.learned.router import LearnedRouter, RouteChoice
+from policies.regime import RegimeTargetsAllocator
 from policies.registry import make_allocator
 from policies.sim.metrics import RunRecord, summarize
 from policies.sim.run import SimRun, SimSpec
@@ -74,6 +75,13 @@ def random_initial_allocation(spec: SimSpec, seed: int) -> SimSpec:
     weights = np.random.default_rng(seed).dirichlet(np.ones(len(spec.queues)))
     initial = largest_remainder(weights, spec.budget)
     return dataclasses.replace(spec, initial_allocation=tuple(int(c) for c in initial))
+
+
+def training_starts(seeds: Sequence[int]) -> list[tuple[int, int | None]]:
+    """(arrival seed, initial-allocation seed) of the episodes a candidate policy is scored on
+    during training: every other one starts from a random split of the workers (seeded by its
+    arrival seed), so a candidate must also recover from a poor allocation."""
+    return [(seed, seed if i % 2 else None) for i, seed in enumerate(seeds)]
 
 
 def has_routing_choice(scenario: Scenario) -> bool:
@@ -119,6 +127,9 @@ class RolloutTask:
     # acting; its answer, as moves, is kept for an imitation term in training.
     teacher: str | None = None
     teacher_params: Mapping[str, Any] | None = None
+    # With a teacher: apply the teacher's allocation instead of the learned policy's, which still
+    # runs and records (the first rounds of DAgger visit the teacher's states).
+    teacher_acts: bool = False
     # The lines of the trace a trace-replay scenario replays. Episodes use only its training
     # window (policies.seeds.TRAIN_WINDOW_FRACTION); the rest is held out for `bilevel evaluate`.
     trace: TraceInput | None = None
@@ -153,6 +164,9 @@ class RolloutResult:
     decisions: list[TickDecision] = field(default_factory=list)
     # Per decision, the teacher's decision as moves (same form as TickDecision.moves), if asked.
     teacher_moves: list[np.ndarray] = field(default_factory=list)
+    # Per decision, a target-setting teacher's (`RegimeTargetsAllocator`) targets before its hold
+    # rule, in workers per queue; empty for other teachers.
+    teacher_targets: list[np.ndarray] = field(default_factory=list)
     route_choices: list[RouteChoice] = field(default_factory=list)
     # (len(route_choices),) tick index each routing choice is credited to.
     route_ticks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -213,6 +227,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
             hysteresis_workers=scenario.guardrails.hysteresis_workers,
         )
     teacher_moves: list[np.ndarray] = []
+    teacher_targets: list[np.ndarray] = []
 
     run = prepared.start(router)
     areas: list[float] = []
@@ -243,7 +258,10 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
                 teacher_moves.append(
                     moves_toward(d.counts, d.free, target, d.low, d.high, d.moves.shape[0])
                 )
-            moved.append(run.apply(allocation))
+                if isinstance(teacher.inner, RegimeTargetsAllocator):
+                    assert teacher.inner.last_targets is not None
+                    teacher_targets.append(teacher.inner.last_targets)
+            moved.append(run.apply(wanted if task.teacher_acts else allocation))
         else:
             moved.append(run.apply(allocator.allocate(view)))
     record = run.record()
@@ -274,6 +292,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         slo_misses=slo_misses_per_tick(record, tick_times),
         decisions=learned.decisions if learned is not None else [],
         teacher_moves=teacher_moves,
+        teacher_targets=teacher_targets,
         route_choices=route_choices,
         route_ticks=route_ticks,
         forecast_samples=forecast_samples,

@@ -256,6 +256,15 @@ def train_command(
             "acting by its mode (not updated); needs a scenario with a routing choice.",
         ),
     ] = False,
+    target_head: Annotated[
+        bool,
+        typer.Option(
+            "--target-head",
+            help="Give the residual allocator (needs --base) its own targets as one more gate "
+            "option: a split of the workers by burst regime, learned by imitating a regime table "
+            "that a policy search finds on each scenario with bursty queues.",
+        ),
+    ] = False,
     forecast: Annotated[
         bool,
         typer.Option(
@@ -290,6 +299,7 @@ def train_command(
             imitation_coef=imitation_coef,
             imitation_fraction=imitation_fraction,
             forecast=forecast,
+            target_head=target_head,
             train_allocator=not router_only,
         )
     except ValueError as exc:
@@ -383,6 +393,8 @@ def train_command(
         if math.isnan(result.gate_pretrain_nll)
         else result.gate_pretrain_nll,
         "forecast_fit": result.forecast_fit.to_dict() if result.forecast_fit else None,
+        "regime_tables": {name: t.to_dict() for name, t in result.regime_tables.items()},
+        "target_fit": result.target_fit.to_dict() if result.target_fit else None,
         "best_evaluation": _evaluation_dict(result.best),
         # What the weights continued from, so a checkpoint trained in steps keeps every step.
         "initialized_from": (
