@@ -68,15 +68,65 @@ class SlowRates:
         return rates, slow
 
 
-def regime_features(view: ClusterView, rates: np.ndarray, slow: np.ndarray) -> np.ndarray:
-    """(n, N_REGIME_FEATURES) float32 in `REGIME_FEATURE_NAMES` order."""
-    service = np.fromiter(
+def _service(view: ClusterView) -> np.ndarray:
+    return np.fromiter(
         (max(q.service_time_s, 0.0) for q in view.queues), np.float64, len(view.queues)
     )
+
+
+def calm_loads(view: ClusterView, rates: np.ndarray, slow: np.ndarray) -> np.ndarray:
+    """Per queue, the offered load (Erlangs) at the lower of its current and slow-average rates:
+    what it needs even when calm. A floor on the current rate would chase every burst, which is
+    what the regime tables gain by not doing."""
+    calm: np.ndarray = np.minimum(rates, slow) * _service(view)
+    return calm
+
+
+def regime_features(view: ClusterView, rates: np.ndarray, slow: np.ndarray) -> np.ndarray:
+    """(n, N_REGIME_FEATURES) float32 in `REGIME_FEATURE_NAMES` order."""
+    service = _service(view)
     ratio = np.log((rates + _RATE_EPS) / (slow + _RATE_EPS))
     out = np.stack([np.log1p(slow * service), np.clip(ratio, -_RATIO_CAP, _RATIO_CAP)], axis=1)
     clean: np.ndarray = np.nan_to_num(out, nan=0.0, posinf=_RATIO_CAP, neginf=-_RATIO_CAP)
     return clean.astype(np.float32)
+
+
+def cut_largest(amounts: np.ndarray, excess: int) -> np.ndarray:
+    """How much to take from each of `amounts` (non-negative ints) to take `excess` in all, or
+    everything when they hold less: as if one at a time from the largest (first on ties). That
+    greedy order cuts every amount to some level L and the first few at L one lower, which is
+    computed directly (a tick at hundreds of queues must not loop once per worker)."""
+    amounts = np.maximum(amounts.astype(np.int64), 0)
+    if excess <= 0:
+        return np.zeros_like(amounts)
+    if int(amounts.sum()) <= excess:
+        return amounts
+    levels = np.arange(int(amounts.max()) + 1)
+    removed = np.maximum(amounts[None, :] - levels[:, None], 0).sum(axis=1)
+    level = int(np.argmax(removed <= excess))  # the lowest level that takes no more than excess
+    kept = np.minimum(amounts, level)
+    left = excess - int((amounts - kept).sum())
+    kept[np.flatnonzero(kept == level)[:left]] -= 1
+    taken: np.ndarray = amounts - kept
+    return taken
+
+
+def stability_floor(loads: np.ndarray, budget: int) -> np.ndarray:
+    """Per queue, the fewest workers that keep up with its offered load (Erlangs): floor(load)
+    + 1, or 0 for a queue with none; scaled down by largest remainder when they pass the budget."""
+    floor = np.where(loads > 0, np.floor(np.nan_to_num(loads, posinf=budget)) + 1, 0).astype(
+        np.int64
+    )
+    return largest_remainder(floor, budget) if int(floor.sum()) > budget else floor
+
+
+def with_floor(targets: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """`targets` raised to `floor` (whose sum must not pass theirs), the workers that takes
+    coming from the queues furthest above their floor."""
+    raised: np.ndarray = np.maximum(targets, floor)
+    excess = int(raised.sum() - targets.sum())
+    out: np.ndarray = raised - cut_largest(raised - floor, excess)
+    return out
 
 
 def hold_targets(
@@ -89,26 +139,9 @@ def hold_targets(
     want = targets.astype(np.int64).copy()
     keep = (current > targets) & (depth > hold * np.maximum(current, 1))
     want[keep] = current[keep]
-    excess = int(want.sum() - targets.sum())
-    if excess <= 0:
-        return want
-    # Taking one worker at a time from the largest growth (first queue on ties) ends with every
-    # growth cut to a level L, and the first few queues at L one lower: computed directly.
-    growth = np.where(keep, 0, np.maximum(want - current, 0))
-    if int(growth.sum()) <= excess:
-        return want - growth
-    # Smallest level whose cut removes no more than the excess.
-    top = int(growth.max())
-    levels = np.arange(top + 1)
-    removed = np.maximum(growth[None, :] - levels[:, None], 0).sum(axis=1)
-    level = int(np.argmax(removed <= excess))
-    cut = np.minimum(growth, level)
-    left = excess - int((growth - cut).sum())
-    if left > 0:
-        at_level = np.flatnonzero(cut == level)[:left]
-        cut[at_level] -= 1
-    return want - (growth - cut)
-    return want
+    growth = np.where(keep, 0, want - current)
+    cut: np.ndarray = want - cut_largest(growth, int(want.sum() - targets.sum()))
+    return cut
 
 
 def _check_positive(name: str, value: float, low: float) -> None:
@@ -134,6 +167,7 @@ class RegimeTargetsAllocator:
         threshold: float = 1.5,
         hold: float = 2.0,
         slow_s: float = 600.0,
+        floor: bool = True,
     ) -> None:
         tracked = [str(name) for name in tracked]
         if len(set(tracked)) != len(tracked):
@@ -160,6 +194,7 @@ class RegimeTargetsAllocator:
         self.table = tuple(rows)
         self.threshold = float(threshold)
         self.hold = float(hold)
+        self.floor = bool(floor)
         self.rates = SlowRates(slow_s)
         # The last tick's targets before the hold rule, in view order: what a student imitates.
         self.last_targets: np.ndarray | None = None
@@ -181,7 +216,10 @@ class RegimeTargetsAllocator:
         rates, slow = self.rates.update(view)
         row = self.table[self.regime(view, rates, slow)]
         weights = np.fromiter((row.get(q.name, 0.0) for q in view.queues), np.float64, n)
-        targets = largest_remainder(weights, max(view.budget, 0))
+        budget = max(view.budget, 0)
+        targets = largest_remainder(weights, budget)
+        if self.floor:
+            targets = with_floor(targets, stability_floor(calm_loads(view, rates, slow), budget))
         self.last_targets = targets
         current = np.fromiter((q.allocated for q in view.queues), np.int64, n)
         depth = np.fromiter((q.depth for q in view.queues), np.int64, n)

@@ -51,7 +51,14 @@ from policies.allocation import largest_remainder
 from policies.features import N_QUEUE_FEATURES, base_features, queue_features
 from policies.learned.forecast import RateForecaster
 from policies.learned.networks import QueueSetNet, QueueSetNetNp, QueueSetOutput, QueueSetOutputNp
-from policies.regime import SlowRates, hold_targets, regime_features
+from policies.regime import (
+    SlowRates,
+    calm_loads,
+    hold_targets,
+    regime_features,
+    stability_floor,
+    with_floor,
+)
 from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
 
 # Codes in the receiver column of a recorded move sequence.
@@ -375,16 +382,18 @@ class LearnedAllocator:
         self.slow_rates = SlowRates(net.config.slow_s) if net.config.target_head else None
 
     def _own_targets(
-        self, view: ClusterView, target_features: np.ndarray, budget: int
+        self, view: ClusterView, target_features: np.ndarray, calm_loads: np.ndarray, budget: int
     ) -> np.ndarray:
-        """The target head's proposal: its shares of the budget in whole workers, through the
-        hold rule of `policies.regime` (a backlogged queue keeps its workers)."""
+        """The target head's proposal: its shares of the budget in whole workers, raised to the
+        stability floor of the calm loads and passed through the hold rule, as the regime
+        allocator does (`policies.regime`)."""
         n = len(view.queues)
         with np.errstate(all="ignore"):
             logits = self._forward.target_logits(target_features)
         if not np.isfinite(logits).all():
             raise ValueError("the allocator network produced non-finite outputs")
         targets = largest_remainder(np.exp(logits - logits.max()), budget)
+        targets = with_floor(targets, stability_floor(calm_loads, budget))
         current = np.fromiter((q.allocated for q in view.queues), np.int64, n)
         depth = np.fromiter((q.depth for q in view.queues), np.int64, n)
         counts = hold_targets(current, targets, depth, self.net.config.target_hold)
@@ -422,7 +431,8 @@ class LearnedAllocator:
                 counts = _proposal(self.bases[base], view, budget)
             else:
                 assert target_features is not None
-                counts = self._own_targets(view, target_features, budget)
+                assert slow is not None
+                counts = self._own_targets(view, target_features, calm_loads(view, *slow), budget)
             features = np.concatenate([features, base_features(view, counts)], axis=1)
         else:
             counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)

@@ -21,7 +21,10 @@ from policies.regime import (
     N_REGIME_FEATURES,
     RegimeTargetsAllocator,
     SlowRates,
+    cut_largest,
     hold_targets,
+    stability_floor,
+    with_floor,
 )
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.sim.scenario import parse_scenario
@@ -94,6 +97,44 @@ def test_hold_rule_keeps_a_backlogged_donor_and_trims_the_receivers() -> None:
         # A queue the targets grow never ends below where it was, nor one they shrink above.
         assert (out[tgt >= cur] >= cur[tgt >= cur]).all()
         assert (out[tgt < cur] <= cur[tgt < cur]).all()
+
+
+def _cut_one_at_a_time(amounts: np.ndarray, excess: int) -> np.ndarray:
+    left = amounts.copy()
+    for _ in range(excess):
+        j = int(np.argmax(left))
+        if left[j] <= 0:
+            break
+        left[j] -= 1
+    taken: np.ndarray = amounts - left
+    return taken
+
+
+def test_cut_largest_is_the_one_at_a_time_greedy_computed_at_once() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        amounts = rng.integers(0, 9, int(rng.integers(1, 10)))
+        excess = int(rng.integers(0, int(amounts.sum()) + 3))
+        assert cut_largest(amounts, excess).tolist() == _cut_one_at_a_time(amounts, excess).tolist()
+
+
+def test_stability_floor_keeps_every_loaded_queue_ahead_of_its_load() -> None:
+    """floor(load) + 1 workers for a queue with load, none without; scaled into the budget; and
+    raising targets to it takes the workers from the queues furthest above their floor."""
+    assert stability_floor(np.array([0.0, 2.0, 2.5, 0.2]), 20).tolist() == [0, 3, 3, 1]
+    squeezed = stability_floor(np.array([5.0, 5.0]), 6)
+    assert squeezed.sum() == 6
+    assert with_floor(np.array([6, 1, 1]), np.array([1, 3, 1])).tolist() == [4, 3, 1]
+    assert with_floor(np.array([2, 2, 4]), np.array([1, 1, 1])).tolist() == [2, 2, 4]
+
+
+def test_regime_allocator_never_leaves_a_loaded_queue_below_its_floor() -> None:
+    """A row that gives b nothing still leaves it floor(0.5 s * 3/s) + 1 = 2 workers."""
+    allocator = RegimeTargetsAllocator(["a"], [{"a": 1.0}, {"a": 1.0}])
+    out = allocator.allocate(_view(0.0, {"a": 2.0, "b": 3.0}))
+    assert out == {"a": 6, "b": 2}
+    bare = RegimeTargetsAllocator(["a"], [{"a": 1.0}, {"a": 1.0}], floor=False)
+    assert bare.allocate(_view(0.0, {"a": 2.0, "b": 3.0})) == {"a": 8, "b": 0}
 
 
 def test_slow_average_does_not_depend_on_the_tick_length() -> None:
