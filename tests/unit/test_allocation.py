@@ -483,7 +483,7 @@ class TestAllocatorRegistry:
 
     def test_unknown_name_lists_known(self) -> None:
         """An unknown name fails with the list of known allocators."""
-        with pytest.raises(ValueError, match="maxweight, proportional, static"):
+        with pytest.raises(ValueError, match="maxweight, proportional, regime_targets, static"):
             make_allocator("magic")
 
 
