@@ -50,6 +50,7 @@ from policies.learned.rollout import (
     MapRollouts,
     RolloutResult,
     RolloutTask,
+    capped_duration,
     has_routing_choice,
     training_starts,
 )
@@ -445,7 +446,7 @@ def evaluate(
 
     tasks = [
         RolloutTask(
-            s, seed, duration_s=_capped_duration(s, max_duration_s), policy=policy,
+            s, seed, duration_s=capped_duration(s, max_duration_s), policy=policy,
             learned_router=learned_router, initial_seed=initial(seed, start),
         )
         for s in scenarios
@@ -456,7 +457,7 @@ def evaluate(
         params = heuristic_params or {}
         tasks += [
             RolloutTask(
-                s, seed, duration_s=_capped_duration(s, max_duration_s), heuristic=h,
+                s, seed, duration_s=capped_duration(s, max_duration_s), heuristic=h,
                 heuristic_params=params.get(s.name, {}).get(h), initial_seed=initial(seed, start),
             )
             for s in scenarios
@@ -574,13 +575,6 @@ def _clipped_loss(
     return loss, approx_kl, clipfrac
 
 
-def _capped_duration(scenario: Scenario, max_duration_s: float | None) -> float | None:
-    """`max_duration_s` when the scenario runs longer than it, else None (its own duration)."""
-    if max_duration_s is not None and (scenario.duration_s or math.inf) > max_duration_s:
-        return max_duration_s
-    return None
-
-
 def _best_candidate(
     scenarios: Sequence[Scenario],
     n_candidates: int,
@@ -601,7 +595,7 @@ def _best_candidate(
             s.name,
             k,
             dataclasses.replace(
-                candidate_task(s, k, seed, _capped_duration(s, max_duration_s)),
+                candidate_task(s, k, seed, capped_duration(s, max_duration_s)),
                 initial_seed=initial,
             ),
         )

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from policies.allocation import largest_remainder
-from policies.learned.rollout import MapRollouts, RolloutTask, training_starts
+from policies.learned.rollout import MapRollouts, RolloutTask, capped_duration, training_starts
 from policies.regime import MAX_TRACKED
 from policies.seeds import TUNING_SEEDS
 from policies.sim.scenario import Scenario
@@ -193,11 +193,7 @@ def search_regime_table(
         q.name: max(scenario.guardrails.min_workers.get(q.name, 0), 1) for q in scenario.queues
     }
     starts = training_starts(seeds)
-    duration_s = (
-        max_duration_s
-        if max_duration_s is not None and (scenario.duration_s or math.inf) > max_duration_s
-        else None
-    )
+    duration_s = capped_duration(scenario, max_duration_s)
 
     def params_of(table: list[dict[str, int]]) -> dict[str, Any]:
         return {

@@ -77,6 +77,13 @@ def random_initial_allocation(spec: SimSpec, seed: int) -> SimSpec:
     return dataclasses.replace(spec, initial_allocation=tuple(int(c) for c in initial))
 
 
+def capped_duration(scenario: Scenario, max_duration_s: float | None) -> float | None:
+    """`max_duration_s` when the scenario runs longer than it, else None (its own duration)."""
+    if max_duration_s is not None and (scenario.duration_s or math.inf) > max_duration_s:
+        return max_duration_s
+    return None
+
+
 def training_starts(seeds: Sequence[int]) -> list[tuple[int, int | None]]:
     """(arrival seed, initial-allocation seed) of the episodes a candidate policy is scored on
     during training: every other one starts from a random split of the workers (seeded by its
