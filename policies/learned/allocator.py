@@ -26,7 +26,8 @@ Target head. A residual network may also have a target head (`AllocatorNetConfig
 one more gate option, after the bases, whose proposal is the network's own split of the budget.
 A second equivariant network turns each queue's features and its burst regime (its observed rate
 against its own slow average, `policies.regime`) into target-share logits; the shares are rounded to
-whole workers by largest remainder and applied through the regime allocator's hold rule. That head
+whole workers by largest remainder, raised to a stability floor (floor(load) + 1 workers per loaded
+queue, at its calm rate) and applied through the regime allocator's hold rule. That head
 is fitted by imitating a regime table found by policy search (`policies.learned.target_distill`);
 the gate learns when to use it, and the moves correct it, like any base.
 
@@ -382,10 +383,10 @@ class LearnedAllocator:
         self.slow_rates = SlowRates(net.config.slow_s) if net.config.target_head else None
 
     def _own_targets(
-        self, view: ClusterView, target_features: np.ndarray, calm_loads: np.ndarray, budget: int
+        self, view: ClusterView, target_features: np.ndarray, loads: np.ndarray, budget: int
     ) -> np.ndarray:
         """The target head's proposal: its shares of the budget in whole workers, raised to the
-        stability floor of the calm loads and passed through the hold rule, as the regime
+        stability floor of the calm `loads` and passed through the hold rule, as the regime
         allocator does (`policies.regime`)."""
         n = len(view.queues)
         with np.errstate(all="ignore"):
@@ -393,7 +394,7 @@ class LearnedAllocator:
         if not np.isfinite(logits).all():
             raise ValueError("the allocator network produced non-finite outputs")
         targets = largest_remainder(np.exp(logits - logits.max()), budget)
-        targets = with_floor(targets, stability_floor(calm_loads, budget))
+        targets = with_floor(targets, stability_floor(loads, budget))
         current = np.fromiter((q.allocated for q in view.queues), np.int64, n)
         depth = np.fromiter((q.depth for q in view.queues), np.int64, n)
         counts = hold_targets(current, targets, depth, self.net.config.target_hold)

@@ -153,3 +153,17 @@ def test_bad_training_numbers_exit_2_naming_the_field(tmp_path: Path) -> None:
         assert needle in result.output
         assert "Traceback" not in result.output
         assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_target_head_without_bases_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    """The target head is a gate option, so it needs --base; nothing is written."""
+    app, scenario = _cli_with_trace(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        ["train", "--scenario", str(scenario), "--out", str(tmp_path / "x"), "--workers", "0",
+         "--target-head"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "target_head" in result.output
+    assert "bases" in result.output
+    assert not (tmp_path / "x.pt").exists()
