@@ -279,6 +279,12 @@ def moves_log_prob(
     return log_prob, entropy / steps.clamp(min=1.0)
 
 
+def shares_to_workers(logits: np.ndarray, budget: int) -> np.ndarray:
+    """The target head's logits (n,) as whole workers: softmax shares of `budget`, rounded by
+    largest remainder."""
+    return largest_remainder(np.exp(logits - logits.max()), budget)
+
+
 def _proposal(base: Allocator, view: ClusterView, budget: int) -> np.ndarray:
     """A base heuristic's allocation as counts in queue order, fitted into the budget."""
     wanted = base.allocate(view)
@@ -393,8 +399,7 @@ class LearnedAllocator:
             logits = self._forward.target_logits(target_features)
         if not np.isfinite(logits).all():
             raise ValueError("the allocator network produced non-finite outputs")
-        targets = largest_remainder(np.exp(logits - logits.max()), budget)
-        targets = with_floor(targets, stability_floor(loads, budget))
+        targets = with_floor(shares_to_workers(logits, budget), stability_floor(loads, budget))
         current = np.fromiter((q.allocated for q in view.queues), np.int64, n)
         depth = np.fromiter((q.depth for q in view.queues), np.int64, n)
         counts = hold_targets(current, targets, depth, self.net.config.target_hold)

@@ -169,12 +169,10 @@ class TargetShareNet(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         encoded = self.encoder(features)
-        n = encoded.shape[-2]
         pooled = torch.cat([encoded.mean(dim=-2), encoded.amax(dim=-2)], dim=-1)
         logits: torch.Tensor = self.head(
             torch.cat([encoded, pooled.unsqueeze(-2).expand(*encoded.shape[:-1], -1)], dim=-1)
         ).squeeze(-1)
-        assert logits.shape[-1] == n
         return logits
 
 

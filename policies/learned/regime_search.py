@@ -59,6 +59,18 @@ def _only_queue(scenario: Scenario, job_type: str) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
+def _mean_rates(scenario: Scenario) -> dict[str, float]:
+    """Per queue, the long-run arrivals per second of the job types only it serves."""
+    mean = {q.name: 0.0 for q in scenario.queues}
+    for generator in scenario.workload.generators:
+        total = sum(generator.mix.values())
+        for job_type, weight in generator.mix.items():
+            queue = _only_queue(scenario, job_type)
+            if queue is not None:
+                mean[queue] += generator.mean_rate_per_s * weight / total
+    return mean
+
+
 def bursty_queues(scenario: Scenario, max_tracked: int = 2) -> list[BurstyQueue]:
     """Up to `max_tracked` queues whose arrivals come in bursts, largest burst load first.
 
@@ -68,24 +80,23 @@ def bursty_queues(scenario: Scenario, max_tracked: int = 2) -> list[BurstyQueue]
     """
     if not 0 <= max_tracked <= MAX_TRACKED:
         raise ValueError(f"max_tracked must be in 0..{MAX_TRACKED}, got {max_tracked}")
-    mean: dict[str, float] = {q.name: 0.0 for q in scenario.queues}
+    mean = _mean_rates(scenario)
     # Per queue, the largest (burst - mean, calm - mean) rate swing of one bursty generator.
     swing: dict[str, tuple[float, float]] = {}
     for generator in scenario.workload.generators:
+        if not isinstance(generator, MmppWorkload):
+            continue
         total = sum(generator.mix.values())
+        fastest = max(generator.states, key=lambda s: s.rate_per_s)
+        others = [s for s in generator.states if s is not fastest]
+        calm = sum(s.rate_per_s * s.mean_sojourn_s for s in others) / sum(
+            s.mean_sojourn_s for s in others
+        )
         for job_type, weight in generator.mix.items():
             queue = _only_queue(scenario, job_type)
             if queue is None:
                 continue
             share = weight / total
-            mean[queue] += generator.mean_rate_per_s * share
-            if not isinstance(generator, MmppWorkload):
-                continue
-            fastest = max(generator.states, key=lambda s: s.rate_per_s)
-            others = [s for s in generator.states if s is not fastest]
-            calm = sum(s.rate_per_s * s.mean_sojourn_s for s in others) / sum(
-                s.mean_sojourn_s for s in others
-            )
             up = (fastest.rate_per_s - generator.mean_rate_per_s) * share
             down = (calm - generator.mean_rate_per_s) * share
             if up > swing.get(queue, (0.0, 0.0))[0]:
@@ -105,13 +116,7 @@ def initial_table(scenario: Scenario, tracked: Sequence[BurstyQueue]) -> list[di
     in that regime, in whole workers of the scenario's budget."""
     names = [q.name for q in scenario.queues]
     service = np.array([q.service.nominal_mean_s for q in scenario.queues])
-    base = {q.name: 0.0 for q in scenario.queues}
-    for generator in scenario.workload.generators:
-        total = sum(generator.mix.values())
-        for job_type, weight in generator.mix.items():
-            queue = _only_queue(scenario, job_type)
-            if queue is not None:
-                base[queue] += generator.mean_rate_per_s * weight / total
+    base = _mean_rates(scenario)
     rows: list[dict[str, int]] = []
     for regime in range(2 ** len(tracked)):
         rates = dict(base)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.allocation import largest_remainder
+from policies.learned.allocator import shares_to_workers
 from policies.learned.policy import LearnedPolicy
 from policies.learned.rollout import MapRollouts, RolloutTask
 from policies.seeds import TRAIN_SEEDS
@@ -47,11 +47,6 @@ class DistillFit:
             "cross_entropy": self.cross_entropy,
             "exact_targets": self.exact_targets,
         }
-
-
-def _shares(logits: np.ndarray) -> np.ndarray:
-    weights: np.ndarray = np.exp(logits - logits.max())
-    return weights
 
 
 def target_cross_entropy(logits: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
@@ -137,8 +132,9 @@ def distill_targets(
     with torch.no_grad():
         hits = [
             np.array_equal(
-                largest_remainder(
-                    _shares(net.target_net(torch.from_numpy(np.array(x))).numpy()), int(t.sum())
+                shares_to_workers(
+                    net.target_net(torch.from_numpy(np.array(x))).numpy().astype(np.float64),
+                    int(t.sum()),
                 ),
                 t,
             )
