@@ -3,12 +3,19 @@ runs it on a private event loop thread for synchronous code. Both are context ma
 
 With no Redis URL (argument, settings or BILEVEL_REDIS_URL) the client starts a private embedded Redis
 server and stops it on close: handy on a laptop, useless to other processes unless given its `url`.
+
+Every call rides out a short Redis outage (a restart, a failover): it is retried with backoff for up
+to `Settings.outage_retry_s` (10 s) and then raises RedisUnavailable naming host and port. That is
+safe because every call repeats cleanly: reads and watches change nothing twice, and a retried
+submit resends the same job ids, which the store recognises (a submission never creates a second
+job).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,11 +24,12 @@ from typing import Any, Self, TypeVar
 from pydantic import SecretStr
 
 from scheduler.codes import Code
-from scheduler.connection import check_connection, client_from_url
+from scheduler.connection import check_connection, client_from_url, parse_address
 from scheduler.embedded_redis import EmbeddedRedis
 from scheduler.errors import InvalidJob, JobCancelled, JobFailed, JobTimeout
 from scheduler.logs import configure_logging
 from scheduler.models import Job, JobStatus, build_spec, new_job_id
+from scheduler.retry import OutageRetry
 from scheduler.settings import Settings
 from scheduler.store import NewJob, Outcome, Store, StoreStats
 
@@ -93,16 +101,12 @@ class AsyncJobHandle:
         """Wait for the result. Raises JobFailed, JobCancelled, or JobTimeout after `timeout` s.
         Wakes as soon as the job finishes, without polling; any number of results can be awaited
         at once over one blocked connection (see scheduler.waiter)."""
-        try:
-            job = await self.client.store.wait_finished(self.id, timeout)
-        except TimeoutError:
-            raise JobTimeout(self.id, timeout or 0.0) from None
-        return _outcome(job)
+        [outcome] = await self.client._wait_finished([self.id], timeout)
+        return _outcome(outcome)
 
     async def cancel(self) -> bool:
         """Cancel the job; True if it is cancelled or its worker was told to stop it."""
-        code = await self.client.store.cancel(self.id)
-        return code in (Code.OK, Code.CANCEL_PENDING)
+        return await self.client._cancel(self.id)
 
 
 class AsyncClient:
@@ -115,6 +119,7 @@ class AsyncClient:
         self.settings = settings
         self.embedded: EmbeddedRedis | None = None
         self._store: Store | None = None
+        self._retry: OutageRetry | None = None
 
     @property
     def store(self) -> Store:
@@ -147,7 +152,14 @@ class AsyncClient:
             self._stop_embedded()
             raise
         self._store = Store(redis, self.settings)
+        self._retry = OutageRetry(str(parse_address(url)), self.settings.outage_retry_s)
         return self
+
+    @property
+    def retry(self) -> OutageRetry:
+        if self._retry is None:
+            raise RuntimeError("client is not connected: use `async with` or await connect()")
+        return self._retry
 
     async def close(self) -> None:
         if self._store is not None:
@@ -210,7 +222,8 @@ class AsyncClient:
             new_jobs.append(NewJob(new_job_id(), spec, text))
         if not new_jobs:
             return []
-        results = await self.store.submit(new_jobs)
+        # Retried with the same job ids, so a submit whose reply was lost is not made twice.
+        results = await self.retry.call(lambda: self.store.submit(new_jobs), "submit")
         return [AsyncJobHandle(self, job_id, created=code is Code.OK) for code, job_id in results]
 
     def handle(self, job_id: str) -> AsyncJobHandle:
@@ -228,13 +241,7 @@ class AsyncClient:
         in a few round trips: one registers every wait, one blocked connection delivers the
         completions, one reads the outcomes. The first failure (JobFailed, JobCancelled) is
         raised unless `return_exceptions`; JobTimeout names a job still unfinished at `timeout`."""
-        ids = [h.id for h in handles]
-        try:
-            outcomes = await self.store.wait_finished_many(ids, timeout)
-        except TimeoutError:
-            current = await self.store.outcomes(ids)
-            late = next((o.job_id for o in current if not o.status.finished), ids[0])
-            raise JobTimeout(late, timeout or 0.0) from None
+        outcomes = await self._wait_finished([h.id for h in handles], timeout)
         results: list[Any] = []
         for outcome in outcomes:
             try:
@@ -245,12 +252,49 @@ class AsyncClient:
                 results.append(exc)
         return results
 
+    async def _wait_finished(self, ids: Sequence[str], timeout: float | None) -> list[Outcome]:
+        """Outcomes of `ids` once all have finished; JobTimeout names one still unfinished at
+        `timeout`. A connection lost meanwhile is waited out (see scheduler.waiter)."""
+        if not ids:
+            return []
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        try:
+            return await self.retry.call(
+                lambda: self.store.wait_finished_many(ids, remaining()),
+                "waiting for results",
+                deadline_s=deadline,
+            )
+        except TimeoutError:
+            current = await self.retry.call(lambda: self.store.outcomes(ids), "reading results")
+            late = next((o.job_id for o in current if not o.status.finished), ids[0])
+            raise JobTimeout(late, timeout or 0.0) from None
+
+    async def _cancel(self, job_id: str) -> bool:
+        attempts = 0
+
+        async def cancel() -> Code:
+            nonlocal attempts
+            attempts += 1
+            return await self.store.cancel(job_id)
+
+        code = await self.retry.call(cancel, "cancel")
+        if code is Code.ALREADY_FINISHED and attempts > 1:
+            # An earlier attempt may have cancelled it before its reply was lost.
+            outcome = await self.retry.call(lambda: self.store.outcome(job_id), "cancel")
+            return outcome.status is JobStatus.CANCELLED
+        return code in (Code.OK, Code.CANCEL_PENDING)
+
     async def get(self, job_id: str) -> Job:
         """The job's record; JobNotFound if there is none."""
-        return await self.store.get(job_id)
+        return await self.retry.call(lambda: self.store.get(job_id), "reading a job")
 
     async def stats(self, queues: Iterable[str] = ()) -> StoreStats:
-        return await self.store.stats(queues)
+        names = list(queues)
+        return await self.retry.call(lambda: self.store.stats(names), "reading stats")
 
 
 class _LoopThread:

@@ -83,6 +83,16 @@ class WorkerConfig(_Strict):
     num_cpus: float = Field(default=0.5, ge=0)
 
 
+class HealthConfig(_Strict):
+    """How the service tells a stuck role from a working one (scheduler.service.health)."""
+
+    # A role loop that neither completed nor failed a step for this long is stalled: status says
+    # so, and the watchdog restarts it. (A controller's is at least five ticks.)
+    stall_after_s: float = Field(default=15.0, gt=0)
+    # Restart stalled loops automatically (off: only report them).
+    watchdog: bool = True
+
+
 class RouterConfig(PolicyConfig):
     """Level 1: the routing policy and how many ingress jobs it routes per round trip."""
 
@@ -105,6 +115,7 @@ class ServiceConfig(BaseSettings):
     routing: RouterConfig = Field(default_factory=RouterConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -121,6 +121,18 @@ class Keys:
         """STRING: the holder of a leader lock (router, controller) with a TTL renewed by it."""
         return f"{self.prefix}leader:{role}"
 
+    def health(self, role: str, host: str) -> str:
+        """STRING (JSON): one role host's health record (progress, failures, restarts), rewritten
+        every few seconds with a TTL, so a host that died or whose event loop is blocked ages out
+        and shows as gone (scheduler.service.health)."""
+        return f"{self.prefix}health:{role}:{host}"
+
+    @property
+    def health_index(self) -> str:
+        """SET: the keys of the health records published so far; a reader drops members whose
+        record has expired."""
+        return f"{self.prefix}health"
+
     @property
     def allocation(self) -> str:
         """STRING (JSON): the controller's latest per-queue state (workers, rates, service times),

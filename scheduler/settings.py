@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     retry_jitter: float = Field(default=0.5, ge=0, le=1)
+    # How long a client keeps retrying a submit or a read while Redis is unreachable (a restart, a
+    # failover) before it raises RedisUnavailable; 0 fails at the first connection error. Retried
+    # submits never create a second job: the retry resends the same job ids.
+    outage_retry_s: float = Field(default=10.0, ge=0, le=3600)
     # Log lines as JSON, as console text, or JSON unless standard error is a terminal.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -22,6 +22,7 @@ from scheduler.connection import MAX_BLOCK_S
 from scheduler.errors import JobNotFound
 from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec
+from scheduler.retry import Backoff
 from scheduler.scripts import Scripts
 from scheduler.settings import Settings
 from scheduler.waiter import ResultWaiter
@@ -131,6 +132,7 @@ class Store:
         *,
         clock: Clock = time.time,
         rng: random.Random | None = None,
+        waiter_backoff: Backoff | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings or Settings()
@@ -142,7 +144,8 @@ class Store:
         self._prefix = [self.keys.prefix]
         self._result_ttl_ms = _ms(self.settings.result_ttl_s)
         self._dead_ttl_ms = _ms(self.settings.dead_ttl_s)
-        self._waiter = ResultWaiter(redis, self.keys.inbox)
+        # How the result waiter paces its reconnects after a lost connection (tests slow it).
+        self._waiter = ResultWaiter(redis, self.keys.inbox, self._watch, backoff=waiter_backoff)
 
     def now_ms(self) -> int:
         return _ms(self.clock())
@@ -471,7 +474,7 @@ class Store:
         """`wait_finished` for many jobs: one call registers them all, one blocked connection
         delivers their completions, one call reads their outcomes. JobNotFound for an unknown id;
         TimeoutError when `timeout_s` passes before all have finished."""
-        seen = await self._waiter.wait(job_ids, self._watch, timeout_s)
+        seen = await self._waiter.wait(job_ids, timeout_s)
         known: dict[str, Outcome] = {}
         for job_id, status in zip(job_ids, seen, strict=True):
             if status is None:

@@ -10,6 +10,11 @@ queue's model-load cost) and starts two tasks on the event loop:
 - the heartbeat loop renews the leases of jobs in flight every `heartbeat_s`, and stops waiting on a
   job the store says was cancelled (reported as cancelled) or is no longer ours (dropped).
 
+A Redis outage (a restart, a failover) stops neither loop: leasing and heartbeats are retried with
+short backoff, and results already computed are held and re-sent (completion is idempotent per
+lease token) for up to the lease's length, so a job finished during an outage is reported when
+Redis is back instead of running again.
+
 Handlers run on a dedicated daemon thread, off the event loop (torch releases the GIL), so
 heartbeats and state queries keep flowing while a model computes. A Python thread cannot be killed:
 when a job passes its `timeout_s` (or is cancelled) the worker stops waiting, reports the job, and
@@ -39,6 +44,7 @@ from scheduler.config import WorkerConfig
 from scheduler.errors import InvalidJob
 from scheduler.logs import bound_job, get_logger
 from scheduler.models import ErrorInfo
+from scheduler.retry import Backoff, OutageRetry, describe, is_transient
 from scheduler.store import Lease, Store
 from workers.registry import REGISTRY, Handler, HandlerRegistry, PayloadError
 
@@ -235,6 +241,12 @@ class ModelWorker:
         self._released = 0
         # Per queue: a queue's jobs cost what they cost, whichever queue the worker served before.
         self._service_s: dict[str, float] = {}
+        self._backoff = Backoff()
+        # Reports (results, failures) are re-sent through an outage for up to a lease's length:
+        # past it the job has been leased again and the report would be refused anyway.
+        self._reports = OutageRetry(f"worker {name}", store.settings.lease_s)
+        # Consecutive failed steps of the serve loop (0 while it works).
+        self.serve_failures = 0
 
     # -- control ----------------------------------------------------------------------------
 
@@ -358,22 +370,27 @@ class ModelWorker:
         # their own chunks of the lease.
         batch = min(self.config.max_batch, max(h.max_batch for h in handlers))
         batch_wait_s = max(h.batch_wait_ms for h in handlers) / 1000.0
-        errors = 0
         while not self._stop_leasing:
             try:
                 leases = await self.store.lease(queue, batch)
+                if self.serve_failures:
+                    log.info("worker.resumed", worker=self.name, after_failures=self.serve_failures)
+                    self.serve_failures = 0
                 if not leases:
                     await self._wait_idle(queue, self.idle_wait_s)
                     continue
                 if len(leases) < batch and batch_wait_s > 0:
                     leases += await self._top_up(queue, batch - len(leases), batch_wait_s)
                 await self._run_leases(leases)
-                errors = 0
-            except Exception:
-                # Redis unreachable, most likely. Leases in hand expire and their jobs run again.
-                errors += 1
-                log.exception("worker.serve_error", worker=self.name, queue=queue, errors=errors)
-                await asyncio.sleep(min(5.0, 0.05 * 2**errors))
+            except Exception as exc:
+                # Redis unreachable, most likely: wait it out. Leases in hand are renewed by the
+                # heartbeat once it is back, or expire and their jobs run again.
+                self.serve_failures += 1
+                if not is_transient(exc):
+                    log.exception("worker.serve_error", worker=self.name, queue=queue)
+                elif self.serve_failures == 1:
+                    log.warning("worker.redis_unavailable", worker=self.name, error=describe(exc))
+                await asyncio.sleep(self._backoff.delay_s(self.serve_failures))
 
     async def _wait_idle(self, queue: str, timeout_s: float) -> bool:
         """BLPOP on the queue's signal list until a job arrives, the timeout passes or a drain
@@ -521,7 +538,7 @@ class ModelWorker:
                 continue
             done.append((lease.job_id, lease.token, text))
         if done:
-            codes = await self.store.complete_encoded(done)
+            codes = await self._reports.call(lambda: self.store.complete_encoded(done), "complete")
             self._jobs_done += sum(code is Code.OK for code in codes)
             for (job_id, _, _), code in zip(done, codes, strict=True):
                 if code is not Code.OK:
@@ -529,17 +546,18 @@ class ModelWorker:
         await self._fail_all(failed)
 
     async def _fail_all(self, failed: Sequence[tuple[Lease, ErrorInfo, bool]]) -> None:
-        codes = await asyncio.gather(
-            *(
-                self.store.fail(lease.job_id, lease.token, err, retryable=r)
-                for lease, err, r in failed
-            )
-        )
+        # A retried fail under the same token is refused (STALE_LEASE), never counted twice.
+        codes = await asyncio.gather(*(self._fail_one(lease, err, r) for lease, err, r in failed))
         for (lease, err, _), code in zip(failed, codes, strict=True):
             if code in (Code.RETRY_SCHEDULED, Code.DEAD_LETTERED):
                 self._jobs_failed += 1
             with bound_job(lease.job_id, lease.queue):
                 log.info("worker.job_failed", error_type=err.type, code=code.name)
+
+    async def _fail_one(self, lease: Lease, error: ErrorInfo, retryable: bool) -> Code:
+        return await self._reports.call(
+            lambda: self.store.fail(lease.job_id, lease.token, error, retryable=retryable), "fail"
+        )
 
     async def _fail_timeout(self, flights: list[_Flight], timeout_s: float) -> None:
         for f in flights:
@@ -585,15 +603,25 @@ class ModelWorker:
     # -- heartbeats -------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        failures = 0
         while True:
             if not self._in_flight:
                 self._leased.clear()
                 await self._leased.wait()
-            await asyncio.sleep(self.config.heartbeat_s)
+            # While Redis is away, retry sooner than the period so leases are renewed as soon as
+            # it is back (a restart may have cost a renewal already).
+            await asyncio.sleep(
+                self.config.heartbeat_s if not failures else self._backoff.delay_s(failures)
+            )
             try:
                 await self.heartbeat_once()
-            except Exception:
-                log.exception("worker.heartbeat_failed", worker=self.name)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if not is_transient(exc):
+                    log.exception("worker.heartbeat_failed", worker=self.name)
+                elif failures == 1:
+                    log.warning("worker.heartbeat_failed", worker=self.name, error=describe(exc))
 
     async def heartbeat_once(self) -> None:
         """Renew every lease in hand; act on cancellations and leases that are no longer ours."""

@@ -72,7 +72,10 @@ def _status_line(handle: object) -> str:
     assert isinstance(handle, ServiceHandle)
     parts = []
     for role, s in handle.status(timeout_s=5.0).items():
-        state = "leader" if s.get("leading") else ("standby" if s.get("alive") else "dead")
+        state = s.get("state") or ("standby" if s.get("alive") else "dead")
+        if state in ("failing", "stalled", "gone", "dead"):
+            error = (s.get("health") or {}).get("last_error")
+            state = state.upper() + (f" ({error})" if error else "")
         extra = ""
         if role == "router" and "routed" in s:
             extra = f" routed={s['routed']} rejected={s['rejected']}"

@@ -1,4 +1,6 @@
-"""`bilevel status`: per-queue depth, oldest wait, in flight, dead, workers and throughput."""
+"""`bilevel status`: per-queue depth, oldest wait, in flight, dead, workers and throughput, and the
+health of every role host (leading, standby, failing, stalled or gone; see
+scheduler.service.health)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from scheduler.commands._common import fail
 from scheduler.commands._target import resolve_target
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
+from scheduler.service.health import RoleHealth, read_health
 from scheduler.service.views import PublishedState
 from scheduler.settings import Settings
 from scheduler.store import StoreStats
@@ -24,7 +27,9 @@ from scheduler.store import StoreStats
 
 async def _gather(
     settings: Settings, config: ServiceConfig | None, window_s: float
-) -> tuple[StoreStats, StoreStats, float, PublishedState | None, dict[str, bool], int]:
+) -> tuple[
+    StoreStats, StoreStats, float, PublishedState | None, dict[str, bool], int, list[RoleHealth]
+]:
     async with AsyncClient(settings=settings) as client:
         store = client.store
         names = [q.name for q in config.queues] if config is not None else []
@@ -43,7 +48,29 @@ async def _gather(
             for role in ("router", "controller")
         }
         changes = int(await store.redis.llen(store.keys.allocation_history))
-        return first, second, elapsed_s, published, leaders, changes
+        roles = await read_health(store.redis, store.keys)
+        return first, second, elapsed_s, published, leaders, changes, roles
+
+
+def role_rows(roles: list[RoleHealth], now_s: float) -> list[dict[str, Any]]:
+    """One row per role host: its state judged now, how long since it last made progress, and
+    what it last failed on."""
+    return [
+        {
+            "role": r.role,
+            "name": r.name,
+            "state": r.state(now_s),
+            "leading": r.leading,
+            "progress_age_s": round(
+                max(0.0, now_s - min(r.last_progress_s, r.election_progress_s)), 1
+            ),
+            "failures": r.failures,
+            "restarts": r.restarts,
+            "last_error": r.last_error,
+            **r.figures,
+        }
+        for r in roles
+    ]
 
 
 def status(
@@ -60,7 +87,7 @@ def status(
     """Show the queues of a running (or stopped) deployment."""
     settings, config = resolve_target(config_path, redis_url, namespace)
     try:
-        first, second, elapsed_s, published, leaders, changes = asyncio.run(
+        first, second, elapsed_s, published, leaders, changes, roles = asyncio.run(
             _gather(settings, config, window_s)
         )
     except BilevelError as exc:
@@ -97,6 +124,7 @@ def status(
             "policy": published.policy if published else None,
             "allocation_changes": changes,
             "queues": rows,
+            "roles": role_rows(roles, time.time()),
         }
         typer.echo(json.dumps(payload))
         return
@@ -114,9 +142,30 @@ def status(
             str(r["dead"]), workers, rate,
         )  # fmt: skip
     console.print(table)
-    roles = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
+    led = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
     policy = f"policy {published.policy}" if published else "no controller has ticked recently"
-    console.print(f"{roles}; {policy}; {changes} allocation changes recorded", highlight=False)
+    console.print(f"{led}; {policy}; {changes} allocation changes recorded", highlight=False)
+    if roles:
+        console.print(_roles_table(role_rows(roles, time.time())))
+
+
+def _roles_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="roles")
+    for column in ("role", "host", "state", "progress age s", "failures", "restarts", "detail"):
+        table.add_column(column, justify="right" if column.endswith(("s", "failures")) else "left")
+    for r in rows:
+        if r["role"] == "router":
+            detail = f"routed {r.get('routed_total', 0):.0f}, lag {r.get('lag_jobs', 0):.0f} jobs / {r.get('lag_s', 0.0):.1f} s"
+        else:
+            detail = f"ticks {r.get('ticks_total', 0):.0f}, last tick {r.get('last_tick_s', 0.0) * 1000:.0f} ms"
+        if r["last_error"] and r["state"] in ("failing", "stalled"):
+            detail += f"; last error: {r['last_error']}"
+        state = r["state"].upper() if r["state"] in ("failing", "stalled", "gone") else r["state"]
+        table.add_row(
+            r["role"], r["name"], state, f"{r['progress_age_s']:.1f}", str(r["failures"]),
+            str(r["restarts"]), detail,
+        )  # fmt: skip
+    return table
 
 
 def register(app: typer.Typer) -> None:

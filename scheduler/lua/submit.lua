@@ -8,7 +8,9 @@
            id, spec JSON, idempotency key ('' = none), priority, deadline_ms ('' = none),
            due_ms (not before), max_retries, routing view JSON (what level 1 reads: no payload)
   Returns  a flat array, 2 entries per job: code, job id
-           C_OK        created; the id is the given one
+           C_OK        created; the id is the given one. Also when a job of that id exists already:
+                       ids are random per submission, so that is this submission's own earlier
+                       attempt (a retry after a lost reply), which must not make a second job
            C_DUPLICATE the idempotency key is taken; the id is the existing job's
   Events   one token on the ingress signal list, so a blocked router wakes.
 ]]
@@ -24,8 +26,11 @@ local ingress = {}
 for i = 0, n - 1 do
   local b = 4 + i * 8
   local id, spec, idem = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  -- A retried submit (the reply to the first attempt was lost): that attempt's job stands,
+  -- whatever state it has reached since.
+  local retried = redis.call('EXISTS', jobkey(id)) == 1
   local existing = false
-  if idem ~= '' then
+  if idem ~= '' and not retried then
     local ikey = prefix .. 'idem:' .. idem
     local other = redis.call('GET', ikey)
     if other and redis.call('EXISTS', jobkey(other)) == 1 then
@@ -34,7 +39,10 @@ for i = 0, n - 1 do
       redis.call('SET', ikey, id, 'PX', idem_ttl)
     end
   end
-  if existing then
+  if retried then
+    out[#out + 1] = C_OK
+    out[#out + 1] = id
+  elseif existing then
     out[#out + 1] = C_DUPLICATE
     out[#out + 1] = existing
   else

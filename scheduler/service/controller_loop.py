@@ -27,7 +27,9 @@ from policies.views import Allocation, Allocator, ClusterView
 from scheduler.config import ServiceConfig
 from scheduler.keys import ALLOCATION_HISTORY_LEN, ALLOCATION_TTL_S
 from scheduler.logs import get_logger
+from scheduler.retry import describe, is_transient
 from scheduler.service.autoscaling import AutoscaleRequester, workers_held
+from scheduler.service.health import Progress
 from scheduler.service.leader import LeaderLock
 from scheduler.service.views import (
     PublishedQueue,
@@ -161,6 +163,9 @@ class ControllerLoop:
         self.last: TickReport | None = None
         self.ticks = 0
         self._queue_names = [q.name for q in config.queues]
+        # Marked by every full tick and idle check that completed (scheduler.service.health).
+        self.progress = Progress(clock=clock)
+        self.last_tick_s = 0.0
 
     @property
     def acting(self) -> bool:
@@ -297,14 +302,24 @@ class ControllerLoop:
             if self.acting:
                 try:
                     if quiet is None or not await self._idle_still(quiet, quiet_since_s):
+                        recovering = self.progress.failures > 0
                         report = await self.tick()
+                        self.last_tick_s = self.clock() - started
                         quiet = report if report.quiet else None
                         quiet_since_s = self.clock()
-                except Exception:
+                        if recovering:
+                            log.info("controller_resumed", after_failures=self.progress.failures)
+                    self.progress.mark()
+                except Exception as exc:
                     quiet = None
-                    log.exception("allocation_tick_failed")
+                    self.progress.failed(exc)
+                    if not is_transient(exc):
+                        log.exception("allocation_tick_failed")
+                    elif self.progress.failures == 1:
+                        log.warning("controller_redis_unavailable", error=describe(exc))
             else:
                 quiet = None
+                self.progress.mark()
                 # A controller that lost the lead must not keep nodes up for the new leader.
                 await self._withdraw_request()
             await self._pause(stop, max(0.0, started + tick_s - self.clock()))

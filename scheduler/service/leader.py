@@ -25,6 +25,7 @@ from scheduler.codes import Code
 from scheduler.keys import Keys
 from scheduler.logs import get_logger
 from scheduler.scripts import script_source
+from scheduler.service.health import Progress
 
 log = get_logger("bilevel.leader")
 
@@ -64,6 +65,8 @@ class LeaderLock:
         self._monotonic = monotonic or time.monotonic
         # When our claim lapses by our own clock (started before the round trip, so it errs early).
         self._valid_until = 0.0
+        # Marked by every election step that reached Redis, so a keeper that is stuck shows.
+        self.progress = Progress()
 
     @property
     def renew_interval_s(self) -> float:
@@ -123,14 +126,20 @@ class LeaderLock:
 
     async def step(self) -> bool:
         """One election step: renew when holding, try to acquire when not; returns `held`.
-        A Redis error counts as a failed step (the claim then lapses by the clock)."""
+        An error counts as a failed step (the claim then lapses by the clock); it never raises."""
         try:
             if self._valid_until > 0.0:
                 await self.renew()
             if self._valid_until <= 0.0:
                 await self.acquire()
-        except RedisError as exc:
-            log.warning("leader_step_failed", role=self.role, error=str(exc))
+            self.progress.mark()
+        except Exception as exc:
+            # Never raised: a keeper that dies leaves its role unable to lead again.
+            if not isinstance(exc, RedisError | OSError):
+                log.exception("leader_step_error", role=self.role)
+            elif self.progress.failures == 0:
+                log.warning("leader_step_failed", role=self.role, error=str(exc))
+            self.progress.failed(exc)
         return self.held
 
     async def keep(
@@ -139,7 +148,9 @@ class LeaderLock:
         """Campaign and renew every `renew_interval_s` until `stop` is set, then release.
 
         `on_change(held)` is called whenever leadership is gained or lost, so a loop can start or
-        stop its work at once instead of discovering it on its next step.
+        stop its work at once instead of discovering it on its next step. Cancelled without
+        `stop` (a watchdog replacing a stuck keeper), it neither releases nor reports a loss: the
+        next keeper of this lock renews the same claim.
         """
         was_held = False
         try:
@@ -151,11 +162,12 @@ class LeaderLock:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.renew_interval_s)
         finally:
-            if self._valid_until > 0.0:
-                with contextlib.suppress(RedisError, OSError):
-                    await self.release()
-            if was_held and on_change is not None:
-                on_change(False)
+            if stop.is_set():
+                if self._valid_until > 0.0:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.release()
+                if was_held and on_change is not None:
+                    on_change(False)
 
 
 __all__ = ["LeaderLock"]

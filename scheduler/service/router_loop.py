@@ -5,6 +5,12 @@ ingress in batches, routes each batch with one policy call and moves it with one
 It is crash-safe by construction: a job leaves the ingress only inside the enqueue (or dead-letter)
 script, so a router that dies mid-batch leaves its jobs for the next one, and a second router that
 routes the same job is refused by the store (WRONG_STATE) instead of queueing it twice.
+
+It never stops on its own: a Redis error (a restart, a failover) is waited out with backoff, and the
+next step drains the ingress first, so jobs submitted meanwhile need no wake-up token. One job that
+cannot be routed never holds up the others: when the policy or the enqueue fails on a batch, the
+batch is retried job by job and the job that still fails is dead-lettered with the error. Each step
+marks `progress` (see scheduler.service.health), so a router that is alive but stuck shows it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.registry import make_router
-from policies.views import Rejection, Router
+from policies.views import JobView, QueueView, Rejection, RouteDecision, Router
 from scheduler.codes import Code
 from scheduler.config import ServiceConfig
 from scheduler.logs import get_logger
 from scheduler.models import ErrorInfo
+from scheduler.retry import Backoff, describe, is_transient
+from scheduler.service.health import Progress
 from scheduler.service.leader import LeaderLock
 from scheduler.service.views import (
     PublishedState,
@@ -30,7 +38,7 @@ from scheduler.service.views import (
     routing_queue_views,
     size_estimates_s,
 )
-from scheduler.store import Store, StoreStats
+from scheduler.store import RouteInfo, Store, StoreStats
 
 log = get_logger("bilevel.router")
 
@@ -89,6 +97,11 @@ class RouterLoop:
         self._stats_at = -float("inf")
         self.routed_total = 0
         self.rejected_total = 0
+        self.progress = Progress()
+        self.backoff = Backoff()
+        # Lag behind the ingress at the last look: jobs waiting and the oldest one's age.
+        self.lag_jobs = 0
+        self.lag_s = 0.0
 
     @property
     def acting(self) -> bool:
@@ -109,22 +122,23 @@ class RouterLoop:
     async def route_batch(self) -> RouteReport:
         """Route up to `routing.batch_size` of the oldest ingress jobs; an empty report when none."""
         pending = await self.store.pending(self.config.routing.batch_size)
+        self.lag_jobs = len(pending)
+        self.lag_s = max(0.0, time.time() - pending[0].created_s) if pending else 0.0
         if not pending:
             return RouteReport()
         await self._refresh()
         assert self._stats is not None
         queues = routing_queue_views(self.config, self._stats, self._published)
         sizes = size_estimates_s(queues)
-        jobs = [job_view(p, size_estimate_s=sizes.get(p.job_type, 0.0)) for p in pending]
-        decisions = self.router.route_batch(jobs, queues, self.rng)
+        decisions = self._decide(pending, queues, sizes)
         routed: list[tuple[str, str]] = []
         rejected: list[tuple[str, ErrorInfo]] = []
-        for job, decision in zip(jobs, decisions, strict=True):
+        for info, decision in zip(pending, decisions, strict=True):
             if isinstance(decision, Rejection):
-                rejected.append((job.job_id, ErrorInfo(type="Unroutable", message=decision.reason)))
+                rejected.append((info.id, ErrorInfo(type="Unroutable", message=decision.reason)))
             else:
-                routed.append((job.job_id, decision))
-        codes = await self.store.enqueue(routed)
+                routed.append((info.id, decision))
+        codes = await self._enqueue(routed, rejected)
         moved = sum(1 for c in codes if c in (Code.OK, Code.DELAYED))
         dead = await self.store.dead_letter(rejected)
         n_rejected = sum(1 for c in dead if c is Code.DEAD_LETTERED)
@@ -140,6 +154,49 @@ class RouterLoop:
         )
         return report
 
+    def _decide(
+        self, pending: list[RouteInfo], queues: list[QueueView], sizes: dict[str, float]
+    ) -> list[RouteDecision]:
+        """The policy's decision per job, in one call; when that call fails, job by job, so a job
+        the policy cannot handle is rejected with the error instead of stopping the batch."""
+        try:
+            jobs = [job_view(p, size_estimate_s=sizes.get(p.job_type, 0.0)) for p in pending]
+            return self.router.route_batch(jobs, queues, self.rng)
+        except Exception as exc:
+            log.warning("routing_batch_failed", jobs=len(pending), error=describe(exc))
+        decisions: list[RouteDecision] = []
+        for p in pending:
+            try:
+                job: JobView = job_view(p, size_estimate_s=sizes.get(p.job_type, 0.0))
+                decisions += self.router.route_batch([job], queues, self.rng)
+            except Exception as exc:
+                reason = f"the {self.router.name} router failed on this job: {describe(exc)}"
+                decisions.append(Rejection(reason))
+        return decisions
+
+    async def _enqueue(
+        self, routed: list[tuple[str, str]], rejected: list[tuple[str, ErrorInfo]]
+    ) -> list[Code]:
+        """Enqueue in one round trip; if the store refuses the batch (not an outage), job by job,
+        adding a job that still fails to `rejected` with the store's error."""
+        try:
+            return await self.store.enqueue(routed)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning("enqueue_batch_failed", jobs=len(routed), error=describe(exc))
+        codes: list[Code] = []
+        for job_id, queue in routed:
+            try:
+                codes += await self.store.enqueue([(job_id, queue)])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                message = f"the store could not queue this job in {queue!r}: {describe(exc)}"
+                rejected.append((job_id, ErrorInfo(type="CorruptJob", message=message)))
+                codes.append(Code.CORRUPT)
+        return codes
+
     async def drain(self) -> int:
         """Route batches until the ingress is empty (or the lock is lost); returns jobs handled."""
         handled = 0
@@ -151,20 +208,37 @@ class RouterLoop:
         return handled
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Route until `stop` is set: drain the ingress, then block on its signal."""
+        """Route until `stop` is set: drain the ingress, then block on its signal. Errors are
+        logged and waited out with backoff; the loop only ends when told to."""
         log.info("router_started", policy=self.router.name)
         while not stop.is_set():
-            if not self.acting:
-                # A standby: the lock keeper wakes us within its renew interval.
-                await _wait_or_stop(stop, self.wait_s)
-                continue
-            await self.drain()
-            if stop.is_set():
-                break
-            # Blocks (BLPOP) until a submit pushes a token; jobs submitted between drain() and
-            # here also pushed one, so nothing waits for the timeout.
-            await self.store.wait_for_ingress(self.wait_s)
+            try:
+                await self._step(stop)
+            except Exception as exc:
+                self.progress.failed(exc)
+                if not is_transient(exc):
+                    log.exception("router_step_failed", failures=self.progress.failures)
+                elif self.progress.failures == 1:
+                    log.warning("router_redis_unavailable", error=describe(exc))
+                await _wait_or_stop(stop, self.backoff.delay_s(self.progress.failures))
         log.info("router_stopped", routed=self.routed_total, rejected=self.rejected_total)
+
+    async def _step(self, stop: asyncio.Event) -> None:
+        if not self.acting:
+            # A standby: the lock keeper wakes us within its renew interval.
+            self.progress.mark()
+            await _wait_or_stop(stop, self.wait_s)
+            return
+        recovering = self.progress.failures > 0
+        await self.drain()
+        if recovering:
+            log.info("router_resumed", after_failures=self.progress.failures)
+        self.progress.mark()
+        if stop.is_set():
+            return
+        # Blocks (BLPOP) until a submit pushes a token; jobs submitted between drain() and
+        # here also pushed one, so nothing waits for the timeout.
+        await self.store.wait_for_ingress(self.wait_s)
 
 
 async def _wait_or_stop(stop: asyncio.Event, timeout_s: float) -> None:
