@@ -85,7 +85,7 @@ async def _wake_latency(client: AsyncClient, samples: int) -> dict[str, float]:
 
 async def main() -> dict[str, Any]:
     with EmbeddedRedis() as server:
-        settings = Settings.from_url(server.url, namespace="bench")
+        settings = Settings.from_url(server.url, namespace="bench", require_service=False)
         async with AsyncClient(settings=settings) as client:
             store = client.store
             batched = await _throughput(store, 100, 60_000, BATCH_CONCURRENCY)

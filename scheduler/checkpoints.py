@@ -52,6 +52,14 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".json")
 
 
+def _first_line(exc: BaseException) -> str:
+    """An error's first line (its first sentence when that line is long): torch's own messages
+    run to a page of advice about options that must not be used here."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    return first.split(". ", 1)[0] if len(first) > 120 else first
+
+
 def _json_safe(value: Any) -> Any:
     """NaN and infinity become None: the metadata must be strict JSON for other tools."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -130,7 +138,7 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedPolicy, dict[str, Any]]:
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise CheckpointError(
             f"checkpoint weights {weights_path} are corrupt or do not match its metadata: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
     return policy, meta
 

@@ -1,8 +1,12 @@
 """The Python client: submit jobs, wait for results, cancel. `AsyncClient` is the core; `Client`
 runs it on a private event loop thread for synchronous code. Both are context managers.
 
-With no Redis URL (argument, settings or BILEVEL_REDIS_URL) the client starts a private embedded Redis
-server and stops it on close: handy on a laptop, useless to other processes unless given its `url`.
+A client talks to one namespace on one Redis: `Client(url, namespace="demo")`, or the URL's
+`?namespace=demo`, or BILEVEL_REDIS_URL and BILEVEL_NAMESPACE. With no URL at all it refuses to
+start (a private Redis nobody serves would hold jobs forever) unless asked for one with
+`embedded=True`, for tests and notebooks that start a service on it too. And when no service
+serves the namespace there, submit() and result() raise NoService naming the namespaces that are
+served (`require_service=False` queues jobs for a service started later).
 
 Every call rides out a short Redis outage (a restart, a failover): it is retried with backoff for up
 to `Settings.outage_retry_s` (10 s) and then raises RedisUnavailable naming host and port. That is
@@ -26,7 +30,7 @@ from pydantic import SecretStr
 from scheduler.codes import Code
 from scheduler.connection import check_connection, client_from_url, parse_address
 from scheduler.embedded_redis import EmbeddedRedis
-from scheduler.errors import InvalidJob, JobCancelled, JobFailed, JobTimeout
+from scheduler.errors import BilevelError, InvalidJob, JobCancelled, JobFailed, JobTimeout
 from scheduler.logs import configure_logging
 from scheduler.models import Job, JobStatus, build_spec, new_job_id
 from scheduler.retry import OutageRetry
@@ -109,14 +113,59 @@ class AsyncJobHandle:
         return await self.client._cancel(self.id)
 
 
+class NoRedisUrl(BilevelError, ValueError):
+    """A client was made with no Redis URL anywhere and without asking for a private one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no Redis URL: pass one, e.g. Client('redis://127.0.0.1:6379/0', namespace='demo'), "
+            "or set BILEVEL_REDIS_URL (and BILEVEL_NAMESPACE); `bilevel serve` prints the URL of "
+            "its embedded Redis. Client(embedded=True) starts a private Redis instead, for tests "
+            "and notebooks that also start a service on it."
+        )
+
+
+def client_settings(
+    url: str | None,
+    namespace: str | None,
+    settings: Settings | None,
+    *,
+    require_service: bool | None,
+    embedded: bool,
+) -> Settings:
+    """The settings a client runs with: `settings` (or the environment's) with the URL, namespace
+    and require_service given explicitly on top; NoRedisUrl when no URL is known and no private
+    server was asked for."""
+    base = settings or Settings()
+    update: dict[str, Any] = {}
+    if url is not None:
+        update["redis_url"] = SecretStr(url)
+    if namespace is not None:
+        update["namespace"] = namespace
+    if require_service is not None:
+        update["require_service"] = require_service
+    # Validated again (not model_copy): a namespace in the URL, or a bad namespace, must count.
+    merged = Settings(**{**base.model_dump(), **update}) if update else base
+    if merged.url() is None and not embedded:
+        raise NoRedisUrl()
+    return merged
+
+
 class AsyncClient:
     """Submits jobs to a bilevel deployment. Use `async with AsyncClient(...) as client:`."""
 
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
-        settings = settings or Settings()
-        if url is not None:
-            settings = settings.model_copy(update={"redis_url": SecretStr(url)})
-        self.settings = settings
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        settings: Settings | None = None,
+        require_service: bool | None = None,
+        embedded: bool = False,
+    ) -> None:
+        self.settings = client_settings(
+            url, namespace, settings, require_service=require_service, embedded=embedded
+        )
         self.embedded: EmbeddedRedis | None = None
         self._store: Store | None = None
         self._retry: OutageRetry | None = None
@@ -357,8 +406,22 @@ class JobHandle:
 class Client:
     """Synchronous client: the same API as AsyncClient, for code without an event loop."""
 
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
-        self._async = AsyncClient(url, settings=settings)
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        settings: Settings | None = None,
+        require_service: bool | None = None,
+        embedded: bool = False,
+    ) -> None:
+        self._async = AsyncClient(
+            url,
+            namespace=namespace,
+            settings=settings,
+            require_service=require_service,
+            embedded=embedded,
+        )
         self._runner: _LoopThread | None = None
 
     @property

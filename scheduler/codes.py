@@ -32,6 +32,8 @@ class Code(IntEnum):
     DELAYED = 10
     # Cancellation of a running job was recorded; its worker sees it on the next heartbeat.
     CANCEL_PENDING = 11
+    # Refused (nothing written): no router serves the namespace, so the job would wait forever.
+    NO_SERVICE = 12
 
 
 # Script replies are lists of these; indexing a tuple is several times cheaper than Code(n).

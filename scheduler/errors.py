@@ -57,6 +57,24 @@ class JobTimeout(BilevelError, TimeoutError):
         self.timeout_s = timeout_s
 
 
+class NoService(BilevelError):
+    """No bilevel service (router) serves this namespace on this Redis, so a job submitted or
+    awaited there would wait forever. Names the namespaces that are served there."""
+
+    def __init__(self, namespace: str, where: str, served: list[str]) -> None:
+        there = (
+            f"served there: {', '.join(served)}; pass namespace=... (or BILEVEL_NAMESPACE)"
+            if served
+            else "no namespace is served there; start one with `bilevel serve`"
+        )
+        super().__init__(
+            f"no bilevel service serves namespace {namespace!r} on Redis at {where} ({there}). "
+            "To queue jobs for a service that is not running yet, set require_service=False."
+        )
+        self.namespace = namespace
+        self.served = served
+
+
 class RedisUnavailable(BilevelError, ConnectionError):
     """Redis could not be reached or refused our credentials. Names host and port, never secrets."""
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from typing import Any, Literal, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scheduler.errors import BilevelError
 from scheduler.keys import validate_name
 
 MIB = 1024 * 1024
+
+
+class SettingsConflict(BilevelError):
+    """Two settings that contradict each other (the message says which); never quotes a URL."""
 
 
 class Settings(BaseSettings):
@@ -38,6 +44,9 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     retry_jitter: float = Field(default=0.5, ge=0, le=1)
+    # Refuse submits and result waits (NoService) when no router serves the namespace on this
+    # Redis, instead of queueing jobs nobody will run. False to queue for a service started later.
+    require_service: bool = True
     # How long a client keeps retrying a submit or a read while Redis is unreachable (a restart, a
     # failover) before it raises RedisUnavailable; 0 fails at the first connection error. Retried
     # submits never create a second job: the retry resends the same job ids.
@@ -51,6 +60,27 @@ class Settings(BaseSettings):
     def _valid_namespace(cls, value: str) -> str:
         return validate_name("namespace", value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _namespace_from_url(cls, values: Any) -> Any:
+        """A URL may name the namespace (`redis://host:6379/0?namespace=demo`): taken out of the
+        URL (Redis does not know it) into `namespace`; a different namespace given beside it is
+        refused rather than silently overridden."""
+        if not isinstance(values, dict) or values.get("redis_url") is None:
+            return values
+        raw = values["redis_url"]
+        url = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
+        url, from_url = split_namespace(url)
+        if from_url is None:
+            return values
+        given = values.get("namespace")
+        if given is not None and given != "default" and given != from_url:
+            # Not a ValueError: pydantic would quote the input, URL and password included.
+            raise SettingsConflict(
+                f"namespace {given!r} conflicts with the namespace {from_url!r} in the Redis URL"
+            )
+        return {**values, "redis_url": SecretStr(url), "namespace": from_url}
+
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:
         """Settings for the Redis server at `url`, other fields from the environment or overrides."""
@@ -58,3 +88,14 @@ class Settings(BaseSettings):
 
     def url(self) -> str | None:
         return self.redis_url.get_secret_value() if self.redis_url is not None else None
+
+
+def split_namespace(url: str) -> tuple[str, str | None]:
+    """(the URL without its `namespace` query parameter, that namespace or None)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    named = [v for k, v in query if k == "namespace"]
+    if not named:
+        return url, None
+    rest = urlencode([(k, v) for k, v in query if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), named[-1]

@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from scheduler import jsonvalue
 from scheduler.codes import Code, codes
-from scheduler.connection import MAX_BLOCK_S
-from scheduler.errors import JobNotFound
+from scheduler.connection import MAX_BLOCK_S, parse_address
+from scheduler.errors import JobNotFound, NoService
 from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec
 from scheduler.retry import Backoff
@@ -153,11 +153,18 @@ class Store:
     # -- submit and route -------------------------------------------------------------------
 
     async def submit(self, jobs: Sequence[NewJob]) -> list[tuple[Code, str]]:
-        """Put jobs into the ingress in one round trip; per job (OK or DUPLICATE, job id)."""
+        """Put jobs into the ingress in one round trip; per job (OK or DUPLICATE, job id).
+        With `settings.require_service`, NoService (nothing written) when no router serves the
+        namespace."""
         if not jobs:
             return []
         now = self.now_ms()
-        args: list[Any] = [now, _ms(self.settings.idempotency_ttl_s), len(jobs)]
+        args: list[Any] = [
+            now,
+            _ms(self.settings.idempotency_ttl_s),
+            "1" if self.settings.require_service else "0",
+            len(jobs),
+        ]
         for job in jobs:
             o = job.spec.options
             args += [
@@ -171,7 +178,31 @@ class Store:
                 _routing_json(job.spec),
             ]
         raw = await self._scripts.submit(keys=self._prefix, args=args)
+        if len(raw) == 1 and int(raw[0]) == Code.NO_SERVICE:
+            raise await self._no_service()
         return [(Code(int(raw[i])), str(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def _no_service(self) -> NoService:
+        return NoService(self.settings.namespace, self.where, await self.served_namespaces())
+
+    @property
+    def where(self) -> str:
+        """The Redis server, as errors name it (host and port, never a secret)."""
+        url = self.settings.url()
+        return "<unknown>" if url is None else str(parse_address(url))
+
+    async def served_namespaces(self, *, max_keys: int = 1_000_000) -> list[str]:
+        """Namespaces on this Redis with a live router host (leader or standby), found by a
+        bounded SCAN: for error messages, not for a hot path."""
+        found: set[str] = set()
+        scanned = 0
+        async for key in self.redis.scan_iter(match="bilevel:{*}:health:router:*", count=10_000):
+            namespace = str(key).split("{", 1)[1].split("}", 1)[0]
+            found.add(namespace)
+            scanned += 1
+            if scanned >= max_keys:
+                break
+        return sorted(found)
 
     async def pending(self, limit: int) -> list[RouteInfo]:
         """The oldest `limit` jobs of the ingress with what routing needs (corrupt ones are
@@ -492,11 +523,16 @@ class Store:
 
     async def _watch(self, job_ids: Sequence[str], client_id: str) -> list[str | None]:
         out: list[str | None] = []
+        require = "1" if self.settings.require_service else "0"
         for i in range(0, len(job_ids), _READ_CHUNK):
             chunk = job_ids[i : i + _READ_CHUNK]
-            out += await self._scripts.watch(
-                keys=self._prefix, args=[client_id, self._result_ttl_ms, len(chunk), *chunk]
+            raw = await self._scripts.watch(
+                keys=self._prefix,
+                args=[client_id, self._result_ttl_ms, require, len(chunk), *chunk],
             )
+            if int(raw[0]) == Code.NO_SERVICE:
+                raise await self._no_service()
+            out += raw[1:]
         return out
 
     async def close(self) -> None:

@@ -109,7 +109,14 @@ def run(loop: asyncio.AbstractEventLoop) -> Runner:
 
 
 def make_settings(server: EmbeddedRedis, namespace: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"namespace": namespace, "retry_jitter": 0.0, **overrides}
+    # Most tests drive the store and the loops without a service publishing its health, so they
+    # do not require one; the tests of that check ask for it.
+    values: dict[str, Any] = {
+        "namespace": namespace,
+        "retry_jitter": 0.0,
+        "require_service": False,
+        **overrides,
+    }
     return Settings.from_url(server.url, **values)
 
 

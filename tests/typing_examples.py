@@ -31,7 +31,7 @@ def sync_usage(url: str) -> Any:
 
 
 async def async_usage() -> bool:
-    async with AsyncClient() as client:
+    async with AsyncClient("redis://127.0.0.1:6379/0", namespace="demo") as client:
         try:
             handle = await client.submit("generate", {"prompt": "x"}, idempotency_key="k")
         except InvalidJob as exc:

@@ -10,7 +10,17 @@ from pydantic import SecretStr
 from scheduler.commands._common import fail
 from scheduler.commands.serve import load_config
 from scheduler.config import ServiceConfig
+from scheduler.errors import BilevelError
 from scheduler.settings import Settings
+
+
+def _first_error(exc: Exception) -> str:
+    """A settings error as one line, without pydantic's quote of the input (a URL's password)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc']) or 'settings'}: {first['msg']}"
+    return str(exc)
 
 
 def resolve_target(
@@ -27,7 +37,10 @@ def resolve_target(
         update["namespace"] = namespace
     if update:
         # model_copy skips validation: check the namespace the way the config would.
-        settings = Settings(**{**settings.model_dump(), **update})
+        try:
+            settings = Settings(**{**settings.model_dump(), **update})
+        except (ValueError, BilevelError) as exc:
+            raise fail(_first_error(exc)) from None
     if settings.url() is None:
         raise fail(
             "no Redis URL: pass --redis-url, set BILEVEL_REDIS_URL, or give a --config with "

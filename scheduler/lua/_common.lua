@@ -15,6 +15,7 @@ local INGRESS_QUEUE = '~ingress'
 local C_OK, C_DUPLICATE, C_NOT_FOUND, C_WRONG_STATE, C_STALE_LEASE = 0, 1, 2, 3, 4
 local C_ALREADY_FINISHED, C_CANCEL_REQUESTED, C_RETRY_SCHEDULED = 5, 6, 7
 local C_DEAD_LETTERED, C_CORRUPT, C_DELAYED, C_CANCEL_PENDING = 8, 9, 10, 11
+local C_NO_SERVICE = 12
 
 -- Queue order members are "<4 digits 9999-priority><15 digits deadline ms><15 digits seq>:<id>",
 -- made once at submit: equal scores make a sorted set order them as strings, that is by priority,

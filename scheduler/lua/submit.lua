@@ -4,10 +4,12 @@
   KEYS[1]  namespace prefix
   ARGV[1]  now_ms
   ARGV[2]  idempotency-key TTL in ms
-  ARGV[3]  number of jobs N, then 8 values per job:
+  ARGV[3]  '1': refuse the batch when no router serves the namespace (see _served.lua), '0': don't
+  ARGV[4]  number of jobs N, then 8 values per job:
            id, spec JSON, idempotency key ('' = none), priority, deadline_ms ('' = none),
            due_ms (not before), max_retries, routing view JSON (what level 1 reads: no payload)
-  Returns  a flat array, 2 entries per job: code, job id
+  Returns  {C_NO_SERVICE} alone when refused for want of a router (nothing written); else
+           a flat array, 2 entries per job: code, job id
            C_OK        created; the id is the given one. Also when a job of that id exists already:
                        ids are random per submission, so that is this submission's own earlier
                        attempt (a retry after a lost reply), which must not make a second job
@@ -15,16 +17,18 @@
   Events   one token on the ingress signal list, so a blocked router wakes.
 ]]
 -- @include _common.lua
+-- @include _served.lua
 
 local now = tonumber(ARGV[1])
 local idem_ttl = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
+if ARGV[3] == '1' and not router_served() then return {C_NO_SERVICE} end
+local n = tonumber(ARGV[4])
 -- Reserve the batch's arrival sequence numbers in one step.
 local seq = redis.call('INCRBY', prefix .. 'seq', n) - n
 local out = {}
 local ingress = {}
 for i = 0, n - 1 do
-  local b = 4 + i * 8
+  local b = 5 + i * 8
   local id, spec, idem = ARGV[b], ARGV[b + 1], ARGV[b + 2]
   -- A retried submit (the reply to the first attempt was lost): that attempt's job stands,
   -- whatever state it has reached since.

@@ -10,11 +10,20 @@ from typing import Any
 
 import pytest
 
-from scheduler.client import AsyncClient, Client, JobRequest
+from scheduler.client import AsyncClient, Client, JobRequest, NoRedisUrl
+from scheduler.connection import client_from_url
 from scheduler.embedded_redis import EmbeddedRedis
-from scheduler.errors import InvalidJob, JobCancelled, JobFailed, JobNotFound, JobTimeout
+from scheduler.errors import (
+    InvalidJob,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    NoService,
+)
+from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, JobStatus
-from scheduler.settings import Settings
+from scheduler.settings import Settings, SettingsConflict
 from scheduler.store import Store
 from tests.conftest import Runner, make_settings
 
@@ -145,10 +154,21 @@ class TestAsyncClient:
         assert run(main()) == ["r"] * 5
 
 
-class TestEmbeddedByDefault:
-    def test_client_without_url_starts_and_stops_its_own_redis(self) -> None:
-        """With no URL the client runs a private Redis and stops it on close."""
-        with Client(settings=Settings(namespace="embedded")) as c:
+class TestNoSilentTraps:
+    """A client never queues jobs where nothing will run them without saying so."""
+
+    def test_no_url_refuses_to_start_a_private_redis(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without a URL (argument, settings or environment) the client says how to give one."""
+        monkeypatch.delenv("BILEVEL_REDIS_URL", raising=False)
+        with pytest.raises(NoRedisUrl, match="BILEVEL_REDIS_URL") as info:
+            Client()
+        assert "embedded=True" in str(info.value)
+        with pytest.raises(NoRedisUrl):
+            AsyncClient(namespace="demo")
+
+    def test_embedded_on_request_starts_and_stops_its_own_redis(self) -> None:
+        """embedded=True runs a private Redis and stops it on close."""
+        with Client(embedded=True, namespace="embedded", require_service=False) as c:
             embedded = c.async_client.embedded
             assert embedded is not None
             assert embedded.process is not None
@@ -156,6 +176,67 @@ class TestEmbeddedByDefault:
             handle = c.submit("embed", 1)
             assert handle.status() is JobStatus.PENDING
         assert process.poll() is not None
+
+    def test_the_namespace_comes_from_the_argument_or_the_url(
+        self, redis_server: EmbeddedRedis
+    ) -> None:
+        """namespace= and the URL's ?namespace= both set it; two different ones are refused."""
+        assert Client(redis_server.url, namespace="demo").settings.namespace == "demo"
+        assert Client(f"{redis_server.url}?namespace=demo").settings.namespace == "demo"
+        assert Client(f"{redis_server.url}?namespace=demo").settings.url() == redis_server.url
+        with pytest.raises(SettingsConflict, match="'other' conflicts with the namespace 'demo'"):
+            Client(f"{redis_server.url}?namespace=demo", namespace="other")
+        with pytest.raises(ValueError, match="namespace"):
+            Client(redis_server.url, namespace="no spaces allowed")
+
+    def test_submit_to_an_unserved_namespace_names_the_served_ones(
+        self, redis_server: EmbeddedRedis, namespace: str, run: Runner
+    ) -> None:
+        """Nothing serves `default` here: submit raises NoService naming the namespace that is
+        served (a router host's health record says so) and writes nothing."""
+        served = f"{namespace}-served"
+
+        async def scenario() -> None:
+            admin = client_from_url(redis_server.url)
+            keys = Keys(served)
+            record = keys.health("router", "serve/router")
+            await admin.set(record, "{}", px=30_000)
+            await admin.sadd(keys.health_index, record)
+            try:
+                async with AsyncClient(redis_server.url, namespace=namespace) as client:
+                    with pytest.raises(NoService) as info:
+                        await client.submit("embed", {"text": "hi"})
+                    assert (await client.stats()).ingress == 0
+                    message = str(info.value)
+                    assert f"namespace {namespace!r}" in message
+                    assert served in message
+                async with AsyncClient(redis_server.url, namespace=served) as client:
+                    handle = await client.submit("embed", {"text": "hi"})
+                    assert await handle.status() is JobStatus.PENDING
+            finally:
+                await admin.delete(*[k async for k in admin.scan_iter(f"bilevel:{{{served}}}:*")])
+                await admin.aclose()
+
+        run(scenario())
+
+    def test_waiting_on_an_unserved_namespace_fails_fast(
+        self, redis_server: EmbeddedRedis, namespace: str, run: Runner
+    ) -> None:
+        """A job queued for a later service (require_service=False) cannot be awaited while
+        nothing serves it: result() raises NoService at once instead of timing out."""
+
+        async def scenario() -> None:
+            async with AsyncClient(
+                redis_server.url, namespace=namespace, require_service=False
+            ) as queuer:
+                handle = await queuer.submit("embed", {"text": "later"})
+            async with AsyncClient(redis_server.url, namespace=namespace) as client:
+                started = time.monotonic()
+                with pytest.raises(NoService):
+                    await client.handle(handle.id).result(timeout=30)
+                assert time.monotonic() - started < 5.0
+
+        run(scenario())
 
 
 class TestBadInput:

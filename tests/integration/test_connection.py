@@ -62,7 +62,7 @@ class TestConnectionErrors:
     def test_user_and_password_work(self, protected_server: EmbeddedRedis) -> None:
         """redis://user:password@host:port connects with an ACL user."""
         url = f"redis://app:{SECRET}@127.0.0.1:{protected_server.port}/0"
-        with Client(url) as client:
+        with Client(url, require_service=False) as client:
             assert client.submit("embed", 1).created
 
     @pytest.mark.parametrize(
@@ -91,6 +91,7 @@ class TestConnectionErrors:
         """BILEVEL_REDIS_URL selects the server when no URL is passed."""
         monkeypatch.setenv("BILEVEL_REDIS_URL", redis_server.url)
         monkeypatch.setenv("BILEVEL_NAMESPACE", "from-env")
+        monkeypatch.setenv("BILEVEL_REQUIRE_SERVICE", "false")
         with Client() as client:
             assert client.async_client.embedded is None
             assert client.settings.namespace == "from-env"

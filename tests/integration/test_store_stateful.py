@@ -42,7 +42,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.clock = ManualClock()
         self.namespace = f"sm{uuid.uuid4().hex[:10]}"
-        cfg = Settings.from_url(self.server.url, namespace=self.namespace, lease_s=10.0)
+        cfg = Settings.from_url(
+            self.server.url, namespace=self.namespace, lease_s=10.0, require_service=False
+        )
         self.redis = client_from_url(self.server.url)
         self.store = Store(self.redis, cfg, clock=self.clock, rng=random.Random(0))
         self.jobs: set[str] = set()
