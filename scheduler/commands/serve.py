@@ -10,9 +10,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +21,10 @@ from rich.console import Console
 from scheduler.commands._common import fail
 from scheduler.config import ConfigError, ServiceConfig
 from scheduler.errors import BilevelError
+
+if TYPE_CHECKING:
+    from scheduler.service.actors import Role
+    from scheduler.service.runner import ServiceHandle
 
 # Seconds between the status lines serve prints while it runs.
 STATUS_EVERY_S = 10.0
@@ -66,12 +71,52 @@ def check_handlers(config: ServiceConfig) -> None:
                 )
 
 
-def _status_line(handle: object) -> str:
-    from scheduler.service.runner import ServiceHandle
+def _mode_lines(handle: ServiceHandle) -> list[str]:
+    """What kind of deployment this serve is, said once at start: a user who runs serve twice
+    must see whether the second joined the first or stands alone."""
+    lines = []
+    if handle.embedded is not None:
+        # The embedded server lives as long as this process; clients need its URL.
+        lines.append(
+            f"embedded Redis: BILEVEL_REDIS_URL={handle.redis_url} BILEVEL_NAMESPACE="
+            f"{handle.namespace} (a deployment of its own: it stops with this process; to add a "
+            "standby to a running service instead, start serve with that service's --redis-url)"
+        )
+    if handle.standby_of:
+        lines.append(
+            f"standing by for {', '.join(handle.standby_of)}, which serves namespace "
+            f"{handle.namespace} on this Redis: this service takes over when it stops"
+        )
+    return lines
 
-    assert isinstance(handle, ServiceHandle)
+
+def _warn_if_redis_gone(
+    console: Console,
+    handle: ServiceHandle,
+    statuses: Mapping[Role, dict[str, Any]],
+    since: float | None,
+) -> float | None:
+    """Say plainly, once per outage, that Redis is unreachable (and what that usually means)."""
+    failing = [s for s in statuses.values() if s.get("state") == "failing" and s.get("alive", True)]
+    if len(failing) < len(statuses):
+        if since is not None:
+            console.print("Redis is reachable again; serving", highlight=False)
+        return None
+    if since is None:
+        error = (failing[0].get("health") or {}).get("last_error") or "no answer"
+        console.print(
+            f"Redis at {handle.where} is unreachable ({error}). If it was the embedded Redis of "
+            "another `bilevel serve`, that service has stopped. Retrying until it is back; "
+            "Ctrl-C stops this service.",
+            highlight=False,
+        )
+        return time.monotonic()
+    return since
+
+
+def _status_line(statuses: Mapping[Role, dict[str, Any]]) -> str:
     parts = []
-    for role, s in handle.status(timeout_s=5.0).items():
+    for role, s in statuses.items():
         state = s.get("state") or ("standby" if s.get("alive") else "dead")
         if state in ("failing", "stalled", "gone", "dead"):
             error = (s.get("health") or {}).get("last_error")
@@ -100,7 +145,8 @@ def serve(
         str | None,
         typer.Option(
             "--ray-address",
-            help="Ray address; 'local' starts a private Ray (default: a running cluster, else local).",
+            help="Ray to join: 'auto' (the cluster `ray start` started on this machine) or "
+            "HOST:PORT. Default: RAY_ADDRESS if set, else a new local Ray.",
         ),
     ] = None,
     leader_ttl_s: Annotated[
@@ -151,14 +197,18 @@ def serve(
             f"(router and controller in actor {handle.name})",
             highlight=False,
         )
-        if handle.embedded is not None:
-            # The embedded server lives as long as this process; clients need its URL.
-            console.print(f"embedded Redis: BILEVEL_REDIS_URL={handle.redis_url}", highlight=False)
+        for line in _mode_lines(handle):
+            console.print(line, highlight=False)
         last = 0.0
+        unreachable_since: float | None = None
         while not stop.is_set():
             if time.monotonic() - last >= STATUS_EVERY_S:
                 last = time.monotonic()
-                console.print(_status_line(handle), highlight=False)
+                statuses = handle.status(timeout_s=5.0)
+                console.print(_status_line(statuses), highlight=False)
+                unreachable_since = _warn_if_redis_gone(
+                    console, handle, statuses, unreachable_since
+                )
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
@@ -28,7 +30,7 @@ from typing import Any, Literal
 from scheduler.config import ServiceConfig
 from scheduler.connection import client_from_url
 from scheduler.logs import configure_logging, get_logger
-from scheduler.retry import Backoff
+from scheduler.retry import Backoff, describe
 from scheduler.service.autoscaling import AutoscaleRequester
 from scheduler.service.controller_loop import ControllerLoop, Pool
 from scheduler.service.health import PUBLISH_EVERY_S, RECORD_TTL_S, Progress, RoleHealth
@@ -111,6 +113,7 @@ class RoleHost:
         self.restarts = 0
         # Set whenever leadership changes, so the controller's supervisor reacts at once.
         self._leadership_changed = asyncio.Event()
+        self._publish_now = asyncio.Event()
 
     @property
     def stall_after_s(self) -> float:
@@ -155,6 +158,8 @@ class RoleHost:
     def _on_change(self, held: bool) -> None:
         log.info("leadership_changed", role=self.role, name=self.name, leading=held)
         self._leadership_changed.set()
+        # A reader (status, a second serve) must learn of the change now, not at the next beat.
+        self._publish_now.set()
 
     async def _supervise_controller(self) -> None:
         """One term per leadership: a fresh pool and loop while the lock is held. A term that
@@ -226,6 +231,13 @@ class RoleHost:
             return self._controller.progress
         return self._standby
 
+    def _health_key(self) -> str:
+        # Two services started on separate Ray clusters may share a host name: the lock token
+        # keeps their records apart.
+        assert self._store is not None
+        assert self._lock is not None
+        return self._store.keys.health(self.role, f"{self.name}#{self._lock.token[:8]}")
+
     def health(self) -> RoleHealth:
         """This host's health record now."""
         assert self._lock is not None
@@ -250,6 +262,7 @@ class RoleHost:
         return RoleHealth(
             role=self.role,
             name=self.name,
+            process=_PROCESS,
             leading=self._lock.held,
             published_s=self.clock(),
             last_progress_s=loop.last_progress_s,
@@ -270,15 +283,18 @@ class RoleHost:
         record ages, which is what a reader should see)."""
         assert self._store is not None
         keys = self._store.keys
-        key = keys.health(self.role, self.name)
+        key = self._health_key()
         while not self._stop.is_set():
-            with contextlib.suppress(Exception):
+            self._publish_now.clear()
+            try:
                 pipe = self._store.redis.pipeline(transaction=False)
                 pipe.set(key, self.health().to_json(), px=round(RECORD_TTL_S * 1000))
                 pipe.sadd(keys.health_index, key)
                 await pipe.execute()
+            except Exception as exc:
+                log.debug("health_publish_failed", role=self.role, error=describe(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), PUBLISH_EVERY_S)
+                await asyncio.wait_for(self._publish_now.wait(), PUBLISH_EVERY_S)
 
     async def _watchdog(self) -> None:
         """Restart the loop or the lock keeper when it stalls, and log why."""
@@ -333,6 +349,7 @@ class RoleHost:
     async def stop(self) -> None:
         """Stop the loop, drain and shut down the pool (controller), release the lock."""
         self._stop.set()
+        self._publish_now.set()
         if self.role == "router" and self._store is not None:
             # The router may be blocked on the ingress signal: a token wakes it now.
             with contextlib.suppress(Exception):
@@ -342,7 +359,7 @@ class RoleHost:
         self._tasks = []
         if self._store is not None:
             with contextlib.suppress(Exception):
-                await self._store.redis.delete(self._store.keys.health(self.role, self.name))
+                await self._store.redis.delete(self._health_key())
             await self._store.redis.aclose()
             self._store = None
         log.info("role_stopped", role=self.role, name=self.name)
@@ -398,6 +415,9 @@ class RoleHost:
     def ping(self) -> str:
         return self.name
 
+
+# Where this host runs, for an operator looking for it.
+_PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 
 # How long a restart waits for the stalled task to end after cancelling it (a task stuck in a
 # command may not end at once; the dropped connections end it).

@@ -91,6 +91,8 @@ class RoleHealth:
 
     role: str
     name: str
+    # host:pid of the process it runs in.
+    process: str
     leading: bool
     # Wall-clock seconds of the record, of the loop's and of the election's last completed step.
     published_s: float
@@ -137,6 +139,7 @@ class RoleHealth:
             return cls(
                 role=str(raw["role"]),
                 name=str(raw["name"]),
+                process=str(raw.get("process", "")),
                 leading=bool(raw["leading"]),
                 published_s=float(raw["published_s"]),
                 last_progress_s=float(raw["last_progress_s"]),

@@ -13,7 +13,9 @@ the new actor gets a standby name and its roles wait for the leader locks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import secrets
 import tempfile
 import time
@@ -22,9 +24,13 @@ from types import TracebackType
 from typing import Any, Self
 
 from pydantic import SecretStr
+from redis.exceptions import RedisError
 
 from scheduler.config import ServiceConfig
+from scheduler.connection import client_from_url, parse_address
 from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.errors import BilevelError
+from scheduler.keys import Keys
 from scheduler.logs import get_logger
 from scheduler.service.actors import (
     DEFAULT_LEADER_TTL_S,
@@ -33,7 +39,9 @@ from scheduler.service.actors import (
     Role,
     control_plane_actor_class,
 )
+from scheduler.service.health import RoleHealth, read_health
 from scheduler.service.policies import load_policies
+from scheduler.settings import Settings
 
 log = get_logger("bilevel.service")
 
@@ -46,23 +54,20 @@ STOP_TIMEOUT_S = 60.0
 
 
 def ensure_ray(*, address: str | None = None) -> None:
-    """Connect to Ray unless connected: `address`, else a running cluster ("auto"), else a new
-    local Ray in its own temp dir (short, under /tmp, since Ray's socket paths have a length cap).
-    `address="local"` always starts a new local Ray. A caller that initialised Ray itself keeps
-    its namespace (tests do)."""
+    """Connect to Ray unless connected: to `address` when one is given ("auto" for a cluster
+    started on this machine by `ray start`, or host:port), else to RAY_ADDRESS when set (Ray's own
+    convention), else a new local Ray in its own temp dir (short, under /tmp, since Ray's socket
+    paths have a length cap). Joining a cluster is never a guess: `auto` finds whichever cluster
+    this machine last started, which on a shared machine may be somebody else's. A caller that
+    initialised Ray itself keeps its namespace (tests do)."""
     import ray
 
     if ray.is_initialized():
         return
-    if address is not None and address != "local":
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
         ray.init(address=address, namespace=RAY_NAMESPACE, configure_logging=False)
         return
-    if address is None:
-        try:
-            ray.init(address="auto", namespace=RAY_NAMESPACE, configure_logging=False)
-            return
-        except ConnectionError:
-            pass
     ray.init(
         _temp_dir=tempfile.mkdtemp(prefix="blray", dir="/tmp"),
         namespace=RAY_NAMESPACE,
@@ -99,10 +104,18 @@ class ServiceHandle:
     name: str
     embedded: EmbeddedRedis | None = None
     stopped: bool = field(default=False)
+    # The role hosts of the namespace that already ran when this service started (so this one
+    # stands by for them); empty when it started as the leader.
+    standby_of: tuple[str, ...] = ()
 
     @property
     def namespace(self) -> str:
         return self.config.store.namespace
+
+    @property
+    def where(self) -> str:
+        """The service's Redis as errors name it: host and port, never a secret."""
+        return str(parse_address(self.redis_url))
 
     def status(self, timeout_s: float = 10.0) -> dict[Role, dict[str, Any]]:
         """Each role's status (see RoleHost.status); a dead actor shows as {"alive": False}."""
@@ -175,6 +188,27 @@ def resolve_redis(config: ServiceConfig, redis_url: str | None) -> tuple[str, Em
     return embedded.url, embedded
 
 
+def live_role_hosts(settings: Settings) -> list[RoleHealth]:
+    """The role hosts that published a live health record for `settings`' namespace (any
+    machine, any Ray cluster: what they share is the Redis). Empty when Redis cannot be read."""
+
+    async def read() -> list[RoleHealth]:
+        url = settings.url()
+        assert url is not None
+        redis = client_from_url(url)
+        try:
+            records = await read_health(redis, Keys(settings.namespace))
+        finally:
+            await redis.aclose()
+        now_s = time.time()
+        return [r for r in records if r.state(now_s) != "gone"]
+
+    try:
+        return asyncio.run(read())
+    except (RedisError, OSError, BilevelError):
+        return []
+
+
 def start_service(
     config: ServiceConfig,
     *,
@@ -212,13 +246,14 @@ def start_service(
             policies=policies,
         )
     )
-    handle = ServiceHandle(config, url, actor, name, embedded)
+    leaders = tuple(r.name for r in live_role_hosts(config.store) if r.leading)
+    handle = ServiceHandle(config, url, actor, name, embedded, standby_of=leaders)
     try:
         ray.get(actor.start.remote(), timeout=60)
     except BaseException:
         handle.stop(timeout_s=5.0)
         raise
-    standby = name != actor_name(config.store.namespace)
+    standby = bool(leaders) or name != actor_name(config.store.namespace)
     if wait_s is not None and not standby:
         handle.wait_leading(wait_s)
     log.info("service_started", namespace=config.store.namespace, actor=name)

@@ -305,3 +305,54 @@ class TestServiceOnRay:
         assert all(isinstance(r, str) for r in results)
         assert completed == 24
         assert standby.leading() == {"router": True, "controller": True}
+
+
+@pytest.mark.slow
+class TestServeTwice:
+    def test_a_second_service_of_a_namespace_says_it_stands_by(
+        self, services: list[Any], settings: Settings
+    ) -> None:
+        """A second service on the same Redis and namespace knows, at start, whom it stands by
+        for (from the first one's health records), and says so."""
+        from scheduler.commands.serve import _mode_lines
+
+        config = _ray_config(settings, budget=1, policy="proportional")
+        first = _start(services, config)
+        assert first.wait_leading(20.0)
+        assert first.standby_of == ()
+        second = _start(services, config)
+        assert set(second.standby_of) == {f"{first.name}/router", f"{first.name}/controller"}
+        [line] = _mode_lines(second)
+        assert line.startswith(f"standing by for {first.name}/")
+        assert not any(second.leading().values())
+
+
+class TestServeMessages:
+    def test_an_unreachable_redis_is_said_once_and_its_return_too(self) -> None:
+        """When every role fails on Redis, serve says so once (naming the server), and says when
+        it is back."""
+        import io
+
+        from rich.console import Console
+
+        from scheduler.commands.serve import _warn_if_redis_gone
+        from scheduler.service.runner import ServiceHandle
+
+        out = io.StringIO()
+        console = Console(file=out, width=300)
+        handle = ServiceHandle(None, "redis://:pw@10.0.0.7:6390/0", None, "x")  # type: ignore[arg-type]
+        failing = {
+            "router": {"state": "failing", "health": {"last_error": "ConnectionError: Error 111"}},
+            "controller": {"state": "failing", "health": {}},
+        }
+        since = _warn_if_redis_gone(console, handle, failing, None)  # type: ignore[arg-type]
+        assert since is not None
+        assert _warn_if_redis_gone(console, handle, failing, since) == since  # type: ignore[arg-type]
+        healthy = {"router": {"state": "leading"}, "controller": {"state": "leading"}}
+        assert _warn_if_redis_gone(console, handle, healthy, since) is None  # type: ignore[arg-type]
+        text = out.getvalue()
+        assert text.count("unreachable") == 1
+        assert "10.0.0.7:6390" in text
+        assert "pw" not in text
+        assert "ConnectionError: Error 111" in text
+        assert "reachable again" in text

@@ -12,6 +12,7 @@ def record(clock: ManualClock, **overrides: object) -> RoleHealth:
     values: dict[str, object] = {
         "role": "router",
         "name": "bilevel:ns:control/router",
+        "process": "node-1:4242",
         "leading": True,
         "published_s": clock(),
         "last_progress_s": clock(),
