@@ -215,12 +215,34 @@ class RoleHost:
             await pool.shutdown()
 
     async def _end_term_when_lost(self, term_stop: asyncio.Event) -> None:
+        """End the term once another process holds the lock, or once ours has lapsed for longer
+        than TERM_GRACE_TTLS lock TTLs without coming back. A claim that lapsed only because Redis
+        was away (a restart shorter than that) is taken up again by the keeper, and the term and
+        its pool, models loaded, go on: nobody else led meanwhile."""
         assert self._lock is not None
-        while not self._stop.is_set() and self._lock.held:
+        lock = self._lock
+        lost_since: float | None = None
+        while not self._stop.is_set():
+            if lock.held:
+                lost_since = None
+            else:
+                now = time.monotonic()
+                lost_since = lost_since if lost_since is not None else now
+                if now - lost_since > TERM_GRACE_TTLS * lock.ttl_s or await self._taken(lock):
+                    break
             self._leadership_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._leadership_changed.wait(), self._lock.renew_interval_s)
+                await asyncio.wait_for(self._leadership_changed.wait(), lock.renew_interval_s)
         term_stop.set()
+
+    @staticmethod
+    async def _taken(lock: LeaderLock) -> bool:
+        """Whether another process holds the lock now (False when Redis cannot say)."""
+        try:
+            holder = await lock.holder()
+        except Exception:
+            return False
+        return holder is not None and holder != lock.token
 
     # -- health -----------------------------------------------------------------------------
 
@@ -415,6 +437,11 @@ class RoleHost:
     def ping(self) -> str:
         return self.name
 
+
+# A controller whose claim lapsed keeps its term (and its pool) this many lock TTLs while nobody
+# else holds the lock: long enough to ride out a Redis restart, short enough that a partitioned
+# controller's workers do not serve long beside the new leader's.
+TERM_GRACE_TTLS = 3.0
 
 # Where this host runs, for an operator looking for it.
 _PROCESS = f"{socket.gethostname()}:{os.getpid()}"

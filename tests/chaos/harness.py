@@ -64,6 +64,8 @@ class Tracked:
     errors: dict[str, str] = field(default_factory=dict)
     submit_failures: list[str] = field(default_factory=list)
     submit_s: list[tuple[float, float]] = field(default_factory=list)
+    # Waiters started as the jobs were acknowledged (submit(..., wait_s=...)).
+    waiters: list[asyncio.Task[None]] = field(default_factory=list)
 
     def requests(self, start: int, n: int, work_s: float) -> list[tuple[str, JobRequest]]:
         out = []
@@ -75,10 +77,11 @@ class Tracked:
 
     async def submit(
         self, client: AsyncClient, n: int, *, batch: int = 50, rate_per_s: float | None = None,
-        work_s: float = 0.01,
+        work_s: float = 0.01, wait_s: float | None = None,
     ) -> None:  # fmt: skip
         """Submit `n` jobs in batches (at `rate_per_s` jobs per second, or as fast as possible),
-        recording every acknowledgement and every submit that raised."""
+        recording every acknowledgement and every submit that raised. With `wait_s`, a waiter per
+        job starts as soon as it is acknowledged (so waiters are blocked when faults strike)."""
         started = time.monotonic()
         for first in range(0, n, batch):
             pairs = self.requests(
@@ -90,22 +93,32 @@ class Tracked:
             except BilevelError as exc:
                 self.submit_failures += [f"{key}: {exc}" for key, _ in pairs]
             else:
-                self.handles.update({key: h for (key, _), h in zip(pairs, handles, strict=True)})
+                acked = {key: h for (key, _), h in zip(pairs, handles, strict=True)}
+                self.handles.update(acked)
+                if wait_s is not None:
+                    self.waiters += [
+                        asyncio.create_task(self._wait_one(k, h, wait_s)) for k, h in acked.items()
+                    ]
             self.submit_s.append((t0, time.monotonic() - t0))
             if rate_per_s is not None:
                 due = started + (first + batch) / rate_per_s
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
 
+    async def _wait_one(self, key: str, handle: AsyncJobHandle, timeout_s: float) -> None:
+        try:
+            self.results[key] = await handle.result(timeout=timeout_s)
+        except BilevelError as exc:
+            self.errors[key] = f"{type(exc).__name__}: {exc}"
+
     async def wait_all(self, timeout_s: float) -> None:
-        """Every acknowledged job's result (or error), each with its own waiter, as clients would."""
-
-        async def one(key: str, handle: AsyncJobHandle) -> None:
-            try:
-                self.results[key] = await handle.result(timeout=timeout_s)
-            except BilevelError as exc:
-                self.errors[key] = f"{type(exc).__name__}: {exc}"
-
-        await asyncio.gather(*(one(k, h) for k, h in self.handles.items()))
+        """Every acknowledged job's result (or error), each with its own waiter, as clients would:
+        the waiters started at submit, or else one per job now."""
+        if not self.waiters:
+            self.waiters = [
+                asyncio.create_task(self._wait_one(k, h, timeout_s))
+                for k, h in self.handles.items()
+            ]
+        await asyncio.gather(*self.waiters)
 
     def executions(self) -> Counter[str]:
         if not self.log.exists():
