@@ -15,6 +15,8 @@ Two kinds of URL:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -412,14 +414,63 @@ def _no_master_reason(name: str, findings: list[tuple[ServerAddress, str]]) -> s
     return f"{summary} ({detail})"
 
 
+# How often, at most, a sentinel pool asks the sentinels whether the master moved while its
+# connections stay open (in the background, when a connection is taken from the pool). redis-py
+# asks only when it opens a connection: after a manual failover or a partition, connections to an
+# old master that is still alive keep writing to it until the sentinels demote it, about 10 s
+# later (measured), and every write it acknowledges meanwhile is lost.
+MASTER_CHECK_S = 1.0
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's SentinelConnectionPool (asks the sentinels for the master on every connect,
     drops idle connections when the master changes), waiting for a free connection as the
-    plain URLs' BlockingConnectionPool does, and closing its sentinel connections with itself."""
+    plain URLs' BlockingConnectionPool does, closing its sentinel connections with itself, and
+    dropping every connection, busy ones included, once the sentinels name another master."""
 
     sentinel_manager: _Sentinel
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._checked_at = -MASTER_CHECK_S
+        self._check: asyncio.Task[None] | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_check_master()
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _maybe_check_master(self) -> None:
+        now = time.monotonic()
+        if self.master_address is None or now - self._checked_at < MASTER_CHECK_S:
+            return
+        if self._check is None or self._check.done():
+            self._checked_at = now
+            self._check = asyncio.create_task(self._check_master(), name="bilevel-master-check")
+
+    async def _check_master(self) -> None:
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            # No answer now: the next check, or the next connect, asks again.
+            await self.get_master_address()
+
+    async def get_master_address(self) -> tuple[str, int]:
+        """The master the sentinels name. redis-py's drops idle connections to another server;
+        this drops busy ones too: they error now instead of at the old master's demotion (a
+        BLPOP blocked there would never see a push to the new one)."""
+        address: tuple[str, int] = await super().get_master_address()  # type: ignore[no-untyped-call]
+        stale = [
+            conn
+            for conn in [*self._available_connections, *self._in_use_connections]
+            if conn.is_connected
+            and (getattr(conn, "host", None), getattr(conn, "port", None)) != address
+        ]
+        await asyncio.gather(*(conn.disconnect() for conn in stale), return_exceptions=True)
+        return address
+
     async def aclose(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._check
         try:
             await super().aclose()
         finally:
@@ -430,9 +481,10 @@ def client_from_url(url: str, *, max_connections: int = MAX_CONNECTIONS) -> aior
     """An asyncio Redis client for `url` (no I/O yet). Responses are decoded to str.
 
     For a sentinel URL the client's pool asks the sentinels for the current master each time it
-    opens a connection; a connection to a master that died errors on its next use (and a
-    demoted one's ReadOnlyError becomes a ConnectionError), so callers that retry a
-    ConnectionError reach the new master."""
+    opens a connection, and at most every MASTER_CHECK_S while connections stay open. A
+    connection to a master that died, or that the sentinels replaced, raises ConnectionError on
+    its next use (a demoted master's ReadOnlyError becomes one too), and a command blocked on it
+    (BLPOP) raises at once: callers that retry a ConnectionError reach the new master."""
     address = parse_address(url)
     if isinstance(address, SentinelAddress):
         return _sentinel_client(parse_sentinel_url(url), max_connections)
@@ -457,7 +509,7 @@ def _sentinel_client(parsed: SentinelUrl, max_connections: int) -> aioredis.Redi
         "db": parsed.db,
     }
     sentinel = _Sentinel(parsed.address, parsed.sentinel_kwargs)
-    pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
+    pool = _BlockingSentinelPool(
         parsed.address.master_name,
         sentinel,
         connection_class=_FastSentinelSSLConnection if parsed.tls else _FastSentinelConnection,

@@ -225,6 +225,30 @@ class SentinelCluster:
     def resume(self, node: Node) -> None:
         os.kill(node.pid, signal.SIGCONT)
 
+    def split_off_replica(self) -> Node:
+        """Make the replica a master of its own and point every sentinel at it, leaving the old
+        master up and writable: the split a partition or a manual failover leaves for a while,
+        made permanent (no sentinel will demote the old master). Returns the new master."""
+        [replica] = self.replicas()
+        with self.data_client(replica) as client:
+            client.execute_command("REPLICAOF", "NO", "ONE")
+        m = self.master_name
+        for sentinel in self.sentinels:
+            with self.sentinel_client(sentinel) as client:
+                client.execute_command("SENTINEL", "REMOVE", m)
+                client.execute_command(
+                    "SENTINEL", "MONITOR", m, "127.0.0.1", replica.port, self.quorum
+                )
+                settings: list[Any] = [
+                    "down-after-milliseconds", self.down_after_ms,
+                    "failover-timeout", self.failover_timeout_ms,
+                ]  # fmt: skip
+                if self.password:
+                    settings += ["auth-pass", self.password]
+                client.execute_command("SENTINEL", "SET", m, *settings)
+        self.master = replica
+        return replica
+
     def wait_promoted(self, old: Node, timeout_s: float = _READY_TIMEOUT_S) -> Node:
         """Wait until every sentinel names another data node as master and that node says it is
         one; returns the new master."""

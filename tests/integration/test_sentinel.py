@@ -228,6 +228,46 @@ class TestSentinelConnection:
             assert handle.cancel()
 
 
+class TestFollowingTheSentinels:
+    def test_open_connections_leave_a_replaced_master_that_is_still_up(
+        self, disposable_sentinel_cluster: SentinelCluster, run: Runner
+    ) -> None:
+        """When the sentinels name another master while the old one still accepts writes (a
+        manual failover, a partition), the client's open connections move to the new one, and
+        a BLPOP blocked on the old master raises instead of waiting there for ever."""
+        cluster = disposable_sentinel_cluster
+        assert cluster.master is not None
+        old = cluster.master
+
+        async def body() -> tuple[int, BaseException | None]:
+            client = client_from_url(cluster.url())
+            try:
+                await client.set("where", "old master")
+                blocked = asyncio.create_task(client.blpop(["never-pushed"], timeout=0))
+                await _wait_until(lambda: _blocked_clients(cluster, old) > 0, 10, "the BLPOP")
+                new = await asyncio.to_thread(cluster.split_off_replica)
+                deadline = time.monotonic() + 20
+                while int((await client.info("server"))["tcp_port"]) != new.port:
+                    assert time.monotonic() < deadline, "still on the old master"
+                    await asyncio.sleep(0.1)
+                done, _ = await asyncio.wait({blocked}, timeout=20)
+                assert done, "the BLPOP stayed blocked on the old master"
+                return new.port, blocked.exception()
+            finally:
+                await client.aclose()
+
+        port, error = run(body())
+        assert cluster.master is not None
+        assert port == cluster.master.port
+        assert isinstance(error, RedisConnectionError)
+        assert old.alive
+
+
+def _blocked_clients(cluster: SentinelCluster, node: Node) -> int:
+    with cluster.data_client(node) as admin:
+        return int(admin.info("clients")["blocked_clients"])
+
+
 class TestStoreOverSentinel:
     def test_submit_enqueue_lease_complete(
         self, sentinel_cluster: SentinelCluster, namespace: str, run: Runner
