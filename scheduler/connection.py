@@ -185,33 +185,42 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     userinfo, _, hosts = netloc.rpartition("@")
     specs = hosts.split(",")
     sentinels = tuple(_parse_host(s, i + 1, len(specs)) for i, s in enumerate(specs))
-    where = ",".join(str(s) for s in sentinels)
-    segments = [unquote(s) for s in path.split("/")]
-    if segments and segments[-1] == "" and len(segments) > 1:
-        segments.pop()  # a trailing slash
-    if not segments or not segments[0]:
-        _fail(
-            "invalid sentinel URL",
-            "no master name (the URL's path is /<master-name>[/<db>])",
-            f"sentinels {where}",
-        )
-    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
-        _fail(
-            "invalid sentinel URL",
-            "the path after the master name must be a database number: /<master-name>[/<db>]",
-            f"sentinels {where}",
-        )
-    address = SentinelAddress(sentinels, segments[0])
-    db = int(segments[1]) if len(segments) == 2 else 0
-
-    master: dict[str, Any] = {}
+    master_name, db = _master_name_and_db(path, sentinels)
+    address = SentinelAddress(sentinels, master_name)
+    master, sentinel_options = _options(query, tls, address)
     if userinfo:
         user, colon, password = userinfo.partition(":")
         if user:
             master["username"] = unquote(user)
         if colon and password:
             master["password"] = unquote(password)
-    sentinel_opts: dict[str, Any] = {}
+    if "db" in master:  # as in redis-py, the query's db wins over the path's
+        db = int(master.pop("db"))
+    return SentinelUrl(address, tls, db, master, _sentinel_kwargs(sentinel_options, master, tls))
+
+
+def _master_name_and_db(path: str, sentinels: tuple[ServerAddress, ...]) -> tuple[str, int]:
+    where = "sentinels " + ",".join(str(s) for s in sentinels)
+    segments = [unquote(s) for s in path.split("/")]
+    if len(segments) > 1 and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    if not segments[0]:
+        _fail("invalid sentinel URL", "no master name (the path is /<master-name>[/<db>])", where)
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        _fail(
+            "invalid sentinel URL",
+            "the path after the master name must be a database number: /<master-name>[/<db>]",
+            where,
+        )
+    return segments[0], int(segments[1]) if len(segments) == 2 else 0
+
+
+def _options(
+    query: str, tls: bool, address: SentinelAddress
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The query's options: (master connection keyword arguments, sentinel_* options)."""
+    master: dict[str, Any] = {}
+    sentinel: dict[str, str] = {}
     allowed = {*URL_QUERY_ARGUMENT_PARSERS, *_TEXT_OPTIONS, *(_TLS_TEXT_OPTIONS if tls else ())}
     try:
         options = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -220,7 +229,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     for name, values in options.items():
         value = values[-1]
         if name in _SENTINEL_OPTIONS:
-            sentinel_opts[name] = value
+            sentinel[name] = value
         elif name in allowed:
             parser = URL_QUERY_ARGUMENT_PARSERS.get(name)
             try:
@@ -231,18 +240,20 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
             _fail("invalid sentinel URL", f"option {name!r} needs rediss+sentinel://", str(address))
         else:
             _fail("invalid sentinel URL", f"unknown option {name!r}", str(address))
-    if "db" in master:
-        db = int(master.pop("db"))
+    return master, sentinel
 
+
+def _sentinel_kwargs(options: dict[str, str], master: dict[str, Any], tls: bool) -> dict[str, Any]:
+    """Keyword arguments of the connections to the sentinels."""
     timeout_s = SENTINEL_TIMEOUT_S
-    if "sentinel_timeout" in sentinel_opts:
+    if "sentinel_timeout" in options:
         try:
-            timeout_s = float(sentinel_opts["sentinel_timeout"])
+            timeout_s = float(options["sentinel_timeout"])
         except ValueError:
             timeout_s = -1.0
         if not timeout_s > 0:
             _fail("invalid sentinel URL", "sentinel_timeout must be a positive number of seconds")
-    sentinel_kwargs: dict[str, Any] = {
+    kwargs: dict[str, Any] = {
         "socket_connect_timeout": timeout_s,
         "socket_timeout": timeout_s,
         "socket_keepalive": True,
@@ -250,14 +261,14 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         # default (ten retries with backoff) would hold every reconnect seconds per dead sentinel.
         "retry": Retry(NoBackoff(), 0),
     }
-    if sentinel_opts.get("sentinel_username"):
-        sentinel_kwargs["username"] = sentinel_opts["sentinel_username"]
-    if sentinel_opts.get("sentinel_password"):
-        sentinel_kwargs["password"] = sentinel_opts["sentinel_password"]
+    if options.get("sentinel_username"):
+        kwargs["username"] = options["sentinel_username"]
+    if options.get("sentinel_password"):
+        kwargs["password"] = options["sentinel_password"]
     if tls:
-        sentinel_kwargs["ssl"] = True
-        sentinel_kwargs.update({k: v for k, v in master.items() if k in _SHARED_TLS_OPTIONS})
-    return SentinelUrl(address, tls, db, master, sentinel_kwargs)
+        kwargs["ssl"] = True
+        kwargs.update({k: v for k, v in master.items() if k in _SHARED_TLS_OPTIONS})
+    return kwargs
 
 
 class _HiredisPacking(AbstractConnection):

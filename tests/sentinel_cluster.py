@@ -84,6 +84,7 @@ class SentinelCluster:
         sentinels: int = 3,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 2000,
+        tls: bool = False,
         binary: Path | None = None,
     ) -> None:
         self.master_name = master_name
@@ -93,6 +94,9 @@ class SentinelCluster:
         self.quorum = sentinels // 2 + 1
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        # TLS only (no plain port) between everyone, with a CA made for this deployment
+        # (needs the openssl command); clients are not asked for certificates.
+        self.tls = tls
         self.binary = binary or find_redis_server()
         self.root: Path | None = None
         self.data_nodes: list[Node] = []
@@ -109,6 +113,8 @@ class SentinelCluster:
         self.root = Path(tempfile.mkdtemp(prefix="bilevel-sentinel-"))
         atexit.register(self.stop)
         try:
+            if self.tls:
+                _make_certificates(self.root / "tls")
             master = self._start_data_node("master", replica_of=None)
             self.master = master
             replica = self._start_data_node("replica", replica_of=master.port)
@@ -168,14 +174,29 @@ class SentinelCluster:
         query = dict(options or {})
         if sentinel_password:
             query["sentinel_password"] = sentinel_password
+        if self.tls:
+            query["ssl_ca_certs"] = str(self.ca_file)
         tail = "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
         name = self.master_name if master_name is None else master_name
-        return f"redis+sentinel://{userinfo}{hosts}/{name}/{db}" + (f"?{tail}" if tail else "")
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{userinfo}{hosts}/{name}/{db}" + (f"?{tail}" if tail else "")
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.root is not None
+        return self.root / "tls" / "ca.crt"
+
+    def _tls_kwargs(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.tls else {}
 
     def data_client(self, node: Node) -> redis.Redis:
         """A plain (sync) client of one data node, for setup and inspection."""
         return redis.Redis(
-            port=node.port, password=self.password, decode_responses=True, socket_timeout=5.0
+            port=node.port,
+            password=self.password,
+            decode_responses=True,
+            socket_timeout=5.0,
+            **self._tls_kwargs(),
         )
 
     def sentinel_client(self, node: Node) -> redis.Redis:
@@ -184,6 +205,7 @@ class SentinelCluster:
             password=self.sentinel_password,
             decode_responses=True,
             socket_timeout=5.0,
+            **self._tls_kwargs(),
         )
 
     def master_port_by_sentinels(self) -> set[int | None]:
@@ -278,13 +300,28 @@ class SentinelCluster:
         path.mkdir()
         return path
 
+    def _listen_args(self, port: int) -> list[str]:
+        if not self.tls:
+            return ["--port", str(port)]
+        tls = self.ca_file.parent
+        return [
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(tls / "server.crt"),
+            "--tls-key-file", str(tls / "server.key"),
+            "--tls-ca-cert-file", str(tls / "ca.crt"),
+            # Replicas and sentinels reach the data nodes (and each other) over TLS too.
+            "--tls-replication", "yes",
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
+
     def _start_data_node(self, name: str, replica_of: int | None) -> Node:
         directory = self._node_dir(name)
 
         def args(port: int) -> list[str]:
             out = [
                 "--bind", "127.0.0.1",
-                "--port", str(port),
+                *self._listen_args(port),
                 "--dir", str(directory),
                 "--appendonly", "yes",
                 "--save", "",
@@ -310,8 +347,12 @@ class SentinelCluster:
         m = self.master_name
 
         def args(port: int) -> list[str]:
+            listen = self._listen_args(port)
             lines = [
-                f"port {port}",
+                *(
+                    f"{name[2:]} {value}"
+                    for name, value in zip(listen[::2], listen[1::2], strict=True)
+                ),
                 "bind 127.0.0.1",
                 f"dir {directory}",
                 "logfile redis.log",
@@ -350,7 +391,7 @@ class SentinelCluster:
                 preexec_fn=die_with_parent,
             )
             node = Node(name, port, directory, process)
-            error = _wait_ping(node, password)
+            error = _wait_ping(node, password, self._tls_kwargs())
             if error is None:
                 return node
             _terminate(process)
@@ -408,9 +449,32 @@ def _field(reply: Any, name: str) -> str:
     return str(pairs.get(name, ""))
 
 
-def _wait_ping(node: Node, password: str | None) -> str | None:
+def _make_certificates(directory: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with openssl."""
+    directory.mkdir()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SentinelClusterError("a TLS deployment needs the openssl command")
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+         "-days", "2", "-subj", "/CN=bilevel test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.cnf"],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(
+            [openssl, *step], cwd=directory, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise SentinelClusterError(f"openssl {step[0]} failed: {done.stderr.strip()}")
+
+
+def _wait_ping(node: Node, password: str | None, tls: dict[str, Any]) -> str | None:
     deadline = time.monotonic() + _START_TIMEOUT_S
-    client = redis.Redis(port=node.port, password=password, socket_connect_timeout=0.5)
+    client = redis.Redis(port=node.port, password=password, socket_connect_timeout=0.5, **tls)
     try:
         while time.monotonic() < deadline:
             if node.process.poll() is not None:

@@ -263,6 +263,38 @@ class TestFollowingTheSentinels:
         assert old.alive
 
 
+class TestTls:
+    @pytest.mark.slow
+    def test_rediss_sentinel_url_follows_a_failover(self, run: Runner) -> None:
+        """rediss+sentinel:// reaches TLS-only sentinels and data nodes (one CA for all), with
+        the hiredis packing connection, and follows a kill -9 of the master."""
+
+        async def body(cluster: SentinelCluster) -> tuple[str, str | None, int]:
+            client = client_from_url(cluster.url())
+            try:
+                await check_connection(client, cluster.url())
+                await client.set("before", "kept")
+                assert int(await client.execute_command("WAIT", 1, 5000)) == 1
+                conn = await client.connection_pool.get_connection()
+                await client.connection_pool.release(conn)
+                old, _ = await asyncio.to_thread(cluster.kill_master)
+                await asyncio.to_thread(cluster.wait_promoted, old, 30.0)
+                ledger = Ledger()
+                await _retrying(ledger, lambda: client.set("after", "written"))
+                kept = await client.get("before")
+                port = int((await client.info("server"))["tcp_port"])
+                return type(conn).__name__, kept, port
+            finally:
+                await client.aclose()
+
+        with SentinelCluster(password=DATA_SECRET, tls=True) as cluster:
+            connection, kept, port = run(body(cluster))
+            assert cluster.master is not None
+            assert port == cluster.master.port
+        assert connection == "_FastSentinelSSLConnection"
+        assert kept == "kept"
+
+
 def _blocked_clients(cluster: SentinelCluster, node: Node) -> int:
     with cluster.data_client(node) as admin:
         return int(admin.info("clients")["blocked_clients"])
