@@ -241,9 +241,9 @@ class TestFollowingTheSentinels:
 
         async def body() -> tuple[int, BaseException | None]:
             client = client_from_url(cluster.url())
+            await client.set("where", "old master")
+            blocked = asyncio.create_task(client.blpop(["never-pushed"], timeout=0))
             try:
-                await client.set("where", "old master")
-                blocked = asyncio.create_task(client.blpop(["never-pushed"], timeout=0))
                 await _wait_until(lambda: _blocked_clients(cluster, old) > 0, 10, "the BLPOP")
                 new = await asyncio.to_thread(cluster.split_off_replica)
                 deadline = time.monotonic() + 20
@@ -254,6 +254,8 @@ class TestFollowingTheSentinels:
                 assert done, "the BLPOP stayed blocked on the old master"
                 return new.port, blocked.exception()
             finally:
+                blocked.cancel()
+                await asyncio.gather(blocked, return_exceptions=True)
                 await client.aclose()
 
         port, error = run(body())
@@ -261,6 +263,11 @@ class TestFollowingTheSentinels:
         assert port == cluster.master.port
         assert isinstance(error, RedisConnectionError)
         assert old.alive
+
+
+def _blocked_clients(cluster: SentinelCluster, node: Node) -> int:
+    with cluster.data_client(node) as admin:
+        return int(admin.info("clients")["blocked_clients"])
 
 
 class TestTls:
@@ -293,11 +300,6 @@ class TestTls:
             assert port == cluster.master.port
         assert connection == "_FastSentinelSSLConnection"
         assert kept == "kept"
-
-
-def _blocked_clients(cluster: SentinelCluster, node: Node) -> int:
-    with cluster.data_client(node) as admin:
-        return int(admin.info("clients")["blocked_clients"])
 
 
 class TestStoreOverSentinel:
