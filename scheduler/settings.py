@@ -13,6 +13,9 @@ from scheduler.keys import validate_name
 
 MIB = 1024 * 1024
 
+# Redis's appendfsync policies that keep what they promise ("no" leaves it to the OS: unbounded).
+Appendfsync = Literal["everysec", "always"]
+
 
 class SettingsConflict(BilevelError):
     """Two settings that contradict each other (the message says which); never quotes a URL."""
@@ -23,9 +26,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BILEVEL_", extra="forbid", frozen=True)
 
-    # redis://, rediss:// or unix:// URL, with user and password if any. None: start an embedded
-    # private Redis server. A secret, so it never shows in reprs or logs.
+    # redis://, rediss:// or unix:// URL, or redis+sentinel:// / rediss+sentinel:// (see
+    # scheduler.connection), with user and password if any. None: start an embedded private
+    # Redis server. A secret, so it never shows in reprs or logs.
     redis_url: SecretStr | None = None
+    # When the embedded server fsyncs its append-only file. "everysec": once a second, so a crash
+    # of the machine loses up to about a second of acknowledged writes (a crash of redis-server
+    # alone, none). "always": before every reply, so no acknowledged write is lost, at a cost in
+    # write throughput. A server at redis_url keeps its own configuration.
+    appendfsync: Appendfsync = "everysec"
     # Every key lives under this namespace; deployments sharing a Redis use different ones.
     namespace: str = "default"
     # How long a finished job's record and result are kept.

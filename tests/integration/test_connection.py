@@ -71,6 +71,8 @@ class TestConnectionErrors:
             (f"http://u:{SECRET}@host:1/0", "scheme 'http'"),
             (f"redis://u:{SECRET}@:6379/0", "no host"),
             (f"redis://u:{SECRET}@host:notaport/0", "invalid Redis URL"),
+            # A password with an unescaped '/' ends the host part early: its tail reads as a port.
+            (f"redis://u:{SECRET}/x@host:1/0", "port is not a number"),
         ],
     )
     def test_malformed_urls(self, url: str, message: str) -> None:
