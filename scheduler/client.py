@@ -190,7 +190,7 @@ class AsyncClient:
         configure_logging(self.settings.log_format, self.settings.log_level)
         url = self.settings.url()
         if url is None:
-            self.embedded = EmbeddedRedis().start()
+            self.embedded = EmbeddedRedis(appendfsync=self.settings.appendfsync).start()
             url = self.embedded.url
             self.settings = self.settings.model_copy(update={"redis_url": SecretStr(url)})
         redis = client_from_url(url)

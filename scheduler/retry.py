@@ -21,6 +21,7 @@ from redis.exceptions import (
     AuthorizationError,
     BusyLoadingError,
     ReadOnlyError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,6 +46,10 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     ReadOnlyError,
     TryAgainError,
 )
+# Server replies that mean "not now" during a failover: a master refusing writes without enough
+# replicas (min-replicas-to-write), a replica that lost its master, a blocked command released
+# because the server changed role, a server still loading its data.
+_TRANSIENT_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN", "UNBLOCKED", "LOADING", "TRYAGAIN")
 # Connection errors by type, but a retry cannot fix them: the credentials are wrong.
 _PERMANENT: tuple[type[BaseException], ...] = (AuthenticationError, AuthorizationError)
 
@@ -56,7 +61,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, RedisUnavailable):
         # Raised by check_connection for an unreachable server; its reason says which.
         return "authentication" not in str(exc)
-    return isinstance(exc, _TRANSIENT)
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 @dataclass(frozen=True, slots=True)

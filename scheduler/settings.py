@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     # alone, none). "always": before every reply, so no acknowledged write is lost, at a cost in
     # write throughput. A server at redis_url keeps its own configuration.
     appendfsync: Appendfsync = "everysec"
+    # Replicas that must hold a submit before it is acknowledged (Redis WAIT): with 1, a Sentinel
+    # failover cannot lose an acknowledged job (replication is otherwise asynchronous). A submit
+    # the replicas do not confirm within replica_ack_timeout_s is retried like an outage. 0: off.
+    replica_acks: int = Field(default=0, ge=0, le=16)
+    replica_ack_timeout_s: float = Field(default=1.0, gt=0)
     # Every key lives under this namespace; deployments sharing a Redis use different ones.
     namespace: str = "default"
     # How long a finished job's record and result are kept.

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from scheduler import jsonvalue
 from scheduler.codes import Code, codes
 from scheduler.connection import MAX_BLOCK_S, parse_address
-from scheduler.errors import JobNotFound, NoService
+from scheduler.errors import JobNotFound, NoService, RedisUnavailable
 from scheduler.keys import Keys
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec
 from scheduler.retry import Backoff
@@ -177,10 +177,33 @@ class Store:
                 o.max_retries,
                 _routing_json(job.spec),
             ]
-        raw = await self._scripts.submit(keys=self._prefix, args=args)
+        if self.settings.replica_acks:
+            raw = await self._submit_replicated(args)
+        else:
+            raw = await self._scripts.submit(keys=self._prefix, args=args)
         if len(raw) == 1 and int(raw[0]) == Code.NO_SERVICE:
             raise await self._no_service()
         return [(Code(int(raw[i])), str(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def _submit_replicated(self, args: list[Any]) -> Any:
+        """The submit script, then WAIT on the same connection (WAIT counts that connection's own
+        writes). Too few replicas in time raise RedisUnavailable, which a client retries: the
+        resent jobs are recognised by their ids, and the retry waits for the replicas again."""
+        wanted = self.settings.replica_acks
+        conn = self.redis.client()
+        try:
+            raw = await self._scripts.submit(keys=self._prefix, args=args, client=conn)
+            acked = int(await conn.wait(wanted, _ms(self.settings.replica_ack_timeout_s)))
+        finally:
+            await conn.aclose()
+        if acked < wanted:
+            raise RedisUnavailable(
+                self.where,
+                None,
+                f"NOREPLICAS: {acked} of {wanted} replicas confirmed the submit within "
+                f"{self.settings.replica_ack_timeout_s:g} s",
+            )
+        return raw
 
     async def _no_service(self) -> NoService:
         return NoService(self.settings.namespace, self.where, await self.served_namespaces())

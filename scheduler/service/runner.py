@@ -184,7 +184,7 @@ def resolve_redis(config: ServiceConfig, redis_url: str | None) -> tuple[str, Em
     url = redis_url or config.store.url()
     if url is not None:
         return url, None
-    embedded = EmbeddedRedis().start()
+    embedded = EmbeddedRedis(appendfsync=config.store.appendfsync).start()
     return embedded.url, embedded
 
 

@@ -222,7 +222,10 @@ class TestSentinelConnection:
 
     def test_client_connects_through_sentinels(self, sentinel_cluster: SentinelCluster) -> None:
         """The public Client accepts a sentinel URL as it does a plain one."""
-        with Client(sentinel_cluster.url(), settings=Settings(namespace="sentinel-client")) as c:
+        with Client(
+            sentinel_cluster.url(),
+            settings=Settings(namespace="sentinel-client", require_service=False),
+        ) as c:
             handle = c.submit("embed", {"text": "via sentinel"})
             assert handle.created
             assert handle.cancel()
@@ -310,7 +313,10 @@ class TestStoreOverSentinel:
 
         async def body() -> Any:
             url = sentinel_cluster.url()
-            store = Store(client_from_url(url), Settings.from_url(url, namespace=namespace))
+            store = Store(
+                client_from_url(url),
+                Settings.from_url(url, namespace=namespace, require_service=False),
+            )
             try:
                 jobs = [new_job(payload=i) for i in range(3)]
                 assert [code for code, _ in await store.submit(jobs)] == [Code.OK] * 3
@@ -329,6 +335,36 @@ class TestStoreOverSentinel:
 
         outcome = run(body())
         assert (outcome.status, outcome.result) == (JobStatus.SUCCEEDED, {"n": 2})
+
+    def test_replica_acks_hold_the_submit_until_the_replica_has_it(
+        self, sentinel_cluster: SentinelCluster, namespace: str, run: Runner
+    ) -> None:
+        """With replica_acks=1 a submit returns once the replica confirms it (WAIT); asking for
+        more replicas than exist is refused as an outage, naming the shortfall."""
+
+        async def body() -> None:
+            url = sentinel_cluster.url()
+            settings = Settings.from_url(
+                url, namespace=namespace, require_service=False, replica_acks=1
+            )
+            store = Store(client_from_url(url), settings)
+            try:
+                job = new_job(payload=1)
+                assert await store.submit([job]) == [(Code.OK, job.id)]
+                [replica] = sentinel_cluster.replicas()
+                with sentinel_cluster.data_client(replica) as client:
+                    assert client.hget(f"bilevel:{{{namespace}}}:job:{job.id}", "status")
+                greedy = Store(
+                    store.redis,
+                    settings.model_copy(update={"replica_acks": 2, "replica_ack_timeout_s": 0.2}),
+                )
+                with pytest.raises(RedisUnavailable, match="NOREPLICAS: 1 of 2 replicas"):
+                    await greedy.submit([new_job(payload=2)])
+            finally:
+                await store.close()
+                await _drop_namespace(store.redis, namespace)
+
+        run(body())
 
 
 async def _drop_namespace(redis: aioredis.Redis, namespace: str) -> None:
@@ -520,7 +556,7 @@ async def _failover_under_load(
 ) -> FailoverReport:
     url = cluster.url()
     clock = ManualClock()
-    settings = Settings.from_url(url, namespace=namespace, retry_jitter=0.0)
+    settings = Settings.from_url(url, namespace=namespace, retry_jitter=0.0, require_service=False)
     # One connection per task, so WAIT asks about the writes of the task's own last call.
     stores = [Store(client_from_url(url, max_connections=1), settings, clock=clock) for _ in "srw"]
     ledger, stop = Ledger(), asyncio.Event()

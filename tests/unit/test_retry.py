@@ -28,6 +28,10 @@ class TestTransient:
             RedisTimeoutError("Timeout reading from socket"),
             BusyLoadingError("Redis is loading the dataset in memory"),
             ReadOnlyError("You can't write against a read only replica."),
+            ResponseError("NOREPLICAS Not enough good replicas to write."),
+            ResponseError(
+                "UNBLOCKED force unblock from blocking operation, instance state changed"
+            ),
             RedisUnavailable("127.0.0.1", 6379, "connection failed"),
         ],
     )
