@@ -6,23 +6,36 @@
   KEYS[1]  namespace prefix
   ARGV[1]  client id (its inbox is prefix .. 'inbox:' .. client id)
   ARGV[2]  TTL in ms of the registration (a bound on how long a job may stay unfinished and
-           still wake this client)
-  ARGV[3]  number of jobs N, then N job ids
-  Returns  one status per job, false where there is no such job
+           still wake this client; also the TTL of a key moved aside)
+  ARGV[3]  now_ms
+  ARGV[4]  number of jobs N, then N job ids
+  Returns  {statuses, notices}: one status per job, false where there is no such job. A record
+           that cannot be read is not registered, and has instead of its status '!' and the
+           reason (the key is not a hash; the status is missing or not a status): the caller
+           dead-letters it. A waiters key of the wrong type is moved aside first (notices, see
+           _common.lua).
 ]]
 -- @include _common.lua
 
-local client, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local client, ttl = ARGV[1], tonumber(ARGV[2])
+NOW, DEAD_TTL = tonumber(ARGV[3]), ttl
+local n = tonumber(ARGV[4])
 local out = {}
 for i = 1, n do
-  local id = ARGV[3 + i]
+  local id = ARGV[4 + i]
   local k = jobkey(id)
-  local status = redis.call('HGET', k, 'status')
-  if status and not FINISHED[status] then
+  local status = redis.pcall('HGET', k, 'status')
+  if type(status) == 'table' and status.err then
+    status = '!job record is a ' .. redis.call('TYPE', k)['ok'] .. ', not a hash'
+  elseif status and not STATUSES[status] then
+    status = "!job record has an unknown status '" .. printable(status) .. "'"
+  elseif not status and redis.call('EXISTS', k) == 1 then
+    status = '!job record has no status'
+  elseif status and not FINISHED[status] then
     redis.call('HSET', k, 'w', '1')
-    redis.call('SADD', waiterskey(id), client)
+    kcall('SADD', waiterskey(id), client)
     redis.call('PEXPIRE', waiterskey(id), ttl)
   end
   out[i] = status
 end
-return out
+return {out, notices}
