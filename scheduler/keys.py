@@ -16,7 +16,8 @@ from dataclasses import dataclass
 # Queue names and namespaces end up inside key names and log lines: keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-# The dead-letter set of jobs that never reached a queue (unroutable or corrupt in the ingress).
+# The dead-letter set of jobs that never reached a queue (unroutable or corrupt in the ingress), or
+# whose queue is not known (a corrupt record found outside any queue's sets).
 # '~' is not allowed in queue names, so it cannot clash with a real queue.
 INGRESS_QUEUE = "~ingress"
 
@@ -132,6 +133,23 @@ class Keys:
         """SET: the keys of the health records published so far; a reader drops members whose
         record has expired."""
         return f"{self.prefix}health"
+
+    def moved_aside(self, key: str, now_ms: int) -> str:
+        """Where the scripts rename `key` when it holds the wrong Redis type (a string where a
+        queue's sorted set belongs, a list where a job's hash does): `corrupt:<ms>:<key after the
+        prefix>`, with '~1', '~2', ... appended if that name is taken (_common.lua move_aside).
+        Renamed, not deleted: what is there was written by someone else, by hand or by another
+        program, and may be worth reading; the data the store lost with it is only visible there.
+        The name keeps the namespace's hash tag, so the rename stays in one Cluster slot. It
+        expires with the dead-letter retention (of a job record) or the script's TTL."""
+        return f"{self.prefix}corrupt:{now_ms}:{key.removeprefix(self.prefix)}"
+
+    @property
+    def corrupt_totals(self) -> str:
+        """HASH: counts since the namespace was created of job records readers found corrupt
+        and dead-lettered ('records') and keys of the wrong type they moved aside ('keys'); in
+        StoreStats, so an operator sees that something writes garbage even when serving goes on."""
+        return f"{self.prefix}corrupt:totals"
 
     @property
     def allocation(self) -> str:

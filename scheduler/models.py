@@ -14,6 +14,24 @@ from scheduler.errors import InvalidJob
 # Priorities order a queue: higher first. Encoded in four digits inside the queue's order key.
 MAX_PRIORITY = 9999
 MAX_JOB_TYPE_LEN = 128
+MAX_TENANT_LEN = 128
+MAX_TAGS = 32
+MAX_TAG_LEN = 64
+
+
+def check_job_type(job_type: str) -> str:
+    """`job_type` if it is printable with no leading or trailing spaces, else ValueError."""
+    if not job_type.isprintable() or job_type != job_type.strip():
+        raise ValueError("must be printable with no leading or trailing spaces")
+    return job_type
+
+
+def check_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """The tags sorted without repeats, or ValueError naming a tag that is empty or too long."""
+    for tag in tags:
+        if not tag or len(tag) > MAX_TAG_LEN:
+            raise ValueError(f"tag {tag!r} must have 1-{MAX_TAG_LEN} characters")
+    return tuple(sorted(set(tags)))
 
 
 class JobStatus(StrEnum):
@@ -58,17 +76,14 @@ class JobOptions(BaseModel):
     max_retries: int = Field(default=3, ge=0, le=100)
     # Seconds one attempt may run before the worker abandons it and records a failure.
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    tenant: str | None = Field(default=None, min_length=1, max_length=128)
-    tags: tuple[str, ...] = Field(default=(), max_length=32)
+    tenant: str | None = Field(default=None, min_length=1, max_length=MAX_TENANT_LEN)
+    tags: tuple[str, ...] = Field(default=(), max_length=MAX_TAGS)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("tags")
     @classmethod
     def _plain_tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
-        for tag in tags:
-            if not tag or len(tag) > 64:
-                raise ValueError(f"tag {tag!r} must have 1-64 characters")
-        return tuple(sorted(set(tags)))
+        return check_tags(tags)
 
 
 _DEFAULT_OPTIONS = JobOptions()
@@ -91,9 +106,7 @@ class JobSpec(BaseModel):
     @field_validator("job_type")
     @classmethod
     def _printable_job_type(cls, job_type: str) -> str:
-        if not job_type.isprintable() or job_type != job_type.strip():
-            raise ValueError("must be printable with no leading or trailing spaces")
-        return job_type
+        return check_job_type(job_type)
 
 
 class ErrorInfo(BaseModel):
@@ -175,7 +188,7 @@ def spec_json(spec: JobSpec) -> str:
     return jsonvalue.dumps({"t": spec.job_type, "p": spec.payload, "o": opts})
 
 
-def parse_spec(text: str) -> JobSpec:
+def parse_spec(text: str | bytes) -> JobSpec:
     """Inverse of `spec_json`; raises ValueError (pydantic's ValidationError is one) on anything
-    that is not a valid stored spec."""
+    that is not a valid stored spec, text that is not UTF-8 included."""
     return JobSpec.model_validate_json(text)

@@ -7,12 +7,15 @@ fragments are written once (BullMQ's approach), and each script still runs as on
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from redis.client import NEVER_DECODE
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 _INCLUDE = re.compile(r"^-- @include (\S+)$", re.MULTILINE)
 
@@ -77,3 +80,20 @@ class Scripts:
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         return cls(**{name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES})
+
+
+async def run_raw(redis: Any, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """Run `script` as its own call does, but leave the reply's strings as bytes (redis-py's
+    NEVER_DECODE). For replies carrying stored text: decoding the whole reply at once would fail
+    on one value that is not UTF-8, so the caller decodes each value and judges it alone."""
+    options = {NEVER_DECODE: True}
+    try:
+        return await redis.execute_command(
+            "EVALSHA", script.sha, len(keys), *keys, *args, **options
+        )
+    except NoScriptError:
+        # The server lost its script cache (a restart or SCRIPT FLUSH): load it again once.
+        script.sha = await redis.script_load(script.script)
+        return await redis.execute_command(
+            "EVALSHA", script.sha, len(keys), *keys, *args, **options
+        )

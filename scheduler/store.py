@@ -2,10 +2,20 @@
 
 `Store` is asyncio-native. Times come from an injected clock (seconds), so tests can move time without
 sleeping; the scripts receive `now` in ms as an argument instead of reading the server's clock.
+
+Corrupt data never stops serving. What Redis holds may have been overwritten by hand or by another
+program, so every reader checks what it reads: the scripts settle what they can judge themselves
+(keys of the wrong type, missing or garbled fields, entries pointing nowhere; see _common.lua) and
+report it, and this module judges the JSON the scripts hand back (scheduler/records.py). Either
+way the victim is dead-lettered as CorruptJob with the reason, or a stale entry is dropped, and
+every other job of the batch is served. Replies that carry stored text are read as bytes and
+decoded here, so a value that is not UTF-8 is one corrupt field, not a failed call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import random
@@ -15,19 +25,34 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from scheduler import jsonvalue
 from scheduler.codes import Code, codes
 from scheduler.connection import MAX_BLOCK_S, parse_address
 from scheduler.errors import JobNotFound, NoService, RedisUnavailable
 from scheduler.keys import Keys
-from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus, parse_spec
+from scheduler.logs import get_logger
+from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus
+from scheduler.records import (
+    PARSE_ERRORS,
+    CorruptRecord,
+    decode_text,
+    parse_ms,
+    parse_route_view,
+    parse_stored_spec,
+    route_view_of,
+)
 from scheduler.retry import Backoff
-from scheduler.scripts import Scripts
+from scheduler.scripts import Scripts, run_raw
 from scheduler.settings import Settings
 from scheduler.waiter import ResultWaiter
 
 Clock = Callable[[], float]
+
+log = get_logger("bilevel.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +66,9 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class RouteInfo:
-    """What level 1 needs of a pending job: no payload."""
+    """What level 1 needs of a pending job: no payload. Built only from a validated routing view
+    (records.RouteView): tags are strings, the priority an int in 0..MAX_PRIORITY, the deadline
+    (seconds after submission) finite and positive, `created_s` finite."""
 
     id: str
     job_type: str
@@ -90,6 +117,10 @@ class StoreStats:
     ingress: int
     delayed: int
     queues: dict[str, QueueStats] = field(default_factory=dict)
+    # Since the namespace was created: job records readers found corrupt (and dead-lettered), and
+    # keys of the wrong Redis type they moved aside (see Keys.moved_aside).
+    corrupt_records: int = 0
+    keys_moved_aside: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +128,8 @@ class RequeueReport:
     requeued: int
     dead_lettered: int
     cancelled: int
+    # Records in a lease set found corrupt and dead-lettered (CorruptJob).
+    corrupt: int = 0
 
 
 def _ms(seconds: float) -> int:
@@ -150,6 +183,23 @@ class Store:
     def now_ms(self) -> int:
         return _ms(self.clock())
 
+    async def _run(self, script: AsyncScript, args: Sequence[Any]) -> Any:
+        """Run a script that answers {reply, notices}; log the notices, return the reply."""
+        reply, notices = await script(keys=self._prefix, args=args)
+        _log_notices(notices)
+        return reply
+
+    async def _read_raw(self, *command: Any) -> Any:
+        """A read command whose reply is left as bytes (see scripts.run_raw)."""
+        client: Any = self.redis  # redis-py's execute_command is untyped
+        return await client.execute_command(*command, **{NEVER_DECODE: True})
+
+    async def _run_raw(self, script: AsyncScript, args: Sequence[Any]) -> Any:
+        """`_run` with the reply left as bytes, for replies that carry stored text."""
+        reply, notices = await run_raw(self.redis, script, self._prefix, args)
+        _log_notices([n.decode() for n in notices])
+        return reply
+
     # -- submit and route -------------------------------------------------------------------
 
     async def submit(self, jobs: Sequence[NewJob]) -> list[tuple[Code, str]]:
@@ -180,7 +230,7 @@ class Store:
         if self.settings.replica_acks:
             raw = await self._submit_replicated(args)
         else:
-            raw = await self._scripts.submit(keys=self._prefix, args=args)
+            raw = await self._run(self._scripts.submit, args)
         if len(raw) == 1 and int(raw[0]) == Code.NO_SERVICE:
             raise await self._no_service()
         return [(Code(int(raw[i])), str(raw[i + 1])) for i in range(0, len(raw), 2)]
@@ -192,10 +242,11 @@ class Store:
         wanted = self.settings.replica_acks
         conn = self.redis.client()
         try:
-            raw = await self._scripts.submit(keys=self._prefix, args=args, client=conn)
+            raw, notices = await self._scripts.submit(keys=self._prefix, args=args, client=conn)
             acked = int(await conn.wait(wanted, _ms(self.settings.replica_ack_timeout_s)))
         finally:
             await conn.aclose()
+        _log_notices(notices)
         if acked < wanted:
             raise RedisUnavailable(
                 self.where,
@@ -228,92 +279,89 @@ class Store:
         return sorted(found)
 
     async def pending(self, limit: int) -> list[RouteInfo]:
-        """The oldest `limit` jobs of the ingress with what routing needs (corrupt ones are
-        dead-lettered with the reason and left out)."""
-        raw = await self._scripts.peek(keys=self._prefix, args=[limit])
-        if not raw:
-            return []
-        ids = raw[0::4]
-        rows = zip(raw[1::4], raw[3::4], raw[2::4], strict=True)
+        """The oldest `limit` jobs of the ingress with what routing needs. A job that cannot be
+        routed (its record is not a hash, a field is missing or garbled, its routing view is not
+        one) is dead-lettered as CorruptJob with the reason and left out, and the jobs behind it
+        fill its place; a stale entry is dropped. Never raises for what a record holds."""
         out: list[RouteInfo] = []
-        corrupt: list[tuple[str, str]] = []
-        for job_id, (rt, spec_text, created_ms) in zip(ids, rows, strict=True):
-            try:
-                out.append(self._route_info(job_id, rt, spec_text, created_ms))
-            except (ValueError, KeyError, TypeError) as exc:
-                corrupt.append((job_id, f"job record cannot be routed: {exc}"))
-        if corrupt:
-            await self.dead_letter(
-                [(i, ErrorInfo(type="CorruptJob", message=m)) for i, m in corrupt]
-            )
+        for _ in range(_PEEK_ROUNDS):
+            want = limit - len(out)
+            # The jobs already taken are still in the ingress, ahead of the rest: skip them.
+            args = [want, len(out), self.now_ms(), self._dead_ttl_ms]
+            raw = await self._run_raw(self._scripts.peek, args)
+            corrupt: list[tuple[str, str]] = []
+            for i in range(0, len(raw), 4):
+                job_id = raw[i].decode()
+                try:
+                    out.append(_route_info(job_id, raw[i + 1], raw[i + 3], raw[i + 2]))
+                except PARSE_ERRORS as exc:
+                    corrupt.append((job_id, _corrupt_reason(exc)))
+            if not corrupt:
+                break
+            await self._dead_letter_corrupt(corrupt)
+            if len(raw) // 4 < want:
+                break  # the ingress had no more
         return out
-
-    @staticmethod
-    def _route_info(
-        job_id: str, rt: str | None, spec_text: str | None, created_ms: str | None
-    ) -> RouteInfo:
-        if rt is None:
-            # A record without its routing view: derive it from the spec, which must be sound.
-            if spec_text is None:
-                raise ValueError("no spec")
-            rt = _routing_json(parse_spec(spec_text))
-        r = json.loads(rt)
-        return RouteInfo(
-            id=job_id,
-            job_type=str(r["t"]),
-            priority=int(r.get("p") or 0),
-            deadline_s=None if r.get("d") is None else float(r["d"]),
-            tenant=r.get("n"),
-            tags=tuple(r.get("g") or ()),
-            created_s=int(created_ms or 0) / 1000,
-        )
 
     async def wait_for_ingress(self, timeout_s: float) -> bool:
         """Block until a submit signals the ingress (True) or the timeout passes (False).
         Waits at most MAX_BLOCK_S per call."""
-        got = await self.redis.blpop([self.keys.ingress_signal], timeout=_block_s(timeout_s))
+        return await self._wait_signal(self.keys.ingress_signal, timeout_s)
+
+    async def _wait_signal(self, key: str, timeout_s: float) -> bool:
+        try:
+            got = await self.redis.blpop([key], timeout=_block_s(timeout_s))
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            # The signal key holds something else. The reader that comes before every wait
+            # (peek for the ingress, lease for a queue) moves it aside; until then, wait out
+            # the timeout as if no signal came, rather than fail and spin.
+            log.error("store.signal_key_wrong_type", key=key)
+            await asyncio.sleep(_block_s(timeout_s))
+            return False
         return got is not None
 
     async def enqueue(self, assignments: Sequence[tuple[str, str]]) -> list[Code]:
         """Move (job id, queue) pairs from the ingress into their queues in one round trip."""
         if not assignments:
             return []
-        args: list[Any] = [self.now_ms(), len(assignments)]
+        args: list[Any] = [self.now_ms(), self._dead_ttl_ms, len(assignments)]
         for job_id, queue in assignments:
             args += [job_id, queue]
-        raw = await self._scripts.enqueue(keys=self._prefix, args=args)
-        return codes(raw)
+        return codes(await self._run(self._scripts.enqueue, args))
 
     async def promote_due(self, limit: int = 1000) -> int:
-        """Queue delayed and retrying jobs whose time has come; returns how many."""
-        return int(await self._scripts.promote(keys=self._prefix, args=[self.now_ms(), limit]))
+        """Queue delayed and retrying jobs whose time has come; returns how many. Corrupt ones
+        are dead-lettered on the way, stale entries dropped."""
+        args = [self.now_ms(), limit, self._dead_ttl_ms]
+        return int(await self._run(self._scripts.promote, args))
 
     # -- workers ----------------------------------------------------------------------------
 
     async def lease(self, queue: str, n: int = 1, *, lease_s: float | None = None) -> list[Lease]:
-        """Lease up to `n` jobs from the head of `queue`."""
+        """Lease up to `n` jobs from the head of `queue`. A worker never receives a corrupt record:
+        it is dead-lettered with the reason (and a stale member dropped) in its place."""
         lease_ms = _ms(lease_s if lease_s is not None else self.settings.lease_s)
-        raw = await self._scripts.lease(
-            keys=self._prefix, args=[queue, self.now_ms(), lease_ms, n, self._dead_ttl_ms]
+        raw = await self._run_raw(
+            self._scripts.lease, [queue, self.now_ms(), lease_ms, n, self._dead_ttl_ms]
         )
         leases: list[Lease] = []
-        corrupt: list[tuple[str, ErrorInfo]] = []
+        corrupt: list[tuple[str, str]] = []
         for i in range(0, len(raw), 3):
-            job_id, token = str(raw[i]), int(raw[i + 1])
+            job_id, token = raw[i].decode(), int(raw[i + 1])
             try:
-                leases.append(Lease(job_id, token, parse_spec(raw[i + 2]), queue))
-            except ValueError as exc:  # pydantic's ValidationError and JSON errors are ValueErrors
-                reason = f"stored spec is unreadable: {str(exc).splitlines()[0]}"
-                corrupt.append((job_id, ErrorInfo(type="CorruptJob", message=reason)))
+                leases.append(Lease(job_id, token, parse_stored_spec(raw[i + 2]), queue))
+            except PARSE_ERRORS as exc:
+                corrupt.append((job_id, _corrupt_reason(exc)))
         if corrupt:
-            await self.dead_letter(corrupt)
+            await self._dead_letter_corrupt(corrupt)
         return leases
 
     async def wait_for_queue(self, queue: str, timeout_s: float) -> bool:
         """Block until `queue` is signalled (jobs arrived) or the timeout passes.
         Waits at most MAX_BLOCK_S per call."""
-        got = await self.redis.blpop([self.keys.queue_signal(queue)], timeout=_block_s(timeout_s))
-        return got is not None
+        return await self._wait_signal(self.keys.queue_signal(queue), timeout_s)
 
     async def heartbeat(
         self, leases: Sequence[tuple[str, int]], *, lease_s: float | None = None
@@ -322,11 +370,10 @@ class Store:
         if not leases:
             return []
         lease_ms = _ms(lease_s if lease_s is not None else self.settings.lease_s)
-        args: list[Any] = [self.now_ms(), lease_ms, len(leases)]
+        args: list[Any] = [self.now_ms(), lease_ms, self._dead_ttl_ms, len(leases)]
         for job_id, token in leases:
             args += [job_id, token]
-        raw = await self._scripts.heartbeat(keys=self._prefix, args=args)
-        return codes(raw)
+        return codes(await self._run(self._scripts.heartbeat, args))
 
     async def complete(self, results: Sequence[tuple[str, int, Any]]) -> list[Code]:
         """Store results of (job id, token, result) in one round trip. Results must be JSON:
@@ -346,19 +393,17 @@ class Store:
         args: list[Any] = [self.now_ms(), self._result_ttl_ms, len(results)]
         for job_id, token, text in results:
             args += [job_id, token, text]
-        raw = await self._scripts.complete(keys=self._prefix, args=args)
-        return codes(raw)
+        return codes(await self._run(self._scripts.complete, args))
 
     async def release(self, leases: Sequence[tuple[str, int]]) -> list[Code]:
         """Hand (job id, token) leases back to their queues unfinished, without charging the
         attempt against max_retries: for a worker that drains on reassignment or scale-down."""
         if not leases:
             return []
-        args: list[Any] = [self.now_ms(), len(leases)]
+        args: list[Any] = [self.now_ms(), self._dead_ttl_ms, len(leases)]
         for job_id, token in leases:
             args += [job_id, token]
-        raw = await self._scripts.release(keys=self._prefix, args=args)
-        return codes(raw)
+        return codes(await self._run(self._scripts.release, args))
 
     def backoff_s(self, attempt: int) -> float:
         """Retry delay after failed attempt number `attempt` (1-based), jitter included."""
@@ -370,19 +415,16 @@ class Store:
         self, job_id: str, token: int, error: ErrorInfo, *, retryable: bool = True
     ) -> Code:
         """Record a failed attempt: RETRY_SCHEDULED, DEAD_LETTERED, or OK when it was cancelled."""
-        raw = await self._scripts.fail(
-            keys=self._prefix,
-            args=[
-                self.now_ms(),
-                self._result_ttl_ms,
-                job_id,
-                token,
-                error.model_dump_json(),
-                "1" if retryable else "0",
-                _ms(self.backoff_s(token)),
-            ],
-        )
-        return Code(int(raw))
+        args = [
+            self.now_ms(),
+            self._result_ttl_ms,
+            job_id,
+            token,
+            error.model_dump_json(),
+            "1" if retryable else "0",
+            _ms(self.backoff_s(token)),
+        ]
+        return Code(int(await self._run(self._scripts.fail, args)))
 
     async def dead_letter(self, jobs: Sequence[tuple[str, ErrorInfo]]) -> list[Code]:
         """Send jobs to the dead-letter set with a reason, from any unfinished state."""
@@ -391,45 +433,61 @@ class Store:
         args: list[Any] = [self.now_ms(), self._dead_ttl_ms, len(jobs)]
         for job_id, error in jobs:
             args += [job_id, error.model_dump_json()]
-        raw = await self._scripts.dead_letter(keys=self._prefix, args=args)
-        return codes(raw)
+        return codes(await self._run(self._scripts.dead_letter, args))
 
     # -- control ----------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Code:
-        """OK (cancelled now), CANCEL_PENDING (running; its worker stops it), ALREADY_FINISHED
-        or NOT_FOUND."""
-        raw = await self._scripts.cancel(
-            keys=self._prefix, args=[self.now_ms(), self._result_ttl_ms, job_id]
-        )
-        return Code(int(raw))
+        """OK (cancelled now), CANCEL_PENDING (running; its worker stops it), ALREADY_FINISHED,
+        NOT_FOUND, or CORRUPT (the record was unreadable: dead-lettered with the reason)."""
+        args = [self.now_ms(), self._result_ttl_ms, job_id]
+        return Code(int(await self._run(self._scripts.cancel, args)))
 
     async def requeue_expired(self, limit: int = 1000) -> RequeueReport:
-        """Return jobs whose lease ran out to their queues (or the dead-letter set)."""
-        raw = await self._scripts.requeue_expired(
-            keys=self._prefix, args=[self.now_ms(), limit, self._result_ttl_ms]
+        """Return jobs whose lease ran out to their queues (or the dead-letter set). Corrupt ones
+        are dead-lettered on the way (counted in `corrupt`), stale entries dropped."""
+        raw = await self._run(
+            self._scripts.requeue_expired, [self.now_ms(), limit, self._result_ttl_ms]
         )
-        return RequeueReport(int(raw[0]), int(raw[1]), int(raw[2]))
+        return RequeueReport(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]))
 
     async def move(self, job_ids: Sequence[str], to_queue: str) -> list[Code]:
         """Move waiting jobs to another queue, keeping their place in the order."""
         if not job_ids:
             return []
-        raw = await self._scripts.move(
-            keys=self._prefix, args=[self.now_ms(), to_queue, len(job_ids), *job_ids]
-        )
-        return codes(raw)
+        args = [self.now_ms(), to_queue, self._dead_ttl_ms, len(job_ids), *job_ids]
+        return codes(await self._run(self._scripts.move, args))
 
     async def queued_ids(self, queue: str, *, start: int = 0, stop: int = -1) -> list[str]:
-        """Ids of the jobs waiting in `queue`, in serving order (a slice of it)."""
-        members = cast(list[str], await self.redis.zrange(self.keys.queue(queue), start, stop))
-        return [m.split(":", 1)[1] for m in members]
+        """Ids of the jobs waiting in `queue`, in serving order (a slice of it). Members that
+        name no job are left out (the next lease drops them)."""
+        members = await self._read_zset(self.keys.queue(queue), start, stop)
+        return [
+            m[_ORDER_HEAD:] for m in members if len(m) > _ORDER_HEAD and m[_ORDER_HEAD - 1] == ":"
+        ]
+
+    async def _read_zset(self, key: str, start: int, stop: int) -> list[str]:
+        """Members of a sorted set, as text; ones that are not UTF-8 are left out, and a key of
+        another type reads as empty (the next script to use it moves it aside)."""
+        try:
+            raw = await self._read_raw("ZRANGE", key, start, stop)
+        except ResponseError as exc:
+            if _wrong_type(exc):
+                return []
+            raise
+        out = []
+        for member in cast(list[bytes], raw):
+            try:
+                out.append(member.decode())
+            except UnicodeDecodeError:
+                continue
+        return out
 
     async def stats(self, queues: Iterable[str] = ()) -> StoreStats:
         """Depth, oldest wait, in flight and dead per queue (every known queue when none given)."""
         names = list(queues)
-        raw = await self._scripts.stats(
-            keys=self._prefix, args=[self.now_ms(), self._dead_ttl_ms, len(names), *names]
+        raw = await self._run(
+            self._scripts.stats, [self.now_ms(), self._dead_ttl_ms, len(names), *names]
         )
         per_queue = {
             str(raw[i]): QueueStats(
@@ -442,44 +500,66 @@ class Store:
                 completed_total=int(raw[i + 6]),
                 failed_total=int(raw[i + 7]),
             )
-            for i in range(2, len(raw), 8)
+            for i in range(4, len(raw), 8)
         }
-        return StoreStats(ingress=int(raw[0]), delayed=int(raw[1]), queues=per_queue)
+        return StoreStats(
+            ingress=int(raw[0]),
+            delayed=int(raw[1]),
+            queues=per_queue,
+            corrupt_records=int(raw[2]),
+            keys_moved_aside=int(raw[3]),
+        )
 
     async def dead_ids(self, queue: str) -> list[str]:
         """Ids in a queue's dead-letter set, oldest first."""
-        ids = cast(list[str], await self.redis.zrange(self.keys.dead(queue), 0, -1))
-        return ids
+        return await self._read_zset(self.keys.dead(queue), 0, -1)
 
     # -- reading ----------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job:
-        """The job's record. A corrupt record is dead-lettered with the reason, not raised."""
-        raw = cast(dict[str, str], await self.redis.hgetall(self.keys.job(job_id)))
-        if not raw:
+        """The job's record. A corrupt record (not a hash, a field missing, garbled or not UTF-8)
+        is not raised: an unfinished one is dead-lettered with the reason, and the Job returned
+        is a stand-in holding what could be read, with the reason as its error."""
+        raw = await self._hgetall(job_id)
+        if raw is None:
             raise JobNotFound(job_id)
         try:
             return _job_from_hash(job_id, raw)
-        except (ValueError, KeyError, TypeError) as exc:
-            reason = f"job record is corrupt: {str(exc).splitlines()[0]}"
-            await self.dead_letter([(job_id, ErrorInfo(type="CorruptJob", message=reason))])
-            raw = cast(dict[str, str], await self.redis.hgetall(self.keys.job(job_id)))
-            return _corrupt_job(job_id, raw, reason)
+        except PARSE_ERRORS as exc:
+            reason = _corrupt_reason(exc)
+        if raw.get("status", b"").decode(errors="replace") not in _FINISHED_VALUES:
+            await self._dead_letter_corrupt([(job_id, reason)])
+            raw = await self._hgetall(job_id) or {}
+        return _corrupt_job(job_id, raw, reason)
+
+    async def _hgetall(self, job_id: str) -> dict[str, bytes] | None:
+        """A job's fields as stored (None: no record); a key that is not a hash reads as an
+        empty record, which the caller finds corrupt."""
+        try:
+            raw = await self._read_raw("HGETALL", self.keys.job(job_id))
+        except ResponseError as exc:
+            if _wrong_type(exc):
+                return {}
+            raise
+        return _field_names(raw) or None
 
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
-        """Records of many jobs in one round trip; None where a record does not exist."""
+        """Records of many jobs in one round trip; None where a record does not exist. Corrupt
+        ones are dead-lettered as `get` does."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hgetall(self.keys.job(job_id))
-        rows: list[dict[str, str]] = await pipe.execute()
+            pipe.execute_command("HGETALL", self.keys.job(job_id), **{NEVER_DECODE: True})
+        rows: list[Any] = await pipe.execute(raise_on_error=False)
         out: list[Job | None] = []
         for job_id, raw in zip(job_ids, rows, strict=True):
-            if not raw:
+            if isinstance(raw, ResponseError) and not _wrong_type(raw):
+                raise raw
+            if not raw and not isinstance(raw, ResponseError):
                 out.append(None)
                 continue
             try:
-                out.append(_job_from_hash(job_id, raw))
-            except (ValueError, KeyError, TypeError):
+                out.append(_job_from_hash(job_id, _field_names(raw)))
+            except PARSE_ERRORS:
                 out.append(await self.get(job_id))  # dead-letters it with the reason
         return out
 
@@ -489,32 +569,34 @@ class Store:
         return outcome
 
     async def outcomes(self, job_ids: Sequence[str]) -> list[Outcome]:
-        """`outcome` of many jobs in one round trip."""
+        """`outcome` of many jobs in one round trip. A record that cannot be read has a CorruptJob
+        error saying why: a finished one keeps its status (its result reads as None); any other
+        is dead-lettered, and reported DEAD."""
         if not job_ids:
             return []
-        raw = await self._scripts.results(keys=self._prefix, args=list(job_ids))
-        return [
-            self._outcome(job_id, raw[3 * i], raw[3 * i + 1], raw[3 * i + 2])
-            for i, job_id in enumerate(job_ids)
-        ]
+        raw = await run_raw(self.redis, self._scripts.results, self._prefix, list(job_ids))
+        out: list[Outcome] = []
+        corrupt: list[tuple[str, str]] = []
+        for i, job_id in enumerate(job_ids):
+            status = raw[3 * i]
+            try:
+                out.append(_outcome(job_id, status, raw[3 * i + 1], raw[3 * i + 2]))
+            except CorruptRecord as exc:
+                error = ErrorInfo(type="CorruptJob", message=str(exc))
+                finished = _STATUS_BY_VALUE.get(status.decode(errors="replace"))
+                if finished is None or not finished.finished:
+                    corrupt.append((job_id, str(exc)))
+                    finished = JobStatus.DEAD
+                out.append(Outcome(job_id, finished, None, error))
+        if corrupt:
+            await self._dead_letter_corrupt(corrupt)
+        return out
 
-    @staticmethod
-    def _outcome(job_id: str, status: str | None, result: str | None, error: str | None) -> Outcome:
-        if status is None:
-            raise JobNotFound(job_id)
-        try:
-            return Outcome(
-                job_id,
-                _STATUS_BY_VALUE[status],
-                None if result is None else json.loads(result),
-                None if error is None else ErrorInfo.model_validate_json(error),
-            )
-        except (ValueError, KeyError) as exc:
-            # Not what the store writes: report it as the corrupt record it is.
-            reason = f"job record is corrupt: {str(exc).splitlines()[0]}"
-            return Outcome(
-                job_id, JobStatus.DEAD, None, ErrorInfo(type="CorruptJob", message=reason)
-            )
+    async def _dead_letter_corrupt(self, jobs: Sequence[tuple[str, str]]) -> None:
+        """Dead-letter records this module found corrupt, as CorruptJob with the reasons."""
+        for job_id, reason in jobs:
+            log.warning("store.corrupt_job_dead_lettered", job_id=job_id, reason=reason)
+        await self.dead_letter([(i, ErrorInfo(type="CorruptJob", message=m)) for i, m in jobs])
 
     async def wait_finished(self, job_id: str, timeout_s: float | None) -> Outcome:
         """Block until the job finishes (woken through this client's inbox, not by polling);
@@ -527,17 +609,18 @@ class Store:
     ) -> list[Outcome]:
         """`wait_finished` for many jobs: one call registers them all, one blocked connection
         delivers their completions, one call reads their outcomes. JobNotFound for an unknown id;
-        TimeoutError when `timeout_s` passes before all have finished."""
+        TimeoutError when `timeout_s` passes before all have finished. A corrupt record is
+        dead-lettered when it is watched, so its wait ends at once with its CorruptJob error."""
         seen = await self._waiter.wait(job_ids, timeout_s)
         known: dict[str, Outcome] = {}
         for job_id, status in zip(job_ids, seen, strict=True):
             if status is None:
                 raise JobNotFound(job_id)
             if isinstance(status, tuple):
-                # The finish notice carried the result: no read needed.
-                known[job_id] = self._outcome(job_id, status[0], status[1], None)
-            elif status and status not in _STATUS_BY_VALUE:
-                await self.get(job_id)  # a corrupt record: get() dead-letters it with the reason
+                # The finish notice carried the result: no read needed (unless it is unreadable:
+                # then the record is read, and judged, below).
+                with contextlib.suppress(CorruptRecord):
+                    known[job_id] = _outcome(job_id, status[0], status[1], None)
         unread = [job_id for job_id in job_ids if job_id not in known]
         for i in range(0, len(unread), _READ_CHUNK):
             for outcome in await self.outcomes(unread[i : i + _READ_CHUNK]):
@@ -549,13 +632,23 @@ class Store:
         require = "1" if self.settings.require_service else "0"
         for i in range(0, len(job_ids), _READ_CHUNK):
             chunk = job_ids[i : i + _READ_CHUNK]
-            raw = await self._scripts.watch(
-                keys=self._prefix,
-                args=[client_id, self._result_ttl_ms, require, len(chunk), *chunk],
-            )
+            args = [client_id, self._result_ttl_ms, self.now_ms(), require, len(chunk), *chunk]
+            raw: list[Any] = await self._run(self._scripts.watch, args)
             if int(raw[0]) == Code.NO_SERVICE:
                 raise await self._no_service()
-            out += raw[1:]
+            statuses: list[str | None] = raw[1:]
+            # watch.lua marks a record it cannot read with '!' and the reason: dead-letter it now,
+            # so nobody waits on a job no worker will ever finish.
+            corrupt = [
+                (job_id, s[1:])
+                for job_id, s in zip(chunk, statuses, strict=True)
+                if s is not None and s.startswith("!")
+            ]
+            if corrupt:
+                await self._dead_letter_corrupt(corrupt)
+            out += [
+                JobStatus.DEAD.value if s is not None and s.startswith("!") else s for s in statuses
+            ]
         return out
 
     async def close(self) -> None:
@@ -566,6 +659,11 @@ class Store:
 # Ids per script call when reading or watching many jobs (keeps each call short for the server).
 _READ_CHUNK = 1000
 _STATUS_BY_VALUE = {s.value: s for s in JobStatus}
+_FINISHED_VALUES = frozenset(s.value for s in JobStatus if s.finished)
+# Length of the order part of a queue member "<34 digits>:<id>", colon included (_common.lua).
+_ORDER_HEAD = 35
+# Calls to peek.lua at most per `pending`: later ones only refill the places of jobs found corrupt.
+_PEEK_ROUNDS = 4
 
 
 def _block_s(timeout_s: float) -> float:
@@ -573,43 +671,157 @@ def _block_s(timeout_s: float) -> float:
     return min(MAX_BLOCK_S, max(timeout_s, 0.001))
 
 
-def _opt_s(ms: str | None) -> float | None:
-    return None if ms is None else int(ms) / 1000
+def _wrong_type(exc: ResponseError) -> bool:
+    return str(exc).startswith("WRONGTYPE")
 
 
-def _job_from_hash(job_id: str, raw: dict[str, str]) -> Job:
-    error = raw.get("error")
-    result = raw.get("result")
-    return Job(
+def _log_notices(notices: Sequence[str]) -> None:
+    """Log what a script settled (see _common.lua): loudly, since each is data someone broke."""
+    for i in range(0, len(notices), 3):
+        kind, subject, detail = notices[i], notices[i + 1], notices[i + 2]
+        if kind == "dead_lettered":
+            log.warning("store.corrupt_job_dead_lettered", job_id=subject, reason=detail)
+        elif kind == "dropped":
+            log.warning("store.entry_dropped", index=subject, entry=detail)
+        else:  # moved_aside, counter_reset
+            log.error(f"store.{kind}", key=subject, detail=detail)
+
+
+def _route_info(
+    job_id: str, rt: bytes | None, spec_text: bytes | None, created_ms: bytes
+) -> RouteInfo:
+    """A pending job's RouteInfo from its stored fields; CorruptRecord saying why it has none."""
+    if rt is None:
+        # A record without its routing view: derive it from the spec, which must be sound.
+        if spec_text is None:
+            raise CorruptRecord("job record has neither a routing view nor a spec")
+        view = route_view_of(parse_stored_spec(spec_text))
+    else:
+        view = parse_route_view(rt)
+    return RouteInfo(
         id=job_id,
-        spec=parse_spec(raw["spec"]),
-        status=JobStatus(raw["status"]),
-        queue=raw.get("queue"),
-        attempts=int(raw.get("attempts", 0)),
-        created_s=int(raw["created_ms"]) / 1000,
-        started_s=_opt_s(raw.get("started_ms")),
-        finished_s=_opt_s(raw.get("finished_ms")),
-        result=None if result is None else json.loads(result),
-        error=None if error is None else ErrorInfo.model_validate_json(error),
-        cancel_requested=raw.get("cancel") == "1",
+        job_type=view.job_type,
+        priority=view.priority,
+        deadline_s=view.deadline_s,
+        tenant=view.tenant,
+        tags=view.tags,
+        created_s=parse_ms(created_ms, "created_ms") / 1000,
     )
 
 
-def _corrupt_job(job_id: str, raw: dict[str, str], reason: str) -> Job:
-    """A readable stand-in for a record that could not be parsed (now dead-lettered)."""
+def _corrupt_reason(exc: BaseException) -> str:
+    if isinstance(exc, CorruptRecord):
+        return str(exc)
+    return f"job record is corrupt: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def _field_names(raw: dict[bytes, bytes]) -> dict[str, bytes]:
+    # Field names are the store's own; a stray one that is not UTF-8 cannot be one of them.
+    return {k.decode(errors="replace"): v for k, v in raw.items()}
+
+
+def _text(raw: dict[str, bytes], name: str) -> str | None:
+    value = raw.get(name)
+    return None if value is None else decode_text(value, name)
+
+
+def _opt_s(raw: dict[str, bytes], name: str) -> float | None:
+    value = raw.get(name)
+    return None if value is None else parse_ms(value, name) / 1000
+
+
+def _status(text: str | None) -> JobStatus:
+    if text is None:
+        raise CorruptRecord("job record has no status")
+    status = _STATUS_BY_VALUE.get(text)
+    if status is None:
+        raise CorruptRecord(f"job record is corrupt: its status {text[:60]!r} is not a status")
+    return status
+
+
+def _json(text: str | bytes | None, field: str) -> Any:
+    if text is None:
+        return None
     try:
-        spec = parse_spec(raw.get("spec", ""))
-    except ValueError:
-        spec = JobSpec(job_type="unknown")
+        return json.loads(text)
+    except PARSE_ERRORS as exc:
+        raise CorruptRecord(f"job record's {field} is not JSON: {exc}") from None
+
+
+def _error(text: str | bytes | None) -> ErrorInfo | None:
+    if text is None:
+        return None
+    try:
+        return ErrorInfo.model_validate_json(text)
+    except PARSE_ERRORS as exc:
+        first = str(exc).splitlines()[0]
+        raise CorruptRecord(f"job record's error is unreadable: {first}") from None
+
+
+def _job_from_hash(job_id: str, raw: dict[str, bytes]) -> Job:
+    spec = raw.get("spec")
+    if spec is None:
+        raise CorruptRecord("job record has no spec")
+    created = raw.get("created_ms")
+    if created is None:
+        raise CorruptRecord("job record has no created_ms")
+    attempts = raw.get("attempts")
     return Job(
         id=job_id,
-        spec=spec,
-        status=JobStatus.DEAD,
-        queue=raw.get("queue"),
-        created_s=_opt_s(raw.get("created_ms")) or 0.0,
-        finished_s=_opt_s(raw.get("finished_ms")),
-        error=ErrorInfo(type="CorruptJob", message=reason),
+        spec=parse_stored_spec(spec),
+        status=_status(_text(raw, "status")),
+        queue=_text(raw, "queue"),
+        attempts=0 if attempts is None else parse_ms(attempts, "attempts"),
+        created_s=parse_ms(created, "created_ms") / 1000,
+        started_s=_opt_s(raw, "started_ms"),
+        finished_s=_opt_s(raw, "finished_ms"),
+        result=_json(raw.get("result"), "result"),
+        error=_error(raw.get("error")),
+        cancel_requested=raw.get("cancel") == b"1",
     )
+
+
+def _corrupt_job(job_id: str, raw: dict[str, bytes], reason: str) -> Job:
+    """A readable stand-in for a record that could not be parsed: its status when it finished
+    (an unfinished one was dead-lettered, and is DEAD now), what else can be read, and as its
+    error the record's own (the scripts' reason, for a record they replaced) or else `reason`."""
+
+    def readable(read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except PARSE_ERRORS:
+            return None
+
+    status = _STATUS_BY_VALUE.get(raw.get("status", b"").decode(errors="replace"))
+    if status is None or not status.finished:
+        status = JobStatus.DEAD
+    queue = raw.get("queue")
+    return Job(
+        id=job_id,
+        spec=readable(lambda: parse_stored_spec(raw["spec"])) or JobSpec(job_type="unknown"),
+        status=status,
+        queue=None if queue is None else queue.decode(errors="replace"),
+        attempts=readable(lambda: parse_ms(raw["attempts"], "attempts")) or 0,
+        created_s=readable(lambda: _opt_s(raw, "created_ms")) or 0.0,
+        started_s=readable(lambda: _opt_s(raw, "started_ms")),
+        finished_s=readable(lambda: _opt_s(raw, "finished_ms")),
+        result=readable(lambda: _json(raw.get("result"), "result")),
+        error=readable(lambda: _error(raw.get("error")))
+        or ErrorInfo(type="CorruptJob", message=reason),
+    )
+
+
+def _outcome(
+    job_id: str, status: str | bytes | None, result: str | bytes | None, error: str | bytes | None
+) -> Outcome:
+    """An Outcome from a record's status, result and error; JobNotFound when there is no
+    record, CorruptRecord when it is not what the store writes."""
+    if status is None:
+        raise JobNotFound(job_id)
+    text = status.decode(errors="replace") if isinstance(status, bytes) else status
+    if text.startswith("!"):  # results.lua's mark of a record it could not read
+        raise CorruptRecord(text[1:])
+    return Outcome(job_id, _status(text), _json(result, "result"), _error(error))
 
 
 __all__ = [

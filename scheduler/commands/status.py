@@ -120,6 +120,8 @@ def status(
             "namespace": settings.namespace,
             "ingress": second.ingress,
             "delayed": second.delayed,
+            "corrupt_records": second.corrupt_records,
+            "keys_moved_aside": second.keys_moved_aside,
             "leaders": leaders,
             "policy": published.policy if published else None,
             "allocation_changes": changes,
@@ -145,6 +147,12 @@ def status(
     led = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
     policy = f"policy {published.policy}" if published else "no controller has ticked recently"
     console.print(f"{led}; {policy}; {changes} allocation changes recorded", highlight=False)
+    if second.corrupt_records or second.keys_moved_aside:
+        # Serving goes on past corrupt data, so say that something is writing it.
+        console.print(
+            f"[yellow]{second.corrupt_records} corrupt job records dead-lettered, "
+            f"{second.keys_moved_aside} keys of the wrong type moved aside (corrupt:*)[/yellow]"
+        )
     if roles:
         console.print(_roles_table(role_rows(roles, time.time())))
 

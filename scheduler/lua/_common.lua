@@ -5,12 +5,29 @@
   Every script gets KEYS[1] = the namespace prefix ("bilevel:{ns}:"). Per-job and per-queue keys are
   built from it here; they all carry the same hash tag, so they share one Redis Cluster slot.
   Return codes mirror scheduler.codes.Code.
+
+  Corrupt data. A redis.call error aborts a script without undoing what it already wrote, so no
+  script may meet one half way: a job's fields are judged before anything is written for it, and
+  every command on a key that may hold the wrong type goes through kcall (a command that fails has
+  no effect, so the key can be set aside and the command repeated). What each finds:
+  - a key of the wrong Redis type (kcall): it is renamed aside to
+    prefix .. 'corrupt:' .. now_ms .. ':' .. <its name after the prefix> (Keys.moved_aside), with the
+    dead-letter TTL, counted (CORRUPT_TOTALS 'keys') and reported; nothing is deleted, so an operator
+    can look at what was there, and serving goes on with the key empty;
+  - a job record that is not a hash (read_job): moved aside the same way, and a dead record with the
+    reason takes its place (corrupt_key), so the job still ends dead-lettered, visibly;
+  - a record with a missing or garbled field its state needs (flaw), or that says it is somewhere it
+    is not: dead-lettered as CorruptJob with a reason naming the field (corrupt);
+  - an index entry whose job is gone, or is really elsewhere, or that names no job: dropped.
+  What was found goes back to the caller as notices (scripts return {reply, notices}), to be logged.
 ]]
 local prefix = KEYS[1]
 local INGRESS = prefix .. 'ingress'
 local DELAYED = prefix .. 'delayed'
 local QUEUES = prefix .. 'queues'
 local INGRESS_QUEUE = '~ingress'
+-- HASH: how many job records readers found corrupt ('records') and keys they moved aside ('keys').
+local CORRUPT_TOTALS = prefix .. 'corrupt:totals'
 
 local C_OK, C_DUPLICATE, C_NOT_FOUND, C_WRONG_STATE, C_STALE_LEASE = 0, 1, 2, 3, 4
 local C_ALREADY_FINISHED, C_CANCEL_REQUESTED, C_RETRY_SCHEDULED = 5, 6, 7
@@ -22,6 +39,10 @@ local C_NO_SERVICE = 12
 -- then deadline, then arrival, and ZPOPMIN takes the head.
 local ORDER_HEAD = 35
 local NO_DEADLINE = 999999999999999
+
+-- Set by each script from its ARGV before the helpers below run: the time, and the TTL of a record
+-- dead-lettered as corrupt and of a key moved aside.
+local NOW, DEAD_TTL = 0, 0
 
 -- Lua's C stack limits unpack(); longer argument lists go in chunks (even, for score/member pairs).
 local CHUNK = 7000
@@ -46,40 +67,212 @@ local INLINE_RESULT_BYTES = 8192
 local function countskey(q) return prefix .. 'counts:' .. q end
 
 local FINISHED = {succeeded = true, dead = true, cancelled = true}
+local STATUSES = {
+  pending = true, queued = true, delayed = true, retrying = true, running = true,
+  succeeded = true, dead = true, cancelled = true,
+}
 
--- Why a worker's report under lease `token` cannot be taken, as a code; nil when it can. `status`
--- and `attempts` are the job record's fields (false when the record is missing).
-local function lease_refusal(status, attempts, token)
-  if not status then return C_NOT_FOUND end
-  if FINISHED[status] then return C_ALREADY_FINISHED end
-  if status ~= 'running' or tonumber(attempts) ~= token then return C_STALE_LEASE end
+-- -- what the caller is told -------------------------------------------------------------------
+
+-- Text safe to hand back and to log: bytes outside printable ASCII escaped, long values cut.
+local function printable(s)
+  s = tostring(s)
+  if #s > 120 then s = string.sub(s, 1, 120) .. '...' end
+  return (string.gsub(s, '[^\32-\126]', function(c)
+    return string.format('\\x%02x', string.byte(c))
+  end))
+end
+
+-- Flat (kind, subject, detail) triples: 'moved_aside' (a key, what it was and where it went),
+-- 'dead_lettered' (a job id, the reason), 'dropped' (an index key, the entry and why),
+-- 'counter_reset' (a counter hash, the field and the error).
+local notices = {}
+local function notice(kind, subject, detail)
+  notices[#notices + 1] = kind
+  notices[#notices + 1] = printable(subject)
+  notices[#notices + 1] = printable(detail)
+end
+
+-- A JSON error object built without cjson.encode's float quirks.
+local function error_json(etype, message)
+  return cjson.encode({type = etype, message = message})
+end
+
+-- -- keys of the wrong type ----------------------------------------------------------------------
+
+local count_corrupt
+
+-- Rename `key` (holding a `t` where bilevel keeps something else) aside; returns the new name.
+local function move_aside(key, t)
+  local base = prefix .. 'corrupt:' .. string.format('%d', NOW) .. ':'
+    .. string.sub(key, #prefix + 1)
+  local dest, i = base, 0
+  while redis.call('EXISTS', dest) == 1 do
+    i = i + 1
+    dest = base .. '~' .. i
+  end
+  redis.call('RENAME', key, dest)
+  if DEAD_TTL > 0 then redis.call('PEXPIRE', dest, DEAD_TTL) end
+  count_corrupt('keys')
+  notice('moved_aside', key, 'a ' .. t .. ', moved to ' .. dest)
+  return dest
+end
+
+local function wrong_type(r)
+  return type(r) == 'table' and r.err and string.sub(r.err, 1, 9) == 'WRONGTYPE'
+end
+
+-- redis.call of command `cmd` on `key` (its first argument), for a key that may hold the wrong
+-- type: then it is moved aside and the command runs again on the now empty key. A command that
+-- fails does nothing, so nothing is left half done; and on a sound key this costs no more than
+-- redis.call. Any other error is raised as redis.call would.
+local function kcall(cmd, key, ...)
+  local r = redis.pcall(cmd, key, ...)
+  if type(r) == 'table' and r.err then
+    if not wrong_type(r) then error(r) end
+    move_aside(key, redis.call('TYPE', key)['ok'])
+    return redis.call(cmd, key, ...)
+  end
+  return r
+end
+
+-- call_chunked through kcall.
+local function kcall_chunked(cmd, key, args)
+  for i = 1, #args, CHUNK do
+    kcall(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, #args)))
+  end
+end
+
+-- HINCRBY that cannot fail: a field holding a non-integer restarts from `by`, with a notice.
+local function incr(key, field, by)
+  local r = redis.pcall('HINCRBY', key, field, by)
+  if wrong_type(r) then
+    move_aside(key, redis.call('TYPE', key)['ok'])
+    r = redis.pcall('HINCRBY', key, field, by)
+  end
+  if type(r) == 'table' and r.err then
+    notice('counter_reset', key, field .. ': ' .. r.err)
+    redis.call('HSET', key, field, by)
+  end
+end
+
+count_corrupt = function(field) incr(CORRUPT_TOTALS, field, 1) end
+
+-- -- job records ---------------------------------------------------------------------------------
+
+-- Job id's record as a table of the named fields (false where a field is missing; 'status' must
+-- come first): nil when there is no record; false and the key's type when it is not a hash.
+local function read_job(id, names)
+  local k = jobkey(id)
+  local f = redis.pcall('HMGET', k, unpack(names))
+  if f.err then return false, redis.call('TYPE', k)['ok'] end
+  local rec = {}
+  for i, name in ipairs(names) do rec[name] = f[i] end
+  if not rec.status and redis.call('EXISTS', k) == 0 then return nil end
+  return rec
+end
+
+-- A decimal count or ms time as the scripts write them. (tonumber also takes ' 5', '0x10' and
+-- '1e400': garbage here.) Thirty digits is far beyond any real value, and always finite.
+local function is_uint(v)
+  return v and #v <= 30 and string.find(v, '^%d+$') ~= nil
+end
+-- Mirrors scheduler.keys.validate_name.
+local function is_queue_name(q)
+  return q and #q <= 64 and string.find(q, '^[%w][%w_.%-]*$') ~= nil
+end
+-- Ids are printable ASCII without spaces (the client makes hex ids): anything else names no job.
+local function is_id(id)
+  return id and #id > 0 and #id <= 256 and not string.find(id, '[^\33-\126]')
+end
+-- "<34 digits>:<id>" (the digits run up to the first ':', so it is at ORDER_HEAD exactly), with
+-- no allocation: this runs for every job a reader moves.
+local function is_order(o, id)
+  if not o or #o ~= ORDER_HEAD + #id then return false end
+  local _, colon = string.find(o, '^%d+:')
+  return colon == ORDER_HEAD and string.find(o, id, ORDER_HEAD + 1, true) == ORDER_HEAD + 1
+end
+
+-- Whole-number fields, and the states that need each (true: every unfinished state).
+local UINT_FIELDS = {'attempts', 'maxr', 'released', 'due_ms', 'created_ms', 'started_ms'}
+local NEEDED = {
+  attempts = {running = true}, maxr = true, released = {}, due_ms = {pending = true},
+  created_ms = true, started_ms = {},
+}
+
+local function needs(field, status)
+  local n = NEEDED[field]
+  return n == true or n[status] == true
+end
+
+-- Why record `rec` of job id cannot go on in its state, or nil. Only the fields read are judged
+-- (nil: not read; false: read and missing); a finished record is only ever read for its outcome.
+local function flaw(id, rec)
+  local s = rec.status
+  if not s then return 'job record has no status' end
+  if not STATUSES[s] then return "job record has an unknown status '" .. printable(s) .. "'" end
+  if FINISHED[s] then return nil end
+  if rec.queue ~= nil and s ~= 'pending' and not is_queue_name(rec.queue) then
+    if not rec.queue then return 'job record has no queue' end
+    return "job record's queue '" .. printable(rec.queue) .. "' is not a queue name"
+  end
+  if rec.order ~= nil and not is_order(rec.order, id) then
+    if not rec.order then return 'job record has no order' end
+    return "job record's order '" .. printable(rec.order) .. "' is not an order of this job"
+  end
+  for _, name in ipairs(UINT_FIELDS) do
+    local v = rec[name]
+    if v then
+      if not is_uint(v) then
+        return "job record's " .. name .. " '" .. printable(v) .. "' is not a whole number"
+      end
+    elseif v == false and needs(name, s) then
+      return 'job record has no ' .. name
+    end
+  end
+  if rec.spec == false then return 'job record has no spec' end
   return nil
 end
 
+-- -- moving jobs ---------------------------------------------------------------------------------
+
 -- Wake one waiting worker of queue q (a list holding at most one token).
 local function signal_queue(q)
-  redis.call('LPUSH', qsignalkey(q), '1')
+  kcall('LPUSH', qsignalkey(q), '1')
   redis.call('LTRIM', qsignalkey(q), 0, 0)
 end
 
 -- Put job id into queue q now, with its order member (made at submit).
 local function push_queued(id, q, now, member)
-  redis.call('ZADD', qkey(q), 0, member)
-  redis.call('ZADD', qagekey(q), now, id)
+  kcall('ZADD', qkey(q), 0, member)
+  kcall('ZADD', qagekey(q), now, id)
   redis.call('HSET', jobkey(id), 'status', 'queued', 'queue', q)
 end
 
--- Remove job id from whichever structure its status says it is in.
+local function zrem(key, member) kcall('ZREM', key, member) end
+
+-- Remove job id from whichever structure its status says it is in (q: its queue, or false when
+-- unknown). A status that is no status at all takes it out of every place it may be.
 local function detach(id, status, q, member)
   if status == 'pending' then
-    redis.call('ZREM', INGRESS, id)
-  elseif status == 'queued' then
-    if member then redis.call('ZREM', qkey(q), member) end
-    redis.call('ZREM', qagekey(q), id)
+    zrem(INGRESS, id)
   elseif status == 'delayed' or status == 'retrying' then
-    redis.call('ZREM', DELAYED, id)
+    zrem(DELAYED, id)
+  elseif status == 'queued' then
+    if q then
+      if member then zrem(qkey(q), member) end
+      zrem(qagekey(q), id)
+    end
   elseif status == 'running' then
-    redis.call('ZREM', leasedkey(q), id)
+    if q then zrem(leasedkey(q), id) end
+  elseif not STATUSES[status] then
+    zrem(INGRESS, id)
+    zrem(DELAYED, id)
+    if q then
+      if member then zrem(qkey(q), member) end
+      zrem(qagekey(q), id)
+      zrem(leasedkey(q), id)
+    end
   end
 end
 
@@ -97,12 +290,12 @@ local function finish(id, status, now, ttl_ms, waiting, result)
   if waiting == nil then waiting = redis.call('HGET', k, 'w') end
   if waiting then
     -- A small result travels with the notice ("id\nstatus\nresult"), saving the waiter a read.
-    local notice = id
+    local notice_text = id
     if result and #result <= INLINE_RESULT_BYTES then
-      notice = id .. '\n' .. status .. '\n' .. result
+      notice_text = id .. '\n' .. status .. '\n' .. result
     end
-    for _, client in ipairs(redis.call('SMEMBERS', waiterskey(id))) do
-      redis.call('RPUSH', inboxkey(client), notice)
+    for _, client in ipairs(kcall('SMEMBERS', waiterskey(id))) do
+      kcall('RPUSH', inboxkey(client), notice_text)
       redis.call('PEXPIRE', inboxkey(client), INBOX_TTL_MS)
     end
     redis.call('DEL', waiterskey(id))
@@ -112,13 +305,125 @@ end
 -- Dead-letter a job that is currently in `status` (in queue q, or the ingress when q is false).
 local function dead_letter(id, status, q, member, reason, now, ttl_ms)
   detach(id, status, q, member)
-  local dq = q or INGRESS_QUEUE
-  redis.call('ZADD', deadkey(dq), now, id)
+  kcall('ZADD', deadkey(q or INGRESS_QUEUE), now, id)
   redis.call('HSET', jobkey(id), 'error', reason)
   finish(id, 'dead', now, ttl_ms)
 end
 
--- A JSON error object built without cjson.encode's float quirks.
-local function error_json(etype, message)
-  return cjson.encode({type = etype, message = message})
+-- Dead-letter record `rec` (a hash) of job id as CorruptJob for reason `why`. q is the queue of
+-- the index it was found in (false for the ingress and the delayed set): with an unusable status
+-- the job is taken out of every place it may be, in its own queue and in q.
+local function corrupt(id, rec, q, why)
+  local s = rec.status
+  local own = is_queue_name(rec.queue) and rec.queue or false
+  local member = is_order(rec.order, id) and rec.order or false
+  if not (s and STATUSES[s]) then
+    s = 'unknown'
+    if q and q ~= own then detach(id, s, q, false) end
+  end
+  dead_letter(id, s, own or q, member, error_json('CorruptJob', why), NOW, DEAD_TTL)
+  count_corrupt('records')
+  notice('dead_lettered', id, why)
+end
+
+-- Job id's key holds a `t`, not a hash: move it aside and dead-letter the job in a fresh record
+-- (found in queue q, or false). Returns the reason.
+local function corrupt_key(id, t, q)
+  local dest = move_aside(jobkey(id), t)
+  local why = 'job record is a ' .. t .. ', not a hash (moved to ' .. dest .. ')'
+  detach(id, 'unknown', q, false)
+  kcall('ZADD', deadkey(q or INGRESS_QUEUE), NOW, id)
+  if q then redis.call('HSET', jobkey(id), 'queue', q) end
+  redis.call('HSET', jobkey(id), 'error', error_json('CorruptJob', why))
+  -- Clients may have registered before the record was overwritten: tell them.
+  finish(id, 'dead', NOW, DEAD_TTL, '1')
+  count_corrupt('records')
+  notice('dead_lettered', id, why)
+  return why
+end
+
+-- -- index entries -------------------------------------------------------------------------------
+
+local function place_text(status, q)
+  if status == 'pending' then return 'the ingress' end
+  if status == 'delayed' or status == 'retrying' then return 'the delayed set' end
+  if status == 'queued' then return "queue '" .. printable(q) .. "'" end
+  return "the lease set of queue '" .. printable(q) .. "'"
+end
+
+-- Whether job id is where its (sound) record's status says: then an entry elsewhere is stale.
+local function placed(id, rec)
+  local s, q = rec.status, rec.queue
+  if s == 'pending' then
+    return kcall('ZSCORE', INGRESS, id) ~= false
+  elseif s == 'delayed' or s == 'retrying' then
+    return kcall('ZSCORE', DELAYED, id) ~= false
+  elseif s == 'queued' then
+    return kcall('ZSCORE', qkey(q), rec.order) ~= false
+  elseif s == 'running' then
+    return kcall('ZSCORE', leasedkey(q), id) ~= false
+  end
+  return false
+end
+
+local function belongs(rec, here, q)
+  local s = rec.status
+  if here == 'delayed' then return s == 'delayed' or s == 'retrying' end
+  return s == here and (here == 'pending' or rec.queue == q)
+end
+
+-- Judge the entry of job id found in index `index` (its key), which holds jobs in state `here`
+-- ('pending', 'queued', 'running' or 'delayed') of queue q (false for the ingress and the delayed
+-- set). Returns the record (fields `names`, 'status', 'queue' and 'order' among them) when the
+-- job belongs there and can go on; otherwise settles it and returns nil and what it did: 'dead'
+-- (a corrupt record, dead-lettered) or 'dropped' (a stale entry). On nil the caller removes the
+-- entry from its index.
+local function judge(id, index, here, q, names)
+  if not is_id(id) then
+    notice('dropped', index, id .. ': not a job id')
+    return nil, 'dropped'
+  end
+  local rec, t = read_job(id, names)
+  if rec == nil then
+    notice('dropped', index, id .. ': no such job')
+    return nil, 'dropped'
+  end
+  if rec == false then
+    corrupt_key(id, t, q)
+    return nil, 'dead'
+  end
+  local why = flaw(id, rec)
+  if why then
+    corrupt(id, rec, q, why)
+    return nil, 'dead'
+  end
+  if belongs(rec, here, q) then return rec end
+  if FINISHED[rec.status] or placed(id, rec) then
+    notice('dropped', index, id .. ': the job is ' .. rec.status .. ' elsewhere')
+    return nil, 'dropped'
+  end
+  corrupt(id, rec, q, 'job record says it is ' .. rec.status .. ' in '
+          .. place_text(rec.status, rec.queue) .. ', but it is in '
+          .. place_text(here, q) .. ' instead')
+  return nil, 'dead'
+end
+
+-- A worker's report on job id under lease `token`: the record (fields `names`, 'status' and
+-- 'attempts' among them) when `accept`s its status and the token is current; else nil and the
+-- code: C_NOT_FOUND, C_ALREADY_FINISHED, C_STALE_LEASE, or C_CORRUPT (dead-lettered here).
+local function reported(id, names, token, accept)
+  local rec, t = read_job(id, names)
+  if rec == nil then return nil, C_NOT_FOUND end
+  if rec == false then
+    corrupt_key(id, t, false)
+    return nil, C_CORRUPT
+  end
+  if rec.status and FINISHED[rec.status] then return nil, C_ALREADY_FINISHED end
+  local why = flaw(id, rec)
+  if why then
+    corrupt(id, rec, false, why)
+    return nil, C_CORRUPT
+  end
+  if not accept[rec.status] or tonumber(rec.attempts) ~= token then return nil, C_STALE_LEASE end
+  return rec
 end

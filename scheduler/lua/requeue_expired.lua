@@ -6,36 +6,54 @@
   KEYS[1]  namespace prefix
   ARGV[1]  now_ms
   ARGV[2]  at most this many jobs per queue
-  ARGV[3]  TTL in ms of a finished record
-  Returns  {requeued, dead-lettered, cancelled}
-  Events   one token on the signal list of every queue that got a job back.
+  ARGV[3]  TTL in ms of a finished record (and of a key moved aside)
+  Returns  {{requeued, dead-lettered, cancelled, corrupt}, notices}; notices: what was settled
+           (see _common.lua).
+  Settled  an entry whose job is gone or really elsewhere, or that names no job: dropped; a job key
+           that is not a hash: moved aside, the job dead-lettered in a fresh record; a record with
+           a missing or garbled status, queue, order, attempts, maxr or released, or whose status
+           puts it somewhere it is not: dead-lettered (CorruptJob, with the reason), counted as
+           corrupt. A member of the queue set that is not a queue name is dropped from it; a
+           queue-set, lease-set, queue or signal key of the wrong type is moved aside first.
+  Events   one token on the signal list of every queue that got a job back; the finish notice of
+           every job finished here.
 ]]
 -- @include _common.lua
 
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local requeued, dead, cancelled = 0, 0, 0
-for _, q in ipairs(redis.call('SMEMBERS', QUEUES)) do
-  local ids = redis.call('ZRANGEBYSCORE', leasedkey(q), '-inf', now, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    local k = jobkey(id)
-    local f = redis.call('HMGET', k, 'status', 'attempts', 'maxr', 'cancel', 'order', 'released')
-    if f[1] ~= 'running' then
-      redis.call('ZREM', leasedkey(q), id)
-    elseif f[4] == '1' then
-      detach(id, 'running', q, f[5])
-      finish(id, 'cancelled', now, ttl)
-      cancelled = cancelled + 1
-    elseif tonumber(f[2]) - (tonumber(f[6]) or 0) > (tonumber(f[3]) or 0) then
-      dead_letter(id, 'running', q, f[5],
-                  error_json('LeaseExpired', 'lease expired on attempt ' .. f[2] ..
-                             ', no retries left'), now, ttl)
-      dead = dead + 1
-    else
-      redis.call('ZREM', leasedkey(q), id)
-      push_queued(id, q, now, f[5])
-      requeued = requeued + 1
+NOW, DEAD_TTL = now, ttl
+local requeued, dead, cancelled, bad = 0, 0, 0, 0
+local names = {'status', 'queue', 'order', 'attempts', 'maxr', 'cancel', 'released'}
+for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
+  if not is_queue_name(q) then
+    redis.call('SREM', QUEUES, q)
+    notice('dropped', QUEUES, q .. ': not a queue name')
+  else
+    local lk = leasedkey(q)
+    local ids = kcall('ZRANGEBYSCORE', lk, '-inf', now, 'LIMIT', 0, limit)
+    local back = false
+    for _, id in ipairs(ids) do
+      local rec, settled = judge(id, lk, 'running', q, names)
+      if not rec then
+        redis.call('ZREM', lk, id)
+        if settled == 'dead' then bad = bad + 1 end
+      elseif rec.cancel == '1' then
+        detach(id, 'running', q, rec.order)
+        finish(id, 'cancelled', now, ttl)
+        cancelled = cancelled + 1
+      elseif tonumber(rec.attempts) - (tonumber(rec.released) or 0) > tonumber(rec.maxr) then
+        dead_letter(id, 'running', q, rec.order,
+                    error_json('LeaseExpired', 'lease expired on attempt ' .. rec.attempts ..
+                               ', no retries left'), now, ttl)
+        dead = dead + 1
+      else
+        redis.call('ZREM', lk, id)
+        push_queued(id, q, now, rec.order)
+        requeued = requeued + 1
+        back = true
+      end
     end
+    if back then signal_queue(q) end
   end
-  if #ids > 0 then signal_queue(q) end
 end
-return {requeued, dead, cancelled}
+return {{requeued, dead, cancelled, bad}, notices}

@@ -1,39 +1,65 @@
 --[[
-  stats: per-queue depth, oldest wait, in flight and dead; plus ingress and delayed totals.
-  Also drops dead-letter entries whose records have expired.
+  stats: per-queue depth, oldest wait, in flight and dead; plus ingress and delayed totals, and
+  what readers found corrupt. Also drops dead-letter entries whose records have expired.
 
   KEYS[1]  namespace prefix
   ARGV[1]  now_ms
-  ARGV[2]  dead-letter retention in ms
+  ARGV[2]  dead-letter retention in ms (also the TTL of a key moved aside)
   ARGV[3]  number of queues N, then N names (N = 0: every known queue)
-  Returns  {ingress depth, delayed count, then 8 values per queue:
-            name, depth, oldest wait ms, in flight, dead, and the running totals of jobs
-            enqueued, completed and failed attempts}
+  Returns  {{ingress depth, delayed count, corrupt records dead-lettered, keys moved aside, then
+             8 values per queue: name, depth, oldest wait ms, in flight, dead, and the running
+             totals of jobs enqueued, completed and failed attempts}, notices}
+           A counter that is not a whole number reads as 0. Any key of the wrong type is moved
+           aside (and reads as empty); a member of the queue set that is not a queue name is
+           dropped from it; notices say so (see _common.lua).
 ]]
 -- @include _common.lua
 
 local now, keep_ms, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+NOW, DEAD_TTL = now, keep_ms
 local names = {}
 if n == 0 then
-  names = redis.call('SMEMBERS', QUEUES)
+  for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
+    if is_queue_name(q) then
+      names[#names + 1] = q
+    else
+      redis.call('SREM', QUEUES, q)
+      notice('dropped', QUEUES, q .. ': not a queue name')
+    end
+  end
   table.sort(names)
 else
-  for i = 1, n do names[i] = ARGV[3 + i] end
+  for i = 1, n do
+    if is_queue_name(ARGV[3 + i]) then names[#names + 1] = ARGV[3 + i] end
+  end
 end
-local out = {redis.call('ZCARD', INGRESS), redis.call('ZCARD', DELAYED)}
+
+-- Counters are read, never trusted: fifteen digits is far beyond any real total.
+local function count(v)
+  if is_uint(v) and #v <= 15 then return tonumber(v) end
+  return 0
+end
+local function card(key) return kcall('ZCARD', key) end
+
+local out = {card(INGRESS), card(DELAYED)}
+local corrupt_totals = kcall('HMGET', CORRUPT_TOTALS, 'records', 'keys')
+out[3] = count(corrupt_totals[1])
+out[4] = count(corrupt_totals[2])
 for _, q in ipairs(names) do
-  redis.call('ZREMRANGEBYSCORE', deadkey(q), '-inf', now - keep_ms)
-  local oldest = redis.call('ZRANGE', qagekey(q), 0, 0, 'WITHSCORES')
+  kcall('ZREMRANGEBYSCORE', deadkey(q), '-inf', now - keep_ms)
+  local oldest = kcall('ZRANGE', qagekey(q), 0, 0, 'WITHSCORES')
   local wait = 0
-  if oldest[2] then wait = math.max(0, now - tonumber(oldest[2])) end
+  local since = tonumber(oldest[2])
+  -- A score of +-inf (never written by the scripts) must not become a wait.
+  if since and since > -math.huge and since < math.huge then wait = math.max(0, now - since) end
   out[#out + 1] = q
-  out[#out + 1] = redis.call('ZCARD', qkey(q))
+  out[#out + 1] = card(qkey(q))
   out[#out + 1] = wait
-  out[#out + 1] = redis.call('ZCARD', leasedkey(q))
-  out[#out + 1] = redis.call('ZCARD', deadkey(q))
-  local totals = redis.call('HMGET', countskey(q), 'enqueued', 'completed', 'failed')
-  out[#out + 1] = tonumber(totals[1]) or 0
-  out[#out + 1] = tonumber(totals[2]) or 0
-  out[#out + 1] = tonumber(totals[3]) or 0
+  out[#out + 1] = card(leasedkey(q))
+  out[#out + 1] = card(deadkey(q))
+  local totals = kcall('HMGET', countskey(q), 'enqueued', 'completed', 'failed')
+  out[#out + 1] = count(totals[1])
+  out[#out + 1] = count(totals[2])
+  out[#out + 1] = count(totals[3])
 end
-return out
+return {out, notices}

@@ -8,8 +8,9 @@
   ARGV[4]  number of jobs N, then 8 values per job:
            id, spec JSON, idempotency key ('' = none), priority, deadline_ms ('' = none),
            due_ms (not before), max_retries, routing view JSON (what level 1 reads: no payload)
-  Returns  {C_NO_SERVICE} alone when refused for want of a router (nothing written); else
-           a flat array, 2 entries per job: code, job id
+  Returns  {reply, notices} (notices: keys of the wrong type moved aside, see _common.lua).
+           reply is {C_NO_SERVICE} alone when refused for want of a router (nothing written);
+           else a flat array, 2 entries per job: code, job id
            C_OK        created; the id is the given one. Also when a job of that id exists already:
                        ids are random per submission, so that is this submission's own earlier
                        attempt (a retry after a lost reply), which must not make a second job
@@ -21,10 +22,18 @@
 
 local now = tonumber(ARGV[1])
 local idem_ttl = tonumber(ARGV[2])
-if ARGV[3] == '1' and not router_served() then return {C_NO_SERVICE} end
+NOW, DEAD_TTL = now, idem_ttl
+if ARGV[3] == '1' and not router_served() then return {{C_NO_SERVICE}, notices} end
 local n = tonumber(ARGV[4])
--- Reserve the batch's arrival sequence numbers in one step.
-local seq = redis.call('INCRBY', prefix .. 'seq', n) - n
+-- Reserve the batch's arrival sequence numbers in one step. A counter that is not a counter is
+-- moved aside and starts again (arrival order then restarts with it).
+local SEQ = prefix .. 'seq'
+local seq = redis.pcall('INCRBY', SEQ, n)
+if type(seq) == 'table' then
+  move_aside(SEQ, redis.call('TYPE', SEQ)['ok'])
+  seq = redis.call('INCRBY', SEQ, n)
+end
+seq = seq - n
 local out = {}
 local ingress = {}
 for i = 0, n - 1 do
@@ -36,7 +45,7 @@ for i = 0, n - 1 do
   local existing = false
   if idem ~= '' and not retried then
     local ikey = prefix .. 'idem:' .. idem
-    local other = redis.call('GET', ikey)
+    local other = kcall('GET', ikey)
     if other and redis.call('EXISTS', jobkey(other)) == 1 then
       existing = other
     else
@@ -63,8 +72,8 @@ for i = 0, n - 1 do
   end
 end
 if #ingress > 0 then
-  call_chunked('ZADD', INGRESS, ingress)
-  redis.call('LPUSH', prefix .. 'ingress:signal', '1')
+  kcall_chunked('ZADD', INGRESS, ingress)
+  kcall('LPUSH', prefix .. 'ingress:signal', '1')
   redis.call('LTRIM', prefix .. 'ingress:signal', 0, 0)
 end
-return out
+return {out, notices}

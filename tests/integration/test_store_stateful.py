@@ -23,12 +23,11 @@ from hypothesis.stateful import (
 from scheduler.codes import Code
 from scheduler.connection import client_from_url
 from scheduler.embedded_redis import EmbeddedRedis
-from scheduler.keys import INGRESS_QUEUE
 from scheduler.models import ErrorInfo, JobStatus
 from scheduler.settings import Settings
 from scheduler.store import Lease, Store
 from tests.conftest import ManualClock
-from tests.integration.helpers import new_job
+from tests.integration.helpers import assert_each_job_in_one_place, new_job
 
 QUEUES = ("a", "b")
 BOOM = ErrorInfo(type="Boom", message="failed on purpose")
@@ -170,45 +169,13 @@ class StoreMachine(RuleBasedStateMachine):
     def each_job_in_exactly_one_place(self) -> None:
         if not self.jobs:
             return
-        keys = self.store.keys
+        self.run(assert_each_job_in_one_place(self.store, self.jobs))
         ids = sorted(self.jobs)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(keys.job(job_id), "status", "queue", "order", "result")
-        pipe.zrange(keys.ingress, 0, -1)
-        pipe.zrange(keys.delayed, 0, -1)
-        for q in (*QUEUES, INGRESS_QUEUE):
-            pipe.zrange(keys.queue(q), 0, -1)
-            pipe.zrange(keys.leased(q), 0, -1)
-            pipe.zrange(keys.dead(q), 0, -1)
-        out = self.run(pipe.execute())
-        records, rest = out[: len(ids)], out[len(ids) :]
-        places: dict[str, list[str]] = {job_id: [] for job_id in ids}
-        for job_id in rest[0]:
-            places[job_id].append("ingress")
-        for job_id in rest[1]:
-            places[job_id].append("delayed")
-        for i, q in enumerate((*QUEUES, INGRESS_QUEUE)):
-            queued, leased, dead = rest[2 + 3 * i : 5 + 3 * i]
-            for member in queued:
-                places[member.split(":", 1)[1]].append(f"queued:{q}")
-            for job_id in leased:
-                places[job_id].append(f"running:{q}")
-            for job_id in dead:
-                places[job_id].append("dead")
-        for job_id, (status, queue, _, result) in zip(ids, records, strict=True):
+            pipe.hmget(self.store.keys.job(job_id), "status", "result")
+        for job_id, (status, result) in zip(ids, self.run(pipe.execute()), strict=True):
             assert status is not None, f"job {job_id} was lost"
-            expected = {
-                JobStatus.PENDING: ["ingress"],
-                JobStatus.QUEUED: [f"queued:{queue}"],
-                JobStatus.DELAYED: ["delayed"],
-                JobStatus.RETRYING: ["delayed"],
-                JobStatus.RUNNING: [f"running:{queue}"],
-                JobStatus.DEAD: ["dead"],
-                JobStatus.SUCCEEDED: [],
-                JobStatus.CANCELLED: [],
-            }[JobStatus(status)]
-            assert places[job_id] == expected, (job_id, status, places[job_id])
             if job_id in self.results:
                 assert status == JobStatus.SUCCEEDED
                 assert result == f'"{self.results[job_id]}"', "the first result must stand"
