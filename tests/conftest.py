@@ -31,6 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Tests must never reach a server configured in the developer's shell.
 os.environ.pop("BILEVEL_REDIS_URL", None)
+# The Redis the project installs (make: Debian's 7.x, with TLS) before any other, as the Makefile
+# puts it, so a bare `pytest` tests the same server as `make test`.
+_PROJECT_REDIS = REPO_ROOT / ".cache" / "redis" / "bin"
+if _PROJECT_REDIS.is_dir():
+    os.environ["PATH"] = f"{_PROJECT_REDIS}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 class ManualClock:
