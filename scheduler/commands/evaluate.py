@@ -307,7 +307,12 @@ def _table(name: str, payload: dict[str, Any], n_seeds: int) -> Table:
 def evaluate(
     scenarios: Annotated[
         list[Path],
-        typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
+        typer.Option(
+            "--scenario",
+            metavar="FILE",
+            help="Scenario YAML file (repeatable).",
+            show_default=False,
+        ),
     ],
     policy: Annotated[
         str | None,
@@ -343,6 +348,7 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--baseline",
+            metavar="NAME",
             help="Compare with these heuristics only (repeatable; default: every heuristic, or "
             "every router with --router).",
         ),

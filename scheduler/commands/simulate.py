@@ -183,7 +183,8 @@ def _rank_key(item: tuple[str, dict[str, Any]]) -> float:
 
 def simulate(
     scenario: Annotated[
-        Path, typer.Option("--scenario", help="Scenario YAML file.", show_default=False)
+        Path,
+        typer.Option("--scenario", metavar="FILE", help="Scenario YAML file.", show_default=False),
     ],
     policy: Annotated[
         str | None,

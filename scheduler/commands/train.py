@@ -154,7 +154,10 @@ def train_command(
     scenario: Annotated[
         list[Path],
         typer.Option(
-            "--scenario", help="Scenario YAML file; repeat for several.", show_default=False
+            "--scenario",
+            metavar="FILE",
+            help="Scenario YAML file; repeat for several.",
+            show_default=False,
         ),
     ],
     out: Annotated[
@@ -231,6 +234,7 @@ def train_command(
         list[str] | None,
         typer.Option(
             "--base",
+            metavar="NAME[:K=V,...]",
             help="Train a residual allocator over this heuristic, as NAME or NAME:K=V,K=V "
             "(constructor parameters, the same for every scenario); repeat for several, which a "
             "learned gate picks from each tick. The untrained policy is the first.",

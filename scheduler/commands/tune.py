@@ -110,7 +110,12 @@ def write_tuned_module(path: Path, entries: Mapping[str, TunedEntry]) -> None:
 def tune(
     scenarios: Annotated[
         list[Path],
-        typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
+        typer.Option(
+            "--scenario",
+            metavar="FILE",
+            help="Scenario YAML file (repeatable).",
+            show_default=False,
+        ),
     ],
     trace: Annotated[
         Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
