@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
+from scheduler.commands._outputs import check_plot, write_failed
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
 from scheduler.keys import Keys
@@ -204,7 +205,8 @@ def _plot(
 
 async def _drive(
     redis_url: str, config: ServiceConfig, phase_s: float, plot: Path, console: Console
-) -> None:
+) -> Exception | None:
+    """Sends the load, prints the results and writes the plot; the plot's write error, if any."""
     rng = np.random.default_rng(7)
     async with AsyncClient(redis_url, settings=config.store) as client:
         t0_wall = time.time()
@@ -218,8 +220,13 @@ async def _drive(
         history = [json.loads(e) for e in raw]
     _print_results(console, out, sent)
     _print_allocation(console, history, t0_wall)
-    _plot(plot, sent, history, t0_wall, out)
+    try:
+        _plot(plot, sent, history, t0_wall, out)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # Raised after the service is stopped, by the caller: the results are printed already.
+        return exc
     console.print(f"plot written to {plot}")
+    return None
 
 
 def register(app: typer.Typer) -> None:
@@ -231,6 +238,7 @@ def register(app: typer.Typer) -> None:
         plot: Path = typer.Option(Path("demo.png"), help="Where to write the PNG plot."),
     ) -> None:
         """Run the live service with the demo models under a shifting load, and report."""
+        check_plot("--plot", plot)
         import ray
 
         from scheduler.service.runner import start_service
@@ -253,7 +261,7 @@ def register(app: typer.Typer) -> None:
                 console.print(
                     f"service up in {time.monotonic() - started:.1f} s (Redis at {service.redis_url})"
                 )
-                asyncio.run(_drive(service.redis_url, config, phase_s, plot, console))
+                plot_error = asyncio.run(_drive(service.redis_url, config, phase_s, plot, console))
         except BilevelError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from None
@@ -262,3 +270,5 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"done in {time.monotonic() - started:.1f} s; everything it started is stopped"
         )
+        if plot_error is not None:
+            raise write_failed("--plot", plot, plot_error)

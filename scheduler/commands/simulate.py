@@ -31,6 +31,7 @@ from policies.sim.traces import TraceError
 from policies.views import Allocator, Router
 from scheduler.checkpoints import resolve_allocator, resolve_router
 from scheduler.commands._common import fail, read_scenario, trace_files
+from scheduler.commands._outputs import check_plot, write_failed
 
 # A run shorter than this shows no progress bar: it would only flicker.
 _PROGRESS_AFTER_S = 1.0
@@ -216,10 +217,12 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate a scenario and report JCT, SLO attainment, utilisation and reconfigurations."""
-    _check_policy(policy)
-    _check_router(router)
     if compare and policy is not None:
         raise fail("--compare runs every heuristic allocator; drop --policy")
+    if plot is not None:
+        check_plot("--plot", plot)
+    _check_policy(policy)
+    _check_router(router)
     parsed = read_scenario(scenario)
     try:
         prepared = _prepare(parsed, scenario, seed, trace)
@@ -236,21 +239,36 @@ def simulate(
             raise fail(f"{name}: {exc}") from None
         results[name] = _result_dict(records[name], name, router_name, seed)
     ranked = dict(sorted(results.items(), key=_rank_key)) if compare else results
-    if plot is not None:
-        from scheduler.plots import plot_runs  # matplotlib is slow to import; only when asked
-
-        plot_runs({n: records[n] for n in ranked}, plot, title=f"{parsed.name} (seed {seed})")
+    # The results first: a plot that cannot be written must not take them with it.
     if as_json:
         payload = ranked if compare else next(iter(ranked.values()))
         typer.echo(json.dumps(payload, allow_nan=False))
-        return
+    else:
+        _print_table(parsed.name, prepared, router_name, seed, compare, ranked)
+    if plot is not None:
+        from scheduler.plots import plot_runs  # matplotlib is slow to import; only when asked
+
+        try:
+            plot_runs({n: records[n] for n in ranked}, plot, title=f"{parsed.name} (seed {seed})")
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise write_failed("--plot", plot, exc) from None
+        if not as_json:
+            Console().print(f"plot written to {plot}", highlight=False, soft_wrap=True)
+
+
+def _print_table(
+    name: str,
+    prepared: PreparedRun,
+    router_name: str,
+    seed: int,
+    compare: bool,
+    ranked: dict[str, dict[str, Any]],
+) -> None:
     # Piped output defaults to 80 columns, too narrow for the table; a terminal keeps its width.
     console = Console() if Console().is_terminal else Console(width=120)
-    title = f"{parsed.name}: {prepared.spec.budget} workers, {len(prepared.jobs.arrivals)} arrivals"
+    title = f"{name}: {prepared.spec.budget} workers, {len(prepared.jobs.arrivals)} arrivals"
     title += f", router {router_name}, seed {seed}"
     console.print(_table(title + (" (ranked by mean JCT)" if compare else ""), ranked))
-    if plot is not None:
-        console.print(f"plot written to {plot}")
 
 
 def register(app: typer.Typer) -> None:

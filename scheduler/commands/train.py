@@ -38,6 +38,7 @@ from scheduler.checkpoints import (
     save_checkpoint,
 )
 from scheduler.commands._common import fail, read_inputs
+from scheduler.commands._outputs import check_output
 from scheduler.training import RayRollouts, map_serial
 
 
@@ -278,6 +279,9 @@ def train_command(
     ] = True,
 ) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
+    weights_path, meta_path = checkpoint_paths(out)
+    for path in (weights_path, meta_path, weights_path.with_suffix(".png")):
+        check_output("--out", path, create_parents=True)
     scenarios, traces = _load_scenarios(scenario, trace)
     initial: LearnedPolicy | None = None
     initial_meta: dict[str, Any] | None = None
@@ -315,7 +319,6 @@ def train_command(
             "--router-only needs a scenario where some job type has two or more eligible queues; "
             f"none of {', '.join(s.name for s in scenarios)} has one"
         )
-    weights_path, meta_path = checkpoint_paths(out)
     console = Console(stderr=True)
 
     ray_module: Any = None

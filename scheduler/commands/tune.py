@@ -26,6 +26,7 @@ from policies.seeds import TRAIN_SEEDS, TUNING_SEEDS
 from policies.tuned import TunedEntry
 from policies.tuning import ScenarioTuning, render_tuned_module, tune_scenario
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
+from scheduler.commands._outputs import check_output, write_failed
 
 # The docstring note of a written module: where the values come from.
 MODULE_NOTE = (
@@ -97,14 +98,14 @@ def write_tuned_module(path: Path, entries: Mapping[str, TunedEntry]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise fail(f"cannot write {path}: {exc}") from None
+        raise write_failed("--write", path, exc) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise fail(f"cannot write {path}: {exc}") from None
+        raise write_failed("--write", path, exc) from None
 
 
 def tune(
@@ -143,20 +144,22 @@ def tune(
     point of lowest mean time in system over the tuning seeds."""
     if not 1 <= seeds <= len(TRAIN_SEEDS):
         raise fail(f"--seeds must be between 1 and {len(TRAIN_SEEDS)}, got {seeds}")
-    inputs = read_inputs(scenarios, trace)
     if write is not None:
+        check_output("--write", write)
         read_tuned_module(write)  # refuse a target that is not a tuned-values module before tuning
+    inputs = read_inputs(scenarios, trace)
     seed_list = list(TRAIN_SEEDS[:seeds])
     tunings = {item.scenario.name: _tune(item, seed_list) for item in inputs}
+    # The results first, so that a module that cannot be written does not take them with it.
+    if as_json:
+        typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))
+    else:
+        console = Console() if Console().is_terminal else Console(width=140)
+        for t in tunings.values():
+            console.print(_table(t))
     if write is not None:
         write_tuned_module(write, {name: t.entry() for name, t in tunings.items()})
         Console(stderr=True).print(f"wrote {write}", highlight=False)
-    if as_json:
-        typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))
-        return
-    console = Console() if Console().is_terminal else Console(width=140)
-    for t in tunings.values():
-        console.print(_table(t))
 
 
 def register(app: typer.Typer) -> None:
