@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from policies.guardrails import Guardrails
 from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS
@@ -32,6 +30,7 @@ from policies.views import Allocator, Router
 from scheduler.checkpoints import resolve_allocator, resolve_router
 from scheduler.commands._common import fail, read_scenario, trace_files
 from scheduler.commands._outputs import check_plot, write_failed
+from scheduler.commands._tables import Column, policy_label, print_table
 
 # A run shorter than this shows no progress bar: it would only flicker.
 _PROGRESS_AFTER_S = 1.0
@@ -153,28 +152,26 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _table(title: str, results: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("policy", no_wrap=True, min_width=14)
-    for column in ("jobs", "mean s", "p50 s", "p99 s", "SLO", "util", "moves", "load w·s"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("rejected", justify="right", no_wrap=True)
-    table.add_column("jobs/s", justify="right", no_wrap=True)
-    for name, r in results.items():
-        table.add_row(
-            name,
-            str(r["jobs"]),
-            _fmt(r["mean_jct_s"]),
-            _fmt(r["p50_jct_s"]),
-            _fmt(r["p99_jct_s"]),
-            _fmt(r["slo_attainment"], ".1%"),
-            _fmt(r["utilization"], ".1%"),
-            str(r["reconfigurations"]),
-            _fmt(r["loading_worker_s"], ".0f"),
-            str(r["rejected"]),
-            _fmt(r["sim_jobs_per_s"], ".0f"),
-        )
-    return table
+# The table's columns after the policy's; `_table_row` fills them in this order.
+_COLUMNS = (
+    "jobs", "mean s", "p50 s", "p99 s", "SLO", "util", "moves", "load w·s", "rejected", "jobs/s",
+)  # fmt: skip
+
+
+def _table_row(label: str, r: dict[str, Any]) -> list[str]:
+    return [
+        label,
+        str(r["jobs"]),
+        _fmt(r["mean_jct_s"]),
+        _fmt(r["p50_jct_s"]),
+        _fmt(r["p99_jct_s"]),
+        _fmt(r["slo_attainment"], ".1%"),
+        _fmt(r["utilization"], ".1%"),
+        str(r["reconfigurations"]),
+        _fmt(r["loading_worker_s"], ".0f"),
+        str(r["rejected"]),
+        _fmt(r["sim_jobs_per_s"], ".0f"),
+    ]
 
 
 def _rank_key(item: tuple[str, dict[str, Any]]) -> float:
@@ -264,11 +261,15 @@ def _print_table(
     compare: bool,
     ranked: dict[str, dict[str, Any]],
 ) -> None:
-    # Piped output defaults to 80 columns, too narrow for the table; a terminal keeps its width.
-    console = Console() if Console().is_terminal else Console(width=120)
     title = f"{name}: {prepared.spec.budget} workers, {len(prepared.jobs.arrivals)} arrivals"
     title += f", router {router_name}, seed {seed}"
-    console.print(_table(title + (" (ranked by mean JCT)" if compare else ""), ranked))
+    known = [*ALLOCATORS, "learned"]
+    print_table(
+        Console(),
+        title + (" (ranked by mean JCT)" if compare else ""),
+        [Column("policy", "name"), *(Column(c) for c in _COLUMNS)],
+        [_table_row(policy_label(n, known), r) for n, r in ranked.items()],
+    )
 
 
 def register(app: typer.Typer) -> None:

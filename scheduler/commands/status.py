@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from scheduler.client import AsyncClient
 from scheduler.commands._common import fail
+from scheduler.commands._tables import Column, print_table
 from scheduler.commands._target import resolve_target
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
@@ -100,20 +100,19 @@ def status(
         }
         typer.echo(json.dumps(payload))
         return
-    console = Console() if Console().is_terminal else Console(width=120)
+    console = Console()
     title = f"namespace {settings.namespace}: ingress {second.ingress}, delayed {second.delayed}"
-    table = Table(title=title)
-    for column in ("queue", "depth", "oldest wait s", "in flight", "dead", "workers"):
-        table.add_column(column, justify="left" if column == "queue" else "right")
-    table.add_column("done/s", justify="right")
+    cells = []
     for r in rows:
         workers = "-" if r["workers"] is None else f"{r['workers']} ({r['loading']} loading)"
         rate = "-" if r["completed_per_s"] is None else f"{r['completed_per_s']:.1f}"
-        table.add_row(
+        cells.append([
             r["queue"], str(r["depth"]), f"{r['oldest_wait_s']:.1f}", str(r["in_flight"]),
             str(r["dead"]), workers, rate,
-        )  # fmt: skip
-    console.print(table)
+        ])  # fmt: skip
+    columns = [Column("queue", "name")]
+    columns += [Column(c) for c in ("depth", "oldest wait s", "in flight", "dead", "workers")]
+    print_table(console, title, [*columns, Column("done/s")], cells)
     roles = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
     policy = f"policy {published.policy}" if published else "no controller has ticked recently"
     console.print(f"{roles}; {policy}; {changes} allocation changes recorded", highlight=False)

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from policies.evaluation import TraceInput
 from policies.features import FEATURE_SCHEMA_VERSION
@@ -49,6 +47,7 @@ from scheduler.checkpoints import (
 )
 from scheduler.commands._common import fail, read_inputs
 from scheduler.commands._outputs import check_output, write_failed
+from scheduler.commands._tables import Column, print_table
 from scheduler.stopping import StopSignals
 from scheduler.training import RayRollouts, serial_rollouts
 
@@ -121,22 +120,29 @@ def _evaluation_dict(evaluation: Evaluation | None) -> dict[str, Any]:
     }
 
 
-def _summary_table(evaluation: Evaluation) -> Table:
-    table = Table(title=f"validation (iteration {evaluation.iteration})", box=box.SIMPLE_HEAD)
-    for column in ("scenario", "learned mean s", "learned p99 s", "best heuristic", "its mean s"):
-        table.add_column(column, justify="right" if "s" in column[-2:] else "left")
-    table.add_column("gain", justify="right")
+def _print_summary(evaluation: Evaluation) -> None:
+    rows = []
     for s in evaluation.mean_jct_s:
         best = evaluation.best_heuristic(s)
-        table.add_row(
-            s,
-            f"{evaluation.mean_jct_s[s]['learned']:.3f}",
-            f"{evaluation.p99_jct_s[s]['learned']:.3f}",
-            best,
-            f"{evaluation.mean_jct_s[s][best]:.3f}",
-            f"{1.0 - evaluation.ratio(s):+.1%}",
+        rows.append(
+            [
+                s,
+                f"{evaluation.mean_jct_s[s]['learned']:.3f}",
+                f"{evaluation.p99_jct_s[s]['learned']:.3f}",
+                best,
+                f"{evaluation.mean_jct_s[s][best]:.3f}",
+                f"{1.0 - evaluation.ratio(s):+.1%}",
+            ]
         )
-    return table
+    columns = [
+        Column("scenario", "name"),
+        Column("learned mean s"),
+        Column("learned p99 s"),
+        Column("best heuristic", "text"),
+        Column("its mean s"),
+        Column("gain"),
+    ]
+    print_table(Console(), f"validation (iteration {evaluation.iteration})", columns, rows)
 
 
 def parse_base(text: str) -> BaseSpec:
@@ -369,7 +375,7 @@ def train_command(
             else None
         )
         if result.best is not None:
-            Console().print(_summary_table(result.best))
+            _print_summary(result.best)
         _write(out, result, metadata, wall_s)
     if stop.requested:
         raise typer.Exit(stop.exit_code())

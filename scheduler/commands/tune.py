@@ -20,13 +20,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from policies.seeds import TRAIN_SEEDS, TUNING_SEEDS
 from policies.tuned import TunedEntry
 from policies.tuning import ScenarioTuning, render_tuned_module, tune_scenario
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
 from scheduler.commands._outputs import check_output, write_failed
+from scheduler.commands._tables import Column, print_table
 
 # The docstring note of a written module: where the values come from.
 MODULE_NOTE = (
@@ -52,19 +52,25 @@ def _tune(item: ScenarioInput, seeds: Sequence[int]) -> ScenarioTuning:
     return tuning
 
 
-def _table(tuning: ScenarioTuning) -> Table:
-    table = Table(title=f"{tuning.scenario}: tuned on seeds {list(tuning.seeds)}")
-    table.add_column("heuristic")
-    table.add_column("parameters")
-    table.add_column("mean time in system (s)", justify="right")
+def _print_table(console: Console, tuning: ScenarioTuning) -> None:
+    rows = []
     for name, h in tuning.heuristics.items():
         best = next((p for p in h.points if dict(p.params) == dict(h.best)), None)
         score = "-"
         if best is not None and math.isfinite(best.mean_sojourn_s):
             score = f"{best.mean_sojourn_s:.4g}"
         params = ", ".join(f"{k}={v}" for k, v in h.best.items()) or "(none)"
-        table.add_row(name, params, score)
-    return table
+        rows.append([name, params, score])
+    print_table(
+        console,
+        f"{tuning.scenario}: tuned on seeds {list(tuning.seeds)}",
+        [
+            Column("heuristic", "name"),
+            Column("parameters", "text"),
+            Column("mean time in system (s)"),
+        ],
+        rows,
+    )
 
 
 def read_tuned_module(path: Path) -> dict[str, TunedEntry]:
@@ -154,9 +160,9 @@ def tune(
     if as_json:
         typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))
     else:
-        console = Console() if Console().is_terminal else Console(width=140)
+        console = Console()
         for t in tunings.values():
-            console.print(_table(t))
+            _print_table(console, t)
     if write is not None:
         write_tuned_module(write, {name: t.entry() for name, t in tunings.items()})
         Console(stderr=True).print(f"wrote {write}", highlight=False)
