@@ -39,7 +39,6 @@ PHASES: tuple[tuple[str, dict[str, float]], ...] = (
     ("classification burst", {"embed": 4.0, "classify": 40.0, "generate": 0.5}),
 )
 SLICE_S = 0.05
-COLORS = {"embed": "tab:blue", "classify": "tab:orange", "generate": "tab:green"}
 
 
 def demo_config() -> ServiceConfig:
@@ -166,41 +165,15 @@ def _print_allocation(console: Console, history: list[dict[str, Any]], t0_s: flo
 def _plot(
     path: Path, sent: list[Sent], history: list[dict[str, Any]], t0_s: float, out: Outcomes
 ) -> None:
-    import matplotlib
+    from scheduler.plots import demo_figure, save  # matplotlib: only once there is a plot to make
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_load, ax_alloc, ax_jct) = plt.subplots(3, 1, figsize=(9, 9), sharex=False)
+    submitted: dict[str, list[float]] = {}
+    for s in sent:
+        submitted.setdefault(QUEUE_OF[s.job_type], []).append(s.sent_s)
+    allocation = [(e["t_s"] - t0_s, e["workers"]) for e in history]
+    jct = {QUEUE_OF[job_type]: values for job_type, values in out.jct_s.items()}
     end_s = max((s.sent_s for s in sent), default=1.0)
-    bins = np.arange(0.0, end_s + 1.0, 1.0)
-    for job_type in QUEUE_OF:
-        times = [s.sent_s for s in sent if s.job_type == job_type]
-        counts, _ = np.histogram(times, bins=bins)
-        ax_load.plot(bins[:-1], counts, label=job_type, color=COLORS[job_type])
-    ax_load.set_ylabel("jobs submitted / s")
-    ax_load.legend()
-    if history:
-        times = [e["t_s"] - t0_s for e in history] + [end_s + 10]
-        for job_type, queue in QUEUE_OF.items():
-            values = [e["workers"].get(queue, 0) for e in history]
-            color = COLORS[job_type]
-            ax_alloc.step(times, [*values, values[-1]], where="post", label=queue, color=color)
-    ax_alloc.set_ylabel("workers")
-    ax_alloc.set_xlabel("seconds since the load started")
-    ax_alloc.legend()
-    for job_type, queue in QUEUE_OF.items():
-        ordered = np.sort(out.jct_s.get(job_type, []))
-        if len(ordered):
-            cdf = np.arange(1, len(ordered) + 1) / len(ordered)
-            ax_jct.plot(ordered, cdf, label=queue, color=COLORS[job_type])
-    ax_jct.set_xscale("log")
-    ax_jct.set_xlabel("job completion time, s")
-    ax_jct.set_ylabel("CDF")
-    ax_jct.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(demo_figure(list(QUEUE_OF.values()), submitted, allocation, jct, end_s), path)
 
 
 async def _drive(

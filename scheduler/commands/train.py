@@ -65,13 +65,13 @@ def _load_scenarios(
 def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
     """PNG: training episodes' mean JCT per iteration, and each scenario's evaluated ratio to the
     best heuristic (held-out seeds) over iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_train, ax_eval) = plt.subplots(2, 1, figsize=(8, 8))
+    from scheduler.plots import legend_outside, save
+
+    fig, (ax_train, ax_eval) = plt.subplots(2, 1, figsize=(9, 8))
     jct = [m.get("charts/episodic_mean_jct_s", math.nan) for m in result.history]
     ax_train.plot(range(1, len(jct) + 1), jct, lw=0.8, color="tab:gray", label="per iteration")
     if len(jct) >= 5:
@@ -79,10 +79,11 @@ def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
         kernel = [1.0 / window] * window
         smooth = np.convolve(np.nan_to_num(jct, nan=0.0), kernel, mode="valid")
         ax_train.plot(range(window, len(jct) + 1), smooth, color="tab:blue", label="moving mean")
-    ax_train.set_yscale("log")
+    if jct:
+        ax_train.set_yscale("log")
     ax_train.set_xlabel("iteration")
     ax_train.set_ylabel("training episodes' mean JCT (s)")
-    ax_train.legend()
+    legend_outside(ax_train)
     iterations = [e.iteration for e in result.evaluations]
     for scenario in result.evaluations[0].mean_jct_s if result.evaluations else []:
         ratios = [e.ratio(scenario) for e in result.evaluations]
@@ -90,11 +91,12 @@ def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
     ax_eval.axhline(1.0, color="black", lw=0.8, ls="--")
     ax_eval.set_yscale("log")
     ax_eval.set_xlabel("iteration")
-    ax_eval.set_ylabel("learned / best tuned heuristic mean JCT (validation seeds)")
-    ax_eval.legend()
+    ax_eval.set_ylabel("learned / best tuned heuristic\nmean JCT (validation seeds)")
+    legend_outside(ax_eval, title="scenario")
+    for ax in (ax_train, ax_eval):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
+    save(fig, out_path, dpi=90)
 
 
 def _evaluation_dict(evaluation: Evaluation | None) -> dict[str, Any]:
