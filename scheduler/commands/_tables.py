@@ -92,14 +92,28 @@ def _widths(
     gap = _GAPS[-1]
     widths = list(least)
     spare = available - sum(widths) - gap * gaps
-    # What is left goes to the name first (names are short, and a cut one is ambiguous).
-    for kind in ("name", "text"):
+    # What is left goes to the name first (names are short, and a cut one is ambiguous), then to
+    # number headers so that none takes more than two lines, then to the text.
+    two_lines = [
+        max(w, _two_line_width(c.header)) if c.kind == "number" else w
+        for c, w in zip(columns, widths, strict=True)
+    ]
+    for kind, target in (("name", compact), ("number", two_lines), ("text", compact)):
         for i, column in enumerate(columns):
             if column.kind == kind and spare > 0:
-                extra = min(spare, compact[i] - widths[i])
+                extra = min(spare, max(target[i] - widths[i], 0))
                 widths[i] += extra
                 spare -= extra
     return _widen(widths, full, spare), gap
+
+
+def _two_line_width(header: str) -> int:
+    """The narrowest width at which `header` wraps onto at most two lines."""
+    words = header.split()
+    return min(
+        (max(len(" ".join(words[:k])), len(" ".join(words[k:]))) for k in range(1, len(words))),
+        default=len(header),
+    )
 
 
 def _widen(widths: list[int], full: list[int], spare: int) -> list[int]:
