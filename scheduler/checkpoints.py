@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import signal
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -27,6 +30,7 @@ from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.policy import LearnedPolicy
 from policies.registry import ALLOCATORS, ROUTERS, make_allocator, make_router
 from policies.views import AllocationBounds, Allocator, Router
+from scheduler.stopping import STOP_SIGNALS
 
 # Identifies our metadata files, and the version of their layout (not of the features).
 CHECKPOINT_FORMAT = "bilevel-learned-policy"
@@ -88,11 +92,27 @@ def save_checkpoint(
             "weights_file": weights_path.name,
         }
     )
-    torch.save(policy.state_dict(), weights_path)
-    meta_path.write_text(
-        json.dumps(_json_safe(meta), indent=2, sort_keys=True, allow_nan=False) + "\n",
-        encoding="utf-8",
-    )
+    text = json.dumps(_json_safe(meta), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    # Both files go to temporary names first and replace the old pair together, with SIGINT and
+    # SIGTERM held meanwhile: an interrupted or failed write leaves the old pair or the new one,
+    # never half a file, nor new weights beside the old metadata.
+    token = secrets.token_hex(4)
+    temps = [p.with_name(f".{p.name}.{token}.tmp") for p in (weights_path, meta_path)]
+    try:
+        # Created like any new file (mode from the umask), exclusively: no other writer's temp.
+        with temps[0].open("xb") as f:
+            torch.save(policy.state_dict(), f)
+        with temps[1].open("x", encoding="utf-8") as f:
+            f.write(text)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            os.replace(temps[0], weights_path)
+            os.replace(temps[1], meta_path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
     return weights_path, meta_path
 
 

@@ -2,16 +2,19 @@
 
 Training in `policies/` never starts processes; it takes a `map_rollouts` function. Here that
 function submits each rollout as a Ray task, so the same `bilevel train` runs on one laptop (a local
-Ray) or a `ray up` cluster (`ray.init(address="auto")`) without change.
+Ray) or a `ray up` cluster (`ray.init(address="auto")`) without change. Given a `should_stop`
+(`scheduler.stopping.StopSignals.requested`), both executors raise `TrainingStopped` between
+rollouts and while they wait, which is how Ctrl-C reaches the training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from policies.evaluation import TraceInput
+from policies.learned.ppo import TrainingStopped
 from policies.learned.rollout import (
     MapRollouts,
     RolloutResult,
@@ -20,7 +23,11 @@ from policies.learned.rollout import (
     run_rollout,
 )
 
-__all__ = ["RayRollouts", "map_serial"]
+__all__ = ["RayRollouts", "map_serial", "serial_rollouts"]
+
+# How often a wait for Ray results looks at the stop flag: well under a person's patience, and
+# cheap (one `ray.wait` call).
+STOP_POLL_S = 0.2
 
 
 def _rollout_in_worker(task: RolloutTask, trace: TraceInput | None = None) -> RolloutResult:
@@ -43,12 +50,18 @@ class RayRollouts:
     replaying it gets a reference, not a copy.
     """
 
-    def __init__(self, *, num_cpus_per_task: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        num_cpus_per_task: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         import ray
 
         if not ray.is_initialized():
             raise RuntimeError("RayRollouts needs ray.init() first")
         self._ray: Any = ray
+        self._should_stop = should_stop
         self._remote: Any = ray.remote(num_cpus=num_cpus_per_task)(_rollout_in_worker)
         # id(trace) -> (the trace, kept alive so its id stays its own; its object reference).
         self._traces: dict[int, tuple[TraceInput, Any]] = {}
@@ -58,7 +71,14 @@ class RayRollouts:
             self._traces[id(trace)] = (trace, self._ray.put(trace))
         return self._traces[id(trace)][1]
 
+    def _stop_if_asked(self, pending: Sequence[Any]) -> None:
+        if self._should_stop is not None and self._should_stop():
+            for ref in pending:
+                self._ray.cancel(ref)
+            raise TrainingStopped()
+
     def __call__(self, tasks: Sequence[RolloutTask]) -> list[RolloutResult]:
+        self._stop_if_asked(())
         refs = []
         for task in tasks:
             if task.trace is None:
@@ -66,10 +86,28 @@ class RayRollouts:
             else:
                 trace_ref = self._trace_ref(task.trace)
                 refs.append(self._remote.remote(dataclasses.replace(task, trace=None), trace_ref))
+        if self._should_stop is not None:
+            # Waits in short slices: a plain ray.get would sit through every rollout after Ctrl-C.
+            pending = list(refs)
+            while pending:
+                self._stop_if_asked(pending)
+                _, pending = self._ray.wait(pending, num_returns=len(pending), timeout=STOP_POLL_S)
         results: list[RolloutResult] = self._ray.get(refs)
         return results
 
 
-def serial_rollouts() -> MapRollouts:
-    """The in-process executor (tests, debugging, machines without Ray)."""
-    return map_serial
+def serial_rollouts(should_stop: Callable[[], bool] | None = None) -> MapRollouts:
+    """The in-process executor (tests, debugging, machines without Ray); with `should_stop`, it
+    raises TrainingStopped before any rollout once a stop is asked for."""
+    if should_stop is None:
+        return map_serial
+
+    def run(tasks: Sequence[RolloutTask]) -> list[RolloutResult]:
+        results = []
+        for task in tasks:
+            if should_stop():
+                raise TrainingStopped()
+            results.append(run_rollout(task))
+        return results
+
+    return run

@@ -316,6 +316,18 @@ class TrainResult:
     target_fit: DistillFit | None = None
 
 
+class TrainingStopped(Exception):
+    """Ends training early when raised by `map_rollouts` or `on_iteration` (a user's Ctrl-C, a
+    deadline of the caller's). `train` lets it through with `partial` set to what was kept so far
+    (the best validated policy, its evaluations and the metrics of every finished iteration), or
+    None when nothing had been validated yet. Raised only from those two callbacks, it never lands
+    between keeping an evaluation and keeping its policy."""
+
+    def __init__(self, reason: str = "stop requested") -> None:
+        super().__init__(reason)
+        self.partial: TrainResult | None = None
+
+
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     """G_t = r_t + gamma * G_{t+1}, computed backwards."""
     out = np.empty_like(rewards)
@@ -748,8 +760,33 @@ def train(
     """Trains a policy on `scenarios` for `args.minutes` (or `args.max_iterations`).
 
     `on_iteration(iteration, elapsed fraction, metrics, evaluation or None)` is called after every
-    iteration, for progress bars and logs. `initial` continues from existing weights.
+    iteration, for progress bars and logs. `initial` continues from existing weights. A
+    `TrainingStopped` from either callback ends the run early, carrying the partial result.
     """
+    started = clock()
+    kept: list[TrainResult] = []
+    try:
+        return _train(args, scenarios, map_rollouts, clock, on_iteration, initial, kept)
+    except TrainingStopped as stop:
+        if kept:
+            partial = kept[0]
+            partial.iterations = len(partial.history)
+            partial.elapsed_s = clock() - started
+            stop.partial = partial
+        raise
+
+
+def _train(
+    args: Args,
+    scenarios: Sequence[Scenario],
+    map_rollouts: MapRollouts,
+    clock: Callable[[], float],
+    on_iteration: Callable[[int, float, dict[str, float], Evaluation | None], None] | None,
+    initial: LearnedPolicy | None,
+    kept: list[TrainResult],
+) -> TrainResult:
+    """The stages of `train`; the result, once the first validation made one, goes into `kept`
+    so that a stop can hand it over."""
     if not scenarios:
         raise ValueError("training needs at least one scenario")
     # --- seeding --------------------------------------------------------------------------------
@@ -830,6 +867,7 @@ def train(
         forecast_fit=result_fit,
     )
     result.evaluations.append(evaluation)
+    kept.append(result)
     tuned_params = tuned_heuristic_params(scenarios)
     if policy.allocator_net.target_net is not None and initial is None and args.train_allocator:
         # Before the gate's teachers are chosen, so the trained head competes with the bases.

@@ -38,6 +38,51 @@ def read_scenario(path: Path) -> Scenario:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceSource:
+    """Where a public trace format's files come from (docs/traces.md has the whole story)."""
+
+    title: str
+    files: str
+    url: str
+
+
+# The project ships loaders, not data: a user downloads these (upstream, licences beside them).
+TRACE_SOURCES: dict[TraceFormat, TraceSource] = {
+    TraceFormat.AZURE_LLM_2023: TraceSource(
+        "the Azure LLM inference trace 2023",
+        "AzureLLMInferenceTrace_code.csv or AzureLLMInferenceTrace_conv.csv",
+        "https://github.com/Azure/AzurePublicDataset/tree/master/data",
+    ),
+    TraceFormat.MOONCAKE: TraceSource(
+        "the Mooncake FAST'25 trace",
+        "conversation_trace.jsonl",
+        "https://github.com/kvcache-ai/Mooncake/tree/main/FAST25-release/traces",
+    ),
+    TraceFormat.AZURE_FUNCTIONS_2019: TraceSource(
+        "the Azure Functions 2019 trace",
+        "1000_inv.csv and 1000_run.csv (a 1,000-function sample)",
+        "https://github.com/vhive-serverless/invitro/tree/"
+        "7e993e92dfacecf19b86ff603fef487404af5357/data/traces",
+    ),
+}
+
+
+def trace_hint(fmt: TraceFormat) -> str:
+    """Where to get a trace of format `fmt`, in a few words for an error message."""
+    source = TRACE_SOURCES.get(fmt)
+    if source is None:
+        return f"a {fmt.value} trace is a file of your own; its columns are in docs/traces.md"
+    return f"{source.title} is {source.files} from {source.url} (see docs/traces.md)"
+
+
+def _check_exists(path: Path, origin: str, fmt: TraceFormat) -> None:
+    if not path.exists():
+        raise fail(f"{origin} {path}: no such file; {trace_hint(fmt)}")
+    if not path.is_file():
+        raise fail(f"{origin} {path}: not a file; {trace_hint(fmt)}")
+
+
+@dataclass(frozen=True, slots=True)
 class TraceFiles:
     """The files a trace scenario replays."""
 
@@ -49,23 +94,29 @@ class TraceFiles:
 def trace_files(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceFiles | None:
     """Which files the scenario replays: --trace, else the path in the scenario (relative to the
     scenario file, not the shell). None for a synthetic scenario; Exit(2) when a trace scenario
-    has no trace, or --trace is given to a synthetic one."""
+    has no trace or its file is missing (saying where that trace is downloaded), or --trace is
+    given to a synthetic one."""
     spec = scenario.workload.trace
     if spec is None:
         if trace is not None:
             raise fail(f"--trace given, but scenario {scenario_path} does not replay a trace")
         return None
     trace_path = trace
+    origin = "--trace"
     if trace_path is None and spec.path is not None:
         trace_path = scenario_path.parent / spec.path
+        origin = f"{scenario_path}: workload.trace.path"
     if trace_path is None:
         raise fail(
-            f"scenario {scenario_path} replays a {spec.format.value} trace: give --trace PATH"
+            f"scenario {scenario_path} replays a trace ({spec.format.value}): give --trace PATH; "
+            f"{trace_hint(spec.format)}"
         )
+    _check_exists(trace_path, origin, spec.format)
     run_path: Path | None = None
     if spec.format is TraceFormat.AZURE_FUNCTIONS_2019:
         if spec.run_path is not None:
             run_path = scenario_path.parent / spec.run_path
+            _check_exists(run_path, f"{scenario_path}: workload.trace.run_path", spec.format)
         elif "_inv" in trace_path.name:
             # The invitro layout: durations sit beside the invocations as *_run.csv.
             candidate = trace_path.with_name(trace_path.name.replace("_inv", "_run"))
@@ -101,14 +152,18 @@ class ScenarioInput:
 
 
 def read_inputs(paths: Sequence[Path], trace: Path | None) -> list[ScenarioInput]:
-    """Every scenario in `paths` with its trace; Exit(2) when --trace fits none of them or two
+    """Every scenario in `paths` with its trace (--trace goes to the trace scenarios among them,
+    so synthetic ones can train beside a trace); Exit(2) when --trace fits none of them or two
     scenarios share a name (results are keyed by it)."""
-    inputs = []
-    for path in paths:
-        scenario = read_scenario(path)
-        inputs.append(ScenarioInput(path, scenario, read_trace(scenario, path, trace)))
-    if trace is not None and not any(i.trace is not None for i in inputs):
+    scenarios = [(path, read_scenario(path)) for path in paths]
+    if trace is not None and all(s.workload.trace is None for _, s in scenarios):
+        if len(scenarios) == 1:
+            raise fail(f"--trace given, but scenario {paths[0]} does not replay a trace")
         raise fail("--trace given, but no scenario replays a trace")
+    inputs = [
+        ScenarioInput(path, s, read_trace(s, path, trace if s.workload.trace is not None else None))
+        for path, s in scenarios
+    ]
     names = [i.scenario.name for i in inputs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
+from scheduler.commands._outputs import check_plot, write_failed
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
 from scheduler.keys import Keys
@@ -38,7 +39,6 @@ PHASES: tuple[tuple[str, dict[str, float]], ...] = (
     ("classification burst", {"embed": 4.0, "classify": 40.0, "generate": 0.5}),
 )
 SLICE_S = 0.05
-COLORS = {"embed": "tab:blue", "classify": "tab:orange", "generate": "tab:green"}
 
 
 def demo_config() -> ServiceConfig:
@@ -165,46 +165,21 @@ def _print_allocation(console: Console, history: list[dict[str, Any]], t0_s: flo
 def _plot(
     path: Path, sent: list[Sent], history: list[dict[str, Any]], t0_s: float, out: Outcomes
 ) -> None:
-    import matplotlib
+    from scheduler.plots import demo_figure, save  # matplotlib: only once there is a plot to make
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_load, ax_alloc, ax_jct) = plt.subplots(3, 1, figsize=(9, 9), sharex=False)
+    submitted: dict[str, list[float]] = {}
+    for s in sent:
+        submitted.setdefault(QUEUE_OF[s.job_type], []).append(s.sent_s)
+    allocation = [(e["t_s"] - t0_s, e["workers"]) for e in history]
+    jct = {QUEUE_OF[job_type]: values for job_type, values in out.jct_s.items()}
     end_s = max((s.sent_s for s in sent), default=1.0)
-    bins = np.arange(0.0, end_s + 1.0, 1.0)
-    for job_type in QUEUE_OF:
-        times = [s.sent_s for s in sent if s.job_type == job_type]
-        counts, _ = np.histogram(times, bins=bins)
-        ax_load.plot(bins[:-1], counts, label=job_type, color=COLORS[job_type])
-    ax_load.set_ylabel("jobs submitted / s")
-    ax_load.legend()
-    if history:
-        times = [e["t_s"] - t0_s for e in history] + [end_s + 10]
-        for job_type, queue in QUEUE_OF.items():
-            values = [e["workers"].get(queue, 0) for e in history]
-            color = COLORS[job_type]
-            ax_alloc.step(times, [*values, values[-1]], where="post", label=queue, color=color)
-    ax_alloc.set_ylabel("workers")
-    ax_alloc.set_xlabel("seconds since the load started")
-    ax_alloc.legend()
-    for job_type, queue in QUEUE_OF.items():
-        ordered = np.sort(out.jct_s.get(job_type, []))
-        if len(ordered):
-            cdf = np.arange(1, len(ordered) + 1) / len(ordered)
-            ax_jct.plot(ordered, cdf, label=queue, color=COLORS[job_type])
-    ax_jct.set_xscale("log")
-    ax_jct.set_xlabel("job completion time, s")
-    ax_jct.set_ylabel("CDF")
-    ax_jct.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(demo_figure(list(QUEUE_OF.values()), submitted, allocation, jct, end_s), path)
 
 
 async def _drive(
     redis_url: str, config: ServiceConfig, phase_s: float, plot: Path, console: Console
-) -> None:
+) -> Exception | None:
+    """Sends the load, prints the results and writes the plot; the plot's write error, if any."""
     rng = np.random.default_rng(7)
     async with AsyncClient(redis_url, settings=config.store) as client:
         t0_wall = time.time()
@@ -218,8 +193,13 @@ async def _drive(
         history = [json.loads(e) for e in raw]
     _print_results(console, out, sent)
     _print_allocation(console, history, t0_wall)
-    _plot(plot, sent, history, t0_wall, out)
+    try:
+        _plot(plot, sent, history, t0_wall, out)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # Raised after the service is stopped, by the caller: the results are printed already.
+        return exc
     console.print(f"plot written to {plot}")
+    return None
 
 
 def register(app: typer.Typer) -> None:
@@ -231,6 +211,7 @@ def register(app: typer.Typer) -> None:
         plot: Path = typer.Option(Path("demo.png"), help="Where to write the PNG plot."),
     ) -> None:
         """Run the live service with the demo models under a shifting load, and report."""
+        check_plot("--plot", plot)
         import ray
 
         from scheduler.service.runner import start_service
@@ -253,7 +234,7 @@ def register(app: typer.Typer) -> None:
                 console.print(
                     f"service up in {time.monotonic() - started:.1f} s (Redis at {service.redis_url})"
                 )
-                asyncio.run(_drive(service.redis_url, config, phase_s, plot, console))
+                plot_error = asyncio.run(_drive(service.redis_url, config, phase_s, plot, console))
         except BilevelError as exc:
             console.print(f"[red]demo failed:[/] {exc}")
             raise typer.Exit(1) from None
@@ -262,3 +243,5 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"done in {time.monotonic() - started:.1f} s; everything it started is stopped"
         )
+        if plot_error is not None:
+            raise write_failed("--plot", plot, plot_error)

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from policies.evaluation import (
     PolicyFactory,
@@ -39,6 +37,7 @@ from policies.tuning import (
     tune_scenario,
 )
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
+from scheduler.commands._tables import Column, policy_label, print_table
 
 
 def _note(message: str) -> None:
@@ -247,7 +246,10 @@ def _params_text(params: dict[str, Any]) -> str:
     )
 
 
-def _table(name: str, payload: dict[str, Any], n_seeds: int) -> Table:
+def _print_tables(console: Console, name: str, payload: dict[str, Any], n_seeds: int) -> None:
+    """The comparison table (the policy first, then the heuristics by mean JCT, the best marked
+    *), its gain as a caption, and the heuristics' tuned parameters in a table of their own, so
+    that long parameter lists never squeeze the numbers."""
     if payload.get("compared") == "routers":
         allocator = payload["allocator"]
         title = (
@@ -255,50 +257,64 @@ def _table(name: str, payload: dict[str, Any], n_seeds: int) -> Table:
             f"with the scenario's allocator {allocator['name']} "
             f"({_params_text(allocator['params']) or 'defaults'}, {payload['tuned_params']})"
         )
+        known = [*ROUTERS, "learned"]
     else:
         title = (
             f"{name}: {n_seeds} evaluation seeds, {payload['held_out']}; heuristics tuned on "
             f"training arrivals ({payload['tuned_params']} values)"
         )
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("policy", no_wrap=True)
-    table.add_column("params")
-    table.add_column("mean JCT s (95% CI)", justify="right", no_wrap=True)
-    table.add_column("p99 JCT s (95% CI)", justify="right", no_wrap=True)
-    table.add_column("moves", justify="right", no_wrap=True)
-    table.add_column("unfinished", justify="right", no_wrap=True)
+        known = [*ALLOCATORS, "learned"]
     mine = payload["policy"]
-    rows = [(f"[bold]{mine['name']}[/bold]", "", mine)]
+    label = policy_label(mine["name"], known)
+    rows: list[tuple[str, dict[str, Any]]] = [(label, mine)]
 
     def rank(item: tuple[str, dict[str, Any]]) -> float:
         mean = item[1]["mean_jct_s"]["mean"]
         return math.inf if mean is None else float(mean)
 
-    for h_name, stats in sorted(payload["heuristics"].items(), key=rank):
-        marker = " *" if h_name == payload["best_heuristic"] else ""
-        rows.append((h_name + marker, _params_text(stats["params"]), stats))
-    for label, params, stats in rows:
-        moves = stats["reconfigurations"]["mean"]
-        table.add_row(
-            label,
-            params,
-            _ci(stats["mean_jct_s"]),
-            _ci(stats["p99_jct_s"]),
-            "-" if moves is None else f"{moves:.0f}",
-            str(stats["unfinished"]),
-        )
+    ranked = sorted(payload["heuristics"].items(), key=rank)
+    for h_name, stats in ranked:
+        rows.append((h_name + (" *" if h_name == payload["best_heuristic"] else ""), stats))
     paired = payload["paired_gain_mean_jct"]
     paired_text = (
         f" (paired per seed {_pct(paired['mean'])} ± {paired['ci95']:.1%})"
         if paired["mean"] is not None and paired["ci95"] is not None
         else ""
     )
-    table.caption = (
-        f"gain of {mine['name']} over the best heuristic ({payload['best_heuristic']}, *): "
+    caption = (
+        f"gain of {label} over the best heuristic ({payload['best_heuristic']}, *): "
         f"mean JCT {_pct(payload['gain_mean_jct'])}{paired_text}, "
         f"p99 JCT {_pct(payload['gain_p99_jct'])}"
     )
-    return table
+    columns = [
+        Column("policy", "name"),
+        Column("mean JCT s (95% CI)"),
+        Column("p99 JCT s (95% CI)"),
+        Column("moves"),
+        Column("unfinished"),
+    ]
+    cells = []
+    for row_label, stats in rows:
+        moves = stats["reconfigurations"]["mean"]
+        cells.append(
+            [
+                row_label,
+                _ci(stats["mean_jct_s"]),
+                _ci(stats["p99_jct_s"]),
+                "-" if moves is None else f"{moves:.0f}",
+                str(stats["unfinished"]),
+            ]
+        )
+    styles = ["bold", *([None] * (len(cells) - 1))]
+    print_table(console, title, columns, cells, caption=caption, row_styles=styles)
+    tuned = [(h, _params_text(stats["params"])) for h, stats in ranked if stats["params"]]
+    if tuned:
+        print_table(
+            console,
+            f"{name}: the heuristics' parameters ({payload['tuned_params']} values)",
+            [Column("heuristic", "name"), Column("parameters", "text")],
+            [list(row) for row in tuned],
+        )
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -307,7 +323,12 @@ def _table(name: str, payload: dict[str, Any], n_seeds: int) -> Table:
 def evaluate(
     scenarios: Annotated[
         list[Path],
-        typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
+        typer.Option(
+            "--scenario",
+            metavar="FILE",
+            help="Scenario YAML file (repeatable).",
+            show_default=False,
+        ),
     ],
     policy: Annotated[
         str | None,
@@ -343,6 +364,7 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--baseline",
+            metavar="NAME",
             help="Compare with these heuristics only (repeatable; default: every heuristic, or "
             "every router with --router).",
         ),
@@ -390,10 +412,9 @@ def evaluate(
         }
         typer.echo(json.dumps(out, allow_nan=False))
         return
-    # Piped output defaults to 80 columns, too narrow for the table; a terminal keeps its width.
-    console = Console() if Console().is_terminal else Console(width=140)
+    console = Console()
     for name, payload in payloads.items():
-        console.print(_table(name, payload, len(seed_list)))
+        _print_tables(console, name, payload, len(seed_list))
 
 
 def register(app: typer.Typer) -> None:

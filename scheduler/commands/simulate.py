@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from policies.guardrails import Guardrails
 from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS
@@ -31,6 +29,8 @@ from policies.sim.traces import TraceError
 from policies.views import Allocator, Router
 from scheduler.checkpoints import resolve_allocator, resolve_router
 from scheduler.commands._common import fail, read_scenario, trace_files
+from scheduler.commands._outputs import check_plot, write_failed
+from scheduler.commands._tables import Column, policy_label, print_table
 
 # A run shorter than this shows no progress bar: it would only flicker.
 _PROGRESS_AFTER_S = 1.0
@@ -152,28 +152,26 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _table(title: str, results: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("policy", no_wrap=True, min_width=14)
-    for column in ("jobs", "mean s", "p50 s", "p99 s", "SLO", "util", "moves", "load w·s"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("rejected", justify="right", no_wrap=True)
-    table.add_column("jobs/s", justify="right", no_wrap=True)
-    for name, r in results.items():
-        table.add_row(
-            name,
-            str(r["jobs"]),
-            _fmt(r["mean_jct_s"]),
-            _fmt(r["p50_jct_s"]),
-            _fmt(r["p99_jct_s"]),
-            _fmt(r["slo_attainment"], ".1%"),
-            _fmt(r["utilization"], ".1%"),
-            str(r["reconfigurations"]),
-            _fmt(r["loading_worker_s"], ".0f"),
-            str(r["rejected"]),
-            _fmt(r["sim_jobs_per_s"], ".0f"),
-        )
-    return table
+# The table's columns after the policy's; `_table_row` fills them in this order.
+_COLUMNS = (
+    "jobs", "mean s", "p50 s", "p99 s", "SLO", "util", "moves", "load w·s", "rejected", "jobs/s",
+)  # fmt: skip
+
+
+def _table_row(label: str, r: dict[str, Any]) -> list[str]:
+    return [
+        label,
+        str(r["jobs"]),
+        _fmt(r["mean_jct_s"]),
+        _fmt(r["p50_jct_s"]),
+        _fmt(r["p99_jct_s"]),
+        _fmt(r["slo_attainment"], ".1%"),
+        _fmt(r["utilization"], ".1%"),
+        str(r["reconfigurations"]),
+        _fmt(r["loading_worker_s"], ".0f"),
+        str(r["rejected"]),
+        _fmt(r["sim_jobs_per_s"], ".0f"),
+    ]
 
 
 def _rank_key(item: tuple[str, dict[str, Any]]) -> float:
@@ -183,7 +181,8 @@ def _rank_key(item: tuple[str, dict[str, Any]]) -> float:
 
 def simulate(
     scenario: Annotated[
-        Path, typer.Option("--scenario", help="Scenario YAML file.", show_default=False)
+        Path,
+        typer.Option("--scenario", metavar="FILE", help="Scenario YAML file.", show_default=False),
     ],
     policy: Annotated[
         str | None,
@@ -215,10 +214,12 @@ def simulate(
     ] = None,
 ) -> None:
     """Simulate a scenario and report JCT, SLO attainment, utilisation and reconfigurations."""
-    _check_policy(policy)
-    _check_router(router)
     if compare and policy is not None:
         raise fail("--compare runs every heuristic allocator; drop --policy")
+    if plot is not None:
+        check_plot("--plot", plot)
+    _check_policy(policy)
+    _check_router(router)
     parsed = read_scenario(scenario)
     try:
         prepared = _prepare(parsed, scenario, seed, trace)
@@ -235,21 +236,40 @@ def simulate(
             raise fail(f"{name}: {exc}") from None
         results[name] = _result_dict(records[name], name, router_name, seed)
     ranked = dict(sorted(results.items(), key=_rank_key)) if compare else results
-    if plot is not None:
-        from scheduler.plots import plot_runs  # matplotlib is slow to import; only when asked
-
-        plot_runs({n: records[n] for n in ranked}, plot, title=f"{parsed.name} (seed {seed})")
+    # The results first: a plot that cannot be written must not take them with it.
     if as_json:
         payload = ranked if compare else next(iter(ranked.values()))
         typer.echo(json.dumps(payload, allow_nan=False))
-        return
-    # Piped output defaults to 80 columns, too narrow for the table; a terminal keeps its width.
-    console = Console() if Console().is_terminal else Console(width=120)
-    title = f"{parsed.name}: {prepared.spec.budget} workers, {len(prepared.jobs.arrivals)} arrivals"
-    title += f", router {router_name}, seed {seed}"
-    console.print(_table(title + (" (ranked by mean JCT)" if compare else ""), ranked))
+    else:
+        _print_table(parsed.name, prepared, router_name, seed, compare, ranked)
     if plot is not None:
-        console.print(f"plot written to {plot}")
+        from scheduler.plots import plot_runs  # matplotlib is slow to import; only when asked
+
+        try:
+            plot_runs({n: records[n] for n in ranked}, plot, title=f"{parsed.name} (seed {seed})")
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise write_failed("--plot", plot, exc) from None
+        if not as_json:
+            Console().print(f"plot written to {plot}", highlight=False, soft_wrap=True)
+
+
+def _print_table(
+    name: str,
+    prepared: PreparedRun,
+    router_name: str,
+    seed: int,
+    compare: bool,
+    ranked: dict[str, dict[str, Any]],
+) -> None:
+    title = f"{name}: {prepared.spec.budget} workers, {len(prepared.jobs.arrivals)} arrivals"
+    title += f", router {router_name}, seed {seed}"
+    known = [*ALLOCATORS, "learned"]
+    print_table(
+        Console(),
+        title + (" (ranked by mean JCT)" if compare else ""),
+        [Column("policy", "name"), *(Column(c) for c in _COLUMNS)],
+        [_table_row(policy_label(n, known), r) for n, r in ranked.items()],
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from scheduler.client import AsyncClient
 from scheduler.commands._common import fail
+from scheduler.commands._tables import Column, print_table
 from scheduler.commands._target import resolve_target
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
@@ -130,20 +130,19 @@ def status(
         }
         typer.echo(json.dumps(payload))
         return
-    console = Console() if Console().is_terminal else Console(width=120)
+    console = Console()
     title = f"namespace {settings.namespace}: ingress {second.ingress}, delayed {second.delayed}"
-    table = Table(title=title)
-    for column in ("queue", "depth", "oldest wait s", "in flight", "dead", "workers"):
-        table.add_column(column, justify="left" if column == "queue" else "right")
-    table.add_column("done/s", justify="right")
+    cells = []
     for r in rows:
         workers = "-" if r["workers"] is None else f"{r['workers']} ({r['loading']} loading)"
         rate = "-" if r["completed_per_s"] is None else f"{r['completed_per_s']:.1f}"
-        table.add_row(
+        cells.append([
             r["queue"], str(r["depth"]), f"{r['oldest_wait_s']:.1f}", str(r["in_flight"]),
             str(r["dead"]), workers, rate,
-        )  # fmt: skip
-    console.print(table)
+        ])  # fmt: skip
+    columns = [Column("queue", "name")]
+    columns += [Column(c) for c in ("depth", "oldest wait s", "in flight", "dead", "workers")]
+    print_table(console, title, [*columns, Column("done/s")], cells)
     led = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
     policy = f"policy {published.policy}" if published else "no controller has ticked recently"
     console.print(f"{led}; {policy}; {changes} allocation changes recorded", highlight=False)
@@ -154,26 +153,32 @@ def status(
             f"{second.keys_moved_aside} keys of the wrong type moved aside (corrupt:*)[/yellow]"
         )
     if roles:
-        console.print(_roles_table(role_rows(roles, time.time())))
+        _print_roles(console, role_rows(roles, time.time()))
 
 
-def _roles_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="roles")
-    for column in ("role", "host", "state", "progress age s", "failures", "restarts", "detail"):
-        table.add_column(column, justify="right" if column.endswith(("s", "failures")) else "left")
+def _print_roles(console: Console, rows: list[dict[str, Any]]) -> None:
+    cells = []
     for r in rows:
         if r["role"] == "router":
-            detail = f"routed {r.get('routed_total', 0):.0f}, lag {r.get('lag_jobs', 0):.0f} jobs / {r.get('lag_s', 0.0):.1f} s"
+            detail = (
+                f"routed {r.get('routed_total', 0):.0f}, lag {r.get('lag_jobs', 0):.0f} jobs / "
+                f"{r.get('lag_s', 0.0):.1f} s"
+            )
         else:
-            detail = f"ticks {r.get('ticks_total', 0):.0f}, last tick {r.get('last_tick_s', 0.0) * 1000:.0f} ms"
+            detail = (
+                f"ticks {r.get('ticks_total', 0):.0f}, last tick "
+                f"{r.get('last_tick_s', 0.0) * 1000:.0f} ms"
+            )
         if r["last_error"] and r["state"] in ("failing", "stalled"):
             detail += f"; last error: {r['last_error']}"
         state = r["state"].upper() if r["state"] in ("failing", "stalled", "gone") else r["state"]
-        table.add_row(
-            r["role"], r["name"], state, f"{r['progress_age_s']:.1f}", str(r["failures"]),
-            str(r["restarts"]), detail,
+        cells.append(
+            [r["role"], r["name"], state, f"{r['progress_age_s']:.1f}", str(r["failures"]),
+             str(r["restarts"]), detail]
         )  # fmt: skip
-    return table
+    columns = [Column("role", "text"), Column("host", "name"), Column("state", "text")]
+    columns += [Column("progress age s"), Column("failures"), Column("restarts")]
+    print_table(console, "roles", [*columns, Column("detail", "text")], cells)
 
 
 def register(app: typer.Typer) -> None:

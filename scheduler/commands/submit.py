@@ -36,7 +36,9 @@ def submit(
     job_type: Annotated[str, typer.Argument(help="Job type, e.g. embed.")],
     payload_json: Annotated[str, typer.Argument(help='Payload as JSON, e.g. \'{"text": "hi"}\'.')],
     priority: Annotated[int, typer.Option("--priority", help="Higher runs first.")] = 0,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeatable).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", metavar="TAG", help="A tag (repeatable).")
+    ] = None,
     deadline_s: Annotated[
         float | None, typer.Option("--deadline", help="Seconds after submit to finish by.")
     ] = None,

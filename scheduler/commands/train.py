@@ -6,9 +6,12 @@ The checkpoint then runs with `bilevel simulate --policy CHECKPOINT.pt` and in t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import platform
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -17,16 +20,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from policies.evaluation import TraceInput
 from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.networks import BaseSpec
 from policies.learned.policy import LearnedPolicy
-from policies.learned.ppo import EVAL_SEED_BASE, Args, Evaluation, TrainResult, train
+from policies.learned.ppo import (
+    EVAL_SEED_BASE,
+    Args,
+    Evaluation,
+    TrainingStopped,
+    TrainResult,
+    train,
+)
 from policies.learned.rollout import MapRollouts, has_routing_choice, with_traces
 from policies.registry import HEURISTIC_ALLOCATORS, make_allocator
 from policies.seeds import TRAIN_SEEDS, TRAIN_WINDOW_FRACTION
@@ -38,7 +46,10 @@ from scheduler.checkpoints import (
     save_checkpoint,
 )
 from scheduler.commands._common import fail, read_inputs
-from scheduler.training import RayRollouts, map_serial
+from scheduler.commands._outputs import check_output, write_failed
+from scheduler.commands._tables import Column, print_table
+from scheduler.stopping import StopSignals
+from scheduler.training import RayRollouts, serial_rollouts
 
 
 def _load_scenarios(
@@ -54,13 +65,13 @@ def _load_scenarios(
 def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
     """PNG: training episodes' mean JCT per iteration, and each scenario's evaluated ratio to the
     best heuristic (held-out seeds) over iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_train, ax_eval) = plt.subplots(2, 1, figsize=(8, 8))
+    from scheduler.plots import legend_outside, save
+
+    fig, (ax_train, ax_eval) = plt.subplots(2, 1, figsize=(9, 8))
     jct = [m.get("charts/episodic_mean_jct_s", math.nan) for m in result.history]
     ax_train.plot(range(1, len(jct) + 1), jct, lw=0.8, color="tab:gray", label="per iteration")
     if len(jct) >= 5:
@@ -68,10 +79,11 @@ def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
         kernel = [1.0 / window] * window
         smooth = np.convolve(np.nan_to_num(jct, nan=0.0), kernel, mode="valid")
         ax_train.plot(range(window, len(jct) + 1), smooth, color="tab:blue", label="moving mean")
-    ax_train.set_yscale("log")
+    if jct:
+        ax_train.set_yscale("log")
     ax_train.set_xlabel("iteration")
     ax_train.set_ylabel("training episodes' mean JCT (s)")
-    ax_train.legend()
+    legend_outside(ax_train)
     iterations = [e.iteration for e in result.evaluations]
     for scenario in result.evaluations[0].mean_jct_s if result.evaluations else []:
         ratios = [e.ratio(scenario) for e in result.evaluations]
@@ -79,11 +91,12 @@ def plot_learning_curve(result: TrainResult, out_path: Path) -> None:
     ax_eval.axhline(1.0, color="black", lw=0.8, ls="--")
     ax_eval.set_yscale("log")
     ax_eval.set_xlabel("iteration")
-    ax_eval.set_ylabel("learned / best tuned heuristic mean JCT (validation seeds)")
-    ax_eval.legend()
+    ax_eval.set_ylabel("learned / best tuned heuristic\nmean JCT (validation seeds)")
+    legend_outside(ax_eval, title="scenario")
+    for ax in (ax_train, ax_eval):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
+    save(fig, out_path, dpi=90)
 
 
 def _evaluation_dict(evaluation: Evaluation | None) -> dict[str, Any]:
@@ -109,22 +122,29 @@ def _evaluation_dict(evaluation: Evaluation | None) -> dict[str, Any]:
     }
 
 
-def _summary_table(evaluation: Evaluation) -> Table:
-    table = Table(title=f"validation (iteration {evaluation.iteration})", box=box.SIMPLE_HEAD)
-    for column in ("scenario", "learned mean s", "learned p99 s", "best heuristic", "its mean s"):
-        table.add_column(column, justify="right" if "s" in column[-2:] else "left")
-    table.add_column("gain", justify="right")
+def _print_summary(evaluation: Evaluation) -> None:
+    rows = []
     for s in evaluation.mean_jct_s:
         best = evaluation.best_heuristic(s)
-        table.add_row(
-            s,
-            f"{evaluation.mean_jct_s[s]['learned']:.3f}",
-            f"{evaluation.p99_jct_s[s]['learned']:.3f}",
-            best,
-            f"{evaluation.mean_jct_s[s][best]:.3f}",
-            f"{1.0 - evaluation.ratio(s):+.1%}",
+        rows.append(
+            [
+                s,
+                f"{evaluation.mean_jct_s[s]['learned']:.3f}",
+                f"{evaluation.p99_jct_s[s]['learned']:.3f}",
+                best,
+                f"{evaluation.mean_jct_s[s][best]:.3f}",
+                f"{1.0 - evaluation.ratio(s):+.1%}",
+            ]
         )
-    return table
+    columns = [
+        Column("scenario", "name"),
+        Column("learned mean s"),
+        Column("learned p99 s"),
+        Column("best heuristic", "text"),
+        Column("its mean s"),
+        Column("gain"),
+    ]
+    print_table(Console(), f"validation (iteration {evaluation.iteration})", columns, rows)
 
 
 def parse_base(text: str) -> BaseSpec:
@@ -154,7 +174,10 @@ def train_command(
     scenario: Annotated[
         list[Path],
         typer.Option(
-            "--scenario", help="Scenario YAML file; repeat for several.", show_default=False
+            "--scenario",
+            metavar="FILE",
+            help="Scenario YAML file; repeat for several.",
+            show_default=False,
         ),
     ],
     out: Annotated[
@@ -231,6 +254,7 @@ def train_command(
         list[str] | None,
         typer.Option(
             "--base",
+            metavar="NAME[:K=V,...]",
             help="Train a residual allocator over this heuristic, as NAME or NAME:K=V,K=V "
             "(constructor parameters, the same for every scenario); repeat for several, which a "
             "learned gate picks from each tick. The untrained policy is the first.",
@@ -274,6 +298,9 @@ def train_command(
     ] = True,
 ) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
+    weights_path, meta_path = checkpoint_paths(out)
+    for path in (weights_path, meta_path, weights_path.with_suffix(".png")):
+        check_output("--out", path, create_parents=True)
     scenarios, traces = _load_scenarios(scenario, trace)
     initial: LearnedPolicy | None = None
     initial_meta: dict[str, Any] | None = None
@@ -311,11 +338,64 @@ def train_command(
             "--router-only needs a scenario where some job type has two or more eligible queues; "
             f"none of {', '.join(s.name for s in scenarios)} has one"
         )
-    weights_path, meta_path = checkpoint_paths(out)
     console = Console(stderr=True)
+    stop = StopSignals()
+    started = time.monotonic()
+    with stop:
+        try:
+            result = _run(args, scenarios, traces, initial, workers, address, stop, console)
+        except KeyboardInterrupt:
+            raise fail(
+                "interrupted again: quit without writing a checkpoint",
+                code=stop.exit_code() if stop.requested else 130,
+            ) from None
+        stop.hold()  # a signal now would only cut the write short
+        wall_s = time.monotonic() - started
+        if result is None:
+            console.print(
+                f"stopped by {stop.name()} before the first validation: no policy to keep, "
+                "nothing written",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(stop.exit_code())
+        if stop.requested:
+            console.print(
+                f"stopped by {stop.name()} after {_iterations(result.iterations)} "
+                f"({wall_s / 60:.1f} min): writing the best policy validated so far "
+                f"(iteration {result.best.iteration if result.best else 0})",
+                highlight=False,
+                soft_wrap=True,
+            )
+        metadata = _metadata(result, args, scenario, scenarios, traces, workers, wall_s, seed)
+        metadata["initialized_from"] = (
+            {"path": str(init), "metadata": initial_meta} if initial_meta is not None else None
+        )
+        metadata["stopped_early"] = (
+            {"signal": stop.name(), "after_iterations": result.iterations}
+            if stop.requested
+            else None
+        )
+        if result.best is not None:
+            _print_summary(result.best)
+        _write(out, result, metadata, wall_s)
+    if stop.requested:
+        raise typer.Exit(stop.exit_code())
 
+
+def _run(
+    args: Args,
+    scenarios: list[Scenario],
+    traces: dict[str, TraceInput],
+    initial: LearnedPolicy | None,
+    workers: int,
+    address: str | None,
+    stop: StopSignals,
+    console: Console,
+) -> TrainResult | None:
+    """Trains with rollouts on Ray (or serially), a progress bar on `console`; the result, or
+    when `stop` was signalled the partial one (None if nothing had been validated yet)."""
     ray_module: Any = None
-    map_rollouts: MapRollouts = map_serial
     if workers > 0 or address is not None:
         import ray
 
@@ -329,19 +409,44 @@ def train_command(
                 log_to_driver=False,
                 _temp_dir=tempfile.mkdtemp(prefix="bltrain", dir="/tmp"),
             )
-        map_rollouts = RayRollouts()
-    map_rollouts = with_traces(map_rollouts, traces)
-    started = time.monotonic()
+        stop.install()  # after ray.init, whose own SIGTERM handler would exit without writing
     try:
+        map_rollouts: MapRollouts = (
+            RayRollouts(should_stop=lambda: stop.requested)
+            if ray_module is not None
+            else serial_rollouts(should_stop=lambda: stop.requested)
+        )
+        map_rollouts = with_traces(map_rollouts, traces)
+        console.print(
+            f"training on {', '.join(s.name for s in scenarios)} for up to {args.minutes:g} min; "
+            "Ctrl-C stops and writes the best policy validated so far",
+            highlight=False,
+            soft_wrap=True,
+        )
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),
             TimeElapsedColumn(),
             console=console,
+            # Logs get a line per validation instead (below).
+            disable=not console.is_terminal,
         ) as progress:
             task = progress.add_task("evaluating heuristics", total=1.0)
             best_score = [math.nan]
+
+            def announce(signum: int) -> None:
+                name = signal.Signals(signum).name
+                if console.is_terminal:  # the bar's description: short enough to stay whole
+                    progress.update(task, description=f"{name}: stopping (again: quit, no write)")
+                    return
+                note = (
+                    f"{name}: stopping at the next rollout, then writing the best policy "
+                    "validated so far (again to quit without writing)\n"
+                )
+                os.write(2, note.encode())  # from a signal handler: one plain write
+
+            stop.on_request = announce
 
             def report(
                 iteration: int, fraction: float, metrics: dict[str, float], ev: Evaluation | None
@@ -350,26 +455,52 @@ def train_command(
                     best_score[0] = (
                         ev.score if math.isnan(best_score[0]) else min(best_score[0], ev.score)
                     )
+                    if not console.is_terminal:
+                        console.print(
+                            f"iteration {iteration}: validated, score {ev.score:.3f} "
+                            f"(best so far {best_score[0]:.3f})",
+                            highlight=False,
+                        )
                 text = (
                     f"iter {iteration}  train JCT {metrics['charts/episodic_mean_jct_s']:.2f}s"
                     f"  best vs heuristic {best_score[0]:.3f}"
                 )
-                progress.update(task, completed=fraction, description=text)
+                if not stop.requested:
+                    progress.update(task, completed=fraction, description=text)
 
-            result = train(args, scenarios, map_rollouts, on_iteration=report, initial=initial)
+            try:
+                result = train(args, scenarios, map_rollouts, on_iteration=report, initial=initial)
+            except TrainingStopped as stopped:
+                return stopped.partial
             progress.update(task, completed=1.0)
+            return result
     finally:
         if ray_module is not None:
             ray_module.shutdown()
-    wall_s = time.monotonic() - started
 
-    metadata = {
+
+def _iterations(n: int) -> str:
+    return f"{n} iteration" if n == 1 else f"{n} iterations"
+
+
+def _metadata(
+    result: TrainResult,
+    args: Args,
+    scenario_files: list[Path],
+    scenarios: list[Scenario],
+    traces: dict[str, TraceInput],
+    workers: int,
+    wall_s: float,
+    seed: int,
+) -> dict[str, Any]:
+    """What a checkpoint records about the run that made it."""
+    return {
         "command": shlex.join(["bilevel", *sys.argv[1:]]),
         "created_unix_s": time.time(),
         "training_time_s": wall_s,
         "iterations": result.iterations,
         "scenarios": [s.name for s in scenarios],
-        "scenario_files": [str(p) for p in scenario],
+        "scenario_files": [str(p) for p in scenario_files],
         "traces": {
             name: {
                 "source": t.source,
@@ -396,21 +527,44 @@ def train_command(
         "regime_tables": {name: t.to_dict() for name, t in result.regime_tables.items()},
         "target_fit": result.target_fit.to_dict() if result.target_fit else None,
         "best_evaluation": _evaluation_dict(result.best),
-        # What the weights continued from, so a checkpoint trained in steps keeps every step.
-        "initialized_from": (
-            {"path": str(init), "metadata": initial_meta} if initial_meta is not None else None
-        ),
         "python": platform.python_version(),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
     }
-    save_checkpoint(out, result.policy, metadata)
-    plot_learning_curve(result, weights_path.with_suffix(".png"))
-    if result.best is not None:
-        Console().print(_summary_table(result.best))
+
+
+def _write(out: Path, result: TrainResult, metadata: dict[str, Any], wall_s: float) -> None:
+    """Writes the checkpoint and its curve and prints where. When --out cannot take the
+    checkpoint after all (a full disk, a directory gone), it goes to a new temporary directory
+    instead, so the run is not lost; either failure is one line and Exit(1)."""
+    try:
+        weights_path, meta_path = save_checkpoint(out, result.policy, metadata)
+    except OSError as exc:
+        rescue = (
+            Path(tempfile.mkdtemp(prefix="bilevel-checkpoint-")) / checkpoint_paths(out)[0].stem
+        )
+        try:
+            weights_path, meta_path = save_checkpoint(rescue, result.policy, metadata)
+        except OSError as again:
+            raise write_failed("--out", checkpoint_paths(out)[0], exc) from again
+        # The checkpoint is what matters here; the error below is about --out.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            plot_learning_curve(result, weights_path.with_suffix(".png"))
+        raise fail(
+            f"--out {checkpoint_paths(out)[0]}: could not write it: {exc.strerror or exc}; "
+            f"the checkpoint is in {weights_path} (metadata {meta_path}) instead",
+            code=1,
+        ) from None
+    curve = weights_path.with_suffix(".png")
+    try:
+        plot_learning_curve(result, curve)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise write_failed("--out", curve, exc) from None
     Console().print(
         f"checkpoint: {weights_path} ({weights_path.stat().st_size / 1024:.0f} KiB), "
-        f"metadata: {meta_path}, curve: {weights_path.with_suffix('.png')}; "
-        f"{result.iterations} iterations in {wall_s / 60:.1f} min"
+        f"metadata: {meta_path}, curve: {curve}; "
+        f"{_iterations(result.iterations)} in {wall_s / 60:.1f} min",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

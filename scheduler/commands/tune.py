@@ -20,12 +20,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from policies.seeds import TRAIN_SEEDS, TUNING_SEEDS
 from policies.tuned import TunedEntry
 from policies.tuning import ScenarioTuning, render_tuned_module, tune_scenario
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
+from scheduler.commands._outputs import check_output, write_failed
+from scheduler.commands._tables import Column, print_table
 
 # The docstring note of a written module: where the values come from.
 MODULE_NOTE = (
@@ -51,19 +52,25 @@ def _tune(item: ScenarioInput, seeds: Sequence[int]) -> ScenarioTuning:
     return tuning
 
 
-def _table(tuning: ScenarioTuning) -> Table:
-    table = Table(title=f"{tuning.scenario}: tuned on seeds {list(tuning.seeds)}")
-    table.add_column("heuristic")
-    table.add_column("parameters")
-    table.add_column("mean time in system (s)", justify="right")
+def _print_table(console: Console, tuning: ScenarioTuning) -> None:
+    rows = []
     for name, h in tuning.heuristics.items():
         best = next((p for p in h.points if dict(p.params) == dict(h.best)), None)
         score = "-"
         if best is not None and math.isfinite(best.mean_sojourn_s):
             score = f"{best.mean_sojourn_s:.4g}"
         params = ", ".join(f"{k}={v}" for k, v in h.best.items()) or "(none)"
-        table.add_row(name, params, score)
-    return table
+        rows.append([name, params, score])
+    print_table(
+        console,
+        f"{tuning.scenario}: tuned on seeds {list(tuning.seeds)}",
+        [
+            Column("heuristic", "name"),
+            Column("parameters", "text"),
+            Column("mean time in system (s)"),
+        ],
+        rows,
+    )
 
 
 def read_tuned_module(path: Path) -> dict[str, TunedEntry]:
@@ -97,20 +104,25 @@ def write_tuned_module(path: Path, entries: Mapping[str, TunedEntry]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise fail(f"cannot write {path}: {exc}") from None
+        raise write_failed("--write", path, exc) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise fail(f"cannot write {path}: {exc}") from None
+        raise write_failed("--write", path, exc) from None
 
 
 def tune(
     scenarios: Annotated[
         list[Path],
-        typer.Option("--scenario", help="Scenario YAML file (repeatable).", show_default=False),
+        typer.Option(
+            "--scenario",
+            metavar="FILE",
+            help="Scenario YAML file (repeatable).",
+            show_default=False,
+        ),
     ],
     trace: Annotated[
         Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
@@ -138,20 +150,22 @@ def tune(
     point of lowest mean time in system over the tuning seeds."""
     if not 1 <= seeds <= len(TRAIN_SEEDS):
         raise fail(f"--seeds must be between 1 and {len(TRAIN_SEEDS)}, got {seeds}")
-    inputs = read_inputs(scenarios, trace)
     if write is not None:
+        check_output("--write", write)
         read_tuned_module(write)  # refuse a target that is not a tuned-values module before tuning
+    inputs = read_inputs(scenarios, trace)
     seed_list = list(TRAIN_SEEDS[:seeds])
     tunings = {item.scenario.name: _tune(item, seed_list) for item in inputs}
+    # The results first, so that a module that cannot be written does not take them with it.
+    if as_json:
+        typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))
+    else:
+        console = Console()
+        for t in tunings.values():
+            _print_table(console, t)
     if write is not None:
         write_tuned_module(write, {name: t.entry() for name, t in tunings.items()})
         Console(stderr=True).print(f"wrote {write}", highlight=False)
-    if as_json:
-        typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))
-        return
-    console = Console() if Console().is_terminal else Console(width=140)
-    for t in tunings.values():
-        console.print(_table(t))
 
 
 def register(app: typer.Typer) -> None:
