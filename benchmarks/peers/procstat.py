@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +117,15 @@ def cpu_core_fraction(
     return ticks / TICKS_PER_S / window_s
 
 
-def idle_cpu(processes: Iterable[ProcStat], window_s: float) -> float:
-    """Sleep window_s and return the cores the given processes used meanwhile."""
-    before = [now for stat in processes if (now := still_same(stat)) is not None]
+def snapshot(processes: Iterable[ProcStat]) -> list[ProcStat]:
+    """The given processes read again, those still alive and still the same process."""
+    return [now for stat in processes if (now := still_same(stat)) is not None]
+
+
+def idle_cpu(groups: Mapping[str, Iterable[ProcStat]], window_s: float) -> dict[str, float]:
+    """Sleep window_s once and return the cores each group of processes used meanwhile."""
+    before = {name: snapshot(procs) for name, procs in groups.items()}
     time.sleep(window_s)
-    after = [now for stat in before if (now := still_same(stat)) is not None]
-    return cpu_core_fraction(before, after, window_s)
+    return {
+        name: cpu_core_fraction(procs, snapshot(procs), window_s) for name, procs in before.items()
+    }

@@ -70,6 +70,19 @@ def _log_tails(workdir: Path) -> dict[str, str]:
     }
 
 
+def _idle(served: list[procstat.ProcStat], redis_pid: int | None) -> dict[str, Any]:
+    """Cores used over IDLE_S by the peer's processes, and by Redis serving them."""
+    redis_stat = procstat.read_stat(redis_pid) if redis_pid is not None else None
+    groups = {"peer": served, "redis": [redis_stat] if redis_stat is not None else []}
+    used = procstat.idle_cpu(groups, IDLE_S)
+    return {
+        "idle_cpu_core_fraction": round(used["peer"], 4),
+        "idle_processes": len(served),
+        "redis_idle_cpu_core_fraction": round(used["redis"], 4) if redis_stat else None,
+        "idle_window_s": IDLE_S,
+    }
+
+
 def run_peer(peer: Peer, redis_url: str, redis_pid: int | None, rounds: int) -> dict[str, Any]:
     """Measure `rounds` rounds and the idle CPU after them; the peer's settings beside."""
     if rounds < 1:
@@ -90,26 +103,7 @@ def run_peer(peer: Peer, redis_url: str, redis_pid: int | None, rounds: int) -> 
             session = peer.start(redis_url, workdir, stack)
             results = [session.measure(peer.load) for _ in range(rounds)]
             time.sleep(IDLE_SETTLE_S)
-            served = session.idle_processes()
-            redis_proc = [s for s in [procstat.read_stat(redis_pid)] if s] if redis_pid else []
-            before = [s for s in map(procstat.still_same, served + redis_proc) if s is not None]
-            time.sleep(IDLE_S)
-            after = [s for s in map(procstat.still_same, before) if s is not None]
-            redis_keys = {(s.pid, s.start_ticks) for s in redis_proc}
-            ours = [s for s in after if (s.pid, s.start_ticks) not in redis_keys]
-            theirs = [s for s in after if (s.pid, s.start_ticks) in redis_keys]
-            idle = {
-                "idle_cpu_core_fraction": round(
-                    procstat.cpu_core_fraction(before, ours, IDLE_S), 4
-                ),
-                "idle_processes": len(served),
-                "redis_idle_cpu_core_fraction": round(
-                    procstat.cpu_core_fraction(before, theirs, IDLE_S), 4
-                )
-                if redis_proc
-                else None,
-                "idle_window_s": IDLE_S,
-            }
+            idle = _idle(session.idle_processes(), redis_pid)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "logs": _log_tails(workdir), **described()}
     finally:

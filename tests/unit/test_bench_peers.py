@@ -220,3 +220,16 @@ def test_peer_names_are_checked() -> None:
     assert parse_peer_names("all") == list(PEER_MODULES)
     with pytest.raises(ValueError, match="unknown peer\\(s\\) sidekiq"):
         parse_peer_names("celery,sidekiq")
+
+
+def test_bullmq_without_node_is_a_loud_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no node on PATH, BullMQ's row says so instead of silently vanishing."""
+    from benchmarks.peers.bullmq import PEER
+    from benchmarks.peers.runner import run_peer
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    row = run_peer(PEER, "redis://127.0.0.1:1/0", None, rounds=1)
+    assert row["skipped"] == "node not found"
+    assert "workers" in row["settings"]
