@@ -188,14 +188,21 @@ def main(peers: list[str] | None = None, rounds: int = 3) -> dict[str, Any]:
 
     os.environ.setdefault("PYTHONPATH", str(REPO_ROOT))
     names = list(PEER_MODULES) if peers is None else peers
+    # The machine's 1-minute load average as each part starts and ends: on a shared machine it
+    # says which figures ran beside other work.
+    load_average: dict[str, list[float]] = {}
     with EmbeddedRedis() as server:
         redis_version = _redis_version(server.url)
+        before = os.getloadavg()[0]
         ours = _bilevel(server.url, server.pid)
+        load_average["bilevel"] = [before, os.getloadavg()[0]]
         results = {}
         for name in names:
+            before = os.getloadavg()[0]
             results[name] = run_in_subprocess(
                 name, server.url, server.pid, rounds, _peer_timeout_s(rounds)
             )
+            load_average[name] = [before, os.getloadavg()[0]]
             for problem in ("skipped", "error"):
                 if problem in results[name]:
                     print(f"bench_e2e: {name} {problem}: {results[name][problem]}", file=sys.stderr)
@@ -208,6 +215,9 @@ def main(peers: list[str] | None = None, rounds: int = 3) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "redis_version": redis_version,
         "peer_rounds": rounds,
+        "load_average_1m": {
+            part: [round(x, 2) for x in pair] for part, pair in load_average.items()
+        },
         "bilevel": ours,
         "peers": results,
         "ratios": ratio_table(ours, measured),

@@ -75,7 +75,9 @@ class RayServePeer:
         "idle CPU": "the Serve actor processes (controller and replicas), as bilevel's figure "
         "counts its actor processes; Ray's own daemons are left out of both",
     }
-    load = Load()
+    # With thousands of requests outstanding, the handle's router does not send them in order, so
+    # one result may wait for most of the phase: a smaller batched phase and a longer bound.
+    load = Load(batched_jobs=4000, individual_jobs=1600, result_timeout_s=300.0)
 
     def unavailable(self) -> str | None:
         return None

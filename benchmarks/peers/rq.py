@@ -4,6 +4,7 @@ Redis."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,6 +15,7 @@ from benchmarks.peers.base import Load, Session
 from benchmarks.peers.harness import SyncSession
 
 QUEUE = "bench"
+_BLOCK_S = 1
 
 
 class _Driver:
@@ -41,10 +43,12 @@ class _Driver:
     def wait(self, handle: Any, timeout_s: float) -> Any:
         from rq.results import Result
 
-        # Blocks on the job's result stream (XREAD), whole seconds.
-        result = handle.latest_result(timeout=max(1, int(timeout_s)))
-        if result is None:
-            raise TimeoutError(f"RQ job {handle.id}: no result within {timeout_s} s")
+        # Each call blocks on the job's result stream (XREAD) for a second: it returns as soon as
+        # the result is written, and stays inside redis-py's default 5 s socket timeout.
+        deadline = time.monotonic() + timeout_s
+        while (result := handle.latest_result(timeout=_BLOCK_S)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"RQ job {handle.id}: no result within {timeout_s} s")
         if result.type != Result.Type.SUCCESSFUL:
             raise RuntimeError(f"RQ job {handle.id} ended {result.type.name}: {result.exc_string}")
         return result.return_value
@@ -57,7 +61,7 @@ class RqPeer:
         "worker class": "rq.Worker, the default: forks a work horse per job (RQ's isolation "
         "model, and its main cost on a no-op)",
         "results": "RQ's result streams in Redis (result_ttl 500 s, the default), read by "
-        "Job.latest_result(timeout=...) blocking on XREAD",
+        "Job.latest_result(timeout=1) blocking on XREAD, repeated until the result is there",
         "delivery": "a job whose worker dies goes to the failed registry, not back to its queue "
         "(at-most-once unless Retry is set); not changed here",
         "clients": "16 threads sharing one Redis client",
