@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def _bilevel(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
             result.update(_idle_cpu(ray_temp_dir, redis_pid))
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
     return {"setup": f"{WORKERS} ModelWorker actors, rule router, static allocation", **result}
 
 
