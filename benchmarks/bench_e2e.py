@@ -1,17 +1,25 @@
 """End-to-end no-op jobs through the live service: client → router → queue → worker → result.
 
-Prints one JSON object. Run: `python -m benchmarks.bench_e2e` (or `make bench`). Starts its own
-embedded Redis and local Ray and stops both; the same no-op load then goes through Celery and
-Dramatiq (benchmarks/references.py) on the same Redis build as references.
+Prints one JSON object. Run: `python -m benchmarks.bench_e2e [--peers celery,dramatiq,...]
+[--rounds N]` (or `make bench`). Starts its own embedded Redis and local Ray and stops both; then
+the same kind of load goes through each peer (benchmarks/peers/: Celery, Dramatiq, arq, RQ, Ray
+Serve, BullMQ), each with its recommended production settings on as many cores, on the same Redis
+server, each in its own process and bounded in time; the JSON ends with bilevel / best peer for
+every metric.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,22 +159,70 @@ def _bilevel(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
             result.update(_idle_cpu(ray_temp_dir, redis_pid))
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
     return {"setup": f"{WORKERS} ModelWorker actors, rule router, static allocation", **result}
 
 
-def main() -> dict[str, Any]:
-    from benchmarks.references import celery_reference, dramatiq_reference
+def _commit() -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def _redis_version(redis_url: str) -> str:
+    import redis
+
+    return str(redis.Redis.from_url(redis_url).info("server")["redis_version"])
+
+
+def _peer_timeout_s(rounds: int) -> float:
+    # Start-up (npm install, Ray), the rounds, the idle window and the stop, with room to spare.
+    return 240.0 + 150.0 * rounds
+
+
+def main(peers: list[str] | None = None, rounds: int = 3) -> dict[str, Any]:
+    from benchmarks.peers.runner import PEER_MODULES, run_in_subprocess
+    from benchmarks.peers.summary import ratio_table
 
     os.environ.setdefault("PYTHONPATH", str(REPO_ROOT))
+    names = list(PEER_MODULES) if peers is None else peers
+    # The machine's 1-minute load average as each part starts and ends: on a shared machine it
+    # says which figures ran beside other work.
+    load_average: dict[str, list[float]] = {}
     with EmbeddedRedis() as server:
+        redis_version = _redis_version(server.url)
+        before = os.getloadavg()[0]
         ours = _bilevel(server.url, server.pid)
-        celery = celery_reference(server.url)
-        dramatiq = dramatiq_reference(server.url)
+        load_average["bilevel"] = [before, os.getloadavg()[0]]
+        results = {}
+        for name in names:
+            before = os.getloadavg()[0]
+            results[name] = run_in_subprocess(
+                name, server.url, server.pid, rounds, _peer_timeout_s(rounds)
+            )
+            load_average[name] = [before, os.getloadavg()[0]]
+            for problem in ("skipped", "error"):
+                if problem in results[name]:
+                    print(f"bench_e2e: {name} {problem}: {results[name][problem]}", file=sys.stderr)
+    measured = {n: r for n, r in results.items() if "skipped" not in r and "error" not in r}
     return {
         "benchmark": "e2e_noop",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "command": " ".join(["python -m benchmarks.bench_e2e", *sys.argv[1:]]),
+        "cores": os.cpu_count(),
+        "redis_version": redis_version,
+        "peer_rounds": rounds,
+        "load_average_1m": {
+            part: [round(x, 2) for x in pair] for part, pair in load_average.items()
+        },
         "bilevel": ours,
-        "celery": celery,
-        "dramatiq": dramatiq,
+        "peers": results,
+        "ratios": ratio_table(ours, measured),
         "targets": {
             "batched_jobs_per_s": 10_000,
             "individual_jobs_per_s": 5_000,
@@ -177,5 +233,26 @@ def main() -> dict[str, Any]:
     }
 
 
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.peers.runner import parse_peer_names
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--peers",
+        default="all",
+        help="comma-separated subset of celery,dramatiq,arq,rq,ray_serve,bullmq (default: all)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per peer (median reported)")
+    args = parser.parse_args(argv)
+    try:
+        args.peers = parse_peer_names(args.peers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
+
+
 if __name__ == "__main__":
-    print(json.dumps(main()))
+    cli = _args()
+    print(json.dumps(main(cli.peers, cli.rounds)))

@@ -1,4 +1,5 @@
-"""Celery reference for bench_e2e: a no-op task, Redis broker and result backend."""
+"""Celery's side of bench_e2e: a no-op task, Redis broker and result backend, set up for many
+short tasks with at-least-once delivery (see benchmarks/peers/celery.py for why each setting)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
-    worker_prefetch_multiplier=4,
+    worker_prefetch_multiplier=64,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
