@@ -90,6 +90,20 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# One warning per kind of call per this many seconds: a client awaiting a thousand results that
+# loses Redis would otherwise log a thousand identical lines.
+_WARN_EVERY_S = 5.0
+_last_warned: dict[str, float] = {}
+
+
+def _first_in_a_while(what: str, now: float) -> bool:
+    last = _last_warned.get(what)
+    if last is not None and now - last < _WARN_EVERY_S:
+        return False
+    _last_warned[what] = now
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class OutageRetry:
     """Retries a call that is safe to repeat while Redis is unreachable, for at most `within_s`;
@@ -129,7 +143,7 @@ class OutageRetry:
                         None,
                         f"{what} failed for {waited:.1f} s ({attempt} attempts): {describe(exc)}",
                     ) from None
-                if attempt == 1:
+                if attempt == 1 and _first_in_a_while(what, self.monotonic()):
                     log.warning("redis_retrying", what=what, error=describe(exc))
                 await self.sleep(delay)
 

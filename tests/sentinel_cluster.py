@@ -1,4 +1,5 @@
-"""A real Redis Sentinel deployment on loopback for tests: one master, one replica, three sentinels.
+"""A real Redis Sentinel deployment on loopback for tests: one master, one replica (or more), three
+sentinels.
 
 Every process is the redis-server binary the tests use (scheduler.embedded_redis.find_redis_server),
 on a free 127.0.0.1 port, in its own directory under one temporary root, and dies with its owner
@@ -82,6 +83,7 @@ class SentinelCluster:
         password: str | None = None,
         sentinel_password: str | None = None,
         sentinels: int = 3,
+        replicas: int = 1,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 2000,
         tls: bool = False,
@@ -91,6 +93,8 @@ class SentinelCluster:
         self.password = password
         self.sentinel_password = sentinel_password
         self.sentinel_count = sentinels
+        # More than one, so a failover leaves the new master a replica (needed by replica_acks).
+        self.replica_count = replicas
         self.quorum = sentinels // 2 + 1
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
@@ -117,8 +121,11 @@ class SentinelCluster:
                 _make_certificates(self.root / "tls")
             master = self._start_data_node("master", replica_of=None)
             self.master = master
-            replica = self._start_data_node("replica", replica_of=master.port)
-            self._wait(lambda: self._in_sync(replica), "the replica to sync with the master")
+            for i in range(self.replica_count):
+                replica = self._start_data_node(
+                    "replica" if i == 0 else f"replica{i}", replica_of=master.port
+                )
+                self._wait(lambda r=replica: self._in_sync(r), "a replica to sync with the master")
             for i in range(self.sentinel_count):
                 self.sentinels.append(self._start_sentinel(i, master.port))
             self._wait(lambda: self._agreed(master.port), "the sentinels to agree on the master")

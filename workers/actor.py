@@ -7,6 +7,7 @@ into a Store and a ModelWorker inside the actor's process and forwards calls.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,16 +34,15 @@ class ModelWorkerShell:
         drain_timeout_s: float = 30.0,
     ) -> None:
         # Each actor gets a fraction of a core: one intra-op thread per worker keeps torch from
-        # oversubscribing the machine when several workers share it.
+        # oversubscribing the machine when several workers share it. Set before the handler
+        # modules import torch; torch itself is only touched if they did import it (importing it
+        # here would cost every worker two seconds of start-up, torch or not).
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        try:
-            import torch
-
-            torch.set_num_threads(1)
-        except ImportError:  # a deployment whose handlers do not use torch
-            pass
         configure_logging(settings.log_format, settings.log_level)
         registry = load_handler_modules(handler_modules)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(1)
         url = settings.url()
         if url is None:
             raise ValueError(

@@ -66,6 +66,8 @@ class Tracked:
     submit_s: list[tuple[float, float]] = field(default_factory=list)
     # Waiters started as the jobs were acknowledged (submit(..., wait_s=...)).
     waiters: list[asyncio.Task[None]] = field(default_factory=list)
+    # time.monotonic() at which each job's waiter got its result.
+    finished_at: dict[str, float] = field(default_factory=dict)
 
     def requests(self, start: int, n: int, work_s: float) -> list[tuple[str, JobRequest]]:
         out = []
@@ -107,6 +109,7 @@ class Tracked:
     async def _wait_one(self, key: str, handle: AsyncJobHandle, timeout_s: float) -> None:
         try:
             self.results[key] = await handle.result(timeout=timeout_s)
+            self.finished_at[key] = time.monotonic()
         except BilevelError as exc:
             self.errors[key] = f"{type(exc).__name__}: {exc}"
 
@@ -119,6 +122,11 @@ class Tracked:
                 for k, h in self.handles.items()
             ]
         await asyncio.gather(*self.waiters)
+
+    def throughput_per_s(self, start: float, end: float) -> float:
+        """Results returned per second in [start, end) (monotonic times)."""
+        done = sum(1 for t in self.finished_at.values() if start <= t < end)
+        return done / (end - start) if end > start else 0.0
 
     def executions(self) -> Counter[str]:
         if not self.log.exists():
@@ -139,6 +147,7 @@ class Tracked:
             "ran_more_than_once": sum(1 for k in acked if runs[k] > 1),
             "executions": sum(runs[k] for k in acked),
             "first_errors": sorted(set(self.errors.values()))[:3],
+            "first_submit_failures": self.submit_failures[:2],
         }
 
 
