@@ -113,6 +113,38 @@ class TestSubmitAndStatusCli:
         assert result.exit_code == 2
         assert "--redis-url" in result.output
 
+    def test_submit_to_the_default_namespace_of_a_served_redis_names_the_served_one(
+        self, redis_server: EmbeddedRedis, namespace: str
+    ) -> None:
+        """`submit --redis-url URL` without --namespace, where a service serves another namespace:
+        exit 1 at once, naming the namespace that is served, nothing written (not a timeout)."""
+        import asyncio
+
+        from scheduler.connection import client_from_url
+        from scheduler.keys import Keys
+
+        async def plant(present: bool) -> None:
+            redis = client_from_url(redis_server.url)
+            keys = Keys(namespace)
+            record = keys.health("router", "serve/router#0")
+            if present:
+                await redis.set(record, "{}", px=30_000)
+                await redis.sadd(keys.health_index, record)
+            else:
+                await redis.delete(record, keys.health_index)
+            await redis.aclose()
+
+        asyncio.run(plant(True))
+        try:
+            args = ["submit", "embed", '{"text": "x"}', "--wait", "--redis-url", redis_server.url]
+            result = CliRunner().invoke(app, args)
+        finally:
+            asyncio.run(plant(False))
+        assert result.exit_code == 1, result.output
+        assert "no bilevel service serves namespace 'default'" in result.output
+        assert f"served there: {namespace}" in result.output
+        assert "Traceback" not in result.output
+
     def test_submit_bad_payload_json(self) -> None:
         """PAYLOAD_JSON must be JSON."""
         result = CliRunner().invoke(app, ["submit", "embed", "{text", "--redis-url", "redis://x"])
@@ -328,6 +360,25 @@ class TestServeTwice:
 
 
 class TestServeMessages:
+    def test_an_embedded_redis_says_it_is_a_deployment_of_its_own(self) -> None:
+        """serve without a Redis URL says its clients need the URL, and that it is not a
+        standby of anything."""
+        from scheduler.commands.serve import _mode_lines
+        from scheduler.config import ServiceConfig
+        from scheduler.embedded_redis import EmbeddedRedis
+        from scheduler.service.runner import ServiceHandle
+
+        config = ServiceConfig.load(DEMO_CONFIG)
+        embedded = EmbeddedRedis()  # never started: only its presence matters here
+        try:
+            handle = ServiceHandle(config, "redis://127.0.0.1:6390/0", None, "x", embedded)
+            [line] = _mode_lines(handle)
+        finally:
+            embedded.stop()
+        assert "BILEVEL_REDIS_URL=redis://127.0.0.1:6390/0 BILEVEL_NAMESPACE=demo" in line
+        assert "a deployment of its own" in line
+        assert "--redis-url" in line
+
     def test_an_unreachable_redis_is_said_once_and_its_return_too(self) -> None:
         """When every role fails on Redis, serve says so once (naming the server), and says when
         it is back."""
