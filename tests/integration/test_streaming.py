@@ -486,6 +486,51 @@ class TestReconnect:
 
         run(body())
 
+    def test_every_connection_killed_mid_stream_loses_and_doubles_nothing(
+        self, store: Store, settings: Settings, run: Runner
+    ) -> None:
+        """CLIENT KILL of every connection, the worker's and the reader's, while chunks flow:
+        the worker's appends are retried (a retry skips what the lost reply had appended) and the
+        reader resumes, so the stream holds each chunk once and the reader gets them in order."""
+
+        async def body() -> None:
+            async with (
+                AsyncClient(settings=settings) as client,
+                serving(store, "q", "test.stream") as worker,
+            ):
+                payload = {"n": 400, "pace_s": 0.002}
+                [job_id] = await submit_to_queue(store, "q", new_job("test.stream", payload))
+                handle = client.handle(job_id)
+
+                async def read() -> list[Any]:
+                    return [chunk async for chunk in handle.stream()]
+
+                reader = asyncio.ensure_future(read())
+                # Its own connection, which the kills skip (SKIPME).
+                killer = client_from_url(settings.url() or "", max_connections=1)
+                kills = 0
+                try:
+                    while not reader.done() and kills < 8:
+                        # A few appends between kills, so each kill lands mid-stream.
+                        target = worker.stream_appends + 5
+                        await until(
+                            lambda t=target: reader.done() or worker.stream_appends >= t, "appends"
+                        )
+                        await killer.client_kill_filter(_type="normal", skipme=True)
+                        kills += 1
+                    assert await reader == list(range(400))
+                    assert await handle == {"count": 400}
+                    # Read with the connection no kill touched (the pool's others may be dead).
+                    held = await killer.xrange(store.keys.stream(job_id))
+                finally:
+                    await killer.aclose()
+                    # Connections the kills closed are dropped, not handed to the fixtures.
+                    await store.redis.connection_pool.disconnect()
+                assert [int(f["n"]) for _, f in held if "c" in f] == list(range(400))
+                assert kills >= 3
+
+        run(body())
+
 
 class TestCap:
     def test_a_stream_past_its_cap_stays_bounded_and_a_late_reader_is_told(
