@@ -279,14 +279,15 @@ local function detach(id, status, q, member)
 end
 
 -- End job id's stream with its terminal entry {a = attempt, e = status}, and give the stream the
--- record's TTL: when the job streamed (the stream exists) or a reader waits on it (the record's
--- 'sw', set by stream_watch.lua and stream_append.lua), so every reader sees the end, also of a
--- job that never streamed. Nothing for any other job but one HMGET and one EXISTS.
+-- record's TTL, when the job streamed or a reader waits on it (the record's 'sw', set by
+-- stream_append.lua and stream_watch.lua): so every reader sees the end, also of a job that never
+-- streamed. Any other job costs one HGET. (A record replaced as corrupt has lost its 'sw'; its
+-- readers find it finished when they next check the record, and end by its outcome.)
 local function end_stream(id, status, ttl_ms)
-  local f = redis.call('HMGET', jobkey(id), 'sw', 'attempts')
+  local k = jobkey(id)
+  if not redis.call('HGET', k, 'sw') then return end
   local sk = streamkey(id)
-  if not f[1] and redis.call('EXISTS', sk) == 0 then return end
-  kcall('XADD', sk, '*', 'a', f[2] or '0', 'e', status)
+  kcall('XADD', sk, '*', 'a', redis.call('HGET', k, 'attempts') or '0', 'e', status)
   if ttl_ms > 0 then redis.call('PEXPIRE', sk, ttl_ms) end
 end
 

@@ -276,6 +276,27 @@ class TestStreaming:
 
         run(body())
 
+    def test_a_reader_of_a_corrupt_record_ends_with_its_reason(
+        self, store: Store, settings: Settings, run: Runner
+    ) -> None:
+        """A job whose record was overwritten with garbage is dead-lettered when a reader comes,
+        and the reader ends with the CorruptJob error, the chunks already streamed first."""
+
+        async def body() -> None:
+            job_id, token = await leased(store, "q", "test.stream", {"n": 2})
+            await store.stream_append(job_id, token, 0, ["0"])
+            await store.redis.delete(store.keys.job(job_id))
+            await store.redis.rpush(store.keys.job(job_id), "garbage")
+            async with AsyncClient(settings=settings) as client:
+                stream = client.handle(job_id).stream()
+                assert await anext(stream) == 0
+                with pytest.raises(JobFailed) as info:
+                    await anext(stream)
+            assert info.value.error_type == "CorruptJob"
+            assert "not a hash" in info.value.message
+
+        run(body())
+
     def test_bad_chunks_fail_the_job_at_once(
         self, store: Store, settings: Settings, run: Runner
     ) -> None:
