@@ -12,9 +12,11 @@ from scheduler.errors import (
     JobNotFound,
     JobTimeout,
     RedisUnavailable,
+    StreamTruncated,
 )
 from scheduler.models import ErrorInfo, Job, JobStatus
 from scheduler.settings import Settings
+from scheduler.streams import StreamRestart
 
 __all__ = [
     "AsyncClient",
@@ -33,4 +35,6 @@ __all__ = [
     "JobTimeout",
     "RedisUnavailable",
     "Settings",
+    "StreamRestart",
+    "StreamTruncated",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -36,6 +36,7 @@ from scheduler.models import Job, JobStatus, build_spec, new_job_id
 from scheduler.retry import OutageRetry
 from scheduler.settings import Settings
 from scheduler.store import NewJob, Outcome, Store, StoreStats
+from scheduler.streaming import AsyncChunkStream, ChunkStream
 
 T = TypeVar("T")
 
@@ -111,6 +112,21 @@ class AsyncJobHandle:
     async def cancel(self) -> bool:
         """Cancel the job; True if it is cancelled or its worker was told to stop it."""
         return await self.client._cancel(self.id)
+
+    def stream(self, timeout: float | None = None) -> AsyncChunkStream:
+        """The job's chunks as they come (`async for chunk in handle.stream()`), then the end:
+        the iteration stops when the job succeeded, or raises JobFailed or JobCancelled as
+        result() does. A StreamRestart in line says the job started over on another worker (what
+        came before it is void); StreamTruncated says chunks were trimmed by the stream's cap
+        before this reader got them. A job that does not stream yields nothing and ends when it
+        does. JobTimeout after `timeout` s. See scheduler.streaming."""
+        return AsyncChunkStream(
+            self.id, lambda: self.client.store, lambda: self.client.retry, _outcome, timeout
+        )
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """`await handle` is `await handle.result()`."""
+        return self.result().__await__()
 
 
 class NoRedisUrl(BilevelError, ValueError):
@@ -401,6 +417,11 @@ class JobHandle:
 
     def cancel(self) -> bool:
         return self._run(self._inner.cancel())
+
+    def stream(self, timeout: float | None = None) -> ChunkStream:
+        """The job's chunks as they come (`for chunk in handle.stream()`); see
+        AsyncJobHandle.stream."""
+        return ChunkStream(self._inner.stream(timeout), self._run)
 
 
 class Client:

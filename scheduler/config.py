@@ -81,6 +81,12 @@ class WorkerConfig(_Strict):
     heartbeat_s: float = Field(default=2.0, gt=0)
     # CPUs each worker actor reserves in Ray (a handler's own resource needs take precedence).
     num_cpus: float = Field(default=0.5, ge=0)
+    # A streaming job's chunks go to Redis at most once per this many ms, each append carrying
+    # every chunk yielded since the last: a slow stream's chunk leaves at once (one round trip of
+    # latency), a fast one costs one round trip per interval instead of one per chunk.
+    stream_flush_ms: float = Field(default=5.0, ge=0, le=1000)
+    # Most chunks per append (one script call), so a burst does not hold Redis for long.
+    stream_batch_max: int = Field(default=512, ge=1, le=10_000)
 
 
 class HealthConfig(_Strict):

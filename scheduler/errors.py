@@ -83,3 +83,19 @@ class RedisUnavailable(BilevelError, ConnectionError):
         super().__init__(f"cannot use Redis at {where}: {reason}")
         self.host = host
         self.port = port
+
+
+class StreamTruncated(BilevelError):
+    """A reader of a job's stream missed `missed` chunks: the stream's cap (Settings.stream_max_len)
+    trimmed them before it read them (it fell behind, or started late), or they were unreadable.
+    The job itself is unaffected: its result stays available from result(). Iterating on after
+    this continues from the oldest chunk still in the stream."""
+
+    def __init__(self, job_id: str, missed: int, reason: str) -> None:
+        super().__init__(
+            f"the stream of job {job_id} lost {missed} chunk{'s' if missed != 1 else ''} before "
+            f"this reader read them ({reason}); result() still has the job's result"
+        )
+        self.job_id = job_id
+        self.missed = missed
+        self.reason = reason

@@ -65,6 +65,16 @@ class Keys:
         connection, however many results it awaits; it expires when the client is gone."""
         return f"{self.prefix}inbox:{client_id}"
 
+    def stream(self, job_id: str) -> str:
+        """STREAM: the chunks a streaming job yields, in order, then one terminal entry (done,
+        failed or cancelled) written by the script that finishes the job (stream_append.lua lists
+        the entries). Capped at Settings.stream_max_len entries (XADD MAXLEN ~, oldest trimmed
+        first), so a job that streams forever holds bounded memory; a reader further behind than
+        that is told which chunks it missed. Expires with the job's record: the finish gives it
+        the record's TTL (the result TTL), and every append renews it so a stream whose job never
+        finishes does not stay."""
+        return f"{self.prefix}stream:{job_id}"
+
     def idempotency(self, key: str) -> str:
         """STRING: idempotency key -> job id, so a retried submit returns the first job."""
         return f"{self.prefix}idem:{key}"

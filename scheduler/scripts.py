@@ -37,6 +37,8 @@ SCRIPT_NAMES = (
     "leader",
     "release",
     "peek",
+    "stream_append",
+    "stream_watch",
 )
 
 
@@ -76,6 +78,8 @@ class Scripts:
     leader: AsyncScript
     release: AsyncScript
     peek: AsyncScript
+    stream_append: AsyncScript
+    stream_watch: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

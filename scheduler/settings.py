@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     # failover) before it raises RedisUnavailable; 0 fails at the first connection error. Retried
     # submits never create a second job: the retry resends the same job ids.
     outage_retry_s: float = Field(default=10.0, ge=0, le=3600)
+    # The cap of a streaming job's stream (Keys.stream): about this many entries are kept (Redis
+    # trims whole nodes of up to 100 entries, oldest first), so with stream_max_chunk_bytes it
+    # bounds one stream's memory: at most (stream_max_len + 100) x stream_max_chunk_bytes, ~20 MiB
+    # by default (a 10,000-token LLM stream of short tokens holds well under 1 MiB). A reader that
+    # falls further behind than the cap, or starts late, is told it missed chunks (StreamTruncated).
+    stream_max_len: int = Field(default=10_000, ge=100, le=1_000_000)
+    # Largest chunk (its JSON text) a streaming handler may yield; a bigger one fails the job.
+    stream_max_chunk_bytes: int = Field(default=2048, gt=0, le=MIB)
     # Log lines as JSON, as console text, or JSON unless standard error is a terminal.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -48,6 +48,7 @@ from scheduler.records import (
 from scheduler.retry import Backoff
 from scheduler.scripts import Scripts, run_raw
 from scheduler.settings import Settings
+from scheduler.streams import Entry, parse_entries
 from scheduler.waiter import ResultWaiter
 
 Clock = Callable[[], float]
@@ -650,6 +651,65 @@ class Store:
                 JobStatus.DEAD.value if s is not None and s.startswith("!") else s for s in statuses
             ]
         return out
+
+    # -- streams ----------------------------------------------------------------------------
+
+    async def stream_append(
+        self, job_id: str, token: int, first_index: int, chunks: Sequence[str]
+    ) -> Code:
+        """Append chunk JSON texts a streaming job yielded to its stream (Keys.stream), under lease
+        `token`; `first_index` is the index within this attempt of chunks[0]. One round trip.
+        OK; CANCEL_REQUESTED (nothing appended: stop and report the job); STALE_LEASE,
+        ALREADY_FINISHED, NOT_FOUND (nothing appended: stop, do not report); CORRUPT (the record
+        was dead-lettered). Safe to repeat: chunks already appended under the token are skipped."""
+        args: list[Any] = [
+            self.now_ms(),
+            self._result_ttl_ms,
+            self.settings.stream_max_len,
+            job_id,
+            token,
+            first_index,
+            len(chunks),
+            *chunks,
+        ]
+        return Code(int(await self._run(self._scripts.stream_append, args)))
+
+    async def stream_watch(self, job_id: str) -> JobStatus | None:
+        """Say a reader waits on the job's stream, so its finish ends the stream even if it never
+        streamed; returns its status (None: no such job). NoService (with
+        `settings.require_service`) when it is unfinished and no router serves the namespace. A
+        record that cannot be read is dead-lettered with the reason, and reads as DEAD."""
+        require = "1" if self.settings.require_service else "0"
+        args = [self.now_ms(), self._dead_ttl_ms, require, job_id]
+        code, status = await self._run(self._scripts.stream_watch, args)
+        if int(code) == Code.NO_SERVICE:
+            raise await self._no_service()
+        if status is None:
+            return None
+        if status.startswith("!"):
+            await self._dead_letter_corrupt([(job_id, status[1:])])
+            return JobStatus.DEAD
+        return _STATUS_BY_VALUE[status]
+
+    async def stream_read(
+        self, job_id: str, after_id: str, *, block_s: float | None, count: int = 1000
+    ) -> list[Entry]:
+        """Up to `count` entries of the job's stream after entry `after_id` (scheduler.streams);
+        with `block_s`, waits that long (at most MAX_BLOCK_S) for one to arrive, woken by the
+        append itself (XREAD BLOCK), else returns at once. A stream key of the wrong type reads
+        as empty after the wait (the next append moves it aside)."""
+        key = self.keys.stream(job_id)
+        block: list[Any] = [] if block_s is None else ["BLOCK", max(1, _ms(_block_s(block_s)))]
+        try:
+            raw = await self._read_raw("XREAD", "COUNT", count, *block, "STREAMS", key, after_id)
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            log.error("store.stream_key_wrong_type", key=key)
+            if block_s is not None:
+                await asyncio.sleep(_block_s(block_s))
+            return []
+        return parse_entries(raw)
 
     async def close(self) -> None:
         """Stop waiting for results (the connection pool is the caller's to close)."""

@@ -14,6 +14,8 @@ from scheduler import (
     JobStatus,
     JobTimeout,
     Settings,
+    StreamRestart,
+    StreamTruncated,
 )
 
 
@@ -37,3 +39,26 @@ async def async_usage() -> bool:
         except InvalidJob as exc:
             return exc.field == "payload"
         return await handle.cancel()
+
+
+def sync_streaming(client: Client) -> str:
+    text = ""
+    handle = client.submit("generate", {"prompt": "once", "max_tokens": 16})
+    for chunk in handle.stream(timeout=30.0):
+        if isinstance(chunk, StreamRestart):
+            text = ""
+            continue
+        text += str(chunk)
+    final: str = handle.result()
+    return final or text
+
+
+async def async_streaming(client: AsyncClient) -> Any:
+    handle = await client.submit("generate", {"prompt": "once"})
+    chunks: list[Any] = []
+    try:
+        async for chunk in handle.stream():
+            chunks.append(chunk)
+    except StreamTruncated as exc:
+        return exc.missed
+    return await handle

@@ -6,18 +6,23 @@ They are small but real torch models with clearly different costs, so scheduling
 |----------|-------------------|----------------------|-------------------------------------------|
 | embed    | ~0.15 s           | ~0.6 ms, batched (32) | {"text": str} → list of 128 floats        |
 | classify | ~0.5 s            | ~0.2 ms, batched (32) | {"features": [16 floats]} or {"text": str} → {"label", "scores"} |
-| generate | ~1.3 s            | ~6 ms per token      | {"prompt": str, "max_tokens": int} → str  |
+| generate | ~1.3 s            | ~6 ms per token      | {"prompt": str, "max_tokens": int} → str, streamed |
 
 Weights are made at load time from a seeded torch.Generator (no downloads), so every worker holds
 the same model and results are reproducible. The load time comes from building the weights the way
 real models initialise (large tables, orthogonal recurrent matrices via QR) plus a warm-up pass,
 not from sleeping. Bad payloads raise PayloadError (a ValueError) naming the field.
+
+"generate" streams: each sampled token (one printable character) is a chunk, and the job's result
+is the whole text, as before (`handle.result()` is unchanged; `handle.stream()` gives the tokens as
+they are sampled).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
@@ -187,29 +192,44 @@ class ByteGenerator(nn.Module):
         self.generate("warm-up", 4)
 
     def generate(self, prompt: str, max_tokens: int) -> str:
+        return "".join(self.tokens(prompt, max_tokens))
+
+    def tokens(self, prompt: str, max_tokens: int) -> Iterator[str]:
+        """The sampled tokens one by one (one printable character each), as they are sampled."""
         gen = _generator(zlib.crc32(prompt.encode()))
         data = list(prompt.encode()) or [32]
-        out: list[int] = []
         with torch.inference_mode():
             x, state = self.gru(self.embed(torch.tensor([data])))
             for _ in range(max_tokens):
                 logits = self.out(x[0, -1])[_PRINTABLE]
                 probs = torch.softmax(logits / 0.8, dim=-1)
                 byte = int(_PRINTABLE[int(torch.multinomial(probs, 1, generator=gen))])
-                out.append(byte)
+                yield chr(byte)
                 x, state = self.gru(self.embed(torch.tensor([[byte]])), state)
-        return bytes(out).decode("ascii")
 
     def run(self, payload: Any) -> str:
-        prompt = _text(payload, "prompt", _MAX_PROMPT_CHARS)
-        max_tokens = payload.get("max_tokens", 32)
-        if (
-            not isinstance(max_tokens, int)
-            or isinstance(max_tokens, bool)
-            or not 1 <= max_tokens <= _MAX_NEW_TOKENS
-        ):
-            raise PayloadError(f"payload.max_tokens must be an integer in 1..{_MAX_NEW_TOKENS}")
-        return self.generate(prompt, max_tokens)
+        return self.generate(*_prompt_and_length(payload))
+
+    def run_stream(self, payload: Any) -> Generator[str, None, str]:
+        """Stream the tokens; the job's result is the whole text, as `run` returns it."""
+        prompt, max_tokens = _prompt_and_length(payload)
+        text: list[str] = []
+        for token in self.tokens(prompt, max_tokens):
+            text.append(token)
+            yield token
+        return "".join(text)
+
+
+def _prompt_and_length(payload: Any) -> tuple[str, int]:
+    prompt = _text(payload, "prompt", _MAX_PROMPT_CHARS)
+    max_tokens = payload.get("max_tokens", 32)
+    if (
+        not isinstance(max_tokens, int)
+        or isinstance(max_tokens, bool)
+        or not 1 <= max_tokens <= _MAX_NEW_TOKENS
+    ):
+        raise PayloadError(f"payload.max_tokens must be an integer in 1..{_MAX_NEW_TOKENS}")
+    return prompt, max_tokens
 
 
 REGISTRY.handler("embed", max_batch=32, batch_wait_ms=2.0, resources=Resources(num_cpus=0.5))(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import queue as queue_mod
 import threading
 import time
@@ -47,6 +48,7 @@ from scheduler.models import ErrorInfo
 from scheduler.retry import Backoff, OutageRetry, describe, is_transient
 from scheduler.store import Lease, Store
 from workers.registry import REGISTRY, Handler, HandlerRegistry, PayloadError
+from workers.stream_pump import ChunkPipe, PumpEnd, pump
 
 T = TypeVar("T")
 
@@ -123,6 +125,22 @@ def _error_of(exc: BaseException) -> _Err:
         ),
         retryable=not isinstance(exc, PayloadError),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A stream append the store refused (the code), or None: Redis stayed away."""
+
+    code: Code | None
+
+
+def _stream_outcome(end: PumpEnd) -> _Outcome:
+    if end.invalid is not None:
+        # Retrying would yield the same chunk: dead-letter at once, saying why.
+        return _Err(ErrorInfo(type="InvalidChunk", message=end.invalid), retryable=False)
+    if end.error is not None:
+        return _error_of(end.error)
+    return _Ok(end.value)
 
 
 def _run_handler(handler: Handler[Any], model: Any, payloads: list[Any]) -> list[_Outcome]:
@@ -247,6 +265,8 @@ class ModelWorker:
         self._reports = OutageRetry(f"worker {name}", store.settings.lease_s)
         # Consecutive failed steps of the serve loop (0 while it works).
         self.serve_failures = 0
+        # Stream appends made (round trips carrying chunks), for tests and measurements.
+        self.stream_appends = 0
 
     # -- control ----------------------------------------------------------------------------
 
@@ -456,6 +476,10 @@ class ModelWorker:
     async def _run_chunk(
         self, handler: Handler[Any], chunk: list[Lease], timeout_s: float | None
     ) -> None:
+        if handler.streaming:
+            for lease in chunk:  # one: streaming handlers run one job per call
+                await self._run_stream(handler, lease, timeout_s)
+            return
         model = self._models[handler.job_type]
         payloads = [lease.spec.payload for lease in chunk]
         with self._bind(chunk):
@@ -497,6 +521,140 @@ class ModelWorker:
                 per_job_s if old_s is None else old_s + _EWMA_ALPHA * (per_job_s - old_s)
             )
             await self._report(chunk, future.result())
+
+    async def _run_stream(
+        self, handler: Handler[Any], lease: Lease, timeout_s: float | None
+    ) -> None:
+        """Run a streaming job: its generator on the handler thread, its chunks shipped as they
+        come (`_ship`), its result reported at the end. When the job is cancelled, times out, is
+        no longer ours, or the drain deadline passes, the generator is stopped and closed, and
+        the job reported as for any other (cancelled, JobTimeout, released) or dropped."""
+        flight = self._in_flight.get(lease.job_id)
+        if flight is None:
+            return
+        model = self._models[handler.job_type]
+        pipe = ChunkPipe(asyncio.get_running_loop(), 4 * self.config.stream_batch_max)
+        max_bytes = self.store.settings.stream_max_chunk_bytes
+        payload = lease.spec.payload
+        with self._bind([lease]):
+            context = contextvars.copy_context()
+            started = time.monotonic()
+            future = self._runner.submit(
+                lambda: context.run(pump, handler, model, payload, pipe, max_bytes)
+            )
+            shipper = asyncio.ensure_future(self._ship(lease, pipe))
+            try:
+                stop = await self._watch_stream(flight, shipper, started, timeout_s)
+            except BaseException:
+                # This task was cancelled (the worker is going away): nothing more may be sent.
+                pipe.stop()
+                shipper.cancel()
+                raise
+            shipped = None if stop else shipper.result()
+            if stop or isinstance(shipped, _Refused):
+                # Stop pulling from the generator (it is closed at its next yield) and serve the
+                # next job on a fresh thread if this one is still inside the handler.
+                pipe.stop()
+                if not shipper.done():
+                    shipper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await shipper
+                if not future.done():
+                    self._abandon(future)
+            if stop == "timeout":
+                await self._fail_timeout([flight], timeout_s or 0.0)
+            elif stop == "drain":
+                await self._release([flight])
+            elif isinstance(shipped, _Refused):
+                await self._stream_refused(flight, shipped.code)
+            elif shipped is not None and self._in_flight.get(lease.job_id) is flight:
+                self._note_service_s(lease.queue, time.monotonic() - started)
+                await self._report([lease], [shipped])
+
+    async def _watch_stream(
+        self,
+        flight: _Flight,
+        shipper: asyncio.Future[Any],
+        started: float,
+        timeout_s: float | None,
+    ) -> str | None:
+        """Wait for the shipper to finish; or say why the stream must stop first: 'settled' (the
+        heartbeat found the job cancelled or not ours, and reported it), 'timeout', 'drain'."""
+        job_id = flight.lease.job_id
+        job_deadline = None if timeout_s is None else started + timeout_s
+        while not shipper.done():
+            self._wake.clear()
+            if self._in_flight.get(job_id) is not flight:
+                return "settled"
+            now = time.monotonic()
+            deadlines = [d for d in (job_deadline, self._drain_deadline) if d is not None]
+            limit = min(deadlines) - now if deadlines else None
+            if limit is not None and limit <= 0:
+                return "timeout" if job_deadline is not None and now >= job_deadline else "drain"
+            woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+            waiting: set[asyncio.Future[Any]] = {shipper, woken}
+            try:
+                await asyncio.wait(waiting, timeout=limit, return_when="FIRST_COMPLETED")
+            finally:
+                woken.cancel()
+        return None
+
+    async def _ship(self, lease: Lease, pipe: ChunkPipe) -> _Outcome | _Refused:
+        """Append the generator's chunks under the job's lease as they come: at most one append
+        per `stream_flush_ms`, each carrying every chunk yielded since the last (up to
+        `stream_batch_max`), so a chunk of a slow stream leaves at once and a fast stream costs
+        one round trip per interval. Returns the generator's outcome once every chunk is in the
+        stream, or _Refused when the store refused an append (or Redis stayed away)."""
+        flush_s = self.config.stream_flush_ms / 1000.0
+        most = self.config.stream_batch_max
+        sent = 0
+        next_at = 0.0
+        while True:
+            await pipe.wait()
+            pause_s = next_at - time.monotonic()
+            if pause_s > 0:
+                await asyncio.sleep(pause_s)
+            texts, end = pipe.take(most)
+            if texts:
+                next_at = time.monotonic() + flush_s
+                try:
+                    code = await self._reports.call(
+                        functools.partial(
+                            self.store.stream_append, lease.job_id, lease.token, sent, texts
+                        ),
+                        "stream",
+                    )
+                except Exception as exc:
+                    # Redis away for a whole lease (or a bug): the lease lapses and the job runs
+                    # again elsewhere; this attempt's stream is void.
+                    log.warning("worker.stream_append_failed", error=describe(exc))
+                    return _Refused(None)
+                self.stream_appends += 1
+                sent += len(texts)
+                if code is not Code.OK:
+                    return _Refused(code)
+            if end is not None:
+                return _stream_outcome(end)
+
+    async def _stream_refused(self, flight: _Flight, code: Code | None) -> None:
+        """An append was refused: report a cancelled job as cancelled; drop one that is no
+        longer ours (its new lease, or its finish, stands)."""
+        lease = flight.lease
+        if self._in_flight.get(lease.job_id) is not flight:
+            return  # the heartbeat settled it meanwhile
+        del self._in_flight[lease.job_id]
+        if code is Code.CANCEL_REQUESTED:
+            err = ErrorInfo(type="Cancelled", message="cancelled while running")
+            await self._fail_all([(lease, err, False)])
+        else:
+            with bound_job(lease.job_id, lease.queue):
+                log.info("worker.lease_lost", code=code.name if code else "redis_unavailable")
+
+    def _note_service_s(self, queue: str, per_job_s: float) -> None:
+        old_s = self._service_s.get(queue)
+        self._service_s[queue] = (
+            per_job_s if old_s is None else old_s + _EWMA_ALPHA * (per_job_s - old_s)
+        )
 
     @contextlib.contextmanager
     def _bind(self, chunk: list[Lease]) -> Iterator[None]:

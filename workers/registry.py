@@ -16,11 +16,45 @@ worker measures how long it takes and reports it as the queue's model-load cost)
 
 Modules named under `handlers:` in the service configuration register into `REGISTRY` when
 imported (`load_handler_modules`); workers import the same modules, so every process agrees.
+
+Streaming handlers. A handler whose run function is a generator yields chunks (tokens of an LLM,
+progress records) that clients read as they come (`for chunk in handle.stream()`), while
+`result()` still gives one final result:
+
+    @REGISTRY.handler("generate", loader=load_model)
+    def generate(model: Model, payload: dict) -> Iterator[str]:   # a generator: it streams
+        text = ""
+        for token in model.tokens(payload["prompt"]):
+            text += token
+            yield token                   # each chunk: any JSON value
+        return text                       # the final result (optional, see below)
+
+    @REGISTRY.handler("frames", loader=load_model, stream=True)
+    def frames(model: Model, payload: dict) -> Iterator[dict]:
+        return model.frame_iterator(payload)      # not a generator, returns one: say stream=True
+
+    @REGISTRY.handler("chat")
+    class Chat:                       # a class with run_stream(payload) streams
+        def __init__(self) -> None: ...
+        def run_stream(self, payload: dict) -> Iterator[str]: ...
+
+    REGISTRY.register("echo_words", loader=lambda: None, run_stream=lambda m, p: iter(p.split()))
+
+The final result of a streaming job, what `result()` returns, is the generator's return value
+(StopIteration.value); a generator that returns nothing (None) has the list of every chunk it
+yielded as its result, so a caller that never streams gets the whole output, as OpenAI's API gives
+the whole completion without `stream=True`. (Ray Serve drops a streaming deployment's return
+value; here it is kept because the result is what non-streaming callers of the same job type
+read.) A streaming handler runs one job per call (max_batch 1), on the worker's handler thread;
+the worker stops pulling from the generator and closes it (GeneratorExit at its `yield`, so its
+`finally` runs) when the job is cancelled, times out, or the worker loses its lease or drains.
+Async generators are refused: handlers run on a thread, not on the worker's event loop.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
@@ -71,6 +105,15 @@ class Handler(Generic[M]):
     resources: Resources
     # True when registered with `run_batch` (a batch is one call), False for `run`.
     batched: bool
+    # For a streaming handler: (model, payload) -> iterator of JSON chunks, whose return value is
+    # the result (see the module docstring); then run_batch drains it (no streaming), for callers
+    # that only want results.
+    run_stream: Callable[[M, Any], Iterable[Any]] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """True when jobs of this type stream chunks (registered with a generator)."""
+        return self.run_stream is not None
 
 
 @runtime_checkable
@@ -81,6 +124,39 @@ class _BatchModel(Protocol):
 @runtime_checkable
 class _SingleModel(Protocol):
     def run(self, payload: Any) -> Any: ...
+
+
+@runtime_checkable
+class _StreamModel(Protocol):
+    def run_stream(self, payload: Any) -> Iterable[Any]: ...
+
+
+def stream_chunks(produced: Any, job_type: str) -> Iterable[Any]:
+    """What a streaming run function returned, as an iterable of chunks; TypeError naming the job
+    type when it is not an iterator or a collection of chunks (a str, bytes or dict would be
+    streamed piece by piece, which no handler means)."""
+    if isinstance(produced, (str, bytes, bytearray, dict)) or not isinstance(produced, Iterable):
+        raise TypeError(
+            f"{job_type}: a streaming handler must return an iterator or generator of JSON "
+            f"chunks, got {type(produced).__name__}"
+        )
+    return produced
+
+
+def collect_stream(produced: Iterable[Any]) -> Any:
+    """Run a stream to its end without streaming: the generator's return value, or the list of
+    its chunks when it returns None (the rule of the module docstring)."""
+    iterator = iter(produced)
+    chunks: list[Any] = []
+    while True:
+        try:
+            chunks.append(next(iterator))
+        except StopIteration as stop:
+            return chunks if stop.value is None else stop.value
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.isasyncgenfunction(fn) or inspect.iscoroutinefunction(fn)
 
 
 class HandlerRegistry:
@@ -99,12 +175,20 @@ class HandlerRegistry:
         max_batch: int = 1,
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
+        run_stream: Callable[[M, Any], Iterable[Any]] | None = None,
     ) -> Handler[M]:
-        """Register a handler; exactly one of `run` and `run_batch` must be given."""
+        """Register a handler; exactly one of `run`, `run_batch` and `run_stream` must be given.
+        A `run` that is a generator function streams: it is taken as `run_stream`."""
         if not job_type or job_type != job_type.strip():
             raise ValueError(f"job type {job_type!r} must be non-empty without outer spaces")
         if job_type in self._handlers:
             raise ValueError(f"job type {job_type!r} is already registered")
+        if run is not None and run_stream is None and inspect.isgeneratorfunction(run):
+            run, run_stream = None, run
+        if run_stream is not None:
+            return self._register_stream(
+                job_type, loader, run_stream, run, run_batch, max_batch, resources
+            )
         if (run is None) == (run_batch is None):
             raise ValueError(f"{job_type}: give exactly one of run= and run_batch=")
         if max_batch < 1:
@@ -133,6 +217,46 @@ class HandlerRegistry:
         self._handlers[job_type] = handler
         return handler
 
+    def _register_stream(
+        self,
+        job_type: str,
+        loader: Callable[[], M],
+        run_stream: Callable[[M, Any], Iterable[Any]],
+        run: Callable[[M, Any], Any] | None,
+        run_batch: Callable[[M, list[Any]], list[Any]] | None,
+        max_batch: int,
+        resources: Resources,
+    ) -> Handler[M]:
+        if run is not None or run_batch is not None:
+            raise ValueError(f"{job_type}: give exactly one of run=, run_batch= and run_stream=")
+        if max_batch != 1:
+            raise ValueError(
+                f"{job_type}: a streaming handler runs one job per call; max_batch must be 1, "
+                f"got {max_batch}"
+            )
+        if _is_async(run_stream):
+            raise TypeError(
+                f"{job_type}: run_stream is an async function; handlers run on a thread, so "
+                "give a plain generator (def ... yield) instead"
+            )
+        stream = run_stream
+
+        def drain_each(model: M, payloads: list[Any]) -> list[Any]:
+            return [collect_stream(stream_chunks(stream(model, p), job_type)) for p in payloads]
+
+        handler = Handler(
+            job_type=job_type,
+            loader=loader,
+            run_batch=drain_each,
+            max_batch=1,
+            batch_wait_ms=0.0,
+            resources=resources,
+            batched=False,
+            run_stream=run_stream,
+        )
+        self._handlers[job_type] = handler
+        return handler
+
     @overload
     def handler(
         self,
@@ -142,6 +266,7 @@ class HandlerRegistry:
         max_batch: int = 1,
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
+        stream: bool = False,
     ) -> Callable[[type[C]], type[C]]: ...
 
     @overload
@@ -153,6 +278,7 @@ class HandlerRegistry:
         max_batch: int = 1,
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
+        stream: bool = False,
     ) -> Callable[[F], F]: ...
 
     def handler(
@@ -163,16 +289,28 @@ class HandlerRegistry:
         max_batch: int = 1,
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
+        stream: bool = False,
     ) -> Callable[[Any], Any]:
         """Decorator form of `register`.
 
         Without `loader`: decorates a class whose no-argument constructor loads the model and whose
-        `run_batch(payloads)` (or `run(payload)`) serves it. With `loader`: decorates the run
-        function `(model, payload) -> result`, or `(model, payloads) -> results` when
-        max_batch > 1. The decorated object is returned unchanged.
+        `run_batch(payloads)` (or `run_stream(payload)`, or `run(payload)`) serves it. With
+        `loader`: decorates the run function `(model, payload) -> result`, or
+        `(model, payloads) -> results` when max_batch > 1. A generator function (or a class's
+        generator `run`) streams, as does any run function with `stream=True` (one that returns an
+        iterator). The decorated object is returned unchanged.
         """
 
         def decorate(target: Any) -> Any:
+            if stream or _streams(target):
+                self.register(
+                    job_type,
+                    loader=target if loader is None else loader,
+                    run_stream=_stream_of(job_type, target, loader is None),
+                    max_batch=max_batch,
+                    resources=resources,
+                )
+                return target
             if loader is None:
                 if not isinstance(target, type):
                     raise TypeError(
@@ -197,7 +335,10 @@ class HandlerRegistry:
                         resources=resources,
                     )
                 else:
-                    raise TypeError(f"{job_type}: class {target.__name__} has no run or run_batch")
+                    raise TypeError(
+                        f"{job_type}: class {target.__name__} has no run or run_batch "
+                        "(or run_stream)"
+                    )
             elif max_batch > 1:
                 self.register(
                     job_type,
@@ -253,6 +394,44 @@ def _call_run(model: _SingleModel, payload: Any) -> Any:
     return model.run(payload)
 
 
+def _call_run_stream(model: _StreamModel, payload: Any) -> Iterable[Any]:
+    return model.run_stream(payload)
+
+
+def _call_run_as_stream(model: _SingleModel, payload: Any) -> Iterable[Any]:
+    produced: Iterable[Any] = model.run(payload)
+    return produced
+
+
+def _streams(target: Any) -> bool:
+    """Whether a decorated function or class streams without being told: a generator function, or
+    a class with run_stream, or whose run is a generator (and which has no run_batch)."""
+    if not isinstance(target, type):
+        return callable(target) and inspect.isgeneratorfunction(target)
+    if callable(getattr(target, "run_batch", None)):
+        return False
+    run = getattr(target, "run", None)
+    return callable(getattr(target, "run_stream", None)) or (
+        callable(run) and inspect.isgeneratorfunction(run)
+    )
+
+
+def _stream_of(job_type: str, target: Any, is_class: bool) -> Callable[[Any, Any], Iterable[Any]]:
+    """The run_stream of a decorated streaming function or class."""
+    if not is_class:
+        if not callable(target):
+            raise TypeError(f"{job_type}: decorate a run function (got {target!r})")
+        fn: Callable[[Any, Any], Iterable[Any]] = target
+        return fn
+    if not isinstance(target, type):
+        raise TypeError(f"{job_type}: without loader=, decorate a class (got {target!r})")
+    if callable(getattr(target, "run_stream", None)):
+        return _call_run_stream
+    if callable(getattr(target, "run", None)):
+        return _call_run_as_stream
+    raise TypeError(f"{job_type}: class {target.__name__} has no run_stream or run")
+
+
 REGISTRY = HandlerRegistry()
 
 
@@ -281,5 +460,7 @@ __all__ = [
     "HandlerRegistry",
     "PayloadError",
     "Resources",
+    "collect_stream",
     "load_handler_modules",
+    "stream_chunks",
 ]

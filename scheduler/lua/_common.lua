@@ -60,6 +60,8 @@ local function leasedkey(q) return prefix .. 'leased:' .. q end
 local function deadkey(q) return prefix .. 'dead:' .. q end
 local function waiterskey(id) return prefix .. 'waiters:' .. id end
 local function inboxkey(c) return prefix .. 'inbox:' .. c end
+-- STREAM of a streaming job's chunks and its terminal entry (Keys.stream; stream_append.lua).
+local function streamkey(id) return prefix .. 'stream:' .. id end
 -- An inbox whose client stopped reading (it died) is dropped after this long.
 local INBOX_TTL_MS = 600000
 local INLINE_RESULT_BYTES = 8192
@@ -276,6 +278,19 @@ local function detach(id, status, q, member)
   end
 end
 
+-- End job id's stream with its terminal entry {a = attempt, e = status}, and give the stream the
+-- record's TTL, when the job streamed or a reader waits on it (the record's 'sw', set by
+-- stream_append.lua and stream_watch.lua): so every reader sees the end, also of a job that never
+-- streamed. Any other job costs one HGET. (A record replaced as corrupt has lost its 'sw'; its
+-- readers find it finished when they next check the record, and end by its outcome.)
+local function end_stream(id, status, ttl_ms)
+  local k = jobkey(id)
+  if not redis.call('HGET', k, 'sw') then return end
+  local sk = streamkey(id)
+  kcall('XADD', sk, '*', 'a', redis.call('HGET', k, 'attempts') or '0', 'e', status)
+  if ttl_ms > 0 then redis.call('PEXPIRE', sk, ttl_ms) end
+end
+
 -- Mark a job finished, start its record's TTL, and tell every client waiting on it (through its
 -- inbox). `waiting` is the record's 'w' field, set by watch.lua: a job nobody waits for costs
 -- nothing more.
@@ -287,6 +302,7 @@ local function finish(id, status, now, ttl_ms, waiting, result)
     redis.call('HSET', k, 'status', status, 'finished_ms', now)
   end
   if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
+  end_stream(id, status, ttl_ms)
   if waiting == nil then waiting = redis.call('HGET', k, 'w') end
   if waiting then
     -- A small result travels with the notice ("id\nstatus\nresult"), saving the waiter a read.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from workers.registry import REGISTRY
@@ -58,3 +59,76 @@ def sleep(model: None, payload: Any) -> dict[str, int]:
     """Sleeps `payload["seconds"]`; returns the process id that ran it."""
     time.sleep(float(payload["seconds"]))
     return {"pid": os.getpid()}
+
+
+# -- streaming handlers -----------------------------------------------------------------------
+
+
+# Set when a "test.stream" generator is closed before its end (GeneratorExit at its yield).
+STREAM_CLOSED = threading.Event()
+
+
+@REGISTRY.handler("test.stream", loader=_no_model)
+def stream(model: None, payload: Any) -> Iterator[Any]:
+    """Yields payload["n"] chunks: their indexes, or with "stamp" {"i", "t": wall time of the
+    yield}, `pace_s` apart; returns {"count": n}."""
+    pace_s = float(payload.get("pace_s", 0.0))
+    try:
+        for i in range(int(payload["n"])):
+            yield {"i": i, "t": time.time()} if payload.get("stamp") else i
+            if pace_s:
+                time.sleep(pace_s)
+    except GeneratorExit:
+        STREAM_CLOSED.set()
+        raise
+    return {"count": payload["n"]}
+
+
+@REGISTRY.handler("test.stream_list", loader=_no_model)
+def stream_list(model: None, payload: Any) -> Iterator[str]:
+    """Yields the words of payload and returns nothing: its result is the list of its chunks."""
+    yield from str(payload).split()
+
+
+@REGISTRY.handler("test.stream_returned", loader=_no_model, stream=True)
+def stream_returned(model: None, payload: Any) -> Any:
+    """Not a generator: returns an iterator (or, for payload "str", a str, which is refused)."""
+    return "not chunks" if payload == "str" else iter(range(int(payload)))
+
+
+@REGISTRY.handler("test.stream_bad_chunk", loader=_no_model)
+def stream_bad_chunk(model: None, payload: Any) -> Iterator[Any]:
+    """Yields one good chunk, then a set (not JSON)."""
+    yield "fine"
+    yield {1, 2}
+
+
+class GatedRun:
+    """One call of "test.stream_gated": it yields a chunk per permit of `gate`."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Semaphore(0)
+        self.yielded = 0
+        self.closed = threading.Event()
+
+
+# Every call of "test.stream_gated", in order (an attempt that runs again is a new call).
+GATED_RUNS: list[GatedRun] = []
+
+
+@REGISTRY.handler("test.stream_gated", loader=_no_model)
+def stream_gated(model: None, payload: Any) -> Iterator[int]:
+    """Yields 0..n-1, each once the test releases a permit of its run's gate (bounded: a run
+    nobody releases returns after 30 s); records when its generator is closed early."""
+    run = GatedRun()
+    GATED_RUNS.append(run)
+    try:
+        for i in range(int(payload["n"])):
+            if not run.gate.acquire(timeout=30.0):
+                return {"gave_up_at": i}
+            run.yielded += 1
+            yield i
+    except GeneratorExit:
+        run.closed.set()
+        raise
+    return {"count": payload["n"]}

@@ -25,6 +25,8 @@ EXPECTED = {
     "JobTimeout",
     "RedisUnavailable",
     "Settings",
+    "StreamRestart",
+    "StreamTruncated",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -126,3 +127,73 @@ def test_a_handler_module_that_fails_to_import_is_named() -> None:
     """load_handler_modules says which module failed and why."""
     with pytest.raises(HandlerModuleError, match="'no_such_module_xyz' failed to import"):
         load_handler_modules(["no_such_module_xyz"], HandlerRegistry())
+
+
+def test_a_generator_run_function_streams() -> None:
+    """A generator is a streaming handler; drained without streaming, its result is its return
+    value, or the list of its chunks when it returns None."""
+    registry = HandlerRegistry()
+
+    @registry.handler("words", loader=lambda: None)
+    def words(model: None, payload: str) -> Iterator[str]:
+        yield from payload.split()
+
+    @registry.handler("counted", loader=lambda: None)
+    def counted(model: None, payload: int) -> Generator[int, None, str]:
+        yield from range(payload)
+        return f"{payload} chunks"
+
+    assert registry.get("words").streaming
+    assert registry.get("words").run_batch(None, ["a b"]) == [["a", "b"]]
+    assert registry.get("counted").run_batch(None, [3]) == ["3 chunks"]
+    assert not registry.get("counted").batched
+    assert list(words(None, "x y")) == ["x", "y"]  # returned unchanged
+
+
+def test_stream_forms_of_classes_and_iterators() -> None:
+    """A class with run_stream streams, and so does a run function returning an iterator with
+    stream=True, or registered as run_stream=."""
+    registry = HandlerRegistry()
+
+    @registry.handler("chat")
+    class Chat:
+        def run(self, payload: str) -> str:
+            return payload
+
+        def run_stream(self, payload: str) -> Iterator[str]:
+            yield from payload
+
+    registry.handler("frames", loader=lambda: 2, stream=True)(lambda m, p: iter([m] * p))
+    registry.register("listed", loader=lambda: None, run_stream=lambda m, p: [p, p])
+    assert registry.get("chat").streaming
+    assert registry.get("chat").run_batch(Chat(), ["hi"]) == [["h", "i"]]
+    assert registry.get("frames").run_batch(2, [3]) == [[2, 2, 2]]
+    assert registry.get("listed").run_batch(None, [1]) == [[1, 1]]
+    assert not registry.get("chat").batched
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"run_stream": lambda m, p: iter(()), "run": lambda m, p: p}, "exactly one of run=, "),
+        ({"run_stream": lambda m, p: iter(()), "max_batch": 4}, "max_batch must be 1"),
+    ],
+)
+def test_invalid_stream_registrations(options: dict[str, Any], message: str) -> None:
+    """A streaming handler runs one job per call, and has one run function."""
+    with pytest.raises(ValueError, match=message):
+        HandlerRegistry().register("x", loader=lambda: None, **options)
+
+
+def test_async_stream_functions_and_str_streams_are_refused() -> None:
+    """An async generator cannot run on the handler thread; a str is not a stream of chunks."""
+
+    async def agen(model: None, payload: Any) -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="async function"):
+        HandlerRegistry().register("x", loader=lambda: None, run_stream=agen)
+    registry = HandlerRegistry()
+    registry.register("s", loader=lambda: None, run_stream=lambda m, p: "text")
+    with pytest.raises(TypeError, match="must return an iterator or generator"):
+        registry.get("s").run_batch(None, [1])
