@@ -94,7 +94,8 @@ def test_the_example_serves_from_its_directory_without_pythonpath(tmp_path: Path
     assert not serve.leftovers(), "processes of serve survived it"
     # serve's local Ray kept its files in a temp dir of its own (/tmp/blray...): the session's.
     ray_temp = Path(imported.group(1).split("/session_")[0])
-    assert ray_temp.parent == Path("/tmp") and ray_temp.name.startswith("blray"), ray_temp
+    assert ray_temp.parent == Path("/tmp"), ray_temp
+    assert ray_temp.name.startswith("blray"), ray_temp
     shutil.rmtree(ray_temp, ignore_errors=True)
 
 
