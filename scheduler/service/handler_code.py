@@ -14,9 +14,9 @@ locates them in the serving process before anything starts:
 Then the runtime_env is checked the way Ray checks it, one field at a time so that an error names
 its field, and every local directory it would upload is measured against Ray's limit for one
 package, so an oversized working_dir fails here, naming its largest entries, and not halfway into
-`ray.init`. Once Ray runs, `check_on_workers` imports the handler modules in a Ray worker with the
-same environment: a pip spec Ray cannot install, or a module the workers cannot import, stops the
-start with one line naming the field, before Redis or the control plane is started.
+`ray.init`. Once Ray runs, `ImportCheck` imports the handler modules in a Ray worker with the same
+environment: a pip spec Ray cannot install, or a module the workers cannot import, stops the start
+with one line naming the field (and the start stops whatever it had started).
 
     code = prepare_handler_code(config)     # HandlerCodeError / RuntimeEnvError name the field
     code.import_here()                      # the serving process imports them as the workers will
@@ -365,39 +365,66 @@ def _import_in_worker(modules: list[str]) -> dict[str, str]:
     return {m: str(getattr(sys.modules[m], "__file__", None) or "(no file)") for m in modules}
 
 
+class ImportCheck:
+    """A Ray task that imports the handler modules in a worker set up like the model workers (the
+    job's runtime_env, or `runtime_env` given to the task). `start` submits it and returns at
+    once, so the service's other start-up steps overlap Ray's environment setup; `result` waits."""
+
+    def __init__(self, code: HandlerCode, ref: Any) -> None:
+        self.code = code
+        self.ref = ref
+
+    @classmethod
+    def start(cls, code: HandlerCode, *, runtime_env: dict[str, Any] | None = None) -> ImportCheck:
+        import ray
+
+        task = ray.remote(num_cpus=0, max_retries=0)(_import_in_worker)
+        if runtime_env:
+            task = task.options(runtime_env=runtime_env)
+        return cls(code, task.remote(list(code.modules)))
+
+    @property
+    def timeout_s(self) -> float:
+        return self.code.config.runtime_env.setup_timeout_s + IMPORT_MARGIN_S
+
+    def result(self) -> dict[str, str]:
+        """{module: the file the worker imported}. Raises RuntimeEnvError when Ray cannot set the
+        environment up, HandlerCodeError when the modules do not import there; either names the
+        field in one line."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
+
+        try:
+            where: dict[str, str] = ray.get(self.ref, timeout=self.timeout_s)
+        except RuntimeEnvSetupError as exc:
+            raise runtime_env_refused(self.code.runtime_env or {}, exc) from None
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            reason = str(cause) if isinstance(cause, HandlerModuleError) else _one_line(str(cause))
+            raise HandlerCodeError(
+                f"handlers: a Ray worker cannot import the handler modules: {reason}. Ship them "
+                "with runtime_env (working_dir or py_modules), or install them on every node"
+            ) from None
+        except GetTimeoutError:
+            self.cancel()
+            raise RuntimeEnvError(
+                f"runtime_env: a Ray worker with it was not ready within {self.timeout_s:g} s "
+                f"(runtime_env.setup_timeout_s is {self.code.config.runtime_env.setup_timeout_s})"
+            ) from None
+        return where
+
+    def cancel(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.cancel(self.ref, force=True)
+
+
 def check_on_workers(
     code: HandlerCode, *, runtime_env: dict[str, Any] | None = None
 ) -> dict[str, str]:
-    """Import the handler modules in a Ray worker set up like the model workers (the job's
-    runtime_env, or `runtime_env` given to this task): {module: the file it imported}. Raises
-    RuntimeEnvError when Ray cannot set the environment up, HandlerCodeError when the modules do
-    not import there; either names the field in one line."""
-    import ray
-    from ray.exceptions import GetTimeoutError, RayTaskError, RuntimeEnvSetupError
-
-    timeout_s = code.config.runtime_env.setup_timeout_s + IMPORT_MARGIN_S
-    task = ray.remote(num_cpus=0, max_retries=0)(_import_in_worker)
-    if runtime_env:
-        task = task.options(runtime_env=runtime_env)
-    ref = task.remote(list(code.modules))
-    try:
-        where: dict[str, str] = ray.get(ref, timeout=timeout_s)
-    except RuntimeEnvSetupError as exc:
-        raise runtime_env_refused(code.runtime_env or {}, exc) from None
-    except RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, Exception) else exc
-        reason = str(cause) if isinstance(cause, HandlerModuleError) else _one_line(str(cause))
-        raise HandlerCodeError(
-            f"handlers: a Ray worker cannot import the handler modules: {reason}. Ship them "
-            "with runtime_env (working_dir or py_modules), or install them on every node"
-        ) from None
-    except GetTimeoutError:
-        ray.cancel(ref, force=True)
-        raise RuntimeEnvError(
-            f"runtime_env: a Ray worker with it was not ready within {timeout_s:g} s "
-            f"(runtime_env.setup_timeout_s is {code.config.runtime_env.setup_timeout_s})"
-        ) from None
-    return where
+    """ImportCheck, started and waited for."""
+    return ImportCheck.start(code, runtime_env=runtime_env).result()
 
 
 def runtime_env_refused(env: Mapping[str, Any], exc: BaseException) -> RuntimeEnvError:
@@ -454,6 +481,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 __all__ = [
     "HandlerCode",
     "HandlerCodeError",
+    "ImportCheck",
     "Package",
     "RuntimeEnvError",
     "check_on_workers",

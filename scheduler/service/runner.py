@@ -48,8 +48,8 @@ from scheduler.service.actors import (
 )
 from scheduler.service.handler_code import (
     HandlerCode,
+    ImportCheck,
     RuntimeEnvError,
-    check_on_workers,
     needs_job_level,
     prepare_handler_code,
     runtime_env_refused,
@@ -196,7 +196,8 @@ class ServiceHandle:
             return
         self.stopped = True
         if self.actor is not None:
-            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # RayError: also an actor that never came up (its runtime_env failed to set up).
+            with contextlib.suppress(ray.exceptions.RayError):
                 ray.get(self.actor.stop.remote(), timeout=timeout_s)
             with contextlib.suppress(ray.exceptions.RayActorError, ValueError):
                 ray.kill(self.actor, no_restart=True)
@@ -276,13 +277,12 @@ def start_service(
     started_ray = ensure_ray(address=ray_address, runtime_env=code.runtime_env)
     handle: ServiceHandle | None = None
     embedded: EmbeddedRedis | None = None
+    check: ImportCheck | None = None
     try:
         actor_env = _actor_runtime_env(code, started_ray)
-        handler_files: dict[str, str] = {}
         if code.runtime_env is not None:
-            where = check_on_workers(code, runtime_env=actor_env)
-            log.info("handler_code_checked", modules=where)
-            handler_files = {m: f for m, f in where.items() if m in code.local_modules}
+            # Ray sets the environment up for this task while Redis and the actor start.
+            check = ImportCheck.start(code, runtime_env=actor_env)
         url, embedded = resolve_redis(config, redis_url)
         config = config.model_copy(
             update={"store": config.store.model_copy(update={"redis_url": SecretStr(url)})}
@@ -291,7 +291,7 @@ def start_service(
         options: dict[str, Any] = {"name": name, "lifetime": "detached"}
         if actor_env is not None:
             options["runtime_env"] = actor_env
-        handle = ServiceHandle(config, url, None, name, embedded, handler_files=handler_files)
+        handle = ServiceHandle(config, url, None, name, embedded)
         handle.actor = (
             control_plane_actor_class()
             .options(**options)
@@ -305,8 +305,14 @@ def start_service(
             )
         )
         handle.standby_of = tuple(r.name for r in live_role_hosts(config.store) if r.leading)
+        if check is not None:
+            where = check.result()
+            log.info("handler_code_checked", modules=where)
+            handle.handler_files = {m: f for m, f in where.items() if m in code.local_modules}
         ray.get(handle.actor.start.remote(), timeout=60)
     except BaseException:
+        if check is not None:
+            check.cancel()
         if handle is not None:
             handle.stop(timeout_s=5.0)
         elif embedded is not None:
