@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -300,6 +301,13 @@ class _Full(Exception):
     pass
 
 
+# Ray's walk logs the exception that stops it early (and the ignore files it reads) as its own
+# errors; here neither is one.
+_QUIET = logging.getLogger("bilevel.package_walk")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
 def measure(
     path: Path, excludes: list[str], *, stop_above_bytes: int | None = None
 ) -> tuple[int, int, list[tuple[str, int]]]:
@@ -334,7 +342,13 @@ def measure(
     include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
     walk: Callable[..., None] = _dir_travel
     with contextlib.suppress(_Full):
-        walk(path, [_get_excludes(path, all_excludes)], count, include_gitignore=include_gitignore)
+        walk(
+            path,
+            [_get_excludes(path, all_excludes)],
+            count,
+            include_gitignore=include_gitignore,
+            logger=_QUIET,
+        )
     return files, total, sorted(by_entry.items(), key=lambda kv: -kv[1])
 
 
