@@ -1,16 +1,31 @@
-"""Service configuration: Redis, queues and their handlers, both levels' policies, tick, guardrails.
+"""Service configuration: Redis, queues and their handlers, both levels' policies, tick, guardrails,
+and the runtime environment Ray gives the service's processes.
 
 Read from a YAML file and BILEVEL_* environment variables (environment wins), validated by pydantic;
-any bad field fails at start with its path, e.g. "queues.1.max_workers: ...".
+any bad field fails at start with its path, e.g. "queues.1.max_workers: ...". Relative paths in the
+file (handler files, runtime_env paths) are relative to the file's directory; `load` makes them
+absolute, so the config means the same whichever directory it is used from.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from packaging.requirements import InvalidRequirement, Requirement
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scheduler.errors import BilevelError
@@ -99,6 +114,171 @@ class HealthConfig(_Strict):
     watchdog: bool = True
 
 
+# Left out of every directory Ray uploads for the service (on top of Ray's own defaults and the
+# directory's .gitignore and .rayignore): environments, caches and VCS data, which can be large and
+# are never handler code.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    "*.pyc",
+    ".cache",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    "node_modules",
+)
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_handler_file(entry: str) -> bool:
+    """Whether a `handlers:` entry names a .py file (otherwise it is a module name)."""
+    return entry.endswith(".py")
+
+
+def is_uri(value: str) -> bool:
+    """Whether a runtime_env location is a URI (s3://, gs://, https://, gcs://, ...), not a path."""
+    return "://" in value
+
+
+def absolute_path(base_dir: Path, value: str) -> str:
+    """`value` (a path, ~ allowed) made absolute against `base_dir`, normalised."""
+    return os.path.normpath(base_dir / Path(value).expanduser())
+
+
+def _check_handler_entry(entry: str) -> str:
+    if is_handler_file(entry):
+        stem = Path(entry).stem
+        if not _MODULE_NAME.fullmatch(stem) or "." in stem:
+            raise ValueError(
+                f"{entry!r}: the file name must be a Python identifier to be imported "
+                f"(e.g. {re.sub(r'[^A-Za-z0-9_]', '_', stem) or 'handlers'}.py)"
+            )
+    elif not _MODULE_NAME.fullmatch(entry):
+        raise ValueError(
+            f"{entry!r} is neither a module name (dotted identifiers, e.g. my_handlers) nor the "
+            "path of a .py file (e.g. ./my_handlers.py)"
+        )
+    return entry
+
+
+def _check_pip(pip: tuple[str, ...] | str | None) -> tuple[str, ...] | str | None:
+    """Requirement specifiers (PEP 508) are checked here; pip options (--index-url ...), paths and
+    URLs go to pip as they are, and pip judges them when Ray sets the environment up. A string is
+    the path of a requirements file."""
+    if pip is None or isinstance(pip, str):
+        if pip is not None and not pip.strip():
+            raise ValueError("the requirements file path is empty")
+        return pip
+    for i, entry in enumerate(pip):
+        if not entry.strip() or "\n" in entry:
+            raise ValueError(f"entry {i}: one non-empty requirement per entry")
+        if entry.startswith(("-", ".")) or "/" in entry or "\\" in entry:
+            continue
+        try:
+            Requirement(entry)
+        except InvalidRequirement as exc:
+            reason = str(exc).splitlines()[0]
+            raise ValueError(
+                f"entry {i}: {entry!r} is not a valid requirement ({reason})"
+            ) from None
+    return tuple(e.strip() for e in pip)
+
+
+def _env_value(value: Any) -> Any:
+    # YAML reads `OMP_NUM_THREADS: 1` as a number; an environment variable is text. Booleans are
+    # refused (by the str type) rather than guessed as "True", "1" or "true".
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _check_env_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    return name
+
+
+HandlerEntry = Annotated[str, AfterValidator(_check_handler_entry)]
+PipSpec = Annotated[tuple[str, ...] | str | None, AfterValidator(_check_pip)]
+EnvName = Annotated[str, AfterValidator(_check_env_name)]
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class RuntimeEnvConfig(_Strict):
+    """What Ray installs for the service's processes on every node (Ray's runtime_env): handler
+    code and what it needs. `bilevel serve` passes it to `ray.init`, so it is the Ray job's
+    environment: the control plane and every model worker run in it (Ray's inheritance), on any
+    node. Relative paths are relative to the config file.
+
+    When neither working_dir nor py_modules is given and some handler module is not installed (it
+    is found only in the directory serve starts in, or named by file), that module's directory is
+    the working_dir (scheduler/service/handler_code.py).
+    """
+
+    # A local directory, which Ray uploads at start (every worker runs in, and imports from, its
+    # node's copy), or a URI of a zip file (s3://, gs://, https://: nothing is uploaded).
+    working_dir: NonEmpty | None = None
+    # Python modules importable on every node: local .py files, package directories or wheels
+    # (uploaded at start), or URIs of zip or wheel files.
+    py_modules: tuple[NonEmpty, ...] = ()
+    # Installed with pip into a virtualenv on each node (on top of what is installed there):
+    # requirement specifiers, or the path of a requirements file.
+    pip: PipSpec = None
+    env_vars: dict[EnvName, EnvValue] = Field(default_factory=dict)
+    # gitignore-style patterns left out of working_dir and py_modules, besides DEFAULT_EXCLUDES
+    # and the directory's .gitignore and .rayignore files.
+    excludes: tuple[NonEmpty, ...] = ()
+    # The longest one node may take to set the environment up (Ray's setup_timeout_seconds; a pip
+    # install is most of it). serve waits this long, and a minute more, before it gives up.
+    setup_timeout_s: int = Field(default=600, gt=0)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing for Ray to install."""
+        return not (self.working_dir or self.py_modules or self.pip is not None or self.env_vars)
+
+    @property
+    def names_code(self) -> bool:
+        """Whether it says itself where the code comes from (working_dir or py_modules)."""
+        return bool(self.working_dir or self.py_modules)
+
+    def resolved(self, base_dir: Path) -> RuntimeEnvConfig:
+        """Relative paths made absolute against `base_dir` (URIs are left alone)."""
+
+        def absolute(value: str) -> str:
+            return value if is_uri(value) else absolute_path(base_dir, value)
+
+        update: dict[str, Any] = {"py_modules": tuple(absolute(m) for m in self.py_modules)}
+        if self.working_dir is not None:
+            update["working_dir"] = absolute(self.working_dir)
+        if isinstance(self.pip, str):
+            update["pip"] = absolute(self.pip)
+        return self.model_copy(update=update)
+
+    def to_ray(self) -> dict[str, Any]:
+        """The runtime_env dict Ray takes; {} when there is nothing to install."""
+        env: dict[str, Any] = {}
+        if self.working_dir is not None:
+            env["working_dir"] = self.working_dir
+        if self.py_modules:
+            env["py_modules"] = list(self.py_modules)
+        if self.pip is not None:
+            env["pip"] = self.pip if isinstance(self.pip, str) else list(self.pip)
+        if self.env_vars:
+            env["env_vars"] = dict(self.env_vars)
+        if not env:
+            return env
+        if self.names_code:
+            env["excludes"] = [*DEFAULT_EXCLUDES, *self.excludes]
+        env["config"] = {"setup_timeout_seconds": self.setup_timeout_s}
+        return env
+
+
 class RouterConfig(PolicyConfig):
     """Level 1: the routing policy and how many ingress jobs it routes per round trip."""
 
@@ -115,13 +295,17 @@ class ServiceConfig(BaseSettings):
 
     # Store settings (Redis URL, namespace, TTLs, lease): see scheduler.settings.Settings.
     store: Settings = Field(default_factory=Settings)
-    # Python modules imported at start; importing them registers their handlers.
-    handlers: tuple[str, ...] = ("workers.demo_models",)
+    # Imported at start, in this process and in every worker; importing one registers its handlers.
+    # Each is a module name (from the Python path, else from the directory serve starts in) or the
+    # path of a .py file (relative to the config file). See docs/handlers.md.
+    handlers: tuple[HandlerEntry, ...] = ("workers.demo_models",)
     queues: tuple[QueueConfig, ...] = Field(min_length=1)
     routing: RouterConfig = Field(default_factory=RouterConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    # What Ray installs for the service on every node: handler code and its dependencies.
+    runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -136,6 +320,15 @@ class ServiceConfig(BaseSettings):
                 f"min_workers ({minimum})"
             )
         return self
+
+    def with_paths_resolved(self, base_dir: Path) -> ServiceConfig:
+        """Handler files and runtime_env paths made absolute against `base_dir`."""
+        handlers = tuple(
+            absolute_path(base_dir, h) if is_handler_file(h) else h for h in self.handlers
+        )
+        return self.model_copy(
+            update={"handlers": handlers, "runtime_env": self.runtime_env.resolved(base_dir)}
+        )
 
     def queue(self, name: str) -> QueueConfig:
         for q in self.queues:
@@ -157,15 +350,21 @@ class ServiceConfig(BaseSettings):
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings")
-        return cls.from_mapping({**raw, **overrides}, source=str(path))
+        return cls.from_mapping(
+            {**raw, **overrides}, source=str(path), base_dir=path.absolute().parent
+        )
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any], *, source: str = "<config>") -> ServiceConfig:
+    def from_mapping(
+        cls, raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+    ) -> ServiceConfig:
+        """Validate `raw`; relative paths in it are made absolute against `base_dir` (the config
+        file's directory; default: the current directory)."""
         try:
             store = raw.get("store")
             if isinstance(store, dict) and isinstance(store.get("redis_url"), str):
                 raw = {**raw, "store": {**store, "redis_url": SecretStr(store["redis_url"])}}
-            return cls(**raw)
+            return cls(**raw).with_paths_resolved((base_dir or Path.cwd()).absolute())
         except ValidationError as exc:
             lines = [
                 f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"

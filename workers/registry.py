@@ -15,7 +15,8 @@ worker measures how long it takes and reports it as the queue's model-load cost)
     def double(model: Table, payload: int) -> int: ...   # a function: it is `run`
 
 Modules named under `handlers:` in the service configuration register into `REGISTRY` when
-imported (`load_handler_modules`); workers import the same modules, so every process agrees.
+imported (`load_handler_modules`); workers import the same modules, so every process agrees. How the
+workers of a cluster get modules that are not installed there: scheduler/service/handler_code.py.
 
 Streaming handlers. A handler whose run function is a generator yields chunks (tokens of an LLM,
 progress records) that clients read as they come (`for chunk in handle.stream()`), while
@@ -53,8 +54,12 @@ Async generators are refused: handlers run on a thread, not on the worker's even
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
@@ -436,7 +441,8 @@ REGISTRY = HandlerRegistry()
 
 
 class HandlerModuleError(ImportError):
-    """A module listed under `handlers:` could not be imported; names the module and the cause."""
+    """A module listed under `handlers:` could not be imported; names the module, the cause, and
+    where it was looked for."""
 
 
 def load_handler_modules(
@@ -446,11 +452,48 @@ def load_handler_modules(
     for name in modules:
         try:
             importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if name == missing or name.startswith(missing + "."):
+                raise HandlerModuleError(
+                    f"handler module {name!r} failed to import: no module {missing!r} on the "
+                    f"Python path of this process (searched {_searched()})"
+                ) from exc
+            raise HandlerModuleError(
+                f"handler module {name!r}{_found_at(name)} failed to import: it imports "
+                f"{missing!r}, which is not installed here"
+            ) from exc
         except Exception as exc:
             raise HandlerModuleError(
-                f"handler module {name!r} failed to import: {type(exc).__name__}: {exc}"
+                f"handler module {name!r}{_found_at(name)} failed to import: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
     return registry
+
+
+def _searched() -> str:
+    """The directories on sys.path other than the interpreter's own (stdlib, site-packages),
+    which `import` also searched: usually the working directory and PYTHONPATH entries."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    own = [
+        os.path.abspath(p or os.curdir)
+        for p in sys.path
+        if os.path.isdir(p or os.curdir)
+        and not any(os.path.realpath(p or os.curdir).startswith(x + os.sep) for x in prefixes)
+    ]
+    own = list(dict.fromkeys(own))
+    where = ", ".join(own) if own else "no directory of its own"
+    return f"{where}, and the installed packages; working directory {os.getcwd()}"
+
+
+def _found_at(name: str) -> str:
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if path is None:
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(name)
+            path = spec.origin if spec is not None else None
+    return f" ({path})" if path else ""
 
 
 __all__ = [

@@ -1,8 +1,14 @@
 """`bilevel serve --config FILE`: run the router and controller on Ray until Ctrl-C or SIGTERM.
 
 Every check that can fail on a bad file runs before Ray starts: the config (errors name the field),
-the handler modules (errors name the module) and that every queue's job types have a handler
-(errors name the queue index and the job type). They exit with code 2 and no traceback.
+the handler modules (errors name the module and where it was looked for), the runtime_env (errors
+name the field; a working_dir too large for Ray to upload names its largest entries) and that
+every queue's job types have a handler (errors name the queue index and the job type). What only
+Ray can judge (a pip spec it cannot install, a module its workers cannot import) fails the start
+once Ray runs, naming the field, with nothing left running. All exit with code 2 and no traceback.
+
+Handler modules not installed on the nodes (found only in the directory serve starts in, or named
+by file) are shipped to every node as runtime_env.working_dir (scheduler/service/handler_code.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from scheduler.errors import BilevelError
 
 if TYPE_CHECKING:
     from scheduler.service.actors import Role
+    from scheduler.service.handler_code import HandlerCode
     from scheduler.service.runner import ServiceHandle
 
 # Seconds between the status lines serve prints while it runs.
@@ -50,13 +57,18 @@ def with_policies(config: ServiceConfig, policy: str | None, router: str | None)
     return config
 
 
-def check_handlers(config: ServiceConfig) -> None:
-    """Import the handler modules and check every configured job type has a handler; Exit(2)
-    naming the module, or the queue index and job type, otherwise."""
-    from workers.registry import REGISTRY, HandlerModuleError, load_handler_modules
+def check_handlers(config: ServiceConfig) -> HandlerCode:
+    """Locate and import the handler modules (module names also from the current directory) and
+    check every configured job type has a handler; Exit(2) naming the entry, the runtime_env
+    field, or the queue index and job type, otherwise. Returns the handler code to serve."""
+    from scheduler.service.handler_code import prepare_handler_code
+    from workers.registry import REGISTRY, HandlerModuleError
 
     try:
-        load_handler_modules(config.handlers)
+        code = prepare_handler_code(config, cwd=Path.cwd())
+        code.import_here()
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     except HandlerModuleError as exc:
         raise fail(f"handlers: {exc}") from None
     known = set(REGISTRY.job_types())
@@ -66,9 +78,10 @@ def check_handlers(config: ServiceConfig) -> None:
                 raise fail(
                     f"queues.{i}.job_types.{j}: no handler is registered for job type "
                     f"{job_type!r} (queue {queue.name!r}); handler modules "
-                    f"{', '.join(config.handlers) or '(none)'} register: "
+                    f"{', '.join(code.modules) or '(none)'} register: "
                     f"{', '.join(sorted(known)) or 'nothing'}"
                 )
+    return code
 
 
 def _mode_lines(handle: ServiceHandle) -> list[str]:
@@ -82,6 +95,8 @@ def _mode_lines(handle: ServiceHandle) -> list[str]:
             f"{handle.namespace} (a deployment of its own: it stops with this process; to add a "
             "standby to a running service instead, start serve with that service's --redis-url)"
         )
+    for module, path in handle.handler_files.items():
+        lines.append(f"handler module {module}: the workers import {path}")
     if handle.standby_of:
         lines.append(
             f"standing by for {', '.join(handle.standby_of)}, which serves namespace "
@@ -172,7 +187,7 @@ def serve(
 ) -> None:
     """Run the scheduling service (router + controller on Ray) in the foreground."""
     config = with_policies(load_config(config_path), policy, router)
-    check_handlers(config)
+    code = check_handlers(config)
     from scheduler.service.runner import start_service
 
     console = Console(stderr=True)
@@ -181,11 +196,18 @@ def serve(
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    for line in code.summary():
+        console.print(line, highlight=False, soft_wrap=True)
     try:
         handle = start_service(
-            config, redis_url=redis_url, leader_ttl_s=leader_ttl_s, ray_address=ray_address
+            code.config,
+            redis_url=redis_url,
+            leader_ttl_s=leader_ttl_s,
+            ray_address=ray_address,
+            handler_code=code,
         )
-    except ConfigError as exc:  # a policy or checkpoint the config names: nothing started yet
+    except ConfigError as exc:
+        # A policy, checkpoint or runtime_env the config names: whatever had started is stopped.
         raise fail(str(exc)) from None
     except BilevelError as exc:
         raise fail(str(exc), code=1) from None
@@ -198,7 +220,7 @@ def serve(
             highlight=False,
         )
         for line in _mode_lines(handle):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
         last = 0.0
         unreachable_since: float | None = None
         while not stop.is_set():

@@ -9,6 +9,12 @@
 ControlPlane; each role keeps its own leader lock). The name is scoped by namespace
 (``bilevel:<namespace>:control``); when it is taken (another `serve` of the same namespace runs)
 the new actor gets a standby name and its roles wait for the leader locks.
+
+The config's runtime_env (with the handler code's directory as working_dir by default, see
+scheduler/service/handler_code.py) is the runtime_env of the Ray job `ensure_ray` starts:
+`ray.init(runtime_env=...)`. Ray uploads a local working_dir or py_modules only there (per job;
+per actor or task it takes URIs only), and every actor and task of the job inherits it, including
+the detached control plane and the model workers the control plane creates, on every node.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -39,6 +46,14 @@ from scheduler.service.actors import (
     Role,
     control_plane_actor_class,
 )
+from scheduler.service.handler_code import (
+    HandlerCode,
+    ImportCheck,
+    RuntimeEnvError,
+    needs_job_level,
+    prepare_handler_code,
+    runtime_env_refused,
+)
 from scheduler.service.health import RoleHealth, read_health
 from scheduler.service.policies import load_policies
 from scheduler.settings import Settings
@@ -53,27 +68,49 @@ RAY_NAMESPACE = "bilevel"
 STOP_TIMEOUT_S = 60.0
 
 
-def ensure_ray(*, address: str | None = None) -> None:
+# The runtime_env ensure_ray started this process's Ray job with (None: none, or Ray was
+# initialised by someone else): a later start_service with the same one needs nothing more.
+_job_runtime_env: dict[str, Any] | None = None
+
+
+def ensure_ray(*, address: str | None = None, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connect to Ray unless connected: to `address` when one is given ("auto" for a cluster
     started on this machine by `ray start`, or host:port), else to RAY_ADDRESS when set (Ray's own
     convention), else a new local Ray in its own temp dir (short, under /tmp, since Ray's socket
     paths have a length cap). Joining a cluster is never a guess: `auto` finds whichever cluster
     this machine last started, which on a shared machine may be somebody else's. A caller that
-    initialised Ray itself keeps its namespace (tests do)."""
+    initialised Ray itself keeps its namespace (tests do), and its job's runtime_env.
+
+    `runtime_env` becomes the job's (Ray uploads its local directories here). Returns True when
+    this call connected, False when Ray already was. When Ray refuses the runtime_env, RuntimeEnvError
+    names the field and Ray is shut down again."""
+    global _job_runtime_env
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    options: dict[str, Any] = {"namespace": RAY_NAMESPACE, "configure_logging": False}
+    if runtime_env:
+        options["runtime_env"] = runtime_env
     if address != "local":
-        ray.init(address=address, namespace=RAY_NAMESPACE, configure_logging=False)
-        return
-    ray.init(
-        _temp_dir=tempfile.mkdtemp(prefix="blray", dir="/tmp"),
-        namespace=RAY_NAMESPACE,
-        include_dashboard=False,
-        configure_logging=False,
-    )
+        options["address"] = address
+    else:
+        options |= {
+            "_temp_dir": tempfile.mkdtemp(prefix="blray", dir="/tmp"),
+            "include_dashboard": False,
+        }
+    try:
+        ray.init(**options)
+    except (ValueError, TypeError, ray.exceptions.RuntimeEnvSetupError) as exc:
+        # Raised by the upload or validation of the runtime_env; anything else (a cluster that
+        # cannot be reached) is not about it and goes up as it is.
+        if not runtime_env:
+            raise
+        ray.shutdown()
+        raise runtime_env_refused(runtime_env, exc) from None
+    _job_runtime_env = runtime_env
+    return True
 
 
 def actor_name(namespace: str) -> str:
@@ -107,6 +144,8 @@ class ServiceHandle:
     # The role hosts of the namespace that already ran when this service started (so this one
     # stands by for them); empty when it started as the leader.
     standby_of: tuple[str, ...] = ()
+    # Handler module not installed -> the file a Ray worker imported it from (checked at start).
+    handler_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def namespace(self) -> str:
@@ -157,7 +196,8 @@ class ServiceHandle:
             return
         self.stopped = True
         if self.actor is not None:
-            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # RayError: also an actor that never came up (its runtime_env failed to set up).
+            with contextlib.suppress(ray.exceptions.RayError):
                 ray.get(self.actor.stop.remote(), timeout=timeout_s)
             with contextlib.suppress(ray.exceptions.RayActorError, ValueError):
                 ray.kill(self.actor, no_restart=True)
@@ -217,47 +257,91 @@ def start_service(
     ray_address: str | None = None,
     wait_s: float | None = 30.0,
     pool_factory: PoolFactory | None = None,
+    handler_code: HandlerCode | None = None,
 ) -> ServiceHandle:
     """Start the control-plane actor (router and controller) for `config`; return its handle.
 
-    Connects to Ray (see ensure_ray) and Redis (see resolve_redis). With `wait_s` it waits that
-    long for both roles to lead, unless another service of the namespace already runs (then this
-    actor's roles are standbys and it returns at once).
+    Locates the handler code (see handler_code.prepare_handler_code, or pass what it returned),
+    connects to Ray with the runtime_env (see ensure_ray) and, when there is one, checks that a
+    Ray worker with it imports the handler modules; then Redis (see resolve_redis) and the actor.
+    With `wait_s` it waits that long for both roles to lead, unless another service of the
+    namespace already runs (then this actor's roles are standbys and it returns at once). When a
+    step fails, what the earlier ones started is stopped (Ray too, if this call started it).
     """
     import ray
 
     # Checked and loaded first: a bad policy or checkpoint fails the start, naming the field.
     policies = load_policies(config)
-    ensure_ray(address=ray_address)
-    url, embedded = resolve_redis(config, redis_url)
-    config = config.model_copy(
-        update={"store": config.store.model_copy(update={"redis_url": SecretStr(url)})}
-    )
-    name = _free_name(config.store.namespace)
-    actor = (
-        control_plane_actor_class()
-        .options(name=name, lifetime="detached")
-        .remote(
-            config,
-            redis_url=url,
-            name=name,
-            leader_ttl_s=leader_ttl_s,
-            pool_factory=pool_factory,
-            policies=policies,
-        )
-    )
-    leaders = tuple(r.name for r in live_role_hosts(config.store) if r.leading)
-    handle = ServiceHandle(config, url, actor, name, embedded, standby_of=leaders)
+    code = handler_code or prepare_handler_code(config, cwd=Path.cwd())
+    config = code.config
+    started_ray = ensure_ray(address=ray_address, runtime_env=code.runtime_env)
+    handle: ServiceHandle | None = None
+    embedded: EmbeddedRedis | None = None
+    check: ImportCheck | None = None
     try:
-        ray.get(actor.start.remote(), timeout=60)
+        actor_env = _actor_runtime_env(code, started_ray)
+        if code.runtime_env is not None:
+            # Ray sets the environment up for this task while Redis and the actor start.
+            check = ImportCheck.start(code, runtime_env=actor_env)
+        url, embedded = resolve_redis(config, redis_url)
+        config = config.model_copy(
+            update={"store": config.store.model_copy(update={"redis_url": SecretStr(url)})}
+        )
+        name = _free_name(config.store.namespace)
+        options: dict[str, Any] = {"name": name, "lifetime": "detached"}
+        if actor_env is not None:
+            options["runtime_env"] = actor_env
+        handle = ServiceHandle(config, url, None, name, embedded)
+        handle.actor = (
+            control_plane_actor_class()
+            .options(**options)
+            .remote(
+                config,
+                redis_url=url,
+                name=name,
+                leader_ttl_s=leader_ttl_s,
+                pool_factory=pool_factory,
+                policies=policies,
+            )
+        )
+        handle.standby_of = tuple(r.name for r in live_role_hosts(config.store) if r.leading)
+        if check is not None:
+            where = check.result()
+            log.info("handler_code_checked", modules=where)
+            handle.handler_files = {m: f for m, f in where.items() if m in code.local_modules}
+        ray.get(handle.actor.start.remote(), timeout=60)
     except BaseException:
-        handle.stop(timeout_s=5.0)
+        if check is not None:
+            check.cancel()
+        if handle is not None:
+            handle.stop(timeout_s=5.0)
+        elif embedded is not None:
+            embedded.stop()
+        if started_ray:
+            ray.shutdown()
         raise
-    standby = bool(leaders) or name != actor_name(config.store.namespace)
+    standby = bool(handle.standby_of) or name != actor_name(config.store.namespace)
     if wait_s is not None and not standby:
         handle.wait_leading(wait_s)
     log.info("service_started", namespace=config.store.namespace, actor=name)
     return handle
+
+
+def _actor_runtime_env(code: HandlerCode, started_ray: bool) -> dict[str, Any] | None:
+    """The runtime_env to give the service's first actor and task itself: None when the Ray job
+    has it (ensure_ray started the job with it); else the service's own, which Ray takes per actor
+    only without local paths to upload (RuntimeEnvError naming the field otherwise)."""
+    env = code.runtime_env
+    if env is None or started_ray or env == _job_runtime_env:
+        return None
+    field = needs_job_level(env)
+    if field is not None:
+        raise RuntimeEnvError(
+            f"runtime_env.{field}: Ray was initialised before the service started, and Ray "
+            "uploads a local directory or file only when its job starts (ray.init): let the "
+            "service start Ray, or give ray.init this runtime_env yourself"
+        )
+    return env
 
 
 __all__ = [

@@ -7,8 +7,11 @@ the SSH auth and the cluster name replaced; its setup and start commands run as 
 site settings (free ports, this checkout's venv, BILEVEL_INSTALL=skip: no network installs) in
 ~/.bilevel/env, which the node scripts read. The head start commands minus `service.sh start`:
 the service is started with `ray exec`. Jobs go in from this process through the client and
-results come back; a rolling upgrade (`ray exec ... service.sh upgrade`) replaces `serve` and
-jobs flow again; then `ray down` (whose `ray stop` the installed hook turns into
+results come back; a rolling upgrade (`ray exec ... service.sh upgrade`) replaces `serve` with one
+whose config adds a queue served by a handler module that exists only in a temp dir (not synced, on
+no node's path): the new serve ships it to the workers as its runtime_env's working_dir, and a
+job's result, computed with a token only that module holds, proves a worker ran the shipped copy;
+the demo jobs flow again; then `ray down` (whose `ray stop` the installed hook turns into
 deploy/ray-node.sh stop) and every process started here is checked gone.
 
 Never `ray stop`, `pkill` or the like: this machine runs other people's clusters. Every process is
@@ -26,7 +29,6 @@ import hashlib
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +45,7 @@ import yaml
 
 from scheduler.client import Client, JobRequest
 from scheduler.settings import Settings
+from tests.integration.processes import alive, descendants, kill_all, processes_matching
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -96,61 +99,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def descendants(pids: set[int]) -> set[int]:
-    """`pids` and all their descendants, from /proc."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
-            parent[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    keep = {p for p in pids if p in parent}
-    while True:
-        more = {p for p, q in parent.items() if q in keep and p not in keep}
-        if not more:
-            return keep
-        keep |= more
-
-
-def alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != b"Z"
-
-
-def kill_all(pids: set[int], *, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL whatever is left after `grace_s`. By PID only."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def processes_matching(text: str) -> set[int]:
-    """This user's processes whose command line contains `text`."""
-    uid, found = os.getuid(), set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.parent.stat().st_uid != uid:
-                continue
-            if text.encode() in cmdline.read_bytes():
-                found.add(int(cmdline.parent.name))
-        except OSError:
-            continue
-    found.discard(os.getpid())
-    return found
 
 
 @dataclass
@@ -284,6 +232,9 @@ def write_site_env(host: Host) -> dict[str, str]:
         ),
         "BILEVEL_REDIS_PORT": str(ports["redis"]),
         "BILEVEL_REDIS_BIND": "127.0.0.1",
+        # The code `ray up` synced to the node, whichever checkout the venv's editable install
+        # points at (the same one in CI; another one from a second worktree).
+        "PYTHONPATH": str(host.home / "bilevel"),
         # The local provider's state files (cluster-<name>.state), written by the autoscaler on
         # the head, go here instead of /tmp/ray.
         "TMPDIR": str(tmp),
@@ -326,6 +277,50 @@ def check_demo_jobs(client: Client, *, tag: str) -> None:
     # Same prompt, same seeded generator: the same 6 characters every time.
     assert texts[0] == texts[1]
     assert len(texts[0]) == 6
+
+
+# A handler module written at test time: its token exists nowhere else, so a result computed with
+# it can only come from a worker that imported this module.
+TOKEN_HANDLERS = """
+import hashlib
+
+from workers.registry import REGISTRY
+
+TOKEN = {token!r}
+
+
+@REGISTRY.handler("stamp", loader=lambda: TOKEN)
+def stamp(token, payload):
+    digest = hashlib.sha256((token + payload["text"]).encode()).hexdigest()
+    return {{"digest": digest, "file": __file__}}
+"""
+
+
+def write_own_service(directory: Path, token: str) -> Path:
+    """deploy/service.yaml plus a queue served by ./token_handlers.py, both in `directory` (a temp
+    dir on the head, synced nowhere); no runtime_env: serve ships the directory by default."""
+    directory.mkdir()
+    (directory / "token_handlers.py").write_text(TOKEN_HANDLERS.format(token=token))
+    config: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "service.yaml").read_text())
+    config["handlers"] = ["workers.demo_models", "./token_handlers.py"]
+    config["queues"].append({"name": "stamps", "job_types": ["stamp"], "min_workers": 1})
+    config["allocation"]["budget"] += 1
+    path = directory / "my_service.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def check_own_handler(client: Client, *, token: str, ray_temp: Path) -> None:
+    """Jobs of the temp-dir handler: the digest needs its token, the file is Ray's unpacked copy."""
+    texts = [f"stamp {i}" for i in range(4)]
+    results = client.gather(client.submit_many([JobRequest("stamp", {"text": t}) for t in texts]),
+                            timeout=120)  # fmt: skip
+    for text, result in zip(texts, results, strict=True):
+        assert result["digest"] == hashlib.sha256((token + text).encode()).hexdigest()
+        shipped = Path(result["file"])
+        assert shipped.name == "token_handlers.py"
+        assert shipped.is_relative_to(ray_temp), shipped
+        assert "/runtime_resources/working_dir_files/_ray_pkg_" in str(shipped)
 
 
 def test_ray_up_onprem_end_to_end(host: Host) -> None:
@@ -383,18 +378,24 @@ def test_ray_up_onprem_end_to_end(host: Host) -> None:
         # service config).
         with Client(url, settings=Settings.from_url(url, namespace="demo")) as client:
             check_demo_jobs(client, tag="before")
-            # Rolling restart: a standby serve starts, the old one drains and exits, the standby
-            # takes over; Redis and the queued state stay.
-            run(
-                [ray_cli, "exec", str(cfg), "bash ~/bilevel/deploy/service.sh upgrade"],
-                log,
-                timeout_s=240,
-                env=env,
+            # Rolling restart onto a config with a handler of our own: a standby serve starts
+            # (shipping the handler's directory), the old one drains and exits, the standby takes
+            # over; Redis and the queued state stay.
+            token = uuid.uuid4().hex
+            own_config = write_own_service(host.root / "own", token)
+            upgrade = (
+                f"BILEVEL_SERVICE_CONFIG={own_config} bash ~/bilevel/deploy/service.sh upgrade"
             )
+            run([ray_cli, "exec", str(cfg), upgrade], log, timeout_s=240, env=env)
             new_serve_pid = read_pid(state / "serve.pid")
             assert new_serve_pid != serve_pid
             assert not alive(serve_pid), "the old serve did not exit after the upgrade"
             tracked.add(new_serve_pid)
+            serve_log = (state / "serve.log").read_text()
+            assert f"shipping {host.root / 'own'} to every node as runtime_env.working_dir" in (
+                serve_log
+            ), serve_log[-3000:]
+            check_own_handler(client, token=token, ray_temp=ray_temp)
             check_demo_jobs(client, tag="after")
         # Workers the controller started since: the Ray pid list grew (actors are Ray workers).
         ray_pids_now = subprocess.run(
