@@ -37,6 +37,9 @@ SCRIPT_NAMES = (
     "leader",
     "release",
     "peek",
+    "jobs",
+    "replay",
+    "purge",
 )
 
 
@@ -76,6 +79,9 @@ class Scripts:
     leader: AsyncScript
     release: AsyncScript
     peek: AsyncScript
+    jobs: AsyncScript
+    replay: AsyncScript
+    purge: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

@@ -65,6 +65,11 @@ local INBOX_TTL_MS = 600000
 local INLINE_RESULT_BYTES = 8192
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
+-- ZSET per queue of jobs that finished succeeded or cancelled, by finish ms (see index_finished).
+local function donekey(q) return prefix .. 'done:' .. q end
+-- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
+local DONE_CAP = 10000
+local DONE_TRIM_EVERY = 64
 
 local FINISHED = {succeeded = true, dead = true, cancelled = true}
 local STATUSES = {
@@ -276,6 +281,27 @@ local function detach(id, status, q, member)
   end
 end
 
+-- Enter job id, just finished succeeded or cancelled, in its queue's finished index (the
+-- ingress's for a job cancelled before routing): the only index of finished jobs, for listing.
+-- Bounded: the newest DONE_CAP entries are kept, and entries older than the record's TTL are
+-- dropped; both trims run once every DONE_TRIM_EVERY entries (or past the cap by that much),
+-- so a finished job costs one ZADD and one ZCARD more. A listing drops the entries whose record
+-- has expired in between.
+local function index_finished(id, now, ttl_ms)
+  local q = redis.call('HGET', jobkey(id), 'queue')
+  if not is_queue_name(q) then q = INGRESS_QUEUE end
+  local k = donekey(q)
+  kcall('ZADD', k, now, id)
+  local card = redis.call('ZCARD', k)
+  if card % DONE_TRIM_EVERY == 0 or card > DONE_CAP + DONE_TRIM_EVERY then
+    if ttl_ms > 0 then
+      redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. string.format('%d', now - ttl_ms))
+      card = redis.call('ZCARD', k)
+    end
+    if card > DONE_CAP then redis.call('ZREMRANGEBYRANK', k, 0, card - DONE_CAP - 1) end
+  end
+end
+
 -- Mark a job finished, start its record's TTL, and tell every client waiting on it (through its
 -- inbox). `waiting` is the record's 'w' field, set by watch.lua: a job nobody waits for costs
 -- nothing more.
@@ -300,6 +326,7 @@ local function finish(id, status, now, ttl_ms, waiting, result)
     end
     redis.call('DEL', waiterskey(id))
   end
+  if status ~= 'dead' then index_finished(id, now, ttl_ms) end
 end
 
 -- Dead-letter a job that is currently in `status` (in queue q, or the ingress when q is false).
@@ -426,4 +453,55 @@ local function reported(id, names, token, accept)
   end
   if not accept[rec.status] or tonumber(rec.attempts) ~= token then return nil, C_STALE_LEASE end
   return rec
+end
+
+-- -- attempt history ------------------------------------------------------------------------------
+
+-- A job's 'history' field: one JSON object per line, oldest first, the newest HISTORY_LEN kept
+-- (mirrors scheduler.keys.HISTORY_LEN). Each failed attempt, expired lease and replay adds one,
+-- so 'error' (the latest failure) no longer hides the ones before it.
+local HISTORY_LEN = 20
+-- Longest error message kept in one history entry (the full latest error stays in 'error').
+local HISTORY_MESSAGE_BYTES = 1000
+
+-- The text of one history entry: `event`, the time, the attempt (when given), and `fields`, a
+-- flat list of names and values already encoded as JSON. Numbers are formatted here, not by
+-- cjson (which writes large integers in exponent form).
+local function history_entry(event, attempt, fields)
+  local parts = {'"event":' .. cjson.encode(event), '"at_ms":' .. string.format('%d', NOW)}
+  if attempt then parts[#parts + 1] = '"attempt":' .. string.format('%d', attempt) end
+  for i = 1, #fields, 2 do parts[#parts + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1] end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- The entry of a failed attempt, from the error JSON a worker reported (its type and message;
+-- the traceback stays in 'error' only).
+local function failure_entry(attempt, error_text)
+  local ok, e = pcall(cjson.decode, error_text)
+  local etype, message = 'UnknownError', ''
+  if ok and type(e) == 'table' then
+    if type(e.type) == 'string' then etype = e.type end
+    if type(e.message) == 'string' then message = e.message end
+  end
+  return history_entry('failed', attempt, {
+    'type', cjson.encode(etype),
+    'message', cjson.encode(string.sub(message, 1, HISTORY_MESSAGE_BYTES)),
+  })
+end
+
+-- Append `entry` to job id's history (its record is a hash), dropping the oldest beyond
+-- HISTORY_LEN.
+local function add_history(id, entry)
+  local k = jobkey(id)
+  local h = redis.call('HGET', k, 'history')
+  if not h or h == '' then
+    h = entry
+  else
+    h = h .. '\n' .. entry
+    local _, lines = string.gsub(h, '\n', '\n')
+    for _ = HISTORY_LEN, lines do
+      h = string.sub(h, string.find(h, '\n', 1, true) + 1)
+    end
+  end
+  redis.call('HSET', k, 'history', h)
 end

@@ -15,6 +15,8 @@
            puts it somewhere it is not: dead-lettered (CorruptJob, with the reason), counted as
            corrupt. A member of the queue set that is not a queue name is dropped from it; a
            queue-set, lease-set, queue or signal key of the wrong type is moved aside first.
+  History  one 'lease_expired' entry (the attempt) appended to each requeued or dead-lettered
+           job's history.
   Events   one token on the signal list of every queue that got a job back; the finish notice of
            every job finished here.
 ]]
@@ -42,12 +44,14 @@ for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
         finish(id, 'cancelled', now, ttl)
         cancelled = cancelled + 1
       elseif tonumber(rec.attempts) - (tonumber(rec.released) or 0) > tonumber(rec.maxr) then
+        add_history(id, history_entry('lease_expired', tonumber(rec.attempts), {}))
         dead_letter(id, 'running', q, rec.order,
                     error_json('LeaseExpired', 'lease expired on attempt ' .. rec.attempts ..
                                ', no retries left'), now, ttl)
         dead = dead + 1
       else
         redis.call('ZREM', lk, id)
+        add_history(id, history_entry('lease_expired', tonumber(rec.attempts), {}))
         push_queued(id, q, now, rec.order)
         requeued = requeued + 1
         back = true
