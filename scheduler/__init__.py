@@ -6,31 +6,52 @@ The names below are the public API for users who submit jobs; everything else is
 from scheduler.client import AsyncClient, AsyncJobHandle, Client, JobHandle, JobRequest
 from scheduler.errors import (
     BilevelError,
+    InvalidCursor,
     InvalidJob,
     JobCancelled,
     JobFailed,
     JobNotFound,
     JobTimeout,
     RedisUnavailable,
+    UnknownQueue,
 )
-from scheduler.models import ErrorInfo, Job, JobStatus
+from scheduler.listing import JobPage, JobSummary, ListOrder
+from scheduler.models import ErrorInfo, Job, JobEvent, JobStatus
+from scheduler.operations import (
+    Cancellation,
+    CancelOutcome,
+    PurgeReport,
+    Refusal,
+    ReplayReport,
+)
 from scheduler.settings import Settings
 
 __all__ = [
     "AsyncClient",
     "AsyncJobHandle",
     "BilevelError",
+    "CancelOutcome",
+    "Cancellation",
     "Client",
     "ErrorInfo",
+    "InvalidCursor",
     "InvalidJob",
     "Job",
     "JobCancelled",
+    "JobEvent",
     "JobFailed",
     "JobHandle",
     "JobNotFound",
+    "JobPage",
     "JobRequest",
     "JobStatus",
+    "JobSummary",
     "JobTimeout",
+    "ListOrder",
+    "PurgeReport",
     "RedisUnavailable",
+    "Refusal",
+    "ReplayReport",
     "Settings",
+    "UnknownQueue",
 ]
