@@ -46,7 +46,7 @@ from scheduler.logs import bound_job, get_logger
 from scheduler.models import ErrorInfo
 from scheduler.retry import Backoff, OutageRetry, describe, is_transient
 from scheduler.store import Lease, Store
-from workers.registry import REGISTRY, Handler, HandlerRegistry, PayloadError
+from workers.registry import REGISTRY, Handler, HandlerRegistry, RetryPolicy
 
 T = TypeVar("T")
 
@@ -114,14 +114,14 @@ class _Err:
 _Outcome = _Ok | _Err
 
 
-def _error_of(exc: BaseException) -> _Err:
+def _error_of(exc: BaseException, retry: RetryPolicy) -> _Err:
     return _Err(
         ErrorInfo(
             type=type(exc).__name__,
             message=str(exc),
             traceback="".join(traceback.format_exception(exc)),
         ),
-        retryable=not isinstance(exc, PayloadError),
+        retryable=retry.retries(exc),
     )
 
 
@@ -136,7 +136,7 @@ def _run_handler(handler: Handler[Any], model: Any, payloads: list[Any]) -> list
         return [_Ok(r) for r in results]
     except Exception as exc:
         if len(payloads) == 1:
-            return [_error_of(exc)]
+            return [_error_of(exc, handler.retry)]
     return [_run_handler(handler, model, [p])[0] for p in payloads]
 
 
@@ -555,8 +555,20 @@ class ModelWorker:
                 log.info("worker.job_failed", error_type=err.type, code=code.name)
 
     async def _fail_one(self, lease: Lease, error: ErrorInfo, retryable: bool) -> Code:
+        # The job type's retry policy: its budget unless the job set its own, and its backoff.
+        handler = self._handlers.get(lease.spec.job_type)
+        retry = handler.retry if handler is not None else RetryPolicy()
         return await self._reports.call(
-            lambda: self.store.fail(lease.job_id, lease.token, error, retryable=retryable), "fail"
+            lambda: self.store.fail(
+                lease.job_id,
+                lease.token,
+                error,
+                retryable=retryable,
+                max_retries=retry.max_retries_for(lease.spec.options.max_retries),
+                backoff_s=retry.backoff_s,
+                backoff_max_s=retry.backoff_max_s,
+            ),
+            "fail",
         )
 
     async def _fail_timeout(self, flights: list[_Flight], timeout_s: float) -> None:
