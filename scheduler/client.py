@@ -479,6 +479,9 @@ class AsyncClient:
             for job_id, (code, reason) in zip(chunk, results, strict=True):
                 if code is Code.OK:
                     replayed.append(job_id)
+                elif code is Code.CORRUPT:
+                    why = f"cannot be replayed: {reason} (purge it instead)"
+                    refused.append(Refusal(job_id, code, why))
                 else:
                     refused.append(Refusal(job_id, code, reason))
         return ReplayReport(tuple(replayed), tuple(refused))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,13 +86,12 @@ class ListOptions:
             raise ValueError(f"order {order!r} is not 'newest' or 'oldest'") from None
         return cls(status, queue, tenant, order)
 
-    def _key(self) -> list[str]:
-        return [
-            self.status.value if self.status else "",
-            self.queue or "",
-            self.tenant or "",
-            self.order.value,
-        ]
+    def _key(self) -> str:
+        """A short digest of the options, which a cursor carries to be checked against."""
+        text = "\n".join(
+            [self.status.value if self.status else "", self.queue or "", self.tenant or ""]
+        )
+        return f"{self.order.value[0]}{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,8 @@ class Position:
 def encode_cursor(options: ListOptions, position: Position) -> str:
     """An opaque cursor for the next page of the listing with `options`."""
     body = [1, options._key(), position.section, position.score, position.member]
-    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
+    text = json.dumps(body, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str, options: ListOptions) -> Position:
@@ -118,7 +119,7 @@ def decode_cursor(cursor: str, options: ListOptions) -> Position:
         version, key, section, score, member = json.loads(raw)
         valid = (
             version == 1
-            and isinstance(key, list)
+            and isinstance(key, str)
             and isinstance(section, int)
             and 1 <= section <= len(SECTIONS)
             and isinstance(score, str)
