@@ -21,8 +21,9 @@
                            as CorruptJob, or a field it needs to run again is missing or garbled
                            (the reason names it); purge such a job instead
   History  a 'replayed' entry (from, to, reset) appended to each job replayed.
-  Kept     attempts (lease tokens only grow, so a report from a lease before the death is still
-           refused), the latest error and the history. A reset budget sets 'released' to the
+  Kept     attempts (lease tokens only grow: the next lease is a new attempt; a completion under
+           the lease before the death is still taken while the job waits, as after any expired
+           lease), the latest error and the history. A reset budget sets 'released' to the
            attempts made: those no longer count against max_retries.
   Events   one token on the signal list of every queue that got a job, or on the ingress's.
 ]]
