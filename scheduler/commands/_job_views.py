@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from scheduler.client import AsyncClient
@@ -143,6 +144,8 @@ def _plain(value: Any) -> Any:
     """JSON-ready: enums by value, dataclasses and models as dicts."""
     if isinstance(value, Enum):
         return value.value
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -258,10 +261,9 @@ def _result_text(job: Job) -> str:
 
 
 def print_refusals(refused: Sequence[Refusal]) -> None:
+    """One error line per job a replay or purge refused (the caller exits 1)."""
     for refusal in refused:
-        Console(stderr=True, highlight=False).print(
-            f"[red]error:[/red] job {refusal.job_id}: {refusal.reason}", soft_wrap=True, markup=True
-        )
+        fail(str(refusal), code=1)
 
 
 def refusal_json(refused: Sequence[Refusal]) -> list[dict[str, Any]]:
