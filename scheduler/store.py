@@ -450,6 +450,8 @@ class Store:
             "1" if retryable else "0",
             _ms(self.backoff_s(token, base_s=backoff_s, max_s=backoff_max_s)),
             "" if max_retries is None else max_retries,
+            # A job that dies here is kept as long as any dead-lettered job (dead_ttl_s).
+            self._dead_ttl_ms,
         ]
         return Code(int(await self._run(self._scripts.fail, args)))
 
@@ -474,7 +476,8 @@ class Store:
         """Return jobs whose lease ran out to their queues (or the dead-letter set). Corrupt ones
         are dead-lettered on the way (counted in `corrupt`), stale entries dropped."""
         raw = await self._run(
-            self._scripts.requeue_expired, [self.now_ms(), limit, self._result_ttl_ms]
+            self._scripts.requeue_expired,
+            [self.now_ms(), limit, self._result_ttl_ms, self._dead_ttl_ms],
         )
         return RequeueReport(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]))
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from rich.console import Console
 
 from scheduler.client import AsyncClient
@@ -26,6 +27,7 @@ from scheduler.errors import BilevelError, InvalidCursor, JobNotFound, UnknownQu
 from scheduler.listing import MAX_LIMIT, ORDERED_BY, SECTIONS, JobPage, JobSummary
 from scheduler.models import Job, JobEvent
 from scheduler.operations import Refusal
+from scheduler.retry import describe
 
 T = TypeVar("T")
 
@@ -76,6 +78,9 @@ def run_client(
         raise fail(str(exc), code=1) from None
     except ValueError as exc:
         raise fail(str(exc), code=2) from None
+    except RedisError as exc:
+        # A reply no retry fixes (an ACL that forbids a command, a server out of memory).
+        raise fail(f"Redis refused the request: {describe(exc)}", code=1) from None
 
 
 def check_limit(limit: int) -> None:

@@ -12,6 +12,7 @@
   ARGV[8]  optional: max_retries to apply instead of the record's ('' or absent: the record's),
            for a job whose own options left it to its handler's default; it becomes the
            record's, so later lease expiries count against the same budget
+  ARGV[9]  optional: TTL in ms of a dead-lettered record and of a key moved aside (absent: ARGV[2])
   Returns  {code, notices}:
            C_RETRY_SCHEDULED  back in the delayed set, status retrying
            C_DEAD_LETTERED    out of retries (or not retryable): status dead
@@ -26,7 +27,8 @@
 -- @include _common.lua
 
 local now, ttl, id, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-NOW, DEAD_TTL = now, ttl
+local dead_ttl = tonumber(ARGV[9]) or ttl
+NOW, DEAD_TTL = now, dead_ttl
 local k = jobkey(id)
 local rec, refused = reported(
   id, {'status', 'attempts', 'queue', 'order', 'maxr', 'cancel', 'released'}, token,
@@ -54,5 +56,5 @@ if ARGV[6] == '1' and charged <= maxr then
   redis.call('HSET', k, 'status', 'retrying')
   return {C_RETRY_SCHEDULED, notices}
 end
-dead_letter(id, 'running', q, rec.order, ARGV[5], now, ttl)
+dead_letter(id, 'running', q, rec.order, ARGV[5], now, dead_ttl)
 return {C_DEAD_LETTERED, notices}

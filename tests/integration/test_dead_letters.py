@@ -249,6 +249,27 @@ class TestFinishedIndex:
         run(body())
 
 
+class TestRetention:
+    def test_a_dead_job_is_kept_for_the_dead_letter_ttl(
+        self, store: Store, clock: ManualClock, run: Runner
+    ) -> None:
+        """Whether it died failing or by its lease expiring, a dead record lives dead_ttl_s
+        (7 days), not the result TTL (1 day) of a finished one."""
+
+        async def body() -> None:
+            [failed] = await kill(store, "a", 1)
+            [expired] = await submit_to_queue(store, "a", new_job(max_retries=0))
+            await store.lease("a", 1, lease_s=5)
+            clock.advance(6)
+            assert (await store.requeue_expired()).dead_lettered == 1
+            result_ttl_ms = store.settings.result_ttl_s * 1000
+            for job_id in (failed, expired):
+                ttl_ms = await store.redis.pttl(store.keys.job(job_id))
+                assert result_ttl_ms < ttl_ms <= store.settings.dead_ttl_s * 1000, job_id
+
+        run(body())
+
+
 class TestHistory:
     def test_every_attempt_is_kept_not_only_the_last(
         self, store: Store, clock: ManualClock, run: Runner
