@@ -27,9 +27,9 @@ ALLOCATION_TTL_S = 30.0
 # Allocation changes kept in Redis: enough for a demo's plot of several minutes at one move a tick.
 ALLOCATION_HISTORY_LEN = 2000
 # Jobs kept per queue in its finished index (`Keys.finished`), newest first: enough to look back
-# over the last few minutes of a busy queue, at about 100 bytes an entry (1 MB a queue). Entries
-# older than the result TTL go too; both trims run once every FINISHED_TRIM_EVERY entries, so a
-# finished job costs two commands more, not four (mirrored in _common.lua).
+# over the last few minutes of a busy queue, at about 50 bytes an entry (0.5 MB a queue). Every
+# FINISHED_TRIM_EVERY entries the list is cut to this length and the oldest entries whose record
+# has expired are popped, so a finished job costs one LPUSH more (mirrored in _common.lua).
 FINISHED_INDEX_LEN = 10_000
 FINISHED_TRIM_EVERY = 64
 # Events kept in a job record's `history` field (failed attempts, expired leases, replays): a job
@@ -125,10 +125,11 @@ class Keys:
         return f"{self.prefix}dead:{name}"
 
     def finished(self, name: str) -> str:
-        """ZSET: ids of the jobs of a queue that finished succeeded or cancelled (the
-        INGRESS_QUEUE's: cancelled before routing), scored by the ms they finished; the newest
-        FINISHED_INDEX_LEN, none older than the result TTL. The only index of finished jobs,
-        for listing them; a listing drops entries whose record has expired."""
+        """LIST: ids of the jobs of a queue that finished succeeded or cancelled (the
+        INGRESS_QUEUE's: cancelled before routing), newest at the head; at most
+        FINISHED_INDEX_LEN (plus one trim's worth), the oldest popped once their record has
+        expired. The only index of finished jobs, for listing them (a listing skips entries
+        whose record expired since)."""
         return f"{self.prefix}done:{name}"
 
     def counts(self, name: str) -> str:

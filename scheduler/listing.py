@@ -3,7 +3,8 @@ pages and their cursors, and the reading of a job's history.
 
 A listing walks six sections in a fixed order (pending, queued, running, delayed, dead,
 finished), each a merge of its per-queue indexes by the index's own time, newest first unless
-asked otherwise. A page ends after `limit` rows or after examining `budget` entries (filters that
+asked otherwise; the finished section (capped lists, which carry no time to merge by) is read one
+queue after another. A page ends after `limit` rows or after examining `budget` entries (filters that
 skip entries cost reads too), and its cursor resumes after the last entry examined: jobs that
 move meanwhile may be seen twice or not at all, as in a Redis SCAN, but a page never reads more
 than its bound, and a cursor whose own entry has left its index still finds its place.
@@ -33,7 +34,7 @@ ORDERED_BY = {
     "running": "lease deadline",
     "delayed": "time due",
     "dead": "time of death",
-    "finished": "time finished",
+    "finished": "time finished, queue by queue",
 }
 MAX_LIMIT = 1000
 MAX_BUDGET = 10_000
@@ -223,7 +224,7 @@ def parse_rows(raw: Sequence[Any]) -> list[JobSummary]:
             JobSummary(
                 id=_text(job_id) or "",
                 index=section,
-                index_time_s=None if section == "pending" else _score_s(score),
+                index_time_s=_index_time_s(section, score, finished),
                 status=None if reason else _STATUS_BY_VALUE.get(status_text or ""),
                 queue=_text(queue),
                 job_type=None if view is None else view.job_type,
@@ -241,6 +242,14 @@ def parse_rows(raw: Sequence[Any]) -> list[JobSummary]:
             )
         )
     return rows
+
+
+def _index_time_s(section: str, score: Any, finished: Any) -> float | None:
+    if section == "pending":
+        return None
+    if section == "finished":
+        return _seconds(finished)
+    return _score_s(score)
 
 
 def _score_s(raw: Any) -> float | None:

@@ -65,7 +65,7 @@ local INBOX_TTL_MS = 600000
 local INLINE_RESULT_BYTES = 8192
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
--- ZSET per queue of jobs that finished succeeded or cancelled, by finish ms (see index_finished).
+-- LIST per queue of jobs that finished succeeded or cancelled, newest first (see index_finished).
 local function donekey(q) return prefix .. 'done:' .. q end
 -- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
 local DONE_CAP = 10000
@@ -281,24 +281,25 @@ local function detach(id, status, q, member)
   end
 end
 
--- Enter job id, just finished succeeded or cancelled, in its queue's finished index (the
--- ingress's for a job cancelled before routing): the only index of finished jobs, for listing.
--- Bounded: the newest DONE_CAP entries are kept, and entries older than the record's TTL are
--- dropped; both trims run once every DONE_TRIM_EVERY entries (or past the cap by that much),
--- so a finished job costs one ZADD and one ZCARD more. A listing drops the entries whose record
--- has expired in between.
+-- Enter job id, just finished succeeded or cancelled, at the head of its queue's finished index
+-- (the ingress's for a job cancelled before routing): the only index of finished jobs, for
+-- listing. A list, not a sorted set: at its cap an entry leaves for every one that comes, and a
+-- list's tail goes for almost nothing. Bounded: every DONE_TRIM_EVERY entries the list is cut
+-- to its newest DONE_CAP, and the oldest entries whose record has expired (their result TTL)
+-- are popped from the tail; so a finished job costs one LPUSH more. A listing skips entries
+-- whose record is gone in between.
 local function index_finished(id, now, ttl_ms)
   local q = redis.call('HGET', jobkey(id), 'queue')
   if not is_queue_name(q) then q = INGRESS_QUEUE end
   local k = donekey(q)
-  kcall('ZADD', k, now, id)
-  local card = redis.call('ZCARD', k)
-  if card % DONE_TRIM_EVERY == 0 or card > DONE_CAP + DONE_TRIM_EVERY then
-    if ttl_ms > 0 then
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. string.format('%d', now - ttl_ms))
-      card = redis.call('ZCARD', k)
+  local n = kcall('LPUSH', k, id)
+  if n % DONE_TRIM_EVERY == 0 then
+    if n > DONE_CAP then redis.call('LTRIM', k, 0, DONE_CAP - 1) end
+    for _ = 1, DONE_TRIM_EVERY do
+      local oldest = redis.call('LINDEX', k, -1)
+      if not oldest or redis.call('EXISTS', jobkey(oldest)) == 1 then break end
+      redis.call('RPOP', k)
     end
-    if card > DONE_CAP then redis.call('ZREMRANGEBYRANK', k, 0, card - DONE_CAP - 1) end
   end
 end
 

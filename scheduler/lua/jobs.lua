@@ -20,9 +20,11 @@
            3 running   leased:<q> per queue            by lease deadline ms
            4 delayed   the delayed set (delayed and retrying jobs)   by due ms
            5 dead      dead:<q> per queue and ~ingress by the ms the job died
-           6 finished  done:<q> per queue and ~ingress (succeeded, cancelled)  by finish ms
+           6 finished  done:<q> per queue and ~ingress (succeeded, cancelled): lists, newest at
+                       the head, read one queue after another (by name, ~ingress last)
   Returns  {reply, notices}: reply is {section, score, member} of the last entry examined (the
-           cursor of the next page; section false when every section is done), then 15 values
+           cursor of the next page; section false when every section is done; in the finished
+           section the score is the queue of the list), then 15 values
            per job: id, section, index score, status, queue, attempts, maxr, released,
            created_ms, started_ms, finished_ms, routing view JSON, error summary JSON (type and
            message, the message cut), cancel flag, and '' or the reason the record is unreadable.
@@ -32,7 +34,8 @@
            gone is skipped (the transitions settle those); in the dead and finished sets it is
            dropped, as are entries that name no job (notices, see _common.lua).
   Cost     per page: O(k log^2 N) to find the cursor's place in each of the k indexes of its
-           section, then O(log N) per entry examined, at most ARGV[5] entries and ARGV[4] rows.
+           section (O(N) in a finished list, N at most keys.FINISHED_INDEX_LEN), then O(log N)
+           per entry examined, at most ARGV[5] entries and ARGV[4] rows.
 ]]
 -- @include _common.lua
 
@@ -51,7 +54,7 @@ local SECTIONS = {
   {name = 'running', statuses = {running = true}},
   {name = 'delayed', statuses = {delayed = true, retrying = true}},
   {name = 'dead', statuses = {dead = true}, drop = true},
-  {name = 'finished', statuses = {succeeded = true, cancelled = true}, drop = true},
+  {name = 'finished', statuses = {succeeded = true, cancelled = true}, drop = true, list = true},
 }
 
 local queues = {}
@@ -72,8 +75,8 @@ local function section_keys(name)
   elseif name == 'delayed' then
     if queue_filter ~= INGRESS_QUEUE then keys[1] = DELAYED end
   else
-    local build = {queued = qagekey, running = leasedkey, dead = deadkey, finished = donekey}
-    local with_ingress = name == 'dead' or name == 'finished'
+    local build = {queued = qagekey, running = leasedkey, dead = deadkey}
+    local with_ingress = name == 'dead'
     for _, q in ipairs(queues) do
       if q ~= INGRESS_QUEUE or with_ingress then keys[#keys + 1] = build[name](q) end
     end
@@ -174,7 +177,7 @@ local drops = {}
 -- Judge entry `id` of index `key` in section `sec`; add its row when it is listed.
 local function examine(sec, key, id, score)
   if not is_id(id) then
-    if sec.drop then drops[#drops + 1] = {key, id, 'not a job id'} end
+    if sec.drop then drops[#drops + 1] = {key, id, 'not a job id', sec.list} end
     return
   end
   local k = jobkey(id)
@@ -189,7 +192,7 @@ local function examine(sec, key, id, score)
   if unreadable == '' then
     if not s then
       if redis.call('EXISTS', k) == 0 then
-        if sec.drop then drops[#drops + 1] = {key, id, 'no such job'} end
+        if sec.drop then drops[#drops + 1] = {key, id, 'no such job', sec.list} end
         return
       end
       unreadable = 'job record has no status'
@@ -197,7 +200,7 @@ local function examine(sec, key, id, score)
       unreadable = "job record has an unknown status '" .. printable(s) .. "'"
     elseif not sec.statuses[s] then
       -- The job is elsewhere: listed there, not here.
-      if sec.drop then drops[#drops + 1] = {key, id, 'the job is ' .. s .. ' elsewhere'} end
+      if sec.drop then drops[#drops + 1] = {key, id, 'the job is ' .. s .. ' elsewhere', sec.list} end
       return
     end
   end
@@ -225,9 +228,88 @@ local wanted = {
 local examined = 0
 local last_section, last_score, last_member = false, '', ''
 local stopped = false
+
+-- The finished section's lists in reading order: queue names by bytes ('~ingress' sorts last).
+local function finished_names()
+  local names = {}
+  for _, q in ipairs(queues) do names[#names + 1] = q end
+  if queue_filter == '' then names[#names + 1] = INGRESS_QUEUE end
+  table.sort(names, function(a, b) return bytes_cmp(a, b) < 0 end)
+  return names
+end
+
+-- Walk the finished lists (section si) from the cursor; returns whether the page filled up,
+-- and then whether entries may remain. Newest first walks each list from its head, oldest
+-- first from its tail. The cursor's entry is found again by LPOS; when it is gone it was
+-- trimmed from the tail, so newest first nothing older is left in that list, and oldest first
+-- everything left is newer.
+local function walk_finished(sec, si)
+  local resume_q, resume_id = nil, nil
+  if si == cursor_section then resume_q, resume_id = cursor_score, cursor_member end
+  local names = finished_names()
+  for ni, qn in ipairs(names) do
+    if not resume_q or bytes_cmp(qn, resume_q) >= 0 then
+      local key = donekey(qn)
+      local len = kcall('LLEN', key)
+      local step = rev and 1 or -1
+      local i = rev and 0 or len - 1
+      if resume_q and qn == resume_q then
+        local pos = kcall('LPOS', key, resume_id)
+        if pos then
+          i = pos + step
+        elseif rev then
+          i = len
+        end
+      end
+      while i >= 0 and i < len and listed < want and examined < budget do
+        local last_i = rev and math.min(i + BATCH - 1, len - 1) or math.max(i - BATCH + 1, 0)
+        local ids = kcall('LRANGE', key, math.min(i, last_i), math.max(i, last_i))
+        if #ids == 0 then break end
+        local from, to = 1, #ids
+        if not rev then from, to = #ids, 1 end
+        for j = from, to, rev and 1 or -1 do
+          if listed >= want or examined >= budget then break end
+          examined = examined + 1
+          last_section, last_score, last_member = si, qn, ids[j]
+          examine(sec, key, ids[j], '')
+          i = i + step
+        end
+      end
+      if listed >= want or examined >= budget then
+        local more = i >= 0 and i < len
+        for later = ni + 1, #names do
+          if not more and kcall('LLEN', donekey(names[later])) > 0 then more = true end
+        end
+        return true, more
+      end
+    end
+  end
+  return false, false
+end
+
+-- Whether a section has any entry at all (for the last page's "is there more").
+local function any_entries(name)
+  if name == 'finished' then
+    for _, qn in ipairs(finished_names()) do
+      if kcall('LLEN', donekey(qn)) > 0 then return true end
+    end
+    return false
+  end
+  for _, key in ipairs(section_keys(name)) do
+    if kcall('ZCARD', key) > 0 then return true end
+  end
+  return false
+end
 for si = cursor_section or 1, #SECTIONS do
   local sec = SECTIONS[si]
-  if status_filter == '' or wanted[status_filter] == sec.name then
+  if sec.list and (status_filter == '' or wanted[status_filter] == sec.name) then
+    local full, more = walk_finished(sec, si)
+    if full then
+      stopped = true
+      if not more then last_section = false end
+      break
+    end
+  elseif status_filter == '' or wanted[status_filter] == sec.name then
     local readers = {}
     for _, key in ipairs(section_keys(sec.name)) do
       local start = 0
@@ -258,10 +340,9 @@ for si = cursor_section or 1, #SECTIONS do
       -- section and every later one are empty past it.
       local more = next_entry() ~= nil
       for later = si + 1, #SECTIONS do
-        if not more and (status_filter == '' or wanted[status_filter] == SECTIONS[later].name) then
-          for _, key in ipairs(section_keys(SECTIONS[later].name)) do
-            if kcall('ZCARD', key) > 0 then more = true end
-          end
+        local name = SECTIONS[later].name
+        if not more and (status_filter == '' or wanted[status_filter] == name) then
+          more = any_entries(name)
         end
       end
       if not more then last_section = false end
@@ -271,8 +352,16 @@ for si = cursor_section or 1, #SECTIONS do
 end
 if not stopped then last_section = false end
 for _, d in ipairs(drops) do
-  redis.call('ZREM', d[1], d[2])
-  notice('dropped', d[1], d[2] .. ': ' .. d[3])
+  if d[4] then
+    -- A list entry; the one the cursor resumes from stays, as its anchor.
+    if not (last_section and d[2] == last_member) then
+      redis.call('LREM', d[1], 0, d[2])
+      notice('dropped', d[1], d[2] .. ': ' .. d[3])
+    end
+  else
+    redis.call('ZREM', d[1], d[2])
+    notice('dropped', d[1], d[2] .. ': ' .. d[3])
+  end
 end
 local reply = {last_section, last_score, last_member}
 for _, v in ipairs(rows) do reply[#reply + 1] = v end

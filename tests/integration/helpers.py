@@ -50,9 +50,11 @@ async def job_places(store: Store) -> dict[str, list[str]]:
                 add(job_id, place)
     async for key in store.redis.scan_iter(match=f"{keys.prefix}*", count=1000):
         kind, _, queue = key.removeprefix(keys.prefix).partition(":")
-        if kind not in ("q", "leased", "dead", "done") or await store.redis.type(key) != "zset":
+        if kind not in ("q", "leased", "dead", "done"):
             continue
-        for member in await _members(store, key):
+        if await store.redis.type(key) != ("list" if kind == "done" else "zset"):
+            continue
+        for member in await _members(store, key, kind == "done"):
             if kind == "q":
                 add(member[35:], f"queued:{queue}")
             else:
@@ -63,10 +65,10 @@ async def job_places(store: Store) -> dict[str, list[str]]:
 _INDEX_PLACES = {"dead": "dead", "done": "finished"}
 
 
-async def _members(store: Store, key: str) -> list[bytes]:
+async def _members(store: Store, key: str, is_list: bool = False) -> list[bytes]:
     client: Any = store.redis
     members: list[bytes] = await client.execute_command(
-        "ZRANGE", key, 0, -1, **{NEVER_DECODE: True}
+        "LRANGE" if is_list else "ZRANGE", key, 0, -1, **{NEVER_DECODE: True}
     )
     return members
 
