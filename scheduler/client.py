@@ -373,7 +373,7 @@ class AsyncClient:
         """One page of jobs, read from the store's indexes (scheduler.listing): by section
         (pending, queued, running, delayed, dead, finished), each newest first by its own time
         (`order="oldest"` for the other end); pass the page's `cursor` back for the next. A page
-        reads at most `limit` rows and 10 x limit index entries. Finished jobs are the succeeded
+        reads at most `limit` rows and max(4 x limit, 500) index entries. Finished jobs are the succeeded
         and cancelled ones of the last result TTL, the newest keys.FINISHED_INDEX_LEN per queue.
         ValueError names a bad option; UnknownQueue a queue no job was routed to;
         InvalidCursor a cursor from elsewhere."""
@@ -567,9 +567,10 @@ class AsyncClient:
         return PurgeReport(purged, (), dropped)
 
 
-# Jobs per replay or purge script call: each call is atomic and short for the server (a few ms).
-REPLAY_CHUNK = 500
-PURGE_CHUNK = 500
+# Jobs per replay or purge script call: each call is atomic, and short enough for the server
+# (a few ms) that other clients are not held up behind it.
+REPLAY_CHUNK = 100
+PURGE_CHUNK = 100
 
 _CANCEL_OUTCOMES = {
     Code.OK: CancelOutcome.CANCELLED,

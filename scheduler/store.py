@@ -35,8 +35,10 @@ from scheduler.connection import MAX_BLOCK_S, parse_address
 from scheduler.errors import JobNotFound, NoService, RedisUnavailable, UnknownQueue
 from scheduler.keys import INGRESS_QUEUE, Keys
 from scheduler.listing import (
+    DEFAULT_BUDGET_PER_ROW,
     MAX_BUDGET,
     MAX_LIMIT,
+    MIN_DEFAULT_BUDGET,
     JobPage,
     ListOptions,
     Position,
@@ -573,12 +575,13 @@ class Store:
         budget: int | None = None,
     ) -> JobPage:
         """One page of jobs from the store's indexes (see scheduler.listing): at most `limit`
-        rows, after examining at most `budget` entries (default 10 x limit, at most
+        rows, after examining at most `budget` entries (default max(4 x limit, 500), at most
         MAX_BUDGET). ValueError for a limit or budget out of range, InvalidCursor for a cursor
         this listing did not hand out, UnknownQueue for a queue filter no job was routed to."""
         if not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit {limit} is out of range 1..{MAX_LIMIT}")
-        budget = min(MAX_BUDGET, max(limit * 10, 1000)) if budget is None else budget
+        if budget is None:
+            budget = min(MAX_BUDGET, max(limit * DEFAULT_BUDGET_PER_ROW, MIN_DEFAULT_BUDGET))
         if not limit <= budget <= MAX_BUDGET:
             raise ValueError(f"budget {budget} is out of range {limit}..{MAX_BUDGET}")
         position = decode_cursor(cursor, options) if cursor is not None else None

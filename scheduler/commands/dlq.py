@@ -177,7 +177,7 @@ def purge(
     namespace: NamespaceOption = None,
 ) -> None:
     """Delete dead-lettered jobs: each record with its dead-letter entries, atomically, in chunks
-    of 500 (unreadable records included). --all deletes the jobs dead when it started (older
+    of 100 (unreadable records included). --all deletes the jobs dead when it started (older
     than --older-than), oldest first; jobs dying meanwhile are kept. A job that is not dead is
     refused and left alone; exits 1 when any was refused."""
     older_than_s = parse_duration(older_than, "--older-than") if older_than is not None else None

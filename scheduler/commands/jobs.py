@@ -108,7 +108,7 @@ def list_jobs(
 ) -> None:
     """List jobs from the store's indexes, a page at a time: by section (pending, queued,
     running, delayed, dead, finished), each newest first by its own time (--oldest: oldest
-    first). A page reads at most --limit jobs and 10 x limit index entries; its caption (or
+    first). A page reads at most --limit jobs and max(4 x limit, 500) index entries; its caption (or
     "cursor" in JSON) resumes it. Finished jobs: succeeded and cancelled ones within the result
     TTL, the newest 10,000 per queue."""
     check_limit(limit)

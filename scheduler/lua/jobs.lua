@@ -149,11 +149,18 @@ end
 
 local FIELDS = {'status', 'queue', 'attempts', 'maxr', 'released', 'created_ms', 'started_ms',
                 'finished_ms', 'rt', 'error', 'cancel'}
+-- What judging an entry needs; the rest is read only for the rows listed.
+local JUDGED = {'status', 'queue', 'rt'}
+local REST = {'attempts', 'maxr', 'released', 'created_ms', 'started_ms', 'finished_ms', 'error',
+              'cancel'}
 local ERROR_MESSAGE_BYTES = 300
 
--- A short error JSON (type, message cut) for a listing row; false when there is none.
+-- A short error JSON (type, message cut) for a listing row; false when there is none. The
+-- traceback (the bulk of a worker's error, last in what the store writes) is cut off unread.
 local function error_summary(text)
   if not text then return false end
+  local cut = string.find(text, ',"traceback":', 1, true)
+  if cut then text = string.sub(text, 1, cut - 1) .. '}' end
   local ok, e = pcall(cjson.decode, text)
   if not (ok and type(e) == 'table' and type(e.type) == 'string') then
     return '!' .. string.sub(text, 1, ERROR_MESSAGE_BYTES)
@@ -181,13 +188,13 @@ local function examine(sec, key, id, score)
     return
   end
   local k = jobkey(id)
-  local f = redis.pcall('HMGET', k, unpack(FIELDS))
+  local f = redis.pcall('HMGET', k, unpack(JUDGED))
   local rec, unreadable = {}, ''
   if f.err then
     unreadable = 'job record is a ' .. redis.call('TYPE', k)['ok'] .. ', not a hash'
-    for i = 1, #FIELDS do f[i] = false end
+    f = {}
   end
-  for i, name in ipairs(FIELDS) do rec[name] = f[i] end
+  for i, name in ipairs(JUDGED) do rec[name] = f[i] or false end
   local s = rec.status
   if unreadable == '' then
     if not s then
@@ -212,6 +219,12 @@ local function examine(sec, key, id, score)
   end
   if sec.name == 'delayed' and queue_filter ~= '' and rec.queue ~= queue_filter then return end
   if tenant_filter ~= '' and tenant_of(rec.rt) ~= tenant_filter then return end
+  if unreadable == '' then
+    local more = redis.call('HMGET', k, unpack(REST))
+    for i, name in ipairs(REST) do rec[name] = more[i] end
+  else
+    for _, name in ipairs(REST) do rec[name] = false end
+  end
   local row = {id, sec.name, score, s or false}
   for i = 2, #FIELDS - 2 do row[#row + 1] = rec[FIELDS[i]] end
   row[#row + 1] = error_summary(rec.error)

@@ -145,7 +145,7 @@ class TestListing:
         newest = [job_id for _, job_id in sorted(expected, reverse=True)]
         assert run(list_all(store, options(status="queued"), 7)) == newest
         assert run(list_all(store, options(status="queued", order="oldest"), 7)) == newest[::-1]
-        assert run(list_all(store, options(), 1000)) == newest
+        assert run(list_all(store, options(), 500)) == newest
 
     def test_a_cursor_finds_its_place_after_its_entry_left(
         self, store: Store, clock: ManualClock, run: Runner

@@ -141,7 +141,7 @@ class TestJobs:
             (["--status", "done"], 2, ["status 'done' is not a status", "succeeded"]),
             (["--queue", "no such"], 2, ["queue 'no such' is invalid"]),
             (["--queue", "nope"], 1, ["queue 'nope' is not a known queue", "embed"]),
-            (["--limit", "0"], 2, ["--limit 0 is out of range 1..1000"]),
+            (["--limit", "0"], 2, ["--limit 0 is out of range 1..500"]),
             (["--cursor", "xyz"], 2, ["cursor 'xyz' is not a cursor a listing handed out"]),
         ],
     )
