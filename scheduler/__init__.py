@@ -6,6 +6,7 @@ The names below are the public API for users who submit jobs; everything else is
 from scheduler.client import AsyncClient, AsyncJobHandle, Client, JobHandle, JobRequest
 from scheduler.errors import (
     BilevelError,
+    InvalidCursor,
     InvalidJob,
     JobCancelled,
     JobFailed,
@@ -13,8 +14,17 @@ from scheduler.errors import (
     JobTimeout,
     RedisUnavailable,
     StreamTruncated,
+    UnknownQueue,
 )
-from scheduler.models import ErrorInfo, Job, JobStatus
+from scheduler.listing import JobPage, JobSummary, ListOrder
+from scheduler.models import ErrorInfo, Job, JobEvent, JobStatus
+from scheduler.operations import (
+    Cancellation,
+    CancelOutcome,
+    PurgeReport,
+    Refusal,
+    ReplayReport,
+)
 from scheduler.settings import Settings
 from scheduler.streams import StreamRestart
 
@@ -22,19 +32,30 @@ __all__ = [
     "AsyncClient",
     "AsyncJobHandle",
     "BilevelError",
+    "CancelOutcome",
+    "Cancellation",
     "Client",
     "ErrorInfo",
+    "InvalidCursor",
     "InvalidJob",
     "Job",
     "JobCancelled",
+    "JobEvent",
     "JobFailed",
     "JobHandle",
     "JobNotFound",
+    "JobPage",
     "JobRequest",
     "JobStatus",
+    "JobSummary",
     "JobTimeout",
+    "ListOrder",
+    "PurgeReport",
     "RedisUnavailable",
+    "Refusal",
+    "ReplayReport",
     "Settings",
     "StreamRestart",
     "StreamTruncated",
+    "UnknownQueue",
 ]

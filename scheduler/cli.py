@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from scheduler.commands import demo, evaluate, serve, simulate, status, submit, train, tune
+from scheduler.commands import (
+    demo,
+    dlq,
+    evaluate,
+    jobs,
+    serve,
+    simulate,
+    status,
+    submit,
+    train,
+    tune,
+)
 
 app = typer.Typer(
     name="bilevel",
@@ -49,7 +60,7 @@ def _root(
 
 
 # Each module registers its own commands on the app.
-for _module in (demo, evaluate, serve, simulate, status, submit, train, tune):
+for _module in (demo, dlq, evaluate, jobs, serve, simulate, status, submit, train, tune):
     _module.register(app)
 
 

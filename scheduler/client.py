@@ -12,16 +12,28 @@ Every call rides out a short Redis outage (a restart, a failover): it is retried
 to `Settings.outage_retry_s` (10 s) and then raises RedisUnavailable naming host and port. That is
 safe because every call repeats cleanly: reads and watches change nothing twice, and a retried
 submit resends the same job ids, which the store recognises (a submission never creates a second
-job).
+job). The same holds for the operator's calls: a retried cancel finds the job cancelled, a retried
+replay carries its request's token and the store recognises the jobs it replayed already, and a
+retried purge finds gone what it deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
-from collections.abc import Awaitable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -31,8 +43,17 @@ from scheduler.codes import Code
 from scheduler.connection import check_connection, client_from_url, parse_address
 from scheduler.embedded_redis import EmbeddedRedis
 from scheduler.errors import BilevelError, InvalidJob, JobCancelled, JobFailed, JobTimeout
+from scheduler.keys import validate_name
+from scheduler.listing import JobPage, JobSummary, ListOptions, ListOrder
 from scheduler.logs import configure_logging
 from scheduler.models import Job, JobStatus, build_spec, new_job_id
+from scheduler.operations import (
+    Cancellation,
+    CancelOutcome,
+    PurgeReport,
+    Refusal,
+    ReplayReport,
+)
 from scheduler.retry import OutageRetry
 from scheduler.settings import Settings
 from scheduler.store import NewJob, Outcome, Store, StoreStats
@@ -53,7 +74,7 @@ class JobRequest:
     idempotency_key: str | None = None
     tenant: str | None = None
     tags: Sequence[str] = field(default_factory=tuple)
-    max_retries: int = 3
+    max_retries: int | None = None
     timeout_s: float | None = None
 
     def options(self) -> dict[str, Any]:
@@ -260,7 +281,7 @@ class AsyncClient:
         idempotency_key: str | None = None,
         tenant: str | None = None,
         tags: Sequence[str] = (),
-        max_retries: int = 3,
+        max_retries: int | None = None,
         timeout_s: float | None = None,
     ) -> AsyncJobHandle:
         """Submit one job. Raises InvalidJob (naming the field) before anything is written."""
@@ -360,6 +381,228 @@ class AsyncClient:
     async def stats(self, queues: Iterable[str] = ()) -> StoreStats:
         names = list(queues)
         return await self.retry.call(lambda: self.store.stats(names), "reading stats")
+
+    # -- inspecting and repairing: listings, cancel, the dead-letter set ------------------------
+
+    async def jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        tenant: str | None = None,
+        order: ListOrder | str = ListOrder.NEWEST,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs, read from the store's indexes (scheduler.listing): by section
+        (pending, queued, running, delayed, dead, finished), each newest first by its own time
+        (`order="oldest"` for the other end); pass the page's `cursor` back for the next. A page
+        reads at most `limit` rows and max(4 x limit, 500) index entries. Finished jobs are the succeeded
+        and cancelled ones of the last result TTL, the newest keys.FINISHED_INDEX_LEN per queue.
+        ValueError names a bad option; UnknownQueue a queue no job was routed to;
+        InvalidCursor a cursor from elsewhere."""
+        options = ListOptions.checked(status=status, queue=queue, tenant=tenant, order=order)
+        return await self.retry.call(
+            lambda: self.store.list_jobs(options, limit=limit, cursor=cursor), "listing jobs"
+        )
+
+    async def iter_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        tenant: str | None = None,
+        order: ListOrder | str = ListOrder.NEWEST,
+        page_size: int = 500,
+    ) -> AsyncIterator[JobSummary]:
+        """Every job `jobs()` lists, page by page (one bounded read per page)."""
+        cursor: str | None = None
+        while True:
+            page = await self.jobs(
+                status=status, queue=queue, tenant=tenant, order=order, limit=page_size,
+                cursor=cursor,
+            )  # fmt: skip
+            for job in page.jobs:
+                yield job
+            if page.cursor is None:
+                return
+            cursor = page.cursor
+
+    async def dead_letters(
+        self,
+        *,
+        queue: str | None = None,
+        order: ListOrder | str = ListOrder.NEWEST,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of the dead-letter sets (of `queue`, or all), newest death first; records
+        that cannot be read are listed too (`unreadable` says why), so they can be purged."""
+        return await self.jobs(
+            status=JobStatus.DEAD, queue=queue, order=order, limit=limit, cursor=cursor
+        )
+
+    async def cancel(self, job_ids: Sequence[str]) -> list[Cancellation]:
+        """Cancel jobs by id: what happened to each (see CancelOutcome). Safe to repeat: a
+        cancel that lands twice finds the job cancelled already."""
+        out: list[Cancellation] = []
+        for job_id in job_ids:
+            attempts = 0
+
+            async def cancel(job_id: str = job_id) -> Code:
+                nonlocal attempts
+                attempts += 1
+                return await self.store.cancel(job_id)
+
+            code = await self.retry.call(cancel, "cancel")
+            if code is Code.ALREADY_FINISHED and attempts > 1:
+                # An earlier attempt may have cancelled it before its reply was lost.
+                outcome = await self.retry.call(partial(self.store.outcome, job_id), "cancel")
+                if outcome.status is JobStatus.CANCELLED:
+                    code = Code.OK
+            out.append(Cancellation(job_id, _CANCEL_OUTCOMES.get(code, CancelOutcome.CORRUPT)))
+        return out
+
+    async def replay(
+        self,
+        job_ids: Sequence[str],
+        *,
+        to: str | None = None,
+        reset_retries: bool = True,
+    ) -> ReplayReport:
+        """Send dead-lettered jobs back to work: each leaves the dead-letter set and is queued in
+        the queue it died in (at its old place in the order), or the ingress when it died before
+        routing, or queue `to`; atomically per chunk of REPLAY_CHUNK ids. It keeps its attempts,
+        latest error and history (a 'replayed' event is added). `reset_retries` gives it its
+        full max_retries again; False leaves the budget spent, so one more failure dead-letters
+        it. Refused, with the reason: unknown ids, jobs not dead, records that cannot run again.
+        Retried through an outage: each request carries a token, and a repeat recognises the
+        jobs it replayed already."""
+        await self._check_destination(to)
+        return await self._replay(job_ids, os.urandom(8).hex(), to, reset_retries)
+
+    async def _check_destination(self, to: str | None) -> None:
+        if to is not None:
+            validate_name("queue", to)
+            await self.retry.call(lambda: self.store.check_queue(to), "replay")
+
+    async def _replay(
+        self, job_ids: Sequence[str], token: str, to: str | None, reset_retries: bool
+    ) -> ReplayReport:
+        replayed: list[str] = []
+        refused: list[Refusal] = []
+        ids = list(dict.fromkeys(job_ids))
+        for i in range(0, len(ids), REPLAY_CHUNK):
+            chunk = ids[i : i + REPLAY_CHUNK]
+            results = await self.retry.call(
+                partial(
+                    self.store.replay, chunk, token=token, to_queue=to, reset_retries=reset_retries
+                ),
+                "replay",
+            )
+            for job_id, (code, reason) in zip(chunk, results, strict=True):
+                if code is Code.OK:
+                    replayed.append(job_id)
+                elif code is Code.CORRUPT:
+                    why = f"cannot be replayed: {reason} (purge it instead)"
+                    refused.append(Refusal(job_id, code, why))
+                else:
+                    refused.append(Refusal(job_id, code, reason))
+        return ReplayReport(tuple(replayed), tuple(refused))
+
+    async def replay_all(
+        self,
+        *,
+        queue: str | None = None,
+        to: str | None = None,
+        reset_retries: bool = True,
+    ) -> ReplayReport:
+        """`replay` every job in the dead-letter sets (of `queue`, or all) that died before this
+        call: oldest first, a page at a time, so a job that dies again meanwhile is not replayed
+        twice. Records that cannot run again are refused and stay."""
+        if queue is not None:
+            await self.retry.call(lambda: self.store.check_queue(queue), "replay")
+        await self._check_destination(to)
+        token = os.urandom(8).hex()
+        started_s = self.store.clock()
+        replayed: list[str] = []
+        refused: list[Refusal] = []
+        cursor: str | None = None
+        while True:
+            page = await self.dead_letters(
+                queue=queue, order=ListOrder.OLDEST, limit=REPLAY_CHUNK, cursor=cursor
+            )
+            ids = [j.id for j in page.jobs if j.index_time_s is None or j.index_time_s <= started_s]
+            report = await self._replay(ids, token, to, reset_retries)
+            replayed += report.replayed
+            refused += report.refused
+            if page.cursor is None or len(ids) < len(page.jobs):
+                break
+            cursor = page.cursor
+        return ReplayReport(tuple(replayed), tuple(refused))
+
+    async def purge(self, job_ids: Sequence[str]) -> PurgeReport:
+        """Delete dead-lettered jobs by id: each record with its dead-letter entries, atomically
+        per chunk of PURGE_CHUNK ids; unreadable records in a dead-letter set included. A job
+        that is not dead is refused and left alone, as is an unknown id. Retried through an
+        outage: deleting twice leaves the same state, and an id not found on a repeated
+        attempt counts as purged (the first attempt may have deleted it)."""
+        purged = 0
+        refused: list[Refusal] = []
+        ids = list(dict.fromkeys(job_ids))
+        for i in range(0, len(ids), PURGE_CHUNK):
+            chunk = ids[i : i + PURGE_CHUNK]
+            attempts = 0
+
+            async def purge(chunk: list[str] = chunk) -> list[tuple[Code, str]]:
+                nonlocal attempts
+                attempts += 1
+                return await self.store.purge(chunk)
+
+            results = await self.retry.call(purge, "purge")
+            for job_id, (code, reason) in zip(chunk, results, strict=True):
+                if code is Code.OK or (code is Code.NOT_FOUND and attempts > 1):
+                    purged += 1
+                else:
+                    refused.append(Refusal(job_id, code, reason))
+        return PurgeReport(purged, tuple(refused))
+
+    async def purge_all(
+        self, *, queue: str | None = None, older_than_s: float | None = None
+    ) -> PurgeReport:
+        """Delete every dead-lettered job (of `queue`, or all) that died before this call, or
+        more than `older_than_s` seconds before it: oldest first, PURGE_CHUNK at a time, each
+        chunk atomic; jobs dying meanwhile are kept. Retried through an outage (a repeated chunk
+        deletes the next ones that match)."""
+        if older_than_s is not None and not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+        if queue is not None:
+            await self.retry.call(lambda: self.store.check_queue(queue), "purge")
+        cutoff_ms = self.store.now_ms() - round((older_than_s or 0.0) * 1000)
+        purged = dropped = 0
+        more = True
+        while more:
+            deleted, stale, more = await self.retry.call(
+                lambda: self.store.purge_dead(queue=queue, cutoff_ms=cutoff_ms, limit=PURGE_CHUNK),
+                "purge",
+            )
+            purged += deleted
+            dropped += stale
+        return PurgeReport(purged, (), dropped)
+
+
+# Jobs per replay or purge script call: each call is atomic, and short enough for the server
+# (a few ms) that other clients are not held up behind it.
+REPLAY_CHUNK = 100
+PURGE_CHUNK = 100
+
+_CANCEL_OUTCOMES = {
+    Code.OK: CancelOutcome.CANCELLED,
+    Code.CANCEL_PENDING: CancelOutcome.STOPPING,
+    Code.ALREADY_FINISHED: CancelOutcome.ALREADY_FINISHED,
+    Code.NOT_FOUND: CancelOutcome.NOT_FOUND,
+    Code.CORRUPT: CancelOutcome.CORRUPT,
+}
 
 
 class _LoopThread:
@@ -505,7 +748,7 @@ class Client:
         idempotency_key: str | None = None,
         tenant: str | None = None,
         tags: Sequence[str] = (),
-        max_retries: int = 3,
+        max_retries: int | None = None,
         timeout_s: float | None = None,
     ) -> JobHandle:
         """Submit one job; see AsyncClient.submit."""
@@ -539,3 +782,82 @@ class Client:
 
     def stats(self, queues: Iterable[str] = ()) -> StoreStats:
         return self._run(self._async.stats(list(queues)))
+
+    def jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        tenant: str | None = None,
+        order: ListOrder | str = ListOrder.NEWEST,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs; see AsyncClient.jobs."""
+        return self._run(
+            self._async.jobs(
+                status=status, queue=queue, tenant=tenant, order=order, limit=limit,
+                cursor=cursor,
+            )
+        )  # fmt: skip
+
+    def iter_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        queue: str | None = None,
+        tenant: str | None = None,
+        order: ListOrder | str = ListOrder.NEWEST,
+        page_size: int = 500,
+    ) -> Iterator[JobSummary]:
+        """Every job `jobs()` lists, page by page; see AsyncClient.iter_jobs."""
+        cursor: str | None = None
+        while True:
+            page = self.jobs(
+                status=status, queue=queue, tenant=tenant, order=order, limit=page_size,
+                cursor=cursor,
+            )  # fmt: skip
+            yield from page.jobs
+            if page.cursor is None:
+                return
+            cursor = page.cursor
+
+    def dead_letters(
+        self,
+        *,
+        queue: str | None = None,
+        order: ListOrder | str = ListOrder.NEWEST,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of the dead-letter sets; see AsyncClient.dead_letters."""
+        return self._run(
+            self._async.dead_letters(queue=queue, order=order, limit=limit, cursor=cursor)
+        )
+
+    def cancel(self, job_ids: Sequence[str]) -> list[Cancellation]:
+        """Cancel jobs by id; see AsyncClient.cancel."""
+        return self._run(self._async.cancel(list(job_ids)))
+
+    def replay(
+        self, job_ids: Sequence[str], *, to: str | None = None, reset_retries: bool = True
+    ) -> ReplayReport:
+        """Send dead-lettered jobs back to work; see AsyncClient.replay."""
+        return self._run(self._async.replay(list(job_ids), to=to, reset_retries=reset_retries))
+
+    def replay_all(
+        self, *, queue: str | None = None, to: str | None = None, reset_retries: bool = True
+    ) -> ReplayReport:
+        """Replay the whole dead-letter set (of `queue`); see AsyncClient.replay_all."""
+        return self._run(self._async.replay_all(queue=queue, to=to, reset_retries=reset_retries))
+
+    def purge(self, job_ids: Sequence[str]) -> PurgeReport:
+        """Delete dead-lettered jobs by id; see AsyncClient.purge."""
+        return self._run(self._async.purge(list(job_ids)))
+
+    def purge_all(
+        self, *, queue: str | None = None, older_than_s: float | None = None
+    ) -> PurgeReport:
+        """Delete the dead-letter set (of `queue`, older than `older_than_s`); see
+        AsyncClient.purge_all."""
+        return self._run(self._async.purge_all(queue=queue, older_than_s=older_than_s))

@@ -99,3 +99,18 @@ class StreamTruncated(BilevelError):
         self.job_id = job_id
         self.missed = missed
         self.reason = reason
+
+
+class UnknownQueue(BilevelError, ValueError):
+    """A queue name that no job was ever routed to in this namespace (a typo, or another
+    namespace's queue). Names the queues that are known."""
+
+    def __init__(self, queue: str, known: list[str]) -> None:
+        there = ", ".join(known) if known else "none yet"
+        super().__init__(f"queue {queue!r} is not a known queue (known: {there})")
+        self.queue = queue
+        self.known = known
+
+
+class InvalidCursor(BilevelError, ValueError):
+    """A listing cursor that this listing did not hand out, or one handed out for other options."""

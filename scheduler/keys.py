@@ -26,6 +26,15 @@ INGRESS_QUEUE = "~ingress"
 ALLOCATION_TTL_S = 30.0
 # Allocation changes kept in Redis: enough for a demo's plot of several minutes at one move a tick.
 ALLOCATION_HISTORY_LEN = 2000
+# Jobs kept per queue in its finished index (`Keys.finished`), newest first: enough to look back
+# over the last few minutes of a busy queue, at about 50 bytes an entry (0.5 MB a queue). Every
+# FINISHED_TRIM_EVERY entries the list is cut to this length and the oldest entries whose record
+# has expired are popped, so a finished job costs one LPUSH more (mirrored in _common.lua).
+FINISHED_INDEX_LEN = 10_000
+FINISHED_TRIM_EVERY = 64
+# Events kept in a job record's `history` field (failed attempts, expired leases, replays): a job
+# that fails a hundred times keeps a record of bounded size (mirrored in _common.lua).
+HISTORY_LEN = 20
 
 
 def validate_name(kind: str, name: str) -> str:
@@ -53,7 +62,8 @@ class Keys:
         return f"bilevel:{{{self.namespace}}}:"
 
     def job(self, job_id: str) -> str:
-        """HASH: one job's record (spec, status, queue, times, lease, result or error)."""
+        """HASH: one job's record (spec, status, queue, times, lease, result or error, and its
+        `history`: one JSON event per line, the newest HISTORY_LEN)."""
         return f"{self.prefix}job:{job_id}"
 
     def waiters(self, job_id: str) -> str:
@@ -123,6 +133,14 @@ class Keys:
     def dead(self, name: str) -> str:
         """ZSET: dead-lettered job ids of a queue scored by the ms time they died; kept (no TTL)."""
         return f"{self.prefix}dead:{name}"
+
+    def finished(self, name: str) -> str:
+        """LIST: ids of the jobs of a queue that finished succeeded or cancelled (the
+        INGRESS_QUEUE's: cancelled before routing), newest at the head; at most
+        FINISHED_INDEX_LEN (plus one trim's worth), the oldest popped once their record has
+        expired. The only index of finished jobs, for listing them (a listing skips entries
+        whose record expired since)."""
+        return f"{self.prefix}done:{name}"
 
     def counts(self, name: str) -> str:
         """HASH: running totals of a queue (enqueued, completed, failed); rates are deltas."""

@@ -73,7 +73,9 @@ class JobOptions(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # Seconds to hold the job after routing before any worker may take it.
     delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    max_retries: int = Field(default=3, ge=0, le=100)
+    # Retries after the first attempt. None: the handler's default for the job type, else the
+    # submitting client's Settings.max_retries (a value given here always wins).
+    max_retries: int | None = Field(default=None, ge=0, le=100)
     # Seconds one attempt may run before the worker abandons it and records a failure.
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     tenant: str | None = Field(default=None, min_length=1, max_length=MAX_TENANT_LEN)
@@ -119,6 +121,23 @@ class ErrorInfo(BaseModel):
     traceback: str | None = None
 
 
+class JobEvent(BaseModel):
+    """One entry of a job's history: a failed attempt ('failed': its error's type and message),
+    a lease that expired ('lease_expired'), or a replay from the dead-letter set ('replayed':
+    from which queue, to which, and whether the retry budget was reset). An entry that cannot be
+    read is kept as 'unreadable' with its text in `error.message`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: str
+    at_s: float | None = None
+    attempt: int | None = None
+    error: ErrorInfo | None = None
+    from_queue: str | None = None
+    to_queue: str | None = None
+    reset_retries: bool | None = None
+
+
 class Job(BaseModel):
     """A job record as read back from the store."""
 
@@ -135,6 +154,15 @@ class Job(BaseModel):
     result: Any = None
     error: ErrorInfo | None = None
     cancel_requested: bool = False
+    # The retry budget the store applies (the job's own, its handler's or the default), and the
+    # attempts counted against it (attempts handed back by a draining worker, or made before a
+    # replay that reset the budget, are not). None when the record does not say.
+    max_retries: int | None = None
+    charged_attempts: int | None = None
+    # Size of the stored result JSON in bytes (None without a result).
+    result_bytes: int | None = None
+    # Failed attempts, expired leases and replays, oldest first (the newest keys.HISTORY_LEN).
+    history: tuple[JobEvent, ...] = ()
 
     @property
     def job_type(self) -> str:

@@ -39,6 +39,9 @@ SCRIPT_NAMES = (
     "peek",
     "stream_append",
     "stream_watch",
+    "jobs",
+    "replay",
+    "purge",
 )
 
 
@@ -80,6 +83,9 @@ class Scripts:
     peek: AsyncScript
     stream_append: AsyncScript
     stream_watch: AsyncScript
+    jobs: AsyncScript
+    replay: AsyncScript
+    purge: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

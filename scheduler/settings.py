@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     retry_jitter: float = Field(default=0.5, ge=0, le=1)
+    # Retries a job gets when neither its submit nor its handler's registration says: written
+    # into the record by the submitting client (precedence: the job's own max_retries, then its
+    # handler's, then this).
+    max_retries: int = Field(default=3, ge=0, le=100)
     # Refuse submits and result waits (NoService) when no router serves the namespace on this
     # Redis, instead of queueing jobs nobody will run. False to queue for a service started later.
     require_service: bool = True

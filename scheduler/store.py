@@ -32,8 +32,21 @@ from redis.exceptions import ResponseError
 from scheduler import jsonvalue
 from scheduler.codes import Code, codes
 from scheduler.connection import MAX_BLOCK_S, parse_address
-from scheduler.errors import JobNotFound, NoService, RedisUnavailable
-from scheduler.keys import Keys
+from scheduler.errors import JobNotFound, NoService, RedisUnavailable, UnknownQueue
+from scheduler.keys import INGRESS_QUEUE, Keys
+from scheduler.listing import (
+    DEFAULT_BUDGET_PER_ROW,
+    MAX_BUDGET,
+    MAX_LIMIT,
+    MIN_DEFAULT_BUDGET,
+    JobPage,
+    ListOptions,
+    Position,
+    decode_cursor,
+    encode_cursor,
+    parse_history,
+    parse_rows,
+)
 from scheduler.logs import get_logger
 from scheduler.models import ErrorInfo, Job, JobSpec, JobStatus
 from scheduler.records import (
@@ -225,7 +238,7 @@ class Store:
                 o.priority,
                 _ms(o.deadline_s) + now if o.deadline_s is not None else "",
                 now + _ms(o.delay_s),
-                o.max_retries,
+                o.max_retries if o.max_retries is not None else self.settings.max_retries,
                 _routing_json(job.spec),
             ]
         if self.settings.replica_acks:
@@ -406,16 +419,31 @@ class Store:
             args += [job_id, token]
         return codes(await self._run(self._scripts.release, args))
 
-    def backoff_s(self, attempt: int) -> float:
-        """Retry delay after failed attempt number `attempt` (1-based), jitter included."""
+    def backoff_s(
+        self, attempt: int, *, base_s: float | None = None, max_s: float | None = None
+    ) -> float:
+        """Retry delay after failed attempt number `attempt` (1-based), jitter included; `base_s`
+        and `max_s` replace the settings' retry_backoff_s and retry_backoff_max_s."""
         s = self.settings
-        base = min(s.retry_backoff_max_s, s.retry_backoff_s * 2.0 ** max(0, attempt - 1))
+        first_s = s.retry_backoff_s if base_s is None else base_s
+        cap_s = s.retry_backoff_max_s if max_s is None else max_s
+        base = min(cap_s, first_s * 2.0 ** max(0, attempt - 1))
         return base * (1.0 + s.retry_jitter * (2.0 * self.rng.random() - 1.0))
 
     async def fail(
-        self, job_id: str, token: int, error: ErrorInfo, *, retryable: bool = True
+        self,
+        job_id: str,
+        token: int,
+        error: ErrorInfo,
+        *,
+        retryable: bool = True,
+        max_retries: int | None = None,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
     ) -> Code:
-        """Record a failed attempt: RETRY_SCHEDULED, DEAD_LETTERED, or OK when it was cancelled."""
+        """Record a failed attempt: RETRY_SCHEDULED, DEAD_LETTERED, or OK when it was cancelled.
+        `max_retries`, when given, replaces the record's budget (a handler's default for a job
+        that did not set its own); `backoff_s` and `backoff_max_s` replace the settings'."""
         args = [
             self.now_ms(),
             self._result_ttl_ms,
@@ -423,7 +451,10 @@ class Store:
             token,
             error.model_dump_json(),
             "1" if retryable else "0",
-            _ms(self.backoff_s(token)),
+            _ms(self.backoff_s(token, base_s=backoff_s, max_s=backoff_max_s)),
+            "" if max_retries is None else max_retries,
+            # A job that dies here is kept as long as any dead-lettered job (dead_ttl_s).
+            self._dead_ttl_ms,
         ]
         return Code(int(await self._run(self._scripts.fail, args)))
 
@@ -448,7 +479,8 @@ class Store:
         """Return jobs whose lease ran out to their queues (or the dead-letter set). Corrupt ones
         are dead-lettered on the way (counted in `corrupt`), stale entries dropped."""
         raw = await self._run(
-            self._scripts.requeue_expired, [self.now_ms(), limit, self._result_ttl_ms]
+            self._scripts.requeue_expired,
+            [self.now_ms(), limit, self._result_ttl_ms, self._dead_ttl_ms],
         )
         return RequeueReport(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]))
 
@@ -514,6 +546,108 @@ class Store:
     async def dead_ids(self, queue: str) -> list[str]:
         """Ids in a queue's dead-letter set, oldest first."""
         return await self._read_zset(self.keys.dead(queue), 0, -1)
+
+    # -- listing, replay and purge -------------------------------------------------------------
+
+    async def known_queues(self) -> list[str]:
+        """Every queue a job was ever routed to in this namespace, sorted."""
+        try:
+            members = await self.redis.smembers(self.keys.queues)
+        except ResponseError as exc:
+            if _wrong_type(exc):
+                return []
+            raise
+        return sorted(str(m) for m in members)
+
+    async def check_queue(self, queue: str) -> None:
+        """UnknownQueue when no job was ever routed to `queue` (INGRESS_QUEUE always exists)."""
+        if queue == INGRESS_QUEUE:
+            return
+        known = await self.known_queues()
+        if queue not in known:
+            raise UnknownQueue(queue, [*known, INGRESS_QUEUE])
+
+    async def list_jobs(
+        self,
+        options: ListOptions,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        budget: int | None = None,
+    ) -> JobPage:
+        """One page of jobs from the store's indexes (see scheduler.listing): at most `limit`
+        rows, after examining at most `budget` entries (default max(4 x limit, 500), at most
+        MAX_BUDGET). ValueError for a limit or budget out of range, InvalidCursor for a cursor
+        this listing did not hand out, UnknownQueue for a queue filter no job was routed to."""
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit {limit} is out of range 1..{MAX_LIMIT}")
+        if budget is None:
+            budget = min(MAX_BUDGET, max(limit * DEFAULT_BUDGET_PER_ROW, MIN_DEFAULT_BUDGET))
+        if not limit <= budget <= MAX_BUDGET:
+            raise ValueError(f"budget {budget} is out of range {limit}..{MAX_BUDGET}")
+        position = decode_cursor(cursor, options) if cursor is not None else None
+        if options.queue is not None:
+            await self.check_queue(options.queue)
+        args = [
+            self.now_ms(),
+            self._dead_ttl_ms,
+            options.order.value,
+            limit,
+            budget,
+            options.status.value if options.status else "",
+            options.queue or "",
+            options.tenant or "",
+            "" if position is None else position.section,
+            "" if position is None else position.score,
+            "" if position is None else position.member,
+        ]
+        raw = await self._run_raw(self._scripts.jobs, args)
+        section, score, member = raw[0], raw[1], raw[2]
+        next_cursor = None
+        if section is not None:
+            next_cursor = encode_cursor(
+                options, Position(int(section), score.decode(), member.decode())
+            )
+        return JobPage(tuple(parse_rows(raw[3:])), next_cursor)
+
+    async def replay(
+        self, job_ids: Sequence[str], *, token: str, to_queue: str | None, reset_retries: bool
+    ) -> list[tuple[Code, str]]:
+        """Send dead-lettered jobs back to work in one step (replay.lua): per job the code and
+        the reason of a refusal. `token` names the request: a repeat with the same token
+        recognises the jobs it replayed already (C_OK) and changes nothing."""
+        if not job_ids:
+            return []
+        args = [
+            self.now_ms(),
+            self._dead_ttl_ms,
+            to_queue or "",
+            "1" if reset_retries else "0",
+            token,
+            len(job_ids),
+            *job_ids,
+        ]
+        raw = await self._run_raw(self._scripts.replay, args)
+        return [(Code(int(raw[i])), raw[i + 1].decode()) for i in range(0, len(raw), 2)]
+
+    async def purge(self, job_ids: Sequence[str]) -> list[tuple[Code, str]]:
+        """Delete dead-lettered jobs by id, records and entries in one step (purge.lua): per
+        job the code (OK, NOT_FOUND, WRONG_STATE for a job not dead) and the reason."""
+        if not job_ids:
+            return []
+        args = [self.now_ms(), self._dead_ttl_ms, "ids", len(job_ids), *job_ids]
+        raw = await self._run_raw(self._scripts.purge, args)
+        return [(Code(int(raw[i])), raw[i + 1].decode()) for i in range(0, len(raw), 2)]
+
+    async def purge_dead(
+        self, *, queue: str | None, cutoff_ms: int, limit: int
+    ) -> tuple[int, int, bool]:
+        """Delete up to `limit` of the oldest dead-lettered jobs that died at or before
+        `cutoff_ms` (in `queue`'s set, or every set) in one step: (records deleted, stale
+        entries dropped, whether more may remain)."""
+        args = [self.now_ms(), self._dead_ttl_ms, "all", queue or "", cutoff_ms, limit]
+        deleted, dropped, more = await self._run(self._scripts.purge, args)
+        return int(deleted), int(dropped), bool(int(more))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -826,6 +960,8 @@ def _job_from_hash(job_id: str, raw: dict[str, bytes]) -> Job:
     if created is None:
         raise CorruptRecord("job record has no created_ms")
     attempts = raw.get("attempts")
+    maxr, released = raw.get("maxr"), raw.get("released")
+    result = raw.get("result")
     return Job(
         id=job_id,
         spec=parse_stored_spec(spec),
@@ -838,6 +974,18 @@ def _job_from_hash(job_id: str, raw: dict[str, bytes]) -> Job:
         result=_json(raw.get("result"), "result"),
         error=_error(raw.get("error")),
         cancel_requested=raw.get("cancel") == b"1",
+        max_retries=None if maxr is None else parse_ms(maxr, "maxr"),
+        charged_attempts=(
+            None
+            if attempts is None
+            else max(
+                0,
+                parse_ms(attempts, "attempts")
+                - (0 if released is None else parse_ms(released, "released")),
+            )
+        ),
+        result_bytes=None if result is None else len(result),
+        history=parse_history(raw.get("history")),
     )
 
 
@@ -868,6 +1016,7 @@ def _corrupt_job(job_id: str, raw: dict[str, bytes], reason: str) -> Job:
         result=readable(lambda: _json(raw.get("result"), "result")),
         error=readable(lambda: _error(raw.get("error")))
         or ErrorInfo(type="CorruptJob", message=reason),
+        history=parse_history(raw.get("history")),
     )
 
 

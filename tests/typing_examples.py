@@ -6,13 +6,22 @@ from typing import Any
 
 from scheduler import (
     AsyncClient,
+    CancelOutcome,
     Client,
     InvalidJob,
+    Job,
+    JobEvent,
     JobFailed,
     JobHandle,
+    JobPage,
     JobRequest,
     JobStatus,
+    JobSummary,
     JobTimeout,
+    ListOrder,
+    PurgeReport,
+    Refusal,
+    ReplayReport,
     Settings,
     StreamRestart,
     StreamTruncated,
@@ -62,3 +71,29 @@ async def async_streaming(client: AsyncClient) -> Any:
     except StreamTruncated as exc:
         return exc.missed
     return await handle
+
+
+def dead_letter_usage(url: str) -> tuple[int, int]:
+    with Client(url, namespace="examples") as client:
+        page: JobPage = client.dead_letters(queue="embed", limit=50)
+        failed: list[JobSummary] = [j for j in page.jobs if j.unreadable is None]
+        report: ReplayReport = client.replay([j.id for j in failed], reset_retries=False)
+        refused: list[Refusal] = list(report.refused)
+        purged: PurgeReport = client.purge_all(queue="embed", older_than_s=7 * 86400.0)
+        for job in client.iter_jobs(status=JobStatus.SUCCEEDED, order=ListOrder.OLDEST):
+            _ = job.finished_s
+        job_record: Job = client.get(report.replayed[0])
+        events: tuple[JobEvent, ...] = job_record.history
+        cancelled = [c for c in client.cancel(["a", "b"]) if c.outcome is CancelOutcome.CANCELLED]
+        return purged.purged + len(refused) + len(events), len(cancelled)
+
+
+async def async_listing_usage() -> list[str]:
+    async with AsyncClient("redis://127.0.0.1:6379/0", namespace="demo") as client:
+        ids = [job.id async for job in client.iter_jobs(status="dead", tenant="acme")]
+        page = await client.jobs(status="queued", queue="embed", limit=10)
+        more = page.cursor is not None
+        if more:
+            await client.jobs(status="queued", queue="embed", limit=10, cursor=page.cursor)
+        await client.replay_all(queue="embed", to="embed-v2")
+        return ids

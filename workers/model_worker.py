@@ -47,7 +47,7 @@ from scheduler.logs import bound_job, get_logger
 from scheduler.models import ErrorInfo
 from scheduler.retry import Backoff, OutageRetry, describe, is_transient
 from scheduler.store import Lease, Store
-from workers.registry import REGISTRY, Handler, HandlerRegistry, PayloadError
+from workers.registry import REGISTRY, Handler, HandlerRegistry, RetryPolicy
 from workers.stream_pump import ChunkPipe, PumpEnd, pump
 
 T = TypeVar("T")
@@ -116,14 +116,14 @@ class _Err:
 _Outcome = _Ok | _Err
 
 
-def _error_of(exc: BaseException) -> _Err:
+def _error_of(exc: BaseException, retry: RetryPolicy) -> _Err:
     return _Err(
         ErrorInfo(
             type=type(exc).__name__,
             message=str(exc),
             traceback="".join(traceback.format_exception(exc)),
         ),
-        retryable=not isinstance(exc, PayloadError),
+        retryable=retry.retries(exc),
     )
 
 
@@ -134,12 +134,12 @@ class _Refused:
     code: Code | None
 
 
-def _stream_outcome(end: PumpEnd) -> _Outcome:
+def _stream_outcome(end: PumpEnd, retry: RetryPolicy) -> _Outcome:
     if end.invalid is not None:
         # Retrying would yield the same chunk: dead-letter at once, saying why.
         return _Err(ErrorInfo(type="InvalidChunk", message=end.invalid), retryable=False)
     if end.error is not None:
-        return _error_of(end.error)
+        return _error_of(end.error, retry)
     return _Ok(end.value)
 
 
@@ -154,7 +154,7 @@ def _run_handler(handler: Handler[Any], model: Any, payloads: list[Any]) -> list
         return [_Ok(r) for r in results]
     except Exception as exc:
         if len(payloads) == 1:
-            return [_error_of(exc)]
+            return [_error_of(exc, handler.retry)]
     return [_run_handler(handler, model, [p])[0] for p in payloads]
 
 
@@ -542,7 +542,7 @@ class ModelWorker:
             future = self._runner.submit(
                 lambda: context.run(pump, handler, model, payload, pipe, max_bytes)
             )
-            shipper = asyncio.ensure_future(self._ship(lease, pipe))
+            shipper = asyncio.ensure_future(self._ship(lease, pipe, handler.retry))
             try:
                 stop = await self._watch_stream(flight, shipper, started, timeout_s)
             except BaseException:
@@ -599,7 +599,7 @@ class ModelWorker:
                 woken.cancel()
         return None
 
-    async def _ship(self, lease: Lease, pipe: ChunkPipe) -> _Outcome | _Refused:
+    async def _ship(self, lease: Lease, pipe: ChunkPipe, retry: RetryPolicy) -> _Outcome | _Refused:
         """Append the generator's chunks under the job's lease as they come: at most one append
         per `stream_flush_ms`, each carrying every chunk yielded since the last (up to
         `stream_batch_max`), so a chunk of a slow stream leaves at once and a fast stream costs
@@ -634,7 +634,7 @@ class ModelWorker:
                 if code is not Code.OK:
                     return _Refused(code)
             if end is not None:
-                return _stream_outcome(end)
+                return _stream_outcome(end, retry)
 
     async def _stream_refused(self, flight: _Flight, code: Code | None) -> None:
         """An append was refused: report a cancelled job as cancelled; drop one that is no
@@ -713,8 +713,20 @@ class ModelWorker:
                 log.info("worker.job_failed", error_type=err.type, code=code.name)
 
     async def _fail_one(self, lease: Lease, error: ErrorInfo, retryable: bool) -> Code:
+        # The job type's retry policy: its budget unless the job set its own, and its backoff.
+        handler = self._handlers.get(lease.spec.job_type)
+        retry = handler.retry if handler is not None else RetryPolicy()
         return await self._reports.call(
-            lambda: self.store.fail(lease.job_id, lease.token, error, retryable=retryable), "fail"
+            lambda: self.store.fail(
+                lease.job_id,
+                lease.token,
+                error,
+                retryable=retryable,
+                max_retries=retry.max_retries_for(lease.spec.options.max_retries),
+                backoff_s=retry.backoff_s,
+                backoff_max_s=retry.backoff_max_s,
+            ),
+            "fail",
         )
 
     async def _fail_timeout(self, flights: list[_Flight], timeout_s: float) -> None:

@@ -14,6 +14,12 @@ worker measures how long it takes and reports it as the queue's model-load cost)
     @REGISTRY.handler("double", loader=make_table)
     def double(model: Table, payload: int) -> int: ...   # a function: it is `run`
 
+    # retries per job type: a job's own max_retries wins, then the handler's, then
+    # Settings.max_retries; only the exceptions listed are retried (PayloadError never is)
+    @REGISTRY.handler("embed", loader=load_encoder, max_retries=5, retry_backoff_s=2.0,
+                      retryable=(TimeoutError, ConnectionError))
+    def embed(model: Encoder, payload: str) -> list[float]: ...
+
 Modules named under `handlers:` in the service configuration register into `REGISTRY` when
 imported (`load_handler_modules`); workers import the same modules, so every process agrees. How the
 workers of a cluster get modules that are not installed there: scheduler/service/handler_code.py.
@@ -97,6 +103,59 @@ class Resources:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the failures of one job type are retried. None fields fall back: `max_retries` to the
+    record's budget (the job's own, else the submitting client's Settings.max_retries; a job that
+    set its own always keeps it), the backoff fields to the worker's Settings."""
+
+    max_retries: int | None = None
+    # The first retry's delay in seconds (doubling per attempt), and its cap.
+    backoff_s: float | None = None
+    backoff_max_s: float | None = None
+    # Exception types worth retrying (subclasses included); None: every exception. PayloadError
+    # is never retried, whatever this says.
+    retryable: tuple[type[BaseException], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries is not None and not (
+            isinstance(self.max_retries, int) and 0 <= self.max_retries <= _MAX_RETRIES
+        ):
+            raise ValueError(
+                f"max_retries must be an int in 0..{_MAX_RETRIES}, got {self.max_retries!r}"
+            )
+        for name in ("backoff_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0 <= value < 1e9):
+                raise ValueError(f"retry_{name} must be a number of seconds >= 0, got {value!r}")
+        if self.retryable is not None:
+            bad = [
+                t
+                for t in self.retryable
+                if not (isinstance(t, type) and issubclass(t, BaseException))
+            ]
+            if not isinstance(self.retryable, tuple) or bad:
+                raise ValueError(
+                    f"retryable must be a tuple of exception classes, got {self.retryable!r}"
+                )
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a failure raising `exc` may be retried."""
+        if isinstance(exc, PayloadError):
+            return False
+        return self.retryable is None or isinstance(exc, self.retryable)
+
+    def max_retries_for(self, job_max_retries: int | None) -> int | None:
+        """The budget to apply in place of the record's: this policy's, unless the job set its
+        own (then None: the record holds the job's)."""
+        return self.max_retries if job_max_retries is None else None
+
+
+# JobOptions.max_retries's bound.
+_MAX_RETRIES = 100
+_NO_POLICY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class Handler(Generic[M]):
     """How to serve one job type: load a model of type M, then run payloads through it."""
 
@@ -110,6 +169,8 @@ class Handler(Generic[M]):
     resources: Resources
     # True when registered with `run_batch` (a batch is one call), False for `run`.
     batched: bool
+    # How its failures are retried.
+    retry: RetryPolicy = _NO_POLICY
     # For a streaming handler: (model, payload) -> iterator of JSON chunks, whose return value is
     # the result (see the module docstring); then run_batch drains it (no streaming), for callers
     # that only want results.
@@ -181,18 +242,27 @@ class HandlerRegistry:
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
         run_stream: Callable[[M, Any], Iterable[Any]] | None = None,
+        max_retries: int | None = None,
+        retry_backoff_s: float | None = None,
+        retry_backoff_max_s: float | None = None,
+        retryable: tuple[type[BaseException], ...] | None = None,
     ) -> Handler[M]:
         """Register a handler; exactly one of `run`, `run_batch` and `run_stream` must be given.
-        A `run` that is a generator function streams: it is taken as `run_stream`."""
+        A `run` that is a generator function streams: it is taken as `run_stream`. The retry
+        options make the job type's RetryPolicy (ValueError naming a bad one)."""
         if not job_type or job_type != job_type.strip():
             raise ValueError(f"job type {job_type!r} must be non-empty without outer spaces")
         if job_type in self._handlers:
             raise ValueError(f"job type {job_type!r} is already registered")
+        try:
+            retry = RetryPolicy(max_retries, retry_backoff_s, retry_backoff_max_s, retryable)
+        except ValueError as exc:
+            raise ValueError(f"{job_type}: {exc}") from None
         if run is not None and run_stream is None and inspect.isgeneratorfunction(run):
             run, run_stream = None, run
         if run_stream is not None:
             return self._register_stream(
-                job_type, loader, run_stream, run, run_batch, max_batch, resources
+                job_type, loader, run_stream, run, run_batch, max_batch, resources, retry
             )
         if (run is None) == (run_batch is None):
             raise ValueError(f"{job_type}: give exactly one of run= and run_batch=")
@@ -218,6 +288,7 @@ class HandlerRegistry:
             batch_wait_ms=batch_wait_ms,
             resources=resources,
             batched=run is None,
+            retry=retry,
         )
         self._handlers[job_type] = handler
         return handler
@@ -231,6 +302,7 @@ class HandlerRegistry:
         run_batch: Callable[[M, list[Any]], list[Any]] | None,
         max_batch: int,
         resources: Resources,
+        retry: RetryPolicy,
     ) -> Handler[M]:
         if run is not None or run_batch is not None:
             raise ValueError(f"{job_type}: give exactly one of run=, run_batch= and run_stream=")
@@ -257,6 +329,7 @@ class HandlerRegistry:
             batch_wait_ms=0.0,
             resources=resources,
             batched=False,
+            retry=retry,
             run_stream=run_stream,
         )
         self._handlers[job_type] = handler
@@ -272,6 +345,10 @@ class HandlerRegistry:
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
         stream: bool = False,
+        max_retries: int | None = None,
+        retry_backoff_s: float | None = None,
+        retry_backoff_max_s: float | None = None,
+        retryable: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[type[C]], type[C]]: ...
 
     @overload
@@ -284,6 +361,10 @@ class HandlerRegistry:
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
         stream: bool = False,
+        max_retries: int | None = None,
+        retry_backoff_s: float | None = None,
+        retry_backoff_max_s: float | None = None,
+        retryable: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[F], F]: ...
 
     def handler(
@@ -295,6 +376,10 @@ class HandlerRegistry:
         batch_wait_ms: float = 0.0,
         resources: Resources = Resources(),
         stream: bool = False,
+        max_retries: int | None = None,
+        retry_backoff_s: float | None = None,
+        retry_backoff_max_s: float | None = None,
+        retryable: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[Any], Any]:
         """Decorator form of `register`.
 
@@ -303,8 +388,15 @@ class HandlerRegistry:
         `loader`: decorates the run function `(model, payload) -> result`, or
         `(model, payloads) -> results` when max_batch > 1. A generator function (or a class's
         generator `run`) streams, as does any run function with `stream=True` (one that returns an
-        iterator). The decorated object is returned unchanged.
+        iterator). The decorated object is returned unchanged. The retry options are
+        `register`'s.
         """
+        retry_options: dict[str, Any] = {
+            "max_retries": max_retries,
+            "retry_backoff_s": retry_backoff_s,
+            "retry_backoff_max_s": retry_backoff_max_s,
+            "retryable": retryable,
+        }
 
         def decorate(target: Any) -> Any:
             if stream or _streams(target):
@@ -314,6 +406,7 @@ class HandlerRegistry:
                     run_stream=_stream_of(job_type, target, loader is None),
                     max_batch=max_batch,
                     resources=resources,
+                    **retry_options,
                 )
                 return target
             if loader is None:
@@ -329,6 +422,7 @@ class HandlerRegistry:
                         max_batch=max_batch,
                         batch_wait_ms=batch_wait_ms,
                         resources=resources,
+                        **retry_options,
                     )
                 elif callable(getattr(target, "run", None)):
                     self.register(
@@ -338,6 +432,7 @@ class HandlerRegistry:
                         max_batch=max_batch,
                         batch_wait_ms=batch_wait_ms,
                         resources=resources,
+                        **retry_options,
                     )
                 else:
                     raise TypeError(
@@ -352,11 +447,12 @@ class HandlerRegistry:
                     max_batch=max_batch,
                     batch_wait_ms=batch_wait_ms,
                     resources=resources,
+                    **retry_options,
                 )
             else:
                 self.register(
                     job_type, loader=loader, run=target, batch_wait_ms=batch_wait_ms,
-                    resources=resources,
+                    resources=resources, **retry_options,
                 )  # fmt: skip
             return target
 
@@ -503,6 +599,7 @@ __all__ = [
     "HandlerRegistry",
     "PayloadError",
     "Resources",
+    "RetryPolicy",
     "collect_stream",
     "load_handler_modules",
     "stream_chunks",

@@ -67,6 +67,11 @@ local INBOX_TTL_MS = 600000
 local INLINE_RESULT_BYTES = 8192
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
+-- LIST per queue of jobs that finished succeeded or cancelled, newest first (see index_finished).
+local function donekey(q) return prefix .. 'done:' .. q end
+-- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
+local DONE_CAP = 10000
+local DONE_TRIM_EVERY = 64
 
 local FINISHED = {succeeded = true, dead = true, cancelled = true}
 local STATUSES = {
@@ -291,6 +296,28 @@ local function end_stream(id, status, ttl_ms)
   if ttl_ms > 0 then redis.call('PEXPIRE', sk, ttl_ms) end
 end
 
+-- Enter job id, just finished succeeded or cancelled, at the head of its queue's finished index
+-- (the ingress's for a job cancelled before routing): the only index of finished jobs, for
+-- listing. A list, not a sorted set: at its cap an entry leaves for every one that comes, and a
+-- list's tail goes for almost nothing. Bounded: every DONE_TRIM_EVERY entries the list is cut
+-- to its newest DONE_CAP, and the oldest entries whose record has expired (their result TTL)
+-- are popped from the tail; so a finished job costs one LPUSH more. A listing skips entries
+-- whose record is gone in between.
+local function index_finished(id, now, ttl_ms)
+  local q = redis.call('HGET', jobkey(id), 'queue')
+  if not is_queue_name(q) then q = INGRESS_QUEUE end
+  local k = donekey(q)
+  local n = kcall('LPUSH', k, id)
+  if n % DONE_TRIM_EVERY == 0 then
+    if n > DONE_CAP then redis.call('LTRIM', k, 0, DONE_CAP - 1) end
+    for _ = 1, DONE_TRIM_EVERY do
+      local oldest = redis.call('LINDEX', k, -1)
+      if not oldest or redis.call('EXISTS', jobkey(oldest)) == 1 then break end
+      redis.call('RPOP', k)
+    end
+  end
+end
+
 -- Mark a job finished, start its record's TTL, and tell every client waiting on it (through its
 -- inbox). `waiting` is the record's 'w' field, set by watch.lua: a job nobody waits for costs
 -- nothing more.
@@ -316,6 +343,7 @@ local function finish(id, status, now, ttl_ms, waiting, result)
     end
     redis.call('DEL', waiterskey(id))
   end
+  if status ~= 'dead' then index_finished(id, now, ttl_ms) end
 end
 
 -- Dead-letter a job that is currently in `status` (in queue q, or the ingress when q is false).
@@ -442,4 +470,55 @@ local function reported(id, names, token, accept)
   end
   if not accept[rec.status] or tonumber(rec.attempts) ~= token then return nil, C_STALE_LEASE end
   return rec
+end
+
+-- -- attempt history ------------------------------------------------------------------------------
+
+-- A job's 'history' field: one JSON object per line, oldest first, the newest HISTORY_LEN kept
+-- (mirrors scheduler.keys.HISTORY_LEN). Each failed attempt, expired lease and replay adds one,
+-- so 'error' (the latest failure) no longer hides the ones before it.
+local HISTORY_LEN = 20
+-- Longest error message kept in one history entry (the full latest error stays in 'error').
+local HISTORY_MESSAGE_BYTES = 1000
+
+-- The text of one history entry: `event`, the time, the attempt (when given), and `fields`, a
+-- flat list of names and values already encoded as JSON. Numbers are formatted here, not by
+-- cjson (which writes large integers in exponent form).
+local function history_entry(event, attempt, fields)
+  local parts = {'"event":' .. cjson.encode(event), '"at_ms":' .. string.format('%d', NOW)}
+  if attempt then parts[#parts + 1] = '"attempt":' .. string.format('%d', attempt) end
+  for i = 1, #fields, 2 do parts[#parts + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1] end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- The entry of a failed attempt, from the error JSON a worker reported (its type and message;
+-- the traceback stays in 'error' only).
+local function failure_entry(attempt, error_text)
+  local ok, e = pcall(cjson.decode, error_text)
+  local etype, message = 'UnknownError', ''
+  if ok and type(e) == 'table' then
+    if type(e.type) == 'string' then etype = e.type end
+    if type(e.message) == 'string' then message = e.message end
+  end
+  return history_entry('failed', attempt, {
+    'type', cjson.encode(etype),
+    'message', cjson.encode(string.sub(message, 1, HISTORY_MESSAGE_BYTES)),
+  })
+end
+
+-- Append `entry` to job id's history (its record is a hash), dropping the oldest beyond
+-- HISTORY_LEN.
+local function add_history(id, entry)
+  local k = jobkey(id)
+  local h = redis.call('HGET', k, 'history')
+  if not h or h == '' then
+    h = entry
+  else
+    h = h .. '\n' .. entry
+    local _, lines = string.gsub(h, '\n', '\n')
+    for _ = HISTORY_LEN, lines do
+      h = string.sub(h, string.find(h, '\n', 1, true) + 1)
+    end
+  end
+  redis.call('HSET', k, 'history', h)
 end

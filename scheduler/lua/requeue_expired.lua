@@ -7,6 +7,7 @@
   ARGV[1]  now_ms
   ARGV[2]  at most this many jobs per queue
   ARGV[3]  TTL in ms of a finished record (and of a key moved aside)
+  ARGV[4]  optional: TTL in ms of a dead-lettered record and of a key moved aside (absent: ARGV[3])
   Returns  {{requeued, dead-lettered, cancelled, corrupt}, notices}; notices: what was settled
            (see _common.lua).
   Settled  an entry whose job is gone or really elsewhere, or that names no job: dropped; a job key
@@ -15,13 +16,16 @@
            puts it somewhere it is not: dead-lettered (CorruptJob, with the reason), counted as
            corrupt. A member of the queue set that is not a queue name is dropped from it; a
            queue-set, lease-set, queue or signal key of the wrong type is moved aside first.
+  History  one 'lease_expired' entry (the attempt) appended to each requeued or dead-lettered
+           job's history.
   Events   one token on the signal list of every queue that got a job back; the finish notice of
            every job finished here.
 ]]
 -- @include _common.lua
 
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-NOW, DEAD_TTL = now, ttl
+local dead_ttl = tonumber(ARGV[4]) or ttl
+NOW, DEAD_TTL = now, dead_ttl
 local requeued, dead, cancelled, bad = 0, 0, 0, 0
 local names = {'status', 'queue', 'order', 'attempts', 'maxr', 'cancel', 'released'}
 for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
@@ -42,12 +46,14 @@ for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
         finish(id, 'cancelled', now, ttl)
         cancelled = cancelled + 1
       elseif tonumber(rec.attempts) - (tonumber(rec.released) or 0) > tonumber(rec.maxr) then
+        add_history(id, history_entry('lease_expired', tonumber(rec.attempts), {}))
         dead_letter(id, 'running', q, rec.order,
                     error_json('LeaseExpired', 'lease expired on attempt ' .. rec.attempts ..
-                               ', no retries left'), now, ttl)
+                               ', no retries left'), now, dead_ttl)
         dead = dead + 1
       else
         redis.call('ZREM', lk, id)
+        add_history(id, history_entry('lease_expired', tonumber(rec.attempts), {}))
         push_queued(id, q, now, rec.order)
         requeued = requeued + 1
         back = true

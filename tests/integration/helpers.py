@@ -25,7 +25,7 @@ async def submit_to_queue(store: Store, queue: str, *jobs: NewJob) -> list[str]:
 
 
 # Where a job of each unfinished status must be (and nowhere else); a finished one is in no index
-# except, when dead, one dead-letter set.
+# but one dead-letter set (dead) or one finished index (succeeded, cancelled).
 _PLACE_OF = {
     JobStatus.PENDING: "ingress",
     JobStatus.DELAYED: "delayed",
@@ -35,7 +35,7 @@ _PLACE_OF = {
 
 async def job_places(store: Store) -> dict[str, list[str]]:
     """Every index entry of the namespace, by job id: 'ingress', 'delayed', 'queued:<q>',
-    'running:<q>' or 'dead'. Found by scanning the namespace, so queues nobody configured (a
+    'running:<q>', 'dead' or 'finished'. Found by scanning the namespace, so queues nobody configured (a
     corrupt record's) are seen too."""
     keys = store.keys
     places: dict[str, list[str]] = {}
@@ -50,20 +50,25 @@ async def job_places(store: Store) -> dict[str, list[str]]:
                 add(job_id, place)
     async for key in store.redis.scan_iter(match=f"{keys.prefix}*", count=1000):
         kind, _, queue = key.removeprefix(keys.prefix).partition(":")
-        if kind not in ("q", "leased", "dead") or await store.redis.type(key) != "zset":
+        if kind not in ("q", "leased", "dead", "done"):
             continue
-        for member in await _members(store, key):
+        if await store.redis.type(key) != ("list" if kind == "done" else "zset"):
+            continue
+        for member in await _members(store, key, kind == "done"):
             if kind == "q":
                 add(member[35:], f"queued:{queue}")
             else:
-                add(member, "dead" if kind == "dead" else f"running:{queue}")
+                add(member, _INDEX_PLACES.get(kind, f"running:{queue}"))
     return places
 
 
-async def _members(store: Store, key: str) -> list[bytes]:
+_INDEX_PLACES = {"dead": "dead", "done": "finished"}
+
+
+async def _members(store: Store, key: str, is_list: bool = False) -> list[bytes]:
     client: Any = store.redis
     members: list[bytes] = await client.execute_command(
-        "ZRANGE", key, 0, -1, **{NEVER_DECODE: True}
+        "LRANGE" if is_list else "ZRANGE", key, 0, -1, **{NEVER_DECODE: True}
     )
     return members
 
@@ -92,7 +97,7 @@ async def assert_each_job_in_one_place(store: Store, job_ids: Iterable[str]) -> 
         elif s is JobStatus.DEAD:
             expected = ["dead"]
         elif s.finished:
-            expected = []
+            expected = ["finished"]
         else:
             expected = [_PLACE_OF[s]]
         assert found == expected, (job_id, status, found)

@@ -1,6 +1,7 @@
 """A hypothesis state machine drives every store transition against the real Redis with an injected
 clock, and after each step checks that each job is in exactly one place matching its status, none is
-lost, a completed job is never leased again, and a second completion never replaces the first."""
+lost (only a purge deletes, and only dead jobs), a completed job is never leased again, a second
+completion never replaces the first, and a replay keeps the attempts and history it had."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from hypothesis.stateful import (
 from scheduler.codes import Code
 from scheduler.connection import client_from_url
 from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.keys import HISTORY_LEN
 from scheduler.models import ErrorInfo, JobStatus
 from scheduler.settings import Settings
 from scheduler.store import Lease, Store
@@ -49,6 +51,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.jobs: set[str] = set()
         self.held: dict[str, Lease] = {}  # leases a live worker still holds
         self.results: dict[str, Any] = {}  # first accepted result per job
+        self.purged: set[str] = set()  # deleted by a purge (out of `jobs`): records gone
         self.counter = 0
 
     def run(self, coro: Any) -> Any:
@@ -105,8 +108,11 @@ class StoreMachine(RuleBasedStateMachine):
     def heartbeat(self, data: st.DataObject) -> None:
         lease = self._pick_held(data)
         [code] = self.run(self.store.heartbeat([(lease.job_id, lease.token)]))
-        assert code in (Code.OK, Code.CANCEL_REQUESTED, Code.STALE_LEASE, Code.ALREADY_FINISHED)
-        if code in (Code.STALE_LEASE, Code.ALREADY_FINISHED):
+        assert code in (
+            Code.OK, Code.CANCEL_REQUESTED, Code.STALE_LEASE, Code.ALREADY_FINISHED,
+            *self._gone(lease),
+        )  # fmt: skip
+        if code in (Code.STALE_LEASE, Code.ALREADY_FINISHED, Code.NOT_FOUND):
             del self.held[lease.job_id]
 
     @precondition(lambda self: self.held)
@@ -120,7 +126,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert lease.job_id not in self.results, "a job was completed twice"
             self.results[lease.job_id] = value
         else:
-            assert code in (Code.STALE_LEASE, Code.ALREADY_FINISHED)
+            assert code in (Code.STALE_LEASE, Code.ALREADY_FINISHED, *self._gone(lease))
 
     @precondition(lambda self: self.results)
     @rule(data=st.data())
@@ -138,7 +144,7 @@ class StoreMachine(RuleBasedStateMachine):
         del self.held[lease.job_id]
         assert code in (
             Code.RETRY_SCHEDULED, Code.DEAD_LETTERED, Code.OK, Code.STALE_LEASE,
-            Code.ALREADY_FINISHED,
+            Code.ALREADY_FINISHED, *self._gone(lease),
         )  # fmt: skip
 
     @precondition(lambda self: self.jobs)
@@ -155,6 +161,76 @@ class StoreMachine(RuleBasedStateMachine):
         [code] = self.run(self.store.move([job_id], queue))
         assert code in (Code.OK, Code.WRONG_STATE)
 
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data())
+    def dead_letter(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.jobs)))
+        [code] = self.run(self.store.dead_letter([(job_id, BOOM)]))
+        assert code in (Code.DEAD_LETTERED, Code.ALREADY_FINISHED)
+
+    @precondition(lambda self: self.jobs | self.purged)
+    @rule(data=st.data(), to=st.sampled_from([None, *QUEUES]), reset=st.booleans())
+    def replay(self, data: st.DataObject, to: str | None, reset: bool) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.jobs | self.purged)))
+        before = self.run(self.store.get(job_id)) if job_id not in self.purged else None
+        token = f"t{self._next()}"
+        [(code, reason)] = self.run(
+            self.store.replay([job_id], token=token, to_queue=to, reset_retries=reset)
+        )
+        if before is None:
+            assert code is Code.NOT_FOUND, reason
+            return
+        known = self.run(self.store.known_queues())
+        if before.status is not JobStatus.DEAD or (to is not None and to not in known):
+            assert code is Code.WRONG_STATE, reason
+            return
+        assert code is Code.OK, reason
+        after = self.run(self.store.get(job_id))
+        # Back where it died (the ingress, for a job never routed), or in `to`.
+        if to is None and before.queue is None:
+            assert (after.status, after.queue) == (JobStatus.PENDING, None)
+        else:
+            assert (after.status, after.queue) == (JobStatus.QUEUED, to or before.queue)
+        assert after.attempts == before.attempts
+        assert after.history[-1].event == "replayed"
+        assert after.history == (*before.history, after.history[-1])[-HISTORY_LEN:]
+        if reset:
+            assert after.charged_attempts in (0, None)  # None: it never ran
+        else:
+            assert after.charged_attempts == before.charged_attempts
+        # The same request again changes nothing.
+        again = self.run(self.store.replay([job_id], token=token, to_queue=to, reset_retries=reset))
+        assert again == [(Code.OK, "")]
+        assert self.run(self.store.get(job_id)) == after
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data())
+    def purge(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.jobs)))
+        status = self.run(self.redis.hget(self.store.keys.job(job_id), "status"))
+        [(code, reason)] = self.run(self.store.purge([job_id]))
+        if status is None:
+            assert code is Code.NOT_FOUND, reason
+        elif status == JobStatus.DEAD:
+            assert code is Code.OK, reason
+            self._purged(job_id)
+        else:
+            assert code is Code.WRONG_STATE, reason
+
+    @rule(older_than_s=st.sampled_from([0.0, 5.0, 60.0]))
+    def purge_all(self, older_than_s: float) -> None:
+        cutoff = self.store.now_ms() - round(older_than_s * 1000)
+        dead_before = self._dead_since()
+        deleted, dropped, more = self.run(
+            self.store.purge_dead(queue=None, cutoff_ms=cutoff, limit=1000)
+        )
+        assert (dropped, more) == (0, False)
+        doomed = {job_id for job_id, died_ms in dead_before.items() if died_ms <= cutoff}
+        assert deleted == len(doomed)
+        for job_id in doomed:
+            self._purged(job_id)
+        assert set(self._dead_since()) == set(dead_before) - doomed
+
     @rule(seconds=st.sampled_from([0.5, 3.0, 6.0, 11.0, 30.0]), worker_dies=st.booleans())
     def time_passes(self, seconds: float, worker_dies: bool) -> None:
         if worker_dies:
@@ -167,20 +243,41 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def each_job_in_exactly_one_place(self) -> None:
-        if not self.jobs:
+        if not self.jobs and not self.purged:
             return
-        self.run(assert_each_job_in_one_place(self.store, self.jobs))
-        ids = sorted(self.jobs)
+        self.run(assert_each_job_in_one_place(self.store, self.jobs | self.purged))
+        ids = sorted(self.jobs | self.purged)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hmget(self.store.keys.job(job_id), "status", "result")
         for job_id, (status, result) in zip(ids, self.run(pipe.execute()), strict=True):
+            if job_id in self.purged:
+                assert status is None, f"job {job_id} was purged, yet its record is there"
+                continue
             assert status is not None, f"job {job_id} was lost"
             if job_id in self.results:
                 assert status == JobStatus.SUCCEEDED
                 assert result == f'"{self.results[job_id]}"', "the first result must stand"
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _gone(self, lease: Lease) -> tuple[Code, ...]:
+        """NOT_FOUND, when a report may find its job purged (and must not bring it back)."""
+        return (Code.NOT_FOUND,) if lease.job_id in self.purged else ()
+
+    def _purged(self, job_id: str) -> None:
+        self.jobs.discard(job_id)
+        self.purged.add(job_id)
+
+    def _dead_since(self) -> dict[str, float]:
+        """Every dead-lettered job id with the ms it died, from the dead-letter sets."""
+        out: dict[str, float] = {}
+        for queue in (*QUEUES, "~ingress"):
+            for job_id, died_ms in self.run(
+                self.redis.zrange(self.store.keys.dead(queue), 0, -1, withscores=True)
+            ):
+                out[job_id] = died_ms
+        return out
 
     def _next(self) -> str:
         self.counter += 1

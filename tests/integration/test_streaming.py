@@ -189,6 +189,31 @@ class TestStoreStreams:
 
         run(body())
 
+    def test_a_replayed_dead_job_streams_afresh(self, store: Store, run: Runner) -> None:
+        """A dead-lettered job's stream ended with its death; replayed, it runs again and its
+        stream holds the new attempt only, without the old end that would stop a new reader."""
+
+        async def body() -> None:
+            job_id, token = await leased(store, "q", "test.stream", {"n": 2})
+            assert await store.stream_append(job_id, token, 0, ['"old"']) is Code.OK
+            error = ErrorInfo(type="ValueError", message="bad")
+            await store.fail(job_id, token, error, retryable=False)
+            assert [e.get("e") for e in await entries(store, job_id)] == [None, "dead"]
+            [(code, _)] = await store.replay(
+                [job_id], token="replay-1", to_queue=None, reset_retries=True
+            )
+            assert code is Code.OK
+            assert not await store.redis.exists(store.keys.stream(job_id))
+            [again] = await store.lease("q")
+            assert await store.stream_append(job_id, again.token, 0, ['"new"']) is Code.OK
+            await store.complete([(job_id, again.token, "new")])
+            assert await entries(store, job_id) == [
+                {"a": str(again.token), "n": "0", "c": '"new"'},
+                {"a": str(again.token), "e": "succeeded"},
+            ]
+
+        run(body())
+
     def test_a_stream_key_of_the_wrong_type_is_moved_aside(self, store: Store, run: Runner) -> None:
         """Garbage where a stream belongs is renamed aside, and the append goes on."""
 

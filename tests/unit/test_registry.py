@@ -10,7 +10,9 @@ import pytest
 from workers.registry import (
     HandlerModuleError,
     HandlerRegistry,
+    PayloadError,
     Resources,
+    RetryPolicy,
     load_handler_modules,
 )
 
@@ -197,3 +199,51 @@ def test_async_stream_functions_and_str_streams_are_refused() -> None:
     registry.register("s", loader=lambda: None, run_stream=lambda m, p: "text")
     with pytest.raises(TypeError, match="must return an iterator or generator"):
         registry.get("s").run_batch(None, [1])
+
+
+class TestRetryPolicy:
+    def test_registered_retry_options_make_the_policy(self) -> None:
+        """handler(..., max_retries=, retry_backoff_s=, retryable=) ends up on the Handler."""
+        registry = HandlerRegistry()
+
+        @registry.handler("embed", loader=lambda: None, max_retries=5, retry_backoff_s=2.0,
+                          retryable=(TimeoutError, ConnectionError))  # fmt: skip
+        def embed(model: None, payload: str) -> str:
+            return payload
+
+        retry = registry.get("embed").retry
+        assert (retry.max_retries, retry.backoff_s, retry.backoff_max_s) == (5, 2.0, None)
+        assert retry.retries(TimeoutError())
+        assert retry.retries(ConnectionResetError())
+        assert not retry.retries(ValueError())
+
+    def test_payload_errors_are_never_retried(self) -> None:
+        """Whatever `retryable` lists, a PayloadError dead-letters at once; no list retries
+        everything else."""
+        assert not RetryPolicy(retryable=(ValueError,)).retries(PayloadError("bad"))
+        assert not RetryPolicy().retries(PayloadError("bad"))
+        assert RetryPolicy().retries(RuntimeError())
+
+    def test_a_jobs_own_max_retries_wins(self) -> None:
+        """The handler's budget replaces the record's only for a job that set none."""
+        assert RetryPolicy(max_retries=5).max_retries_for(None) == 5
+        assert RetryPolicy(max_retries=5).max_retries_for(0) is None
+        assert RetryPolicy().max_retries_for(None) is None
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"max_retries": -1}, "max_retries must be an int in 0..100, got -1"),
+            ({"max_retries": 101}, "max_retries must be an int in 0..100, got 101"),
+            ({"retry_backoff_s": -1.0}, "retry_backoff_s must be a number of seconds >= 0"),
+            ({"retry_backoff_max_s": "5"}, "retry_backoff_max_s must be a number of seconds"),
+            ({"retryable": [TimeoutError]}, "retryable must be a tuple of exception classes"),
+            ({"retryable": (TimeoutError, "x")}, "retryable must be a tuple of exception"),
+        ],
+    )
+    def test_bad_retry_options_name_the_job_type_and_option(
+        self, options: dict[str, Any], message: str
+    ) -> None:
+        """A bad retry option fails the registration, naming the job type and the option."""
+        with pytest.raises(ValueError, match=f"^embed: {message}"):
+            HandlerRegistry().register("embed", loader=lambda: None, run=lambda m, p: p, **options)
