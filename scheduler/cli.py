@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from scheduler.commands import demo, evaluate, serve, simulate, status, submit, train, tune
+from scheduler.commands._common import show_layout_warnings
 
 app = typer.Typer(
     name="bilevel",
@@ -46,6 +47,7 @@ def _root(
     ] = False,
 ) -> None:
     """Dynamic task scheduling for ML workloads on Ray, with learned two-level routing."""
+    show_layout_warnings()
 
 
 # Each module registers its own commands on the app.

@@ -50,11 +50,15 @@ def scenario_file(tmp_path: Path) -> Path:
                 "model_load_s": 2.0,
             },
         ],
-        "cluster": {"workers": 8, "initial_allocation": {"busy": 4, "quiet": 4}},
+        "allocation": {
+            "policy": "proportional",
+            "tick_s": 1.0,
+            "budget": 8,
+            "initial": {"busy": 4, "quiet": 4},
+        },
         "workload": {
             "generators": [{"kind": "poisson", "rate_per_s": 10.0, "mix": {"busy": 9, "quiet": 1}}]
         },
-        "tick_s": 1.0,
         "duration_s": 40.0,
     }
     path = tmp_path / "lopsided.yaml"
@@ -158,11 +162,9 @@ def test_router_mode_compares_routers_under_the_scenarios_allocator(tmp_path: Pa
             {"name": "b", "job_types": ["x"], "service": {"kind": "exponential", "mean_s": 0.5},
              "model_load_s": 2.0},
         ],
-        "cluster": {"workers": 8, "initial_allocation": {"a": 4, "b": 4}},
+        "allocation": {"policy": "static", "tick_s": 1.0, "budget": 8, "initial": {"a": 4, "b": 4}},
         "workload": {"generators": [{"kind": "poisson", "rate_per_s": 10.0, "mix": {"x": 1}}]},
-        "tick_s": 1.0,
         "duration_s": 40.0,
-        "allocator": "static",
     }  # fmt: skip
     path = tmp_path / "twins.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -33,13 +33,12 @@ _SIM_SCENARIO: dict[str, Any] = {
         {"name": "b", "job_types": ["b"], "service": {"kind": "exponential", "mean_s": 0.5},
          "model_load_s": 2.0},
     ],
-    "cluster": {"workers": 6},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 6},
     "workload": {"generators": [
         {"kind": "mmpp", "mix": {"a": 1}, "states": [
             {"rate_per_s": 8.0, "mean_sojourn_s": 20.0}, {"rate_per_s": 1.0, "mean_sojourn_s": 20.0}]},
         {"kind": "poisson", "rate_per_s": 2.0, "mix": {"b": 1}},
     ]},
-    "tick_s": 1.0,
     "duration_s": 120.0,
 }  # fmt: skip
 
