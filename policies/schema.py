@@ -243,7 +243,15 @@ def validation_problems(
     maps a translated key's new path to its old one) and without pydantic's 'Value error, '."""
     renamed = renamed or {}
     problems: list[Problem] = []
-    for err in exc.errors():
+    errors = exc.errors()
+    locs = [tuple(e["loc"]) for e in errors]
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "too_short" and any(
+            len(other) > len(loc) and other[: len(loc)] == loc for other in locs
+        ):
+            # A list whose only items are invalid is also "too short"; the items say why.
+            continue
         where = _path(err["loc"], union_tags)
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, LayoutError):

@@ -133,6 +133,11 @@ class TestOneValidation:
             "allocation.initial.zz",
         ]
 
+    def test_a_bad_only_queue_is_one_problem(self) -> None:
+        """The queue's own error, not also "queues: at least 1 item" for the list it empties."""
+        service, scenario = _both_problems([{**QUEUES[0], "bogus": 1}], ALLOCATION)
+        assert service == scenario == [("queues.0.bogus", "Extra inputs are not permitted")]
+
     def test_the_error_names_the_file_and_the_path(self) -> None:
         """The message of both errors starts from the file and lists `path: message` lines."""
         with pytest.raises(ConfigError, match=r"service\.yaml: invalid configuration\n"):

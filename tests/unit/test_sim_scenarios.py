@@ -176,6 +176,32 @@ def test_trace_scenario_without_trace_is_an_error() -> None:
         prepare(scenario, 0)
 
 
+# --- routing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["shortest_wait", "power_of_two"])
+def test_idle_replicas_share_the_jobs(router: str) -> None:
+    """Two identical replicas, idle whenever a job arrives (1 job/s of 10 ms): 1000 jobs split
+    binomially, within five standard deviations (5 x 15.8) of 500, not all onto the first."""
+    scenario = parse_scenario(
+        {
+            "queues": [
+                {"name": n, "job_types": ["llm"], "service": {"kind": "constant", "mean_s": 0.01}}
+                for n in ("replica_a", "replica_b")
+            ],
+            "routing": {"policy": router},
+            "allocation": {"policy": "static", "budget": 4, "initial": {"replica_a": 2, "replica_b": 2}},
+            "workload": {"generators": [{"kind": "poisson", "rate_per_s": 1.0, "mix": {"llm": 1}}]},
+            "max_jobs": 1000,
+        }
+    )  # fmt: skip
+    prepared = prepare(scenario, 0)
+    record = prepared.start(make_router_for(scenario)).run(make_allocator_for(scenario))
+    per_queue = summarize(record).per_queue
+    assert per_queue["replica_a"].jobs + per_queue["replica_b"].jobs == 1000
+    assert abs(per_queue["replica_a"].jobs - 500) <= 79, per_queue
+
+
 # --- policy comparisons ----------------------------------------------------------------------------
 
 
