@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.guardrails import Guardrails
+from policies.guardrails import Guardrails, guardrails_for
 from policies.seeds import TRAIN_WINDOW_FRACTION, TracePart
 from policies.sim.metrics import RunRecord, finite_or_none, summarize
 from policies.sim.run import Jobs
@@ -188,8 +188,7 @@ def outcome_of(record: RunRecord) -> RunOutcome:
 
 def guarded(scenario: Scenario, inner: Allocator) -> Guardrails:
     """`inner` inside the scenario's guardrails, as every allocator runs in the simulator."""
-    g = scenario.guardrails
-    return Guardrails(inner, g.bounds(), hysteresis_workers=g.hysteresis_workers)
+    return guardrails_for(scenario, inner)
 
 
 def run_policy(

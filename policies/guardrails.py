@@ -15,6 +15,8 @@ from numbers import Integral
 import numpy as np
 
 from policies.allocation import ProportionalAllocator, largest_remainder
+from policies.registry import make_allocator
+from policies.schema import Layout
 from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
 
 
@@ -221,6 +223,19 @@ class Guardrails:
         target = _apply_budget(target, low, view.budget)
         target = _apply_move_cap(target, current, low, high, self.bounds.max_moves_per_tick)
         return {q.name: int(t) for q, t in zip(queues, target.tolist(), strict=True)}
+
+
+def guardrails_for(layout: Layout, inner: Allocator) -> Guardrails:
+    """`inner` inside a layout's guardrails (policies.schema): each queue's min and max workers,
+    the move cap, the hysteresis and the fallback allocator. The live controller and the simulator
+    both build their guardrails here, so a scenario's limits mean the same when it is served."""
+    allocation = layout.allocation
+    return Guardrails(
+        inner,
+        layout.bounds(),
+        fallback=make_allocator(allocation.fallback),
+        hysteresis_workers=allocation.hysteresis_workers,
+    )
 
 
 def _attempt(allocator: Allocator, view: ClusterView) -> tuple[Allocation | None, str | None]:

@@ -6,7 +6,10 @@ choose among eligible queues; a job with no eligible queue gets the same `Reject
 
 Load-aware routers estimate each queue's expected wait (`expected_wait_s`) and, inside one batch,
 charge every job they route to its queue's backlog, so that a burst routed in one call spreads over
-queues the way it would if the jobs had arrived one by one.
+queues the way it would if the jobs had arrived one by one. Queues whose waits tie are equally
+likely to be picked, by the injected rng: two idle replicas of a model must share the jobs that
+arrive one at a time, not send them all to the first (as Ray Serve's power-of-two router shuffles
+its pair).
 """
 
 from __future__ import annotations
@@ -84,14 +87,17 @@ def _job_work_s(job: JobView, queue: QueueView) -> float:
 
 
 class _BatchLoad:
-    """Expected waits for one batch, charging each routed job to the backlog of its queue."""
+    """Expected waits for one batch, charging each routed job to the backlog of its queue; ties
+    between equal waits are broken with `rng`."""
 
-    def __init__(self, queues: Sequence[QueueView]) -> None:
+    def __init__(self, queues: Sequence[QueueView], rng: np.random.Generator) -> None:
         self._queues = queues
+        self._rng = rng
         self._extra_backlog_s = [0.0] * len(queues)
         # Bumped on every charge, so heap entries computed before it are known to be stale.
         self._version = [0] * len(queues)
-        self._heaps: dict[tuple[str, frozenset[str]], list[tuple[float, int, int]]] = {}
+        # Entries (wait, random tie-break key, queue index, version) per job kind.
+        self._heaps: dict[tuple[str, frozenset[str]], list[tuple[float, float, int, int]]] = {}
 
     def wait_s(self, index: int) -> float:
         return expected_wait_s(self._queues[index], self._extra_backlog_s[index])
@@ -101,25 +107,35 @@ class _BatchLoad:
         self._version[index] += 1
 
     def least_wait(self, candidates: Sequence[int]) -> int:
-        """The candidate with the least expected wait; ties go to the earliest queue."""
-        return min(candidates, key=lambda i: (self.wait_s(i), i))
+        """The candidate with the least expected wait; ties go to the first in `candidates`
+        (callers pass them in random order)."""
+        return min(candidates, key=self.wait_s)
 
     def least_wait_for_kind(self, job: JobView, candidates: Sequence[int]) -> int:
-        """`least_wait` over the eligible queues of the job's kind, with one heap per kind, so a
-        batch of m jobs over n queues costs O((m + n) log n) rather than O(m * n). Charging only
-        ever raises a wait, so a stale entry can only sit too high in its heap, never too low: it is
-        refreshed when it reaches the top, and an up-to-date top is the true minimum."""
+        """The eligible queue of least expected wait for the job's kind, ties broken uniformly at
+        random, with one heap per kind, so a batch of m jobs over n queues costs O((m + n) log n)
+        rather than O(m * n). Charging only ever raises a wait, so a stale entry can only sit too
+        high in its heap, never too low: it is refreshed when it reaches the top, and an
+        up-to-date top is the true minimum. Each entry carries a uniform random key drawn when it
+        is made (n draws for the heap, one per refresh: O(1) each, so the bound holds), which
+        orders entries of equal wait: among tied queues the least key, and so each of them, is
+        equally likely to be on top."""
         key = (job.job_type, job.tags)
         heap = self._heaps.get(key)
         if heap is None:
-            heap = [(self.wait_s(i), i, self._version[i]) for i in candidates]
+            tie_keys = self._rng.random(len(candidates)).tolist()
+            heap = [
+                (self.wait_s(i), tie, i, self._version[i])
+                for i, tie in zip(candidates, tie_keys, strict=True)
+            ]
             heapq.heapify(heap)
             self._heaps[key] = heap
         while True:
-            _, index, version = heap[0]
+            _, _, index, version = heap[0]
             if version == self._version[index]:
                 return index
-            heapq.heapreplace(heap, (self.wait_s(index), index, self._version[index]))
+            refreshed = (self.wait_s(index), self._rng.random(), index, self._version[index])
+            heapq.heapreplace(heap, refreshed)
 
 
 # Chooses one index out of a non-empty list of eligible queue indices, for one job.
@@ -193,7 +209,8 @@ class RuleRouter:
 
 
 class ShortestExpectedWaitRouter:
-    """Join-shortest-expected-wait among eligible queues, with in-batch backlog accounting."""
+    """Join-shortest-expected-wait among eligible queues, with in-batch backlog accounting; queues
+    of equal wait are picked uniformly at random with the rng."""
 
     name: str = "shortest_wait"
 
@@ -204,7 +221,7 @@ class ShortestExpectedWaitRouter:
         rng: np.random.Generator,
     ) -> list[RouteDecision]:
         """One decision per job, in order; each routed job adds to its queue's backlog."""
-        load = _BatchLoad(queues)
+        load = _BatchLoad(queues, rng)
 
         def choose(job: JobView, eligible: list[int]) -> int:
             return load.least_wait_for_kind(job, eligible)
@@ -216,7 +233,10 @@ class PowerOfTwoRouter:
     """Samples two eligible queues with the rng and takes the one with less expected wait.
 
     Like Ray Serve's power-of-two-choices router: near-shortest-wait balance while looking at only
-    two queues per job, which also keeps many routers from herding onto the same "best" queue.
+    two queues per job, which also keeps many routers from herding onto the same "best" queue. The
+    pair comes in the random order it was drawn in, and a tie goes to its first, so each of two
+    equal queues is picked half the time. Drawing two of n without replacement is O(1) (numpy's
+    Floyd sampling), so a batch of m jobs costs O(m) wait estimates.
     """
 
     name: str = "power_of_two"
@@ -228,11 +248,11 @@ class PowerOfTwoRouter:
         rng: np.random.Generator,
     ) -> list[RouteDecision]:
         """One decision per job, in order; each routed job adds to its queue's backlog."""
-        load = _BatchLoad(queues)
+        load = _BatchLoad(queues, rng)
 
         def choose(job: JobView, eligible: list[int]) -> int:
             picked = rng.choice(len(eligible), size=2, replace=False)
-            return load.least_wait(sorted(eligible[int(k)] for k in picked))
+            return load.least_wait([eligible[int(k)] for k in picked])
 
         return _route_each(jobs, queues, choose, load)
 

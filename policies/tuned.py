@@ -27,7 +27,7 @@ class TunedEntry:
 
 TUNED: Mapping[str, TunedEntry] = {
     "bursty_switch": TunedEntry(
-        fingerprint="00bc3e617adebda9",
+        fingerprint="dfa6c95252d2c562",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -42,7 +42,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "diurnal": TunedEntry(
-        fingerprint="7704a791fb332984",
+        fingerprint="c3827e1d651864ba",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -57,7 +57,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "heavy_tailed": TunedEntry(
-        fingerprint="26f69d811e10c757",
+        fingerprint="1c2977a679d1f251",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -72,7 +72,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "many_queues": TunedEntry(
-        fingerprint="34ecf6c494cdc183",
+        fingerprint="c2413c01e24be890",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -87,7 +87,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "replicas": TunedEntry(
-        fingerprint="1c4d474dd79c1350",
+        fingerprint="c3e6d0a0c51cb740",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -102,7 +102,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "steady": TunedEntry(
-        fingerprint="44327c0f481d865e",
+        fingerprint="c9e39250c5c1c178",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -117,7 +117,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "trace_azure_functions": TunedEntry(
-        fingerprint="53173d2c8cc748ae",
+        fingerprint="25a6e0b4bb09ca10",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -132,7 +132,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "trace_azure_llm": TunedEntry(
-        fingerprint="f0a24e2ac7110562",
+        fingerprint="84ad1a453d98736a",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},
@@ -147,7 +147,7 @@ TUNED: Mapping[str, TunedEntry] = {
         },
     ),
     "trace_mooncake": TunedEntry(
-        fingerprint="6ebe7e462fa46745",
+        fingerprint="052b6181beaf43fa",
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         params={
             "static": {},

@@ -50,7 +50,7 @@ def default_grids(scenario: Scenario) -> dict[str, tuple[Params, ...]]:
     shipped scenario takes minutes."""
     # The switch-aware horizon only matters relative to the scenario's slowest model load (its
     # default horizon is at least twice that), so the grid scales with it.
-    unit_s = max(max(q.model_load_s for q in scenario.queues), scenario.tick_s)
+    unit_s = max(max(q.model_load_s for q in scenario.queues), scenario.allocation.tick_s)
     return {
         # Equal shares: static is the no-information baseline, and tuning its shares per scenario
         # would be fitting an oracle allocation rather than a policy.

@@ -19,6 +19,7 @@ from scheduler.commands import (
     train,
     tune,
 )
+from scheduler.commands._common import show_layout_warnings
 
 app = typer.Typer(
     name="bilevel",
@@ -57,6 +58,7 @@ def _root(
     ] = False,
 ) -> None:
     """Dynamic task scheduling for ML workloads on Ray, with learned two-level routing."""
+    show_layout_warnings()
 
 
 # Each module registers its own commands on the app.

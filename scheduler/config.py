@@ -1,18 +1,25 @@
 """Service configuration: Redis, queues and their handlers, both levels' policies, tick, guardrails,
 and the runtime environment Ray gives the service's processes.
 
-Read from a YAML file and BILEVEL_* environment variables (environment wins), validated by pydantic;
-any bad field fails at start with its path, e.g. "queues.1.max_workers: ...". Relative paths in the
-file (handler files, runtime_env paths) are relative to the file's directory; `load` makes them
-absolute, so the config means the same whichever directory it is used from.
+The queues, routing and allocation are the layout a scenario describes too (policies.schema),
+validated by the same code; the store, handlers, worker and health sections, each queue's
+required_tags, routing.batch_size and allocation.idle_tick_s are the service's own. Read from a
+YAML file and BILEVEL_* environment variables (environment wins), validated by pydantic; any bad
+field fails at start with its path, e.g. "queues.1.max_workers: ...". A file in the old layout is
+translated with a warning (policies.legacy_layout). `ServiceConfig.from_scenario` serves a
+scenario's queues.
+Relative paths in a file (handler files, runtime_env paths) are relative to its directory; `load`
+makes them absolute, so the config means the same whichever directory it is used from.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
@@ -24,67 +31,52 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.legacy_layout import LayoutDeprecationWarning, upgrade_service
+from policies.schema import (
+    AllocationSection,
+    Layout,
+    Problem,
+    QueueSection,
+    RoutingSection,
+    format_problems,
+    layout_fields,
+    validation_problems,
+)
 from scheduler.errors import BilevelError
-from scheduler.keys import validate_name
 from scheduler.settings import Settings
 
 
 class ConfigError(BilevelError, ValueError):
-    """The service configuration is invalid; the message names the file and each bad field."""
+    """The service configuration is invalid; the message names the file and each bad field
+    (`problems` holds them as (field path, message) when they came from validation)."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[Problem] = list(problems or [])
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class QueueConfig(_Strict):
-    """One task queue: which job types it serves and how many workers it may have."""
+class QueueConfig(QueueSection):
+    """One task queue of the layout (policies.schema), and the tags it requires of its jobs."""
 
-    name: str
-    job_types: tuple[str, ...] = Field(min_length=1)
-    # A job must carry all of these tags for the rule router to send it here.
+    # A job must carry all of these tags for the rule router to send it here. Service-only: the
+    # simulator's jobs carry no tags.
     required_tags: tuple[str, ...] = ()
-    min_workers: int = Field(default=0, ge=0)
-    max_workers: int | None = Field(default=None, ge=0)
-    # Target job completion time, used by SLO-aware policies and reported by status.
-    slo_s: float | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        validate_name("queue name", self.name)
-        if self.max_workers is not None and self.max_workers < self.min_workers:
-            raise ValueError(f"max_workers {self.max_workers} < min_workers {self.min_workers}")
-        return self
 
 
-class PolicyConfig(_Strict):
-    """A policy by registry name (policies.registry) and its keyword parameters."""
+class AllocationConfig(AllocationSection):
+    """Level 2 as the layout describes it (policies.schema), and how the service idles."""
 
-    policy: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class AllocationConfig(_Strict):
-    """Level 2: the allocator, how often it runs, and the guardrails around it."""
-
-    policy: str = "switch_aware"
-    params: dict[str, Any] = Field(default_factory=dict)
-    # The allocator runs once per tick.
-    tick_s: float = Field(default=1.0, gt=0)
     # While nothing is queued, running, arriving or loading, the full tick (pool calls, decision,
     # log line, published state) runs only this often; Redis is still checked every tick_s, and
     # any activity brings the full tick back at once. Kept under the published state's 30 s TTL.
     idle_tick_s: float = Field(default=10.0, gt=0, le=25.0)
-    # Total workers the allocation may place across all queues.
-    budget: int = Field(default=2, ge=1)
-    max_moves_per_tick: int | None = Field(default=None, ge=0)
-    hysteresis_workers: int = Field(default=1, ge=0)
-    # Used when the allocator raises, returns something invalid, or its checkpoint is missing.
-    fallback: str = "proportional"
 
 
 class WorkerConfig(_Strict):
@@ -279,15 +271,17 @@ class RuntimeEnvConfig(_Strict):
         return env
 
 
-class RouterConfig(PolicyConfig):
-    """Level 1: the routing policy and how many ingress jobs it routes per round trip."""
+class RouterConfig(RoutingSection):
+    """Level 1 as the layout describes it, and how many ingress jobs it routes per round trip."""
 
-    policy: str = "rule"
     batch_size: int = Field(default=500, ge=1)
 
 
-class ServiceConfig(BaseSettings):
-    """The whole service. YAML keys are these field names; BILEVEL_* variables override them."""
+class ServiceConfig(BaseSettings, Layout):
+    """The whole service. YAML keys are these field names; BILEVEL_* variables override them.
+
+    The queues, routing and allocation are a `policies.schema.Layout`, checked there.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="BILEVEL_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -301,25 +295,24 @@ class ServiceConfig(BaseSettings):
     handlers: tuple[HandlerEntry, ...] = ("workers.demo_models",)
     queues: tuple[QueueConfig, ...] = Field(min_length=1)
     routing: RouterConfig = Field(default_factory=RouterConfig)
-    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    allocation: AllocationConfig
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     # What Ray installs for the service on every node: handler code and its dependencies.
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        names = [q.name for q in self.queues]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"queues.{i}.name: duplicate queue name {name!r}")
-        minimum = sum(q.min_workers for q in self.queues)
-        if minimum > self.allocation.budget:
-            raise ValueError(
-                f"allocation.budget: {self.allocation.budget} is below the sum of the queues' "
-                f"min_workers ({minimum})"
-            )
-        return self
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, key by key, so that a deployment can override one
+        # setting of a shared file (BILEVEL_ALLOCATION__BUDGET=24) without copying it.
+        return env_settings, init_settings, dotenv_settings, file_secret_settings
 
     def with_paths_resolved(self, base_dir: Path) -> ServiceConfig:
         """Handler files and runtime_env paths made absolute against `base_dir`."""
@@ -340,34 +333,115 @@ class ServiceConfig(BaseSettings):
     def load(cls, path: str | Path, **overrides: Any) -> ServiceConfig:
         """Read and validate a YAML file; ConfigError names the file and every bad field."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of settings")
+        raw = read_mapping(path)
         return cls.from_mapping(
             {**raw, **overrides}, source=str(path), base_dir=path.absolute().parent
         )
 
     @classmethod
     def from_mapping(
-        cls, raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+        cls, raw: Mapping[str, Any], *, source: str = "<config>", base_dir: Path | None = None
     ) -> ServiceConfig:
-        """Validate `raw`; relative paths in it are made absolute against `base_dir` (the config
-        file's directory; default: the current directory)."""
+        """Validate a mapping of settings (a file in the old layout is translated, with a
+        LayoutDeprecationWarning); relative paths in it are made absolute against `base_dir` (the
+        config file's directory; default: the current directory). ConfigError names `source` and
+        every bad field."""
+        upgrade = upgrade_service(raw, budget_elsewhere=_env_sets("allocation", "budget"))
+        if upgrade.notes:
+            warnings.warn(upgrade.message(source), LayoutDeprecationWarning, stacklevel=2)
+        raw = upgrade.raw
         try:
             store = raw.get("store")
             if isinstance(store, dict) and isinstance(store.get("redis_url"), str):
                 raw = {**raw, "store": {**store, "redis_url": SecretStr(store["redis_url"])}}
             return cls(**raw).with_paths_resolved((base_dir or Path.cwd()).absolute())
         except ValidationError as exc:
-            lines = [
-                f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-                for e in exc.errors()
-            ]
-            raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+            problems = validation_problems(exc, renamed=upgrade.renamed)
+            raise ConfigError(
+                f"{source}: invalid configuration\n" + format_problems(problems), problems
+            ) from None
+
+    @classmethod
+    def from_scenario(
+        cls,
+        scenario: Layout,
+        *,
+        source: str = "<config>",
+        base_dir: Path | None = None,
+        **service_only: Any,
+    ) -> ServiceConfig:
+        """The service that serves `scenario`'s queues, routing policy and allocation with its
+        guardrails, exactly as the scenario states them (its service-time and model-load models,
+        workload and SLO tables stay behind: the service measures what it runs).
+
+        `service_only` holds what a scenario does not describe, as in a config file: `store`,
+        `handlers`, `worker`, `health`, and the service's own keys of `routing` (batch_size) and
+        `allocation` (idle_tick_s); `queues`, or any layout key of routing or allocation, is
+        refused, since the scenario gives them. Relative paths in it are relative to `base_dir`
+        (the config file's directory). ConfigError names `source` and the bad field.
+        """
+        layout = scenario.model_dump(include={"queues", "routing", "allocation"})
+        raw: dict[str, Any] = {
+            "queues": [
+                {k: v for k, v in q.items() if k in QueueSection.model_fields}
+                for q in layout["queues"]
+            ],
+            "routing": layout["routing"],
+            "allocation": layout["allocation"],
+        }
+        problems: list[Problem] = []
+        for key, value in service_only.items():
+            if key == "queues":
+                problems.append(("queues", "the scenario gives the queues: leave them out"))
+            elif key in _SERVICE_KEYS_OF:
+                own = _SERVICE_KEYS_OF[key]
+                if not isinstance(value, Mapping):
+                    problems.append((key, f"must be a mapping of {', '.join(own)}"))
+                    continue
+                for name, item in value.items():
+                    if name in own:
+                        raw[key] = {**raw[key], name: item}
+                    else:
+                        problems.append(
+                            (
+                                f"{key}.{name}",
+                                f"the scenario gives {key}.{name}: leave it out (the service's "
+                                f"own keys of {key} are {', '.join(own)})",
+                            )
+                        )
+            else:
+                raw[key] = value
+        if problems:
+            raise ConfigError(
+                f"{source}: invalid configuration\n" + format_problems(problems), problems
+            )
+        return cls.from_mapping(raw, source=source, base_dir=base_dir)
+
+
+# The keys of routing and allocation that only the service has (a scenario gives the rest).
+_SERVICE_KEYS_OF: dict[str, tuple[str, ...]] = {
+    "routing": layout_fields(RouterConfig, RoutingSection),
+    "allocation": layout_fields(AllocationConfig, AllocationSection),
+}
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path` ({} for an empty file); ConfigError names the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return raw
+
+
+def _env_sets(*path: str) -> bool:
+    """Whether a BILEVEL_* variable sets this config key (pydantic-settings reads them case-blind)."""
+    name = "BILEVEL_" + "__".join(path)
+    return any(key.upper() == name.upper() for key in os.environ)

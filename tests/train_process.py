@@ -29,9 +29,8 @@ TINY = {
          "model_load_s": 2.0}
         for q in ("a", "b")
     ],
-    "cluster": {"workers": 4},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 4},
     "workload": {"generators": [{"kind": "poisson", "rate_per_s": 4.0, "mix": {"a": 2, "b": 1}}]},
-    "tick_s": 1.0,
     "duration_s": 120.0,
 }  # fmt: skip
 # A validation every iteration, each a few seconds: training reaches one quickly.

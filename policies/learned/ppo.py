@@ -827,7 +827,7 @@ def _train(
     budget_s = args.minutes * 60.0
     started = clock()
     eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
-    tick_s = {s.name: s.tick_s for s in scenarios}
+    tick_s = {s.name: s.allocation.tick_s for s in scenarios}
     # The forecast fit and the gate's warm start record episodes as long as the teachers are
     # chosen on (up to `eval_max_duration_s`): a gate fitted on the first minutes of a diurnal
     # scenario never saw its peak, and picked the wrong base there.

@@ -123,7 +123,7 @@ def initial_table(scenario: Scenario, tracked: Sequence[BurstyQueue]) -> list[di
         for bit, b in enumerate(tracked):
             rates[b.name] = b.burst_rate_per_s if regime >> bit & 1 else b.calm_rate_per_s
         load = np.array([rates[n] for n in names]) * service
-        counts = largest_remainder(load + np.sqrt(load), scenario.cluster.workers)
+        counts = largest_remainder(load + np.sqrt(load), scenario.allocation.budget)
         rows.append({n: int(c) for n, c in zip(names, counts.tolist(), strict=True)})
     return rows
 
@@ -194,9 +194,7 @@ def search_regime_table(
         raise ValueError("the regime search needs at least one training seed")
     if max_rounds < 0:
         raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
-    minimum = {
-        q.name: max(scenario.guardrails.min_workers.get(q.name, 0), 1) for q in scenario.queues
-    }
+    minimum = {q.name: max(q.min_workers, 1) for q in scenario.queues}
     starts = training_starts(seeds)
     duration_s = capped_duration(scenario, max_duration_s)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from policies.allocation import largest_remainder
 from policies.evaluation import TraceInput, prepare_part
-from policies.guardrails import Guardrails
+from policies.guardrails import Guardrails, guardrails_for
 from policies.learned.allocator import LearnedAllocator, TickDecision, moves_toward
 from policies.learned.forecast import ForecastSample
 from policies.learned.policy import LearnedPolicy
@@ -203,7 +203,7 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         prepared = dataclasses.replace(
             prepared, spec=random_initial_allocation(prepared.spec, task.initial_seed)
         )
-    bounds = scenario.guardrails.bounds()
+    bounds = scenario.bounds()
     learned: LearnedAllocator | None = None
     router: Router
     learned_router: LearnedRouter | None = None
@@ -225,13 +225,11 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         assert task.heuristic is not None
         inner = make_allocator(task.heuristic, **dict(task.heuristic_params or {}))
     router = learned_router if learned_router is not None else make_router_for(scenario)
-    allocator = Guardrails(inner, bounds, hysteresis_workers=scenario.guardrails.hysteresis_workers)
+    allocator = guardrails_for(scenario, inner)
     teacher: Guardrails | None = None
     if task.teacher is not None and learned is not None and task.record:
-        teacher = Guardrails(
-            make_allocator(task.teacher, **dict(task.teacher_params or {})),
-            bounds,
-            hysteresis_workers=scenario.guardrails.hysteresis_workers,
+        teacher = guardrails_for(
+            scenario, make_allocator(task.teacher, **dict(task.teacher_params or {}))
         )
     teacher_moves: list[np.ndarray] = []
     teacher_targets: list[np.ndarray] = []

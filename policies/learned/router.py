@@ -39,6 +39,9 @@ def _log_softmax_np(x: np.ndarray) -> np.ndarray:
 class LearnedRouter:
     """Level 1 by a `JobQueueScorer`: argmax over eligible queues, or a sample when given `rng`.
 
+    The argmax breaks ties uniformly at random with the rng `route_batch` is given, as the
+    heuristic routers do: identical idle replicas score the same and must share the jobs.
+
     With `record=True` every real choice (two or more eligible queues) is appended to `choices`.
     """
 
@@ -62,7 +65,8 @@ class LearnedRouter:
         queues: Sequence[QueueView],
         rng: np.random.Generator,
     ) -> list[RouteDecision]:
-        """One decision per job, in order. Sampling uses the router's own rng, when it has one."""
+        """One decision per job, in order. Sampling uses the router's own rng, when it has one;
+        ties of the argmax are broken with `rng`."""
         current = list(queues)
         decisions: list[RouteDecision] = []
         for job in jobs:
@@ -70,7 +74,7 @@ class LearnedRouter:
             if not eligible:
                 decisions.append(rejection_for(job, current))
                 continue
-            index = eligible[0] if len(eligible) == 1 else self._choose(job, current, eligible)
+            index = eligible[0] if len(eligible) == 1 else self._choose(job, current, eligible, rng)
             queue = current[index]
             size_s = job.size_estimate_s if job.size_estimate_s > 0 else queue.service_time_s
             current[index] = dataclasses.replace(
@@ -79,13 +83,20 @@ class LearnedRouter:
             decisions.append(queue.name)
         return decisions
 
-    def _choose(self, job: JobView, queues: list[QueueView], eligible: list[int]) -> int:
+    def _choose(
+        self,
+        job: JobView,
+        queues: list[QueueView],
+        eligible: list[int],
+        tie_rng: np.random.Generator,
+    ) -> int:
         features = job_queue_features(job, [queues[i] for i in eligible])
         with torch.inference_mode():
             scores = self.scorer(torch.from_numpy(features)).double().numpy()
         log_probs = _log_softmax_np(scores)
         if self.rng is None:
-            k = int(np.argmax(log_probs))
+            best = np.flatnonzero(log_probs == log_probs.max())
+            k = int(best[0]) if len(best) == 1 else int(best[tie_rng.integers(len(best))])
         else:
             k = int(self.rng.choice(len(log_probs), p=np.exp(log_probs) / np.exp(log_probs).sum()))
         if self.record:

@@ -10,6 +10,7 @@ that differ only in their allocator see the same jobs (common random numbers).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,15 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from policies.guardrails import Guardrails
+from policies.guardrails import guardrails_for
+from policies.legacy_layout import LayoutDeprecationWarning, upgrade_scenario
 from policies.registry import make_allocator, make_router
+from policies.schema import Layout, Problem, QueueSection, format_problems, validation_problems
 from policies.sim.run import Jobs, QueueSpec, SimRun, SimSpec, initial_split
 from policies.sim.service import ServiceModel
 from policies.sim.traces import TraceFormat, load_trace
 from policies.sim.workloads import ArrivalTable, Generator, generate
-from policies.views import AllocationBounds, Allocator, Router
+from policies.views import Allocator, Router
 
 
 class ScenarioError(ValueError):
@@ -33,29 +36,18 @@ class ScenarioError(ValueError):
     def __init__(self, source: str, problems: Sequence[tuple[str, str]]) -> None:
         self.source = source
         self.problems = list(problems)
-        lines = [f"{path}: {msg}" if path else msg for path, msg in self.problems]
-        super().__init__(f"invalid scenario {source}:\n  " + "\n  ".join(lines))
+        super().__init__(f"invalid scenario {source}:\n" + format_problems(self.problems))
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class QueueConfig(_Section):
-    """One task queue: which job types it takes, how long they run, and its model's load time."""
+class QueueConfig(QueueSection):
+    """One task queue of the layout, with how long its jobs run and its model's load time."""
 
-    name: str = Field(min_length=1)
-    job_types: list[str] = Field(min_length=1)
     service: ServiceModel
     model_load_s: float = Field(default=0.0, ge=0)
-    slo_s: float | None = Field(default=None, gt=0)
-
-
-class ClusterConfig(_Section):
-    """The worker budget and the allocation at time 0 (default: split by offered load)."""
-
-    workers: int = Field(ge=1)
-    initial_allocation: dict[str, int] | None = None
 
 
 class TraceConfig(_Section):
@@ -99,64 +91,30 @@ class SloConfig(_Section):
         return value
 
 
-class PolicyRef(_Section):
-    """A policy by registry name with its constructor parameters."""
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class GuardrailConfig(_Section):
-    """Limits every allocator runs under (see policies.guardrails)."""
-
-    min_workers: dict[str, int] = Field(default_factory=dict)
-    max_workers: dict[str, int] = Field(default_factory=dict)
-    default_min: int = Field(default=0, ge=0)
-    default_max: int | None = Field(default=None, ge=0)
-    max_moves_per_tick: int | None = Field(default=None, ge=0)
-    hysteresis_workers: int = Field(default=1, ge=1)
-
-    def bounds(self) -> AllocationBounds:
-        return AllocationBounds(
-            min_workers=dict(self.min_workers),
-            max_workers=dict(self.max_workers),
-            default_min=self.default_min,
-            default_max=self.default_max,
-            max_moves_per_tick=self.max_moves_per_tick,
-        )
-
-
-def _policy_ref(value: Any) -> Any:
-    return {"name": value} if isinstance(value, str) else value
-
-
-class Scenario(_Section):
-    """A whole scenario file."""
+class Scenario(Layout):
+    """A whole scenario file: the layout (policies.schema) of its queues, routing and allocation,
+    plus what the simulator needs to make jobs (service models, workload, SLOs, duration)."""
 
     name: str = "scenario"
     description: str = ""
-    queues: list[QueueConfig] = Field(min_length=1)
-    cluster: ClusterConfig
+    queues: tuple[QueueConfig, ...] = Field(min_length=1)
     workload: WorkloadConfig
     slos: SloConfig = Field(default_factory=SloConfig)
-    tick_s: float = Field(default=1.0, gt=0)
     duration_s: float | None = Field(default=None, gt=0)
     max_jobs: int | None = Field(default=None, ge=1)
     # Keep running after arrivals stop until every job is done, for at most max_drain_s (default:
     # as long again as the arrivals lasted, so a policy that starves a queue cannot run forever).
     drain: bool = True
     max_drain_s: float | None = Field(default=None, gt=0)
-    router: PolicyRef = Field(default_factory=lambda: PolicyRef(name="rule"))
-    allocator: PolicyRef = Field(default_factory=lambda: PolicyRef(name="proportional"))
-    guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
-
-    _ref_router = field_validator("router", mode="before")(_policy_ref)
-    _ref_allocator = field_validator("allocator", mode="before")(_policy_ref)
 
     @property
     def needs_trace(self) -> bool:
         """True when the workload replays a trace."""
         return self.workload.trace is not None
+
+    def problems(self) -> list[Problem]:
+        """The layout's problems, then the scenario's own."""
+        return self.layout_problems() + _scenario_problems(self)
 
 
 # Tags of the discriminated unions (service models, generators).
@@ -165,24 +123,9 @@ _UNION_TAGS = frozenset(
 )
 
 
-def _loc(parts: Sequence[int | str]) -> str:
-    """A dotted field path without the union tags pydantic inserts (users never wrote them)."""
-    kept: list[str] = []
-    for i, part in enumerate(parts):
-        after_union = i > 0 and (parts[i - 1] == "service" or isinstance(parts[i - 1], int))
-        if isinstance(part, str) and part in _UNION_TAGS and after_union:
-            continue
-        kept.append(str(part))
-    return ".".join(kept)
-
-
-def _semantic_problems(s: Scenario) -> list[tuple[str, str]]:
-    """Cross-field checks pydantic cannot express field by field."""
-    problems: list[tuple[str, str]] = []
-    names = [q.name for q in s.queues]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            problems.append((f"queues.{i}.name", f"duplicate queue name {name!r}"))
+def _scenario_problems(s: Scenario) -> list[Problem]:
+    """Cross-field checks of what only a scenario has: service models and workload."""
+    problems: list[Problem] = []
     first_service: dict[str, tuple[int, Any]] = {}
     for i, q in enumerate(s.queues):
         for t in q.job_types:
@@ -196,23 +139,6 @@ def _semantic_problems(s: Scenario) -> list[tuple[str, str]]:
                 )
             first_service.setdefault(t, (i, q.service))
     accepted = set(first_service)
-    alloc = s.cluster.initial_allocation
-    if alloc is not None:
-        for name, count in alloc.items():
-            if name not in names:
-                problems.append(
-                    (f"cluster.initial_allocation.{name}", f"unknown queue; queues are {names}")
-                )
-            if count < 0:
-                problems.append((f"cluster.initial_allocation.{name}", "must be >= 0"))
-        if sum(alloc.values()) > s.cluster.workers:
-            problems.append(
-                (
-                    "cluster.initial_allocation",
-                    f"allocates {sum(alloc.values())} workers, more than cluster.workers "
-                    f"({s.cluster.workers})",
-                )
-            )
     w = s.workload
     if (w.trace is None) == (not w.generators):
         problems.append(("workload", "give either generators or a trace, not both or neither"))
@@ -245,20 +171,16 @@ def _semantic_problems(s: Scenario) -> list[tuple[str, str]]:
             problems.append(("workload.trace", "give load_scale or target_utilization, not both"))
         if tr.window_s is not None and not tr.window_s[0] < tr.window_s[1]:
             problems.append(("workload.trace.window_s", "needs start < end"))
-    for section, per_queue in (
-        ("min_workers", s.guardrails.min_workers),
-        ("max_workers", s.guardrails.max_workers),
-    ):
-        for q_name in per_queue:
-            if q_name not in names:
-                problems.append(
-                    (f"guardrails.{section}.{q_name}", f"unknown queue; queues are {names}")
-                )
     return problems
 
 
 def parse_scenario(data: str | Mapping[str, Any], *, source: str = "<scenario>") -> Scenario:
-    """A validated scenario from YAML text or a mapping; ScenarioError names every bad field."""
+    """A validated scenario from YAML text or a mapping; ScenarioError names every bad field.
+
+    A file in the old layout (`cluster.workers`, a top-level `tick_s`, `allocator`, `router`,
+    `guardrails`) is translated by `policies.legacy_layout`, with a LayoutDeprecationWarning
+    saying what it now reads as; errors still name the keys the file wrote.
+    """
     raw: Any = data
     if isinstance(data, str):
         try:
@@ -267,15 +189,16 @@ def parse_scenario(data: str | Mapping[str, Any], *, source: str = "<scenario>")
             raise ScenarioError(source, [("", f"not valid YAML: {exc}")]) from None
     if not isinstance(raw, Mapping):
         raise ScenarioError(source, [("", "a scenario must be a mapping of sections")])
+    upgrade = upgrade_scenario(raw)
+    if upgrade.refusals:
+        raise ScenarioError(source, upgrade.refusals)
+    if upgrade.notes:
+        warnings.warn(upgrade.message(source), LayoutDeprecationWarning, stacklevel=2)
     try:
-        scenario = Scenario.model_validate(raw)
+        return Scenario.model_validate(upgrade.raw)
     except ValidationError as exc:
-        problems = [(_loc(err["loc"]), err["msg"]) for err in exc.errors()]
+        problems = validation_problems(exc, union_tags=_UNION_TAGS, renamed=upgrade.renamed)
         raise ScenarioError(source, problems) from None
-    problems = _semantic_problems(scenario)
-    if problems:
-        raise ScenarioError(source, problems)
-    return scenario
 
 
 # --- building a run -------------------------------------------------------------------------------
@@ -395,7 +318,7 @@ def build_jobs(scenario: Scenario, arrivals: ArrivalTable, rng: np.random.Genera
     if tr is not None and tr.target_utilization is not None and n >= 2:
         span_s = float(arrivals.arrival_s[-1] - arrivals.arrival_s[0])
         if span_s > 0:
-            offered = float(service_s.sum()) / span_s / scenario.cluster.workers
+            offered = float(service_s.sum()) / span_s / scenario.allocation.budget
             arrivals = ArrivalTable(
                 arrival_s=arrivals.arrival_s * (offered / tr.target_utilization),
                 type_idx=arrivals.type_idx,
@@ -425,8 +348,9 @@ def build_spec(scenario: Scenario, jobs: Jobs) -> SimSpec:
         for q in scenario.queues
     )
     a = jobs.arrivals
-    if scenario.cluster.initial_allocation is not None:
-        initial = tuple(scenario.cluster.initial_allocation.get(q.name, 0) for q in queues)
+    allocation = scenario.allocation
+    if allocation.initial is not None:
+        initial = tuple(allocation.initial.get(q.name, 0) for q in queues)
     else:
         work_by_type = np.bincount(a.type_idx, weights=jobs.service_s, minlength=len(a.job_types))
         weights = [0.0] * len(queues)
@@ -434,22 +358,22 @@ def build_spec(scenario: Scenario, jobs: Jobs) -> SimSpec:
             takers = [i for i, q in enumerate(queues) if t in q.job_types]
             for i in takers:
                 weights[i] += float(work_by_type[t_i]) / len(takers)
-        initial = initial_split(scenario.cluster.workers, weights)
+        initial = initial_split(allocation.budget, weights)
     last_s = float(a.arrival_s[-1]) if len(a) else 0.0
     horizon_s = scenario.duration_s if scenario.duration_s is not None else last_s
     if scenario.workload.trace is not None and scenario.duration_s is not None:
         horizon_s = max(horizon_s, last_s)
     return SimSpec(
         queues=queues,
-        budget=scenario.cluster.workers,
+        budget=allocation.budget,
         initial_allocation=initial,
-        tick_s=scenario.tick_s,
+        tick_s=allocation.tick_s,
         horizon_s=horizon_s,
         drain=scenario.drain,
         max_drain_s=(
             scenario.max_drain_s if scenario.max_drain_s is not None else max(horizon_s, 60.0)
         ),
-        rate_window_s=max(10.0 * scenario.tick_s, 10.0),
+        rate_window_s=max(10.0 * allocation.tick_s, 10.0),
         slo_by_type_s=dict(scenario.slos.job_types),
         default_slo_s=scenario.slos.default_s,
     )
@@ -457,21 +381,21 @@ def build_spec(scenario: Scenario, jobs: Jobs) -> SimSpec:
 
 def make_router_for(scenario: Scenario, name: str | None = None) -> Router:
     """The scenario's router, or `name` (with the scenario's params only if it names the same)."""
-    ref = scenario.router
-    if name is None or name == ref.name:
-        return make_router(ref.name, **ref.params)
+    routing = scenario.routing
+    if name is None or name == routing.policy:
+        return make_router(routing.policy, **routing.params)
     return make_router(name)
 
 
 def make_allocator_for(scenario: Scenario, name: str | None = None) -> Allocator:
-    """The scenario's allocator (or `name`), wrapped in the scenario's guardrails."""
-    ref = scenario.allocator
-    if name is None or name == ref.name:
-        inner = make_allocator(ref.name, **ref.params)
+    """The scenario's allocator (or `name`, with the scenario's params only if it names the same),
+    wrapped in the scenario's guardrails."""
+    allocation = scenario.allocation
+    if name is None or name == allocation.policy:
+        inner = make_allocator(allocation.policy, **allocation.params)
     else:
         inner = make_allocator(name)
-    g = scenario.guardrails
-    return Guardrails(inner, g.bounds(), hysteresis_workers=g.hysteresis_workers)
+    return guardrails_for(scenario, inner)
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from policies.evaluation import TraceInput
+from policies.legacy_layout import LayoutDeprecationWarning
 from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
 from policies.sim.traces import TraceFormat
 
@@ -23,6 +26,31 @@ def fail(message: str, code: int = 2) -> typer.Exit:
         f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
     )
     return typer.Exit(code=code)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    if issubclass(category, LayoutDeprecationWarning):
+        Console(stderr=True).print(
+            f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True
+        )
+        return
+    _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
+def show_layout_warnings() -> None:
+    """Print layout deprecation warnings as a plain `warning: ...` on stderr, not in Python's
+    `file:line:` form, which would point into bilevel rather than at the user's file."""
+    warnings.showwarning = _show_warning
 
 
 def read_scenario(path: Path) -> Scenario:

@@ -74,7 +74,7 @@ def _policy_factory(policy: str) -> Callable[[Scenario], PolicyFactory]:
         if policy in ALLOCATORS:
             return lambda: resolve_allocator(policy)
         # A learned allocator masks moves the scenario's bounds forbid; guardrails still apply.
-        bounds = scenario.guardrails.bounds()
+        bounds = scenario.bounds()
         return lambda: resolve_allocator(policy, bounds=bounds)
 
     return for_scenario
@@ -185,7 +185,7 @@ def _evaluate_router(
 ) -> dict[str, Any]:
     """The router under test against every heuristic router of `baselines`, all with the
     scenario's allocator at its tuned parameters, on the same held-out jobs."""
-    allocator = item.scenario.allocator.name
+    allocator = item.scenario.allocation.policy
     params, source = _tuned_params(item, retune, [allocator])
     allocate = heuristic_factory(allocator, params.get(allocator, {}))
     routers: dict[str, RouterFactory] = {"__policy__": factory}

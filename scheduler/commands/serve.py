@@ -1,5 +1,10 @@
 """`bilevel serve --config FILE`: run the router and controller on Ray until Ctrl-C or SIGTERM.
 
+`bilevel serve --scenario FILE [--config FILE]` serves a scenario's queues, routing policy and
+allocation with its guardrails, as the simulator runs them; the config file then gives only what a
+scenario does not describe (store, handlers, worker, health, routing.batch_size,
+allocation.idle_tick_s), and may not repeat what the scenario gives.
+
 Every check that can fail on a bad file runs before Ray starts: the config (errors name the field),
 the handler modules (errors name the module and where it was looked for), the runtime_env (errors
 name the field; a working_dir too large for Ray to upload names its largest entries) and that
@@ -24,8 +29,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from scheduler.commands._common import fail
-from scheduler.config import ConfigError, ServiceConfig
+from scheduler.commands._common import fail, read_scenario
+from scheduler.config import ConfigError, ServiceConfig, read_mapping
 from scheduler.errors import BilevelError
 
 if TYPE_CHECKING:
@@ -37,10 +42,26 @@ if TYPE_CHECKING:
 STATUS_EVERY_S = 10.0
 
 
-def load_config(path: Path) -> ServiceConfig:
-    """The validated config, or Exit(2) with the error naming the bad field."""
+def load_config(path: Path | None, scenario_path: Path | None = None) -> ServiceConfig:
+    """The validated config: the file at `path`, or the scenario's queues, routing and allocation
+    with the service settings of the file at `path` (if any); Exit(2) naming the bad field."""
+    if path is None and scenario_path is None:
+        raise fail(
+            "give --config FILE, or --scenario FILE (and --config FILE for the service's "
+            "own settings: store, handlers, worker, health)"
+        )
     try:
-        return ServiceConfig.load(path)
+        if scenario_path is None:
+            assert path is not None
+            return ServiceConfig.load(path)
+        scenario = read_scenario(scenario_path)
+        service_only = read_mapping(path) if path is not None else {}
+        return ServiceConfig.from_scenario(
+            scenario,
+            source=str(path if path is not None else scenario_path),
+            base_dir=path.absolute().parent if path is not None else None,
+            **service_only,
+        )
     except ConfigError as exc:
         raise fail(str(exc)) from None
 
@@ -57,10 +78,11 @@ def with_policies(config: ServiceConfig, policy: str | None, router: str | None)
     return config
 
 
-def check_handlers(config: ServiceConfig) -> HandlerCode:
+def check_handlers(config: ServiceConfig, *, from_scenario: bool = False) -> HandlerCode:
     """Locate and import the handler modules (module names also from the current directory) and
     check every configured job type has a handler; Exit(2) naming the entry, the runtime_env
-    field, or the queue index and job type, otherwise. Returns the handler code to serve."""
+    field, or the queue index and job type, otherwise (and, for a scenario's queues, where
+    handlers are named: a scenario has none). Returns the handler code to serve."""
     from scheduler.service.handler_code import prepare_handler_code
     from workers.registry import REGISTRY, HandlerModuleError
 
@@ -75,11 +97,17 @@ def check_handlers(config: ServiceConfig) -> HandlerCode:
     for i, queue in enumerate(config.queues):
         for j, job_type in enumerate(queue.job_types):
             if job_type not in known:
+                hint = (
+                    "; a scenario names no handlers: give --config FILE listing handler modules "
+                    "(handlers:) that register its job types"
+                    if from_scenario
+                    else ""
+                )
                 raise fail(
                     f"queues.{i}.job_types.{j}: no handler is registered for job type "
                     f"{job_type!r} (queue {queue.name!r}); handler modules "
                     f"{', '.join(code.modules) or '(none)'} register: "
-                    f"{', '.join(sorted(known)) or 'nothing'}"
+                    f"{', '.join(sorted(known)) or 'nothing'}{hint}"
                 )
     return code
 
@@ -147,8 +175,22 @@ def _status_line(statuses: Mapping[Role, dict[str, Any]]) -> str:
 
 def serve(
     config_path: Annotated[
-        Path, typer.Option("--config", help="Service config YAML.", show_default=False)
-    ],
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Service config YAML; with --scenario, only its service settings (store, "
+            "handlers, worker, health).",
+            show_default=False,
+        ),
+    ] = None,
+    scenario_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--scenario",
+            help="Serve this scenario's queues, routing and allocation (with its guardrails).",
+            show_default=False,
+        ),
+    ] = None,
     redis_url: Annotated[
         str | None,
         typer.Option(
@@ -186,8 +228,8 @@ def serve(
     ] = None,
 ) -> None:
     """Run the scheduling service (router + controller on Ray) in the foreground."""
-    config = with_policies(load_config(config_path), policy, router)
-    code = check_handlers(config)
+    config = with_policies(load_config(config_path, scenario_path), policy, router)
+    code = check_handlers(config, from_scenario=scenario_path is not None)
     from scheduler.service.runner import start_service
 
     console = Console(stderr=True)

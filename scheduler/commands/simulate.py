@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from policies.guardrails import Guardrails
+from policies.guardrails import guardrails_for
 from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS
 from policies.sim.metrics import RunRecord, summarize
 from policies.sim.scenario import (
@@ -60,9 +60,7 @@ def _allocator_for(scenario: Scenario, policy: str | None) -> Allocator:
     or a checkpoint path) under the same guardrails, its move masks told the scenario's bounds."""
     if policy is None or policy in ALLOCATORS:
         return make_allocator_for(scenario, policy)
-    g = scenario.guardrails
-    learned = resolve_allocator(policy, bounds=g.bounds())
-    return Guardrails(learned, g.bounds(), hysteresis_workers=g.hysteresis_workers)
+    return guardrails_for(scenario, resolve_allocator(policy, bounds=scenario.bounds()))
 
 
 def _router_for(scenario: Scenario, router: str | None) -> Router:
@@ -225,8 +223,8 @@ def simulate(
         prepared = _prepare(parsed, scenario, seed, trace)
     except ScenarioError as exc:
         raise fail(str(exc)) from None
-    router_name = router if router is not None else parsed.router.name
-    names = list(HEURISTIC_ALLOCATORS) if compare else [policy or parsed.allocator.name]
+    router_name = router if router is not None else parsed.routing.policy
+    names = list(HEURISTIC_ALLOCATORS) if compare else [policy or parsed.allocation.policy]
     records: dict[str, RunRecord] = {}
     results: dict[str, dict[str, Any]] = {}
     for name in names:

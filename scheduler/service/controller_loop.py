@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from policies.guardrails import Guardrails
+from policies.guardrails import Guardrails, guardrails_for
 from policies.registry import make_allocator
 from policies.views import Allocation, Allocator, ClusterView
 from scheduler.config import ServiceConfig
@@ -31,12 +31,7 @@ from scheduler.retry import describe, is_transient
 from scheduler.service.autoscaling import AutoscaleRequester, workers_held
 from scheduler.service.health import Progress
 from scheduler.service.leader import LeaderLock
-from scheduler.service.views import (
-    PublishedQueue,
-    PublishedState,
-    ViewBuilder,
-    allocation_bounds,
-)
+from scheduler.service.views import PublishedQueue, PublishedState, ViewBuilder
 from scheduler.store import RequeueReport, Store, StoreStats
 from workers.pool_view import PoolView, QueuePoolView
 
@@ -86,6 +81,9 @@ class TickReport:
     change: Any = None
     pool: PoolView = field(default_factory=PoolView)
     stats: StoreStats | None = None
+    # What decided: the allocator's name, or "initial" for a first decision from
+    # allocation.initial.
+    policy: str = ""
 
     @property
     def changed(self) -> bool:
@@ -117,14 +115,24 @@ def activity_marks(stats: StoreStats) -> tuple[int, ...]:
 
 
 def make_guardrails(config: ServiceConfig, inner: Allocator | None = None) -> Guardrails:
-    """The configured allocator (or `inner`) wrapped in the configured guardrails."""
+    """The configured allocator (or `inner`) wrapped in the configured guardrails, built as the
+    simulator builds a scenario's (policies.guardrails.guardrails_for)."""
     alloc = config.allocation
-    return Guardrails(
-        inner if inner is not None else make_allocator(alloc.policy, **alloc.params),
-        allocation_bounds(config),
-        fallback=make_allocator(alloc.fallback),
-        hysteresis_workers=max(1, alloc.hysteresis_workers),
+    return guardrails_for(
+        config, inner if inner is not None else make_allocator(alloc.policy, **alloc.params)
     )
+
+
+class InitialAllocation:
+    """`allocation.initial` as a proposal: its counts, 0 for the queues it leaves out."""
+
+    name: str = "initial"
+
+    def __init__(self, workers: Mapping[str, int]) -> None:
+        self.workers = dict(workers)
+
+    def allocate(self, view: ClusterView) -> Allocation:
+        return {q.name: int(self.workers.get(q.name, 0)) for q in view.queues}
 
 
 class ControllerLoop:
@@ -153,6 +161,12 @@ class ControllerLoop:
         self.config = config
         self.pool = pool
         self.guardrails = make_guardrails(config, allocator)
+        # A controller that starts with no workers makes allocation.initial its first decision,
+        # inside the same guardrails, as a simulated run starts from it.
+        initial = config.allocation.initial
+        self._initial = (
+            guardrails_for(config, InitialAllocation(initial)) if initial is not None else None
+        )
         self.leader = leader
         self.clock = clock
         self._sleep = sleep
@@ -181,8 +195,11 @@ class ControllerLoop:
         now_s = self.clock()
         view = self.views.cluster_view(stats, pool_view, now_s)
         before = view.allocation()
-        target = self.guardrails.allocate(view)
-        fallback = self.guardrails.last_fallback_reason
+        deciding = self.guardrails
+        if self._initial is not None and self.ticks == 0 and not any(before.values()):
+            deciding = self._initial
+        target = deciding.allocate(view)
+        fallback = deciding.last_fallback_reason
         if self.autoscaler is not None:
             # One GCS round trip at most, off the event loop; it never raises.
             await asyncio.to_thread(self.autoscaler.update, target, workers_held(pool_view))
@@ -198,6 +215,7 @@ class ControllerLoop:
             change=change,
             pool=pool_view,
             stats=stats,
+            policy=deciding.name,
         )
         self.ticks += 1
         self.last = report
@@ -219,7 +237,7 @@ class ControllerLoop:
                 f"workers {r.before[q.name]}->{r.target[q.name]}"
             )
         event: dict[str, Any] = {
-            "policy": self.guardrails.name,
+            "policy": r.policy or self.guardrails.name,
             "changed": r.changed,
             "queues": " | ".join(cells),
             "budget": r.view.budget,

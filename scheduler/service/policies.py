@@ -19,7 +19,6 @@ from policies.registry import ALLOCATORS, ROUTERS, make_allocator, make_router
 from policies.views import Allocator, Router
 from scheduler.checkpoints import CheckpointError, named_policy
 from scheduler.config import ConfigError, ServiceConfig
-from scheduler.service.views import allocation_bounds
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,7 @@ def configured_allocator(config: ServiceConfig, loaded: LoadedPolicies) -> Alloc
     policy = loaded.learned.get("allocation")
     if policy is None:
         return make_allocator(config.allocation.policy, **config.allocation.params)
-    return policy.allocator(
-        bounds=allocation_bounds(config), max_moves=config.allocation.max_moves_per_tick
-    )
+    return policy.allocator(bounds=config.bounds(), max_moves=config.allocation.max_moves_per_tick)
 
 
 def configured_router(config: ServiceConfig, loaded: LoadedPolicies) -> Router:

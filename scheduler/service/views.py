@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from policies.views import AllocationBounds, ClusterView, JobView, QueueView
+from policies.views import ClusterView, JobView, QueueView
 from scheduler.config import QueueConfig, ServiceConfig
 from scheduler.store import QueueStats, RouteInfo, StoreStats
 from workers.pool_view import PoolView, QueuePoolView
@@ -62,15 +62,6 @@ class RateEstimator:
                 instant if previous is None else previous + alpha * (instant - previous)
             )
         return {key: self.rates_per_s.get(key, 0.0) for key in self._last}
-
-
-def allocation_bounds(config: ServiceConfig) -> AllocationBounds:
-    """The guardrails' limits from the per-queue min/max workers and the move cap."""
-    return AllocationBounds(
-        min_workers={q.name: q.min_workers for q in config.queues},
-        max_workers={q.name: q.max_workers for q in config.queues if q.max_workers is not None},
-        max_moves_per_tick=config.allocation.max_moves_per_tick,
-    )
 
 
 def job_view(info: RouteInfo, *, size_estimate_s: float = 0.0) -> JobView:
@@ -258,7 +249,6 @@ __all__ = [
     "PublishedState",
     "RateEstimator",
     "ViewBuilder",
-    "allocation_bounds",
     "job_view",
     "queue_view",
     "routing_queue_views",

@@ -128,6 +128,44 @@ class TestGuardrails:
             assert moves <= (2 if previous["embeddings"] == 0 else 1)
             previous = target
 
+    def test_a_controller_without_workers_starts_from_the_initial_allocation(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """allocation.initial is the first decision of a controller with no workers (inside the
+        guardrails: the min of embeddings is kept), then the policy decides."""
+        config = service_config(
+            settings,
+            queues=[
+                {"name": "embeddings", "job_types": ["embed"], "min_workers": 1},
+                {"name": "classifier", "job_types": ["classify"]},
+                {"name": "generator", "job_types": ["generate"]},
+            ],
+            allocation={"budget": 4, "initial": {"classifier": 2, "generator": 1}},
+        )
+        captured = CapturingLogger()
+        pool = PoolDouble()
+        loop = ControllerLoop(
+            store,
+            config,
+            pool,
+            allocator=Greedy("generator"),
+            clock=clock,
+            logger=structlog.wrap_logger(captured, processors=[]),
+        )
+
+        async def scenario() -> list[Any]:
+            first = await loop.tick()
+            clock.advance(1.0)
+            return [first, await loop.tick()]
+
+        first, second = run(scenario())
+        assert first.target == {"embeddings": 1, "classifier": 2, "generator": 1}
+        assert first.policy == "initial"
+        assert second.target == {"embeddings": 1, "classifier": 0, "generator": 3}
+        assert second.policy == "greedy"
+        events = [c.kwargs for c in captured.calls if c.kwargs.get("event") == "allocation_tick"]
+        assert [e["policy"] for e in events] == ["initial", "greedy"]
+
     def test_falls_back_when_the_allocator_raises_and_logs_why(
         self,
         store: Store,

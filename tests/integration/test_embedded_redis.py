@@ -126,7 +126,11 @@ class TestDurability:
             Settings(appendfsync="no")  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match=r"store\.appendfsync"):
             ServiceConfig.from_mapping(
-                {"queues": [{"name": "q", "job_types": ["t"]}], "store": {"appendfsync": "no"}}
+                {
+                    "queues": [{"name": "q", "job_types": ["t"]}],
+                    "allocation": {"budget": 1},
+                    "store": {"appendfsync": "no"},
+                }
             )
         monkeypatch.setenv("BILEVEL_APPENDFSYNC", "sometimes")
         with pytest.raises(EmbeddedRedisError, match="BILEVEL_APPENDFSYNC must be"):
@@ -138,7 +142,11 @@ class TestDurability:
         assert Settings().appendfsync == "always"
         monkeypatch.delenv("BILEVEL_APPENDFSYNC")
         config = ServiceConfig.from_mapping(
-            {"queues": [{"name": "q", "job_types": ["t"]}], "store": {"appendfsync": "always"}}
+            {
+                "queues": [{"name": "q", "job_types": ["t"]}],
+                "allocation": {"budget": 1},
+                "store": {"appendfsync": "always"},
+            }
         )
         assert config.store.appendfsync == "always"
 

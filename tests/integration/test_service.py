@@ -53,7 +53,7 @@ class TestServeChecks:
         result = CliRunner().invoke(app, ["serve", "--config", str(_write(tmp_path, raw))])
         assert result.exit_code == 2
         assert "queues.1" in result.output
-        assert "max_workers 1 < min_workers 2" in result.output
+        assert "queues.1.max_workers: 1 is below min_workers (2)" in result.output
         assert "Traceback" not in result.output
 
     def test_unknown_policy_and_unusable_checkpoint_exit_2_naming_the_field(
@@ -104,6 +104,57 @@ class TestServeChecks:
         result = CliRunner().invoke(app, ["serve", "--config", str(_write(tmp_path, raw))])
         assert result.exit_code == 2
         assert "no_such_module_here" in result.output
+
+
+# A scenario over the demo's job types: two replicas of the embedding model share its traffic.
+DEMO_SCENARIO: dict[str, Any] = {
+    "name": "demo_replicas",
+    "queues": [
+        {"name": "embed_a", "job_types": ["embed"], "min_workers": 1, "slo_s": 1.0,
+         "service": {"kind": "exponential", "mean_s": 0.01}, "model_load_s": 1.0},
+        {"name": "embed_b", "job_types": ["embed"], "min_workers": 1, "slo_s": 1.0,
+         "service": {"kind": "exponential", "mean_s": 0.01}, "model_load_s": 1.0},
+        {"name": "classify", "job_types": ["classify"], "min_workers": 1,
+         "service": {"kind": "exponential", "mean_s": 0.02}, "model_load_s": 1.0},
+    ],
+    "routing": {"policy": "shortest_wait"},
+    "allocation": {"policy": "proportional", "tick_s": 0.3, "budget": 3},
+    "workload": {"generators": [{"kind": "poisson", "rate_per_s": 5.0, "mix": {"embed": 1}}]},
+    "duration_s": 60.0,
+}  # fmt: skip
+
+
+class TestServeAScenario:
+    """`bilevel serve --scenario`: the scenario's layout, service settings from --config."""
+
+    def test_a_scenario_names_no_handlers_so_serve_says_where_they_go(self) -> None:
+        """A shipped scenario's job types have no handler: exit 2 naming the queue and --config."""
+        scenario = REPO_ROOT / "policies" / "scenarios" / "bursty_switch.yaml"
+        result = CliRunner().invoke(app, ["serve", "--scenario", str(scenario)])
+        assert result.exit_code == 2
+        assert "queues.0.job_types.0: no handler is registered for job type 'small'" in (
+            result.output
+        )
+        assert "give --config FILE listing handler modules" in result.output
+        assert "Traceback" not in result.output
+
+    def test_the_config_beside_a_scenario_may_not_repeat_its_layout(self, tmp_path: Path) -> None:
+        """A --config with queues or a budget beside --scenario is refused naming the key."""
+        scenario = tmp_path / "scenario.yaml"
+        scenario.write_text(yaml.safe_dump(DEMO_SCENARIO), encoding="utf-8")
+        result = CliRunner().invoke(
+            app, ["serve", "--scenario", str(scenario), "--config", str(DEMO_CONFIG)]
+        )
+        assert result.exit_code == 2
+        assert "queues: the scenario gives the queues: leave them out" in result.output
+        assert "allocation.budget: the scenario gives allocation.budget" in result.output
+        assert str(DEMO_CONFIG) in result.output
+
+    def test_serve_needs_a_config_or_a_scenario(self) -> None:
+        """Neither option: exit 2 saying both ways to start."""
+        result = CliRunner().invoke(app, ["serve"])
+        assert result.exit_code == 2
+        assert "give --config FILE, or --scenario FILE" in result.output
 
 
 class TestSubmitAndStatusCli:
@@ -239,6 +290,36 @@ class TestServiceOnRay:
         out = json.loads(shown.output)
         assert out["leaders"] == {"router": True, "controller": True}
         assert {q["queue"]: q["workers"] for q in out["queues"]} == status["controller"]["target"]
+
+    def test_a_scenario_serves_live(
+        self, services: list[Any], settings: Settings, tmp_path: Path
+    ) -> None:
+        """A scenario's queues, routing and allocation, served with the demo handlers: every job
+        completes, the embeddings spread over both replicas, and the controller keeps the
+        scenario's budget and minimums (one worker each, the whole budget of three)."""
+        from policies.sim.scenario import parse_scenario
+        from scheduler.config import ServiceConfig
+
+        scenario = parse_scenario(DEMO_SCENARIO)
+        config = ServiceConfig.from_scenario(
+            scenario,
+            store={**settings.model_dump(), "redis_url": settings.url(), "lease_s": 2.0},
+            handlers=["workers.demo_models"],
+        )
+        handle = _start(services, config)
+        assert handle.wait_leading(20.0)
+        with Client(settings=settings) as client:
+            handles = client.submit_many(
+                [JobRequest("embed", {"text": f"doc {i}"}) for i in range(40)]
+                + [JobRequest("classify", {"text": "a cat?"})] * 5
+            )
+            results = client.gather(handles, timeout=60)
+            queues = {h.info().queue for h in handles[:40]}
+        assert len(results) == 45
+        assert queues == {"embed_a", "embed_b"}
+        target = handle.status()["controller"]["target"]
+        assert set(target) == {"embed_a", "embed_b", "classify"}
+        assert target == {"embed_a": 1, "embed_b": 1, "classify": 1}
 
     def test_the_learned_policies_serve_live(
         self, services: list[Any], settings: Settings, run: Any

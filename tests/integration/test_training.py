@@ -18,9 +18,8 @@ SCENARIO = {
          "model_load_s": 2.0}
         for n in "ab"
     ],
-    "cluster": {"workers": 4},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 4},
     "workload": {"generators": [{"kind": "poisson", "rate_per_s": 4.0, "mix": {"a": 1, "b": 1}}]},
-    "tick_s": 1.0,
     "duration_s": 30.0,
 }  # fmt: skip
 

@@ -207,6 +207,7 @@ def test_from_config_takes_shapes_from_the_handlers() -> None:
                 {"name": "vision", "job_types": ["vision"]},
                 {"name": "text", "job_types": ["text"]},
             ],
+            "allocation": {"budget": 2},
             "worker": {"num_cpus": 0.5},
         }
     )

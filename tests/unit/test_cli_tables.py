@@ -37,11 +37,10 @@ SCENARIO = {
         {"name": "quiet", "job_types": ["quiet"],
          "service": {"kind": "exponential", "mean_s": 0.5}, "model_load_s": 2.0},
     ],
-    "cluster": {"workers": 8, "initial_allocation": {"busy": 4, "quiet": 4}},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 8, "initial": {"busy": 4, "quiet": 4}},
     "workload": {
         "generators": [{"kind": "poisson", "rate_per_s": 10.0, "mix": {"busy": 9, "quiet": 1}}]
     },
-    "tick_s": 1.0,
     "duration_s": 40.0,
 }  # fmt: skip
 

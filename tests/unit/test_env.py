@@ -23,10 +23,9 @@ queues:
   - {name: a, job_types: [a], service: {kind: exponential, mean_s: 0.5}, model_load_s: 2.0,
      slo_s: 1.5}
   - {name: b, job_types: [b], service: {kind: lognormal, mean_s: 0.5, cv: 1.0}, model_load_s: 2.0}
-cluster: {workers: 6}
+allocation: {policy: proportional, tick_s: 1.0, budget: 6}
 workload:
   generators: [{kind: poisson, rate_per_s: 6.0, mix: {a: 2, b: 1}}]
-tick_s: 1.0
 duration_s: 40.0
 """
 
@@ -176,7 +175,7 @@ def test_trace_scenario_replays_its_training_window() -> None:
     text = """
 name: t
 queues: [{name: q, job_types: [x], service: {kind: constant, mean_s: 0.2}}]
-cluster: {workers: 2}
+allocation: {policy: proportional, budget: 2}
 workload: {trace: {format: generic_csv}}
 """
     lines = ["arrival_s,job_type\n"] + [f"{i},x\n" for i in range(101)]

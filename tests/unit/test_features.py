@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from policies import allocation, features, guardrails, registry, routing
+from policies import allocation, features, guardrails, legacy_layout, registry, routing, schema
 from policies.features import (
     FEATURE_SCHEMA_VERSION,
     JOB_QUEUE_FEATURE_NAMES,
@@ -65,7 +65,9 @@ class TestSchema:
         assert len(set(QUEUE_FEATURE_NAMES)) == N_QUEUE_FEATURES == len(QUEUE_FEATURE_NAMES)
         assert len(set(JOB_QUEUE_FEATURE_NAMES)) == N_JOB_QUEUE_FEATURES
 
-    @pytest.mark.parametrize("module", [features, routing, allocation, guardrails, registry])
+    @pytest.mark.parametrize(
+        "module", [features, routing, allocation, guardrails, registry, schema, legacy_layout]
+    )
     def test_decision_layer_has_no_io_imports(self, module: ModuleType) -> None:
         """The pure decision modules import no Redis, Ray or torch."""
         source = Path(str(module.__file__)).read_text(encoding="utf-8")

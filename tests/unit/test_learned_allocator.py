@@ -33,13 +33,12 @@ _SIM_SCENARIO: dict[str, Any] = {
         {"name": "b", "job_types": ["b"], "service": {"kind": "exponential", "mean_s": 0.5},
          "model_load_s": 2.0},
     ],
-    "cluster": {"workers": 6},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 6},
     "workload": {"generators": [
         {"kind": "mmpp", "mix": {"a": 1}, "states": [
             {"rate_per_s": 8.0, "mean_sojourn_s": 20.0}, {"rate_per_s": 1.0, "mean_sojourn_s": 20.0}]},
         {"kind": "poisson", "rate_per_s": 2.0, "mix": {"b": 1}},
     ]},
-    "tick_s": 1.0,
     "duration_s": 120.0,
 }  # fmt: skip
 
@@ -242,6 +241,35 @@ def test_router_scores_are_permutation_invariant() -> None:
     reordered = _permuted(view, np.arange(6)[::-1])
     second = policy.router().route_batch([job], reordered.queues, np.random.default_rng(0))
     assert first == second
+
+
+def test_greedy_router_breaks_ties_at_random() -> None:
+    """Two idle identical queues score the same; jobs routed one at a time split between them
+    (Binomial(1000, 1/2): within five standard deviations), not all onto the first."""
+    router = LearnedPolicy.create(seed=0).router()
+    queues = tuple(
+        QueueView(
+            name=name,
+            job_types=frozenset({"llm"}),
+            depth=0,
+            backlog_s=0.0,
+            oldest_wait_s=0.0,
+            arrival_rate_per_s=3.0,
+            service_time_s=1.0,
+            workers_ready=4,
+            workers_busy=0,
+            workers_loading=0,
+            model_load_s=30.0,
+            slo_s=10.0,
+        )
+        for name in ("a", "b")
+    )
+    rng = np.random.default_rng(0)
+    picks = [
+        router.route_batch([JobView(job_id=str(i), job_type="llm", arrival_s=0.0)], queues, rng)[0]
+        for i in range(1000)
+    ]
+    assert abs(picks.count("a") - 500) <= 79
 
 
 # --- residual over base heuristics ----------------------------------------------------------------

@@ -35,11 +35,10 @@ name: tiny
 queues:
   - {name: a, job_types: [a], service: {kind: exponential, mean_s: 0.5}, model_load_s: 2.0}
   - {name: b, job_types: [b], service: {kind: exponential, mean_s: 0.5}, model_load_s: 2.0}
-cluster: {workers: 6}
+allocation: {policy: proportional, tick_s: 1.0, budget: 6}
 workload:
   generators:
     - {kind: poisson, rate_per_s: 6.0, mix: {a: 3, b: 1}}
-tick_s: 1.0
 duration_s: 60.0
 """
 

@@ -37,14 +37,13 @@ _BURSTY: dict[str, Any] = {
         {"name": "steady", "job_types": ["s"], "service": {"kind": "exponential", "mean_s": 0.5},
          "model_load_s": 10.0},
     ],
-    "cluster": {"workers": 12},
+    "allocation": {"policy": "proportional", "tick_s": 2.0, "budget": 12},
     "workload": {"generators": [
         {"kind": "mmpp", "mix": {"b": 1}, "states": [
             {"rate_per_s": 2.0, "mean_sojourn_s": 120.0},
             {"rate_per_s": 12.0, "mean_sojourn_s": 15.0}]},
         {"kind": "poisson", "rate_per_s": 4.0, "mix": {"s": 1}},
     ]},
-    "tick_s": 2.0,
     "duration_s": 900.0,
 }  # fmt: skip
 

@@ -47,9 +47,8 @@ TINY = {
         {"name": "b", "job_types": ["b"], "service": {"kind": "exponential", "mean_s": 0.5},
          "model_load_s": 2.0},
     ],
-    "cluster": {"workers": 6},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 6},
     "workload": {"generators": [{"kind": "poisson", "rate_per_s": 6.0, "mix": {"a": 3, "b": 1}}]},
-    "tick_s": 1.0,
     "duration_s": 60.0,
 }  # fmt: skip
 
@@ -92,8 +91,7 @@ def test_scale_scenario_scales_a_trace_by_its_own_load_setting() -> None:
     base = {
         "name": "replay",
         "queues": TINY["queues"],
-        "cluster": {"workers": 4},
-        "tick_s": 1.0,
+        "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 4},
     }
     for trace, field, expected in (
         ({"format": "generic_csv", "target_utilization": 0.7}, "target_utilization", 0.84),
@@ -309,7 +307,8 @@ def test_gate_warm_start_separates_scenarios_with_different_teachers() -> None:
     """Balanced supervised steps teach the gate a different base per scenario, read from the
     view alone: afterwards the deterministic policy picks each scenario's teacher every tick."""
     slow = parse_scenario(
-        {**TINY, "name": "tiny_slow", "tick_s": 4.0,
+        {**TINY, "name": "tiny_slow",
+         "allocation": {**cast(dict[str, Any], TINY["allocation"]), "tick_s": 4.0},
          "queues": [{**q, "model_load_s": 30.0} for q in cast(list[dict[str, Any]], TINY["queues"])]}
     )  # fmt: skip
     scenarios = [_tiny(), slow]
@@ -395,7 +394,7 @@ def test_slo_misses_are_charged_to_the_tick_the_target_passed() -> None:
     the penalty lowers exactly the returns that cover those ticks."""
     scenario = parse_scenario(
         {**TINY, "queues": [{**q, "slo_s": 0.6} for q in TINY["queues"]],
-         "cluster": {"workers": 3}}
+         "allocation": {**cast(dict[str, Any], TINY["allocation"]), "budget": 3}}
     )  # fmt: skip
     result = run_rollout(RolloutTask(scenario, 5, heuristic="static"))
     assert len(result.slo_misses) == len(result.rewards)

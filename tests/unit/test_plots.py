@@ -29,11 +29,10 @@ def _scenario(n_queues: int) -> dict[str, object]:
              "model_load_s": 2.0}
             for n in names
         ],
-        "cluster": {"workers": n_queues + 2},
+        "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": n_queues + 2},
         "workload": {"generators": [
             {"kind": "poisson", "rate_per_s": 1.2 * n_queues, "mix": dict.fromkeys(names, 1)}
         ]},
-        "tick_s": 1.0,
         "duration_s": 120.0,
     }  # fmt: skip
 

@@ -40,13 +40,12 @@ BURSTY: dict[str, Any] = {
         {"name": "b", "job_types": ["b"], "service": {"kind": "exponential", "mean_s": 0.5},
          "model_load_s": 4.0},
     ],
-    "cluster": {"workers": 8},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 8},
     "workload": {"generators": [
         {"kind": "mmpp", "mix": {"a": 1}, "states": [
             {"rate_per_s": 1.0, "mean_sojourn_s": 30.0}, {"rate_per_s": 12.0, "mean_sojourn_s": 15.0}]},
         {"kind": "poisson", "rate_per_s": 3.0, "mix": {"b": 1}},
     ]},
-    "tick_s": 1.0,
     "duration_s": 120.0,
 }  # fmt: skip
 STEADY: dict[str, Any] = {

@@ -48,6 +48,19 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+# Jobs routed one at a time onto two equal queues: each goes to the first with probability 1/2, so
+# the first's count is Binomial(1000, 1/2), standard deviation 15.8. Five of those either side
+# fail a fair router with probability below 1e-6; the old first-queue tie-break got all 1000.
+TIE_JOBS = 1000
+TIE_SLACK = 79
+
+
+def _split_of_single_jobs(router: Any, queues: list[QueueView], seed: int) -> Counter[str]:
+    """Where TIE_JOBS jobs go when each is routed alone onto the same (idle) queues."""
+    rng = _rng(seed)
+    return Counter(router.route_batch([_job(f"j{i}")], queues, rng)[0] for i in range(TIE_JOBS))
+
+
 class TestEligibility:
     def test_type_and_tags_decide(self) -> None:
         """A queue is eligible when it accepts the type and the job carries all required tags."""
@@ -166,12 +179,13 @@ class TestShortestExpectedWait:
         assert ShortestExpectedWaitRouter().route_batch([_job()], queues, _rng()) == ["idle"]
 
     def test_batch_accounting_spreads_a_burst(self) -> None:
-        """Jobs routed earlier in the batch count as backlog, so equal queues alternate."""
+        """Jobs routed earlier in the batch count as backlog, so equal queues take turns: each
+        two jobs go one to each (which one first is a tie, broken at random)."""
         queues = [_queue("a", workers_ready=1), _queue("b", workers_ready=1)]
         decisions = ShortestExpectedWaitRouter().route_batch(
             [_job(f"j{i}", size_s=5.0) for i in range(6)], queues, _rng()
         )
-        assert decisions == ["a", "b", "a", "b", "a", "b"]
+        assert [set(decisions[i : i + 2]) for i in range(0, 6, 2)] == [{"a", "b"}] * 3
 
     def test_batch_accounting_weights_by_workers(self) -> None:
         """A queue with three times the workers takes about three times the burst."""
@@ -195,10 +209,24 @@ class TestShortestExpectedWait:
         queues = [_queue("none", backlog_s=0.0), _queue("slow", backlog_s=500.0, workers_ready=1)]
         assert ShortestExpectedWaitRouter().route_batch([_job()], queues, _rng()) == ["slow"]
 
-    def test_ties_go_to_first_queue(self) -> None:
-        """Equal waits break toward the earlier queue, deterministically."""
-        queues = [_queue("a", workers_ready=2), _queue("b", workers_ready=2)]
-        assert ShortestExpectedWaitRouter().route_batch([_job()], queues, _rng()) == ["a"]
+    def test_ties_are_broken_at_random_with_the_rng(self) -> None:
+        """Two idle equal queues share jobs routed one at a time (a binomial split, not all on
+        the first); three tied queues all get their share; the same seed, the same picks."""
+        pair = [_queue("a", workers_ready=2), _queue("b", workers_ready=2)]
+        split = _split_of_single_jobs(ShortestExpectedWaitRouter(), pair, seed=0)
+        assert abs(split["a"] - TIE_JOBS / 2) <= TIE_SLACK, split
+        assert split == _split_of_single_jobs(ShortestExpectedWaitRouter(), pair, seed=0)
+        trio = [*pair, _queue("c", workers_ready=2), _queue("slow", backlog_s=9.0)]
+        split = _split_of_single_jobs(ShortestExpectedWaitRouter(), trio, seed=1)
+        assert set(split) == {"a", "b", "c"}
+        assert all(abs(n - TIE_JOBS / 3) <= 75 for n in split.values()), split
+
+    def test_a_tie_never_beats_a_shorter_wait(self) -> None:
+        """The random key only orders equal waits: a queue with less wait always wins."""
+        queues = [_queue("a", workers_ready=2, backlog_s=0.5), _queue("b", workers_ready=2)]
+        assert _split_of_single_jobs(ShortestExpectedWaitRouter(), queues, seed=2) == {
+            "b": TIE_JOBS
+        }
 
 
 class TestPowerOfTwo:
@@ -237,6 +265,15 @@ class TestPowerOfTwo:
         queues = [_queue("a", workers_ready=1), _queue("b", workers_ready=1)]
         decisions = PowerOfTwoRouter().route_batch([_job()] * 10, queues, _rng(1))
         assert Counter(decisions) == {"a": 5, "b": 5}
+
+    def test_ties_go_either_way(self) -> None:
+        """The sampled pair keeps its random order, so two idle equal queues share jobs routed
+        one at a time (a binomial split); with a shorter wait, that queue always wins."""
+        pair = [_queue("a", workers_ready=2), _queue("b", workers_ready=2)]
+        split = _split_of_single_jobs(PowerOfTwoRouter(), pair, seed=0)
+        assert abs(split["a"] - TIE_JOBS / 2) <= TIE_SLACK, split
+        pair[0] = _queue("a", workers_ready=2, backlog_s=0.5)
+        assert _split_of_single_jobs(PowerOfTwoRouter(), pair, seed=0) == {"b": TIE_JOBS}
 
 
 class TestRandomRouter:

@@ -12,10 +12,13 @@ import yaml
 from scheduler.config import DEFAULT_EXCLUDES, ConfigError, RuntimeEnvConfig, ServiceConfig
 
 QUEUES = [{"name": "q", "job_types": ["embed"]}]
+ALLOCATION = {"budget": 2}
 
 
 def config(**raw: Any) -> ServiceConfig:
-    return ServiceConfig.from_mapping({"queues": QUEUES, **raw}, base_dir=Path("/srv/app"))
+    return ServiceConfig.from_mapping(
+        {"queues": QUEUES, "allocation": ALLOCATION, **raw}, base_dir=Path("/srv/app")
+    )
 
 
 def error_of(**raw: Any) -> str:
@@ -59,6 +62,7 @@ class TestHandlerEntries:
             yaml.safe_dump(
                 {
                     "queues": QUEUES,
+                    "allocation": ALLOCATION,
                     "handlers": ["./my_handlers.py"],
                     "runtime_env": {"working_dir": ".", "py_modules": ["../lib"], "pip": "req.txt"},
                 }

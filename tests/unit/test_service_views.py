@@ -12,7 +12,6 @@ from scheduler.service.views import (
     PublishedState,
     RateEstimator,
     ViewBuilder,
-    allocation_bounds,
     job_view,
     routing_queue_views,
     size_estimates_s,
@@ -121,7 +120,7 @@ class TestClusterView:
 class TestBoundsAndJobs:
     def test_bounds_from_config(self) -> None:
         """Per-queue min/max and the move cap become the guardrails' bounds."""
-        assert allocation_bounds(_config()) == AllocationBounds(
+        assert _config().bounds() == AllocationBounds(
             min_workers={"emb": 1, "gen": 0}, max_workers={"emb": 3}, max_moves_per_tick=1
         )
 

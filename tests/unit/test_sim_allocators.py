@@ -50,11 +50,10 @@ def _steady_two_queues() -> dict[str, Any]:
                 "model_load_s": 5.0,
             },
         ],
-        "cluster": {"workers": BUDGET},
+        "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": BUDGET},
         "workload": {
             "generators": [{"kind": "poisson", "rate_per_s": 30.0, "mix": {"fast": 5, "slow": 1}}]
         },
-        "tick_s": 1.0,
         "duration_s": DURATION_S,
     }
 

@@ -52,11 +52,10 @@ def scenario_file(tmp_path: Path) -> Path:
                 "model_load_s": 2.0,
             },
         ],
-        "cluster": {"workers": 6},
+        "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 6},
         "workload": {
             "generators": [{"kind": "poisson", "rate_per_s": 6.0, "mix": {"a": 2, "b": 1}}]
         },
-        "tick_s": 1.0,
         "duration_s": 60.0,
     }
     path = tmp_path / "tiny.yaml"
@@ -118,10 +117,10 @@ def test_table_output_without_json(app: typer.Typer, scenario_file: Path) -> Non
 def test_bad_scenario_exits_2_with_field_path(app: typer.Typer, tmp_path: Path) -> None:
     """A bad file exits with code 2 and the field path, without a traceback."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("queues: []\ncluster: {workers: 0}\nworkload: {}\n")
+    bad.write_text("queues: []\nallocation: {budget: 0}\nworkload: {}\n")
     result = CliRunner().invoke(app, ["simulate", "--scenario", str(bad)])
     assert result.exit_code == 2
-    assert "cluster.workers" in result.output
+    assert "allocation.budget" in result.output
     assert "Traceback" not in result.output
 
 
@@ -159,7 +158,7 @@ def test_trace_scenario_takes_trace_from_cli(app: typer.Typer, tmp_path: Path) -
                         "service": {"kind": "constant", "mean_s": 0.2},
                     }
                 ],
-                "cluster": {"workers": 2},
+                "allocation": {"policy": "proportional", "budget": 2},
                 "workload": {"trace": {"format": "generic_csv"}},
             }
         )

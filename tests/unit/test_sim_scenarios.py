@@ -31,7 +31,7 @@ def _minimal() -> dict[str, Any]:
             {"name": "b", "job_types": ["b"], "service": {"kind": "exponential", "mean_s": 1.0}},
             {"name": "c", "job_types": ["c"], "service": {"kind": "exponential", "mean_s": 1.0}},
         ],
-        "cluster": {"workers": 4},
+        "allocation": {"policy": "proportional", "budget": 4},
         "workload": {"generators": [{"kind": "poisson", "rate_per_s": 2.0, "mix": {"a": 1}}]},
         "duration_s": 10.0,
     }
@@ -62,20 +62,20 @@ def test_bad_field_is_reported_with_its_path() -> None:
 def test_unknown_fields_are_refused() -> None:
     """extra='forbid': a typo is an error, not silently ignored."""
     data = _minimal()
-    data["cluster"]["worker"] = 3
-    with pytest.raises(ScenarioError, match=r"cluster\.worker: Extra inputs are not permitted"):
+    data["allocation"]["budgt"] = 3
+    with pytest.raises(ScenarioError, match=r"allocation\.budgt: Extra inputs are not permitted"):
         parse_scenario(data)
 
 
 def test_cross_field_problems_have_paths_too() -> None:
     """Semantic checks name the field: unknown queue in the allocation, unserved job type."""
     data = _minimal()
-    data["cluster"]["initial_allocation"] = {"zz": 1}
+    data["allocation"]["initial"] = {"zz": 1}
     data["workload"]["generators"][0]["mix"] = {"nobody": 1}
     with pytest.raises(ScenarioError) as info:
         parse_scenario(data)
     paths = [path for path, _ in info.value.problems]
-    assert "cluster.initial_allocation.zz" in paths
+    assert "allocation.initial.zz" in paths
     assert "workload.generators.0.mix.nobody" in paths
 
 
@@ -166,7 +166,7 @@ def test_shipped_scenario_loads_and_runs_briefly(name: str, tmp_path: Path) -> N
     assert summary.completed + summary.in_system + summary.rejected == summary.arrived
     assert littles_law_gap(record) < 1e-9
     assert record.timeseries.allocation.shape[1] == len(scenario.queues)
-    assert (record.timeseries.allocation.sum(axis=1) <= scenario.cluster.workers).all()
+    assert (record.timeseries.allocation.sum(axis=1) <= scenario.allocation.budget).all()
 
 
 def test_trace_scenario_without_trace_is_an_error() -> None:
@@ -174,6 +174,32 @@ def test_trace_scenario_without_trace_is_an_error() -> None:
     scenario = parse_scenario((SCENARIO_DIR / "trace_mooncake.yaml").read_text())
     with pytest.raises(ScenarioError, match="needs a trace file"):
         prepare(scenario, 0)
+
+
+# --- routing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["shortest_wait", "power_of_two"])
+def test_idle_replicas_share_the_jobs(router: str) -> None:
+    """Two identical replicas, idle whenever a job arrives (1 job/s of 10 ms): 1000 jobs split
+    binomially, within five standard deviations (5 x 15.8) of 500, not all onto the first."""
+    scenario = parse_scenario(
+        {
+            "queues": [
+                {"name": n, "job_types": ["llm"], "service": {"kind": "constant", "mean_s": 0.01}}
+                for n in ("replica_a", "replica_b")
+            ],
+            "routing": {"policy": router},
+            "allocation": {"policy": "static", "budget": 4, "initial": {"replica_a": 2, "replica_b": 2}},
+            "workload": {"generators": [{"kind": "poisson", "rate_per_s": 1.0, "mix": {"llm": 1}}]},
+            "max_jobs": 1000,
+        }
+    )  # fmt: skip
+    prepared = prepare(scenario, 0)
+    record = prepared.start(make_router_for(scenario)).run(make_allocator_for(scenario))
+    per_queue = summarize(record).per_queue
+    assert per_queue["replica_a"].jobs + per_queue["replica_b"].jobs == 1000
+    assert abs(per_queue["replica_a"].jobs - 500) <= 79, per_queue
 
 
 # --- policy comparisons ----------------------------------------------------------------------------
@@ -207,13 +233,12 @@ def _switch_cost_scenario() -> Any:
                 }
                 for n in "abc"
             ],
-            "cluster": {"workers": 24},
+            "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 24},
             "workload": {
                 "generators": [
                     {"kind": "poisson", "rate_per_s": 19.2, "mix": {"a": 1, "b": 1, "c": 1}}
                 ]
             },
-            "tick_s": 1.0,
             "duration_s": 600.0,
         }
     )
@@ -240,7 +265,7 @@ def _bursty_scenario() -> Any:
                 }
                 for n in "ab"
             ],
-            "cluster": {"workers": 24},
+            "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 24},
             "workload": {
                 "generators": [
                     {
@@ -254,7 +279,6 @@ def _bursty_scenario() -> Any:
                     {"kind": "poisson", "rate_per_s": 12, "mix": {"b": 1}},
                 ]
             },
-            "tick_s": 1.0,
             "duration_s": 1200.0,
         }
     )

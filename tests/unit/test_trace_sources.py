@@ -70,7 +70,7 @@ def test_a_scenario_naming_a_missing_file_says_which_field(tmp_path: Path) -> No
     data = {
         "name": "mine",
         "queues": [{"name": "q", "job_types": ["x"], "service": {"kind": "constant", "mean_s": 1}}],
-        "cluster": {"workers": 1},
+        "allocation": {"policy": "proportional", "budget": 1},
         "workload": {"trace": {"format": "generic_csv", "path": "data/mine.csv"}},
     }
     scenario = tmp_path / "mine.yaml"
@@ -88,7 +88,7 @@ def test_trace_can_go_to_the_trace_scenario_among_synthetic_ones(tmp_path: Path)
     replay = {
         "name": "replay",
         "queues": [{"name": "q", "job_types": ["x"], "service": {"kind": "constant", "mean_s": 0.2}}],
-        "cluster": {"workers": 2},
+        "allocation": {"policy": "proportional", "budget": 2},
         "workload": {"trace": {"format": "generic_csv"}},
     }  # fmt: skip
     (tmp_path / "replay.yaml").write_text(yaml.safe_dump(replay))

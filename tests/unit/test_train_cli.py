@@ -26,9 +26,8 @@ TRACE_SCENARIO = {
          "model_load_s": 1.0}
         for n in ("a", "b")
     ],
-    "cluster": {"workers": 3},
+    "allocation": {"policy": "proportional", "tick_s": 1.0, "budget": 3},
     "workload": {"trace": {"format": "generic_csv", "path": "my_trace.csv"}},
-    "tick_s": 1.0,
 }  # fmt: skip
 
 

@@ -33,14 +33,13 @@ name: tiny
 queues:
   - {name: a, job_types: [a], service: {kind: exponential, mean_s: 0.5}, model_load_s: 4.0}
   - {name: b, job_types: [b], service: {kind: lognormal, mean_s: 0.5, cv: 1.0}, model_load_s: 4.0}
-cluster: {workers: 6}
+allocation: {policy: proportional, tick_s: 1.0, budget: 6}
 workload:
   generators:
     - kind: mmpp
       states: [{rate_per_s: 2.0, mean_sojourn_s: 10.0}, {rate_per_s: 8.0, mean_sojourn_s: 5.0}]
       mix: {a: 1}
     - {kind: poisson, rate_per_s: 2.0, mix: {b: 1}}
-tick_s: 1.0
 duration_s: 60.0
 """
 
@@ -105,7 +104,7 @@ def test_shipped_tuned_values_match_the_shipped_scenarios(name: str) -> None:
 
 def test_edited_scenario_gets_no_stored_values() -> None:
     """A scenario that reuses a shipped name with other content is not given foreign values."""
-    text = (SCENARIO_DIR / "steady.yaml").read_text().replace("workers: 32", "workers: 33")
+    text = (SCENARIO_DIR / "steady.yaml").read_text().replace("budget: 32", "budget: 33")
     assert shipped_params(parse_scenario(text)) is None
 
 
@@ -116,7 +115,7 @@ def test_fingerprint_ignores_the_description_only() -> None:
         base.model_copy(update={"description": "other words"})
     )
     assert scenario_fingerprint(base) != scenario_fingerprint(
-        base.model_copy(update={"tick_s": 2.0})
+        base.model_copy(update={"allocation": base.allocation.model_copy(update={"tick_s": 2.0})})
     )
 
 
@@ -137,7 +136,7 @@ def test_trace_window_split_partitions_the_trace() -> None:
     text = """
 name: t
 queues: [{name: q, job_types: [x], service: {kind: constant, mean_s: 0.2}}]
-cluster: {workers: 2}
+allocation: {policy: proportional, budget: 2}
 workload: {trace: {format: generic_csv}}
 """
     scenario = parse_scenario(text)
