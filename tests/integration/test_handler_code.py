@@ -56,7 +56,8 @@ def service(tmp_path: Path, handlers: list[str], **raw: Any) -> ServiceConfig:
     path = app / "service.yaml"
     job_types = [f"{m.rsplit('/', 1)[-1].removesuffix('.py')}_job" for m in handlers]
     queues = [{"name": f"q{i}", "job_types": [t]} for i, t in enumerate(job_types)]
-    path.write_text(yaml.safe_dump({"queues": queues, "handlers": handlers, **raw}))
+    layout = {"queues": queues, "allocation": {"budget": 2}}
+    path.write_text(yaml.safe_dump({**layout, "handlers": handlers, **raw}))
     return ServiceConfig.load(path)
 
 
@@ -88,7 +89,7 @@ class TestLocating:
     def test_an_installed_module_ships_nothing(self, tmp_path: Path) -> None:
         """A module on the Python path is taken to be on every node: no runtime_env at all."""
         code = prepare_handler_code(ServiceConfig.from_mapping({"queues": [
-            {"name": "e", "job_types": ["embed"]}]}), cwd=tmp_path)  # fmt: skip
+            {"name": "e", "job_types": ["embed"]}], "allocation": {"budget": 1}}), cwd=tmp_path)  # fmt: skip
         assert code.modules == ("workers.demo_models",)
         assert code.local_modules == ()
         assert code.runtime_env is None
@@ -274,7 +275,11 @@ class TestImportErrors:
         (tmp_path / "raising_handlers.py").write_text("raise RuntimeError('no GPU here')\n")
         code = prepare_handler_code(
             ServiceConfig.from_mapping(
-                {"queues": [{"name": "q", "job_types": ["x"]}], "handlers": ["raising_handlers"]}
+                {
+                    "queues": [{"name": "q", "job_types": ["x"]}],
+                    "allocation": {"budget": 1},
+                    "handlers": ["raising_handlers"],
+                }
             ),
             cwd=tmp_path,
         )
@@ -291,7 +296,11 @@ class TestImportErrors:
         (tmp_path / "needy_handlers.py").write_text("import no_such_dependency_xyz\n")
         code = prepare_handler_code(
             ServiceConfig.from_mapping(
-                {"queues": [{"name": "q", "job_types": ["x"]}], "handlers": ["needy_handlers"]}
+                {
+                    "queues": [{"name": "q", "job_types": ["x"]}],
+                    "allocation": {"budget": 1},
+                    "handlers": ["needy_handlers"],
+                }
             ),
             cwd=tmp_path,
         )

@@ -30,6 +30,7 @@ EXPECTED = {
     "JobSummary",
     "JobTimeout",
     "ListOrder",
+    "NoService",
     "PurgeReport",
     "RedisUnavailable",
     "Refusal",
