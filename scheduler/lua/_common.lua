@@ -442,7 +442,20 @@ local function judge(id, index, here, q, names)
     return nil, 'dead'
   end
   if belongs(rec, here, q) then return rec end
-  if FINISHED[rec.status] or placed(id, rec) then
+  if FINISHED[rec.status] then
+    -- The job has ended and this entry is stale; the record stands, and it must be in the one
+    -- index of its end (a dead-letter set or a finished list), so listings, replay and purge
+    -- find it. Only a damaged store gets here, so the LPOS over a finished list is rare.
+    local home = is_queue_name(rec.queue) and rec.queue or INGRESS_QUEUE
+    if rec.status == 'dead' then
+      if kcall('ZSCORE', deadkey(home), id) == false then kcall('ZADD', deadkey(home), NOW, id) end
+    elseif kcall('LPOS', donekey(home), id) == false then
+      kcall('LPUSH', donekey(home), id)
+    end
+    notice('dropped', index, id .. ': the job is ' .. rec.status .. ' elsewhere')
+    return nil, 'dropped'
+  end
+  if placed(id, rec) then
     notice('dropped', index, id .. ': the job is ' .. rec.status .. ' elsewhere')
     return nil, 'dropped'
   end

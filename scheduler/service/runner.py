@@ -68,6 +68,14 @@ RAY_NAMESPACE = "bilevel"
 STOP_TIMEOUT_S = 60.0
 
 
+class RayUnavailable(BilevelError):
+    """Ray could not be started or joined; names where, and Ray's own reason in one line."""
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        super().__init__(f"Ray: {where}: {reason}")
+
+
 # The runtime_env ensure_ray started this process's Ray job with (None: none, or Ray was
 # initialised by someone else): a later start_service with the same one needs nothing more.
 _job_runtime_env: dict[str, Any] | None = None
@@ -100,15 +108,30 @@ def ensure_ray(*, address: str | None = None, runtime_env: dict[str, Any] | None
             "_temp_dir": tempfile.mkdtemp(prefix="blray", dir="/tmp"),
             "include_dashboard": False,
         }
+    where = (
+        f"could not join the cluster at {address}"
+        if address != "local"
+        else f"could not start a local Ray (temp dir {options['_temp_dir']})"
+    )
     try:
         ray.init(**options)
     except (ValueError, TypeError, ray.exceptions.RuntimeEnvSetupError) as exc:
         # Raised by the upload or validation of the runtime_env; anything else (a cluster that
-        # cannot be reached) is not about it and goes up as it is.
+        # cannot be reached) is not about it.
+        ray.shutdown()
         if not runtime_env:
+            raise RayUnavailable(where, exc) from None
+        raise runtime_env_refused(runtime_env, exc) from None
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        ray.shutdown()
+        raise RayUnavailable(where, exc) from None
+    except Exception as exc:
+        # Ray raises a bare Exception when its node does not come up in time (an overloaded
+        # machine): one line naming it, not a traceback through Ray's internals.
+        if type(exc) is not Exception:
             raise
         ray.shutdown()
-        raise runtime_env_refused(runtime_env, exc) from None
+        raise RayUnavailable(where, exc) from None
     _job_runtime_env = runtime_env
     return True
 

@@ -678,3 +678,18 @@ class TestRouterKeepsServing:
             assert dead.status is JobStatus.DEAD, kind.name
             assert dead.error is not None
             assert kind.reason in dead.error.message, kind.name
+
+
+@pytest.mark.parametrize("ended", ["dead", "succeeded", "cancelled"])
+@pytest.mark.parametrize("place", [INGRESS, QUEUED, EXPIRED, DELAYED])
+def test_a_record_that_says_it_ended_is_kept_and_indexed_where_it_ended(
+    store: Store, run: Runner, clock: ManualClock, ended: str, place: str
+) -> None:
+    """A record whose status says the job ended while its entry sits in a live index: the stale
+    entry is dropped, the record stands, and the job is in the one index of its end (a
+    dead-letter set or a finished list), so listings, replay and purge find it."""
+    planted = run(plant(store, place))
+    run(store.redis.hset(store.keys.job(planted.victim), "status", ended))
+    run(serve(store, clock, place, planted))
+    run(assert_each_job_in_one_place(store, [planted.victim, *planted.healthy]))
+    assert run(store.get(planted.victim)).status is JobStatus(ended)
