@@ -67,6 +67,15 @@ local INBOX_TTL_MS = 600000
 local INLINE_RESULT_BYTES = 8192
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
+-- HASH per queue of what its finished jobs took (Keys.timing): histogram buckets of completion
+-- time 'j<i>' and queue wait 'w<i>', their sums in ms 'js' and 'ws', SLO outcomes 'sn' (judged)
+-- and 'sm' (met), and the queue's SLO 'slo_ms' (written by the controller).
+local function timingkey(q) return prefix .. 'timing:' .. q end
+-- HASH of usage per tenant (Keys.tenants): 'c:<tenant>' jobs succeeded, 's:<tenant>' ms leased.
+local TENANTS = prefix .. 'tenants'
+-- Bucket upper bounds in ms; mirrors scheduler.keys.TIMING_BUCKETS_MS (one more bucket: +Inf).
+local TIMING_BUCKETS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                           300000}
 -- LIST per queue of jobs that finished succeeded or cancelled, newest first (see index_finished).
 local function donekey(q) return prefix .. 'done:' .. q end
 -- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
@@ -350,6 +359,7 @@ end
 local function dead_letter(id, status, q, member, reason, now, ttl_ms)
   detach(id, status, q, member)
   kcall('ZADD', deadkey(q or INGRESS_QUEUE), now, id)
+  incr(countskey(q or INGRESS_QUEUE), 'dead', 1)
   redis.call('HSET', jobkey(id), 'error', reason)
   finish(id, 'dead', now, ttl_ms)
 end
@@ -521,4 +531,85 @@ local function add_history(id, entry)
     end
   end
   redis.call('HSET', k, 'history', h)
+end
+
+-- -- what finished jobs took --------------------------------------------------------------------
+
+-- The histogram bucket (1-based; #TIMING_BUCKETS_MS + 1 is +Inf) of a duration in ms.
+local function bucket_of(ms)
+  for i, bound in ipairs(TIMING_BUCKETS_MS) do
+    if ms <= bound then return i end
+  end
+  return #TIMING_BUCKETS_MS + 1
+end
+
+-- Increments gathered over one script call, key -> field -> amount, written by flush_observed:
+-- a batch of completions costs one HINCRBY per distinct field, not a few per job.
+local observed = {}
+-- Per queue of this call: its SLO in ms, or false when it has none (read once per call).
+local slo_ms_of = {}
+
+local function add(key, field, by)
+  local t = observed[key]
+  if not t then t = {}; observed[key] = t end
+  t[field] = (t[field] or 0) + by
+end
+
+local function queue_slo_ms(q)
+  local slo = slo_ms_of[q]
+  if slo == nil then
+    -- pcall: a timing key of the wrong type reads as no SLO here; the flush moves it aside.
+    local v = redis.pcall('HGET', timingkey(q), 'slo_ms')
+    slo = (type(v) == 'string' and is_uint(v) and tonumber(v)) or false
+    slo_ms_of[q] = slo
+  end
+  return slo
+end
+
+-- Count what job `rec` (its sound fields created_ms, order, and started_ms and rt when present)
+-- took, succeeding now in queue q: completion time and queue wait into the queue's buckets; met
+-- or missed against its own deadline, else its queue's SLO; its tenant's usage. The script that
+-- calls this calls flush_observed before it returns (complete.lua).
+local function observe_succeeded(q, rec, now)
+  local k = timingkey(q)
+  local created = tonumber(rec.created_ms)
+  local jct = math.max(0, now - created)
+  add(k, 'j' .. bucket_of(jct), 1)
+  add(k, 'js', jct)
+  local started = rec.started_ms and tonumber(rec.started_ms)
+  if started then
+    local wait = math.max(0, started - created)
+    add(k, 'w' .. bucket_of(wait), 1)
+    add(k, 'ws', wait)
+  end
+  -- Characters 5-19 of the order member: the absolute deadline in ms (NO_DEADLINE for none).
+  local deadline = tonumber(string.sub(rec.order, 5, 19))
+  local met = nil
+  if deadline and deadline ~= NO_DEADLINE then
+    met = now <= deadline
+  else
+    local slo = queue_slo_ms(q)
+    if slo then met = jct <= slo end
+  end
+  if met ~= nil then
+    add(k, 'sn', 1)
+    if met then add(k, 'sm', 1) end
+  end
+  -- Most jobs name no tenant: their routing view says "n":null, and is not decoded.
+  local rt = rec.rt
+  if rt and not string.find(rt, '"n":null', 1, true) then
+    local ok, view = pcall(cjson.decode, rt)
+    if ok and type(view) == 'table' and type(view.n) == 'string' then
+      add(TENANTS, 'c:' .. view.n, 1)
+      if started then add(TENANTS, 's:' .. view.n, math.max(0, now - started)) end
+    end
+  end
+end
+
+-- Write what observe_succeeded gathered.
+local function flush_observed()
+  for key, fields in pairs(observed) do
+    for field, by in pairs(fields) do incr(key, field, by) end
+  end
+  observed = {}
 end
