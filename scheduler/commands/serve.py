@@ -123,6 +123,11 @@ def _mode_lines(handle: ServiceHandle) -> list[str]:
             f"{handle.namespace} (a deployment of its own: it stops with this process; to add a "
             "standby to a running service instead, start serve with that service's --redis-url)"
         )
+    if handle.metrics_url is not None:
+        lines.append(
+            f"metrics: {handle.metrics_url}/metrics; dashboard: {handle.metrics_url}/ "
+            f"(JSON: {handle.metrics_url}/api/state)"
+        )
     for module, path in handle.handler_files.items():
         lines.append(f"handler module {module}: the workers import {path}")
     if handle.standby_of:

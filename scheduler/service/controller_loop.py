@@ -306,9 +306,7 @@ class ControllerLoop:
             queue_decisions(pipe, keys, r.decision)
         await pipe.execute()
         if self.ticks == 1:
-            await write_slos(
-                self.store.redis, keys, {q.name: q.slo_s for q in self.config.queues}
-            )
+            await write_slos(self.store.redis, keys, {q.name: q.slo_s for q in self.config.queues})
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
         if self._sleep is not None:
