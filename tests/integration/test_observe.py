@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from policies.views import Allocation, ClusterView
 from scheduler.cli import app
-from scheduler.client import AsyncClient, JobRequest
-from scheduler.config import ConfigError, MetricsConfig, ServiceConfig
+from scheduler.config import ConfigError, MetricsConfig
 from scheduler.connection import client_from_url
 from scheduler.keys import DECISIONS_LEN, TIMING_BUCKETS_MS
 from scheduler.models import ErrorInfo
@@ -31,25 +28,13 @@ from scheduler.store import Store
 from scheduler.timings import bucket_of, read_timings, record_model_load, write_slos
 from tests.conftest import ManualClock, Runner
 from tests.integration.helpers import new_job, submit_to_queue
+from tests.integration.observe_helpers import (
+    Load,
+    api_state,
+    scrape,
+    store_totals,
+)
 from tests.integration.service_helpers import PoolDouble, service_config
-
-
-def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, by (sample name, sorted labels without the namespace)."""
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "namespace"))
-            out[(s.name, labels)] = s.value
-    return out
-
-
-def _state(url: str) -> dict[str, Any]:
-    state: dict[str, Any] = json.loads(
-        urllib.request.urlopen(f"{url}/api/state", timeout=30).read()
-    )
-    return state
 
 
 class TestFinishPathCounts:
@@ -318,7 +303,7 @@ class TestMetricsAgainstTheStore:
             await store.complete([(lease.job_id, lease.token, None) for lease in leases])
 
         run(scenario())
-        m = _scrape(observer.url)
+        m = scrape(observer.url)
         q = (("queue", "embeddings"),)
         assert m[("bilevel_up", ())] == 1.0
         assert m[("bilevel_queue_depth", q)] == 2
@@ -332,7 +317,7 @@ class TestMetricsAgainstTheStore:
         assert m[("bilevel_slo_attainment_ratio", q)] == 1.0
         assert m[("bilevel_jobs_rejected_total", q)] == 0
         assert m[("bilevel_leader", (("role", "controller"),))] == 0
-        state = _state(observer.url)
+        state = api_state(observer.url)
         (emb,) = [x for x in state["queues"] if x["name"] == "embeddings"]
         assert (emb["depth"], emb["completed_total"], emb["jct"]["count"]) == (2, 4, 4)
 
@@ -341,7 +326,7 @@ class TestMetricsAgainstTheStore:
     ) -> None:
         """Admission's per-queue 'rejected' field is what bilevel_jobs_rejected_total reads."""
         run(store.redis.hset(store.keys.counts("classifier"), "rejected", "7"))
-        m = _scrape(observer.url)
+        m = scrape(observer.url)
         assert m[("bilevel_jobs_rejected_total", (("queue", "classifier"),))] == 7
 
     def test_redis_away_is_up_zero_not_an_error(self, settings: Settings) -> None:
@@ -349,7 +334,7 @@ class TestMetricsAgainstTheStore:
         config = service_config(settings, metrics={"port": 0})
         server = ObserveServer(config, "redis://127.0.0.1:1/0").start()
         try:
-            m = _scrape(server.url)
+            m = scrape(server.url)
             assert m == {("bilevel_up", ()): 0.0}
             with pytest.raises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(f"{server.url}/api/state", timeout=30)
@@ -380,89 +365,6 @@ class TestMetricsAgainstTheStore:
 
 # -- a live service on Ray -------------------------------------------------------------------------
 
-LIVE_QUEUES = [
-    {"name": "echo", "job_types": ["test.echo"], "min_workers": 1, "slo_s": 5.0},
-    {"name": "batch", "job_types": ["test.batch"], "min_workers": 1, "slo_s": 0.001},
-]
-
-
-def live_config(settings: Settings) -> ServiceConfig:
-    """Two queues of the test handlers, one worker each; an SLO nobody meets on one."""
-    raw: dict[str, Any] = {
-        "store": {**settings.model_dump(), "redis_url": settings.url(), "lease_s": 5.0},
-        "handlers": ["tests.integration.handlers_for_tests"],
-        "queues": LIVE_QUEUES,
-        "allocation": {"budget": 2, "tick_s": 0.3, "policy": "proportional"},
-        "metrics": {"port": 0},
-    }
-    return ServiceConfig.from_mapping(raw)
-
-
-class Load:
-    """Submits jobs of both queues from a thread of its own for `seconds`, then waits for all."""
-
-    def __init__(self, settings: Settings, seconds: float) -> None:
-        self.settings = settings
-        self.seconds = seconds
-        self.submitted = 0
-        self.results: list[Any] = []
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._load())
-        except BaseException as exc:
-            self.error = exc
-
-    async def _load(self) -> None:
-        async with AsyncClient(settings=self.settings) as client:
-            handles = []
-            end = time.monotonic() + self.seconds
-            i = 0
-            while time.monotonic() < end:
-                batch = [
-                    JobRequest("test.echo", {"i": i}, tenant="acme" if i % 3 == 0 else None),
-                    JobRequest("test.batch", {"i": i}),
-                ]
-                handles += await client.submit_many(batch)
-                self.submitted = len(handles)
-                i += 1
-                await asyncio.sleep(0.02)
-            self.results = await client.gather(handles, timeout=60)
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.thread.join(timeout=90)
-
-
-@pytest.fixture
-def live_service(ray_local: None, settings: Settings) -> Iterator[Any]:
-    from scheduler.service.runner import start_service
-
-    handle = start_service(live_config(settings), leader_ttl_s=1.0, wait_s=30.0)
-    try:
-        yield handle
-    finally:
-        handle.stop(timeout_s=20.0)
-
-
-def _store_totals(settings: Settings) -> dict[str, int]:
-    async def read() -> dict[str, int]:
-        url = settings.url()
-        assert url is not None
-        store = Store(client_from_url(url), settings)
-        try:
-            stats = await store.stats([q["name"] for q in LIVE_QUEUES])
-        finally:
-            await store.close()
-        return {n: q.completed_total for n, q in stats.queues.items()}
-
-    return asyncio.run(read())
-
 
 @pytest.mark.slow
 class TestScrapedDuringLoad:
@@ -478,9 +380,9 @@ class TestScrapedDuringLoad:
         scrapes = 0
         with Load(settings, seconds=4.0) as load:
             while load.thread.is_alive() and scrapes < 30:
-                before = _store_totals(settings)
-                m = _scrape(url)
-                after = _store_totals(settings)
+                before = store_totals(settings)
+                m = scrape(url)
+                after = store_totals(settings)
                 for name in before:
                     seen = m[("bilevel_jobs_completed_total", (("queue", name),))]
                     assert before[name] <= seen <= after[name]
@@ -504,7 +406,7 @@ class TestScrapedDuringLoad:
                 await store.close()
 
         jobs = run_sync(records())
-        m = _scrape(url)
+        m = scrape(url)
         for name in ("echo", "batch"):
             q = (("queue", name),)
             mine = [j for j in jobs if j.queue == name]
