@@ -123,11 +123,15 @@ def _mode_lines(handle: ServiceHandle) -> list[str]:
             f"{handle.namespace} (a deployment of its own: it stops with this process; to add a "
             "standby to a running service instead, start serve with that service's --redis-url)"
         )
-    if handle.metrics_url is not None:
-        lines.append(
-            f"metrics: {handle.metrics_url}/metrics; dashboard: {handle.metrics_url}/ "
-            f"(JSON: {handle.metrics_url}/api/state)"
-        )
+    if handle.observe is not None:
+        url = handle.observe.url
+        lines.append(f"metrics: {url}/metrics; dashboard: {url}/ (JSON: {url}/api/state)")
+        if handle.observe.port_taken:
+            port = handle.config.metrics.port
+            lines.append(
+                f"metrics port {port} is in use (by the service this one stands by for, or "
+                f"another program): served on {url} until it is free, then on {port} too"
+            )
     for module, path in handle.handler_files.items():
         lines.append(f"handler module {module}: the workers import {path}")
     if handle.standby_of:

@@ -465,7 +465,9 @@ end
 -- A worker's report on job id under lease `token`: the record (fields `names`, 'status' and
 -- 'attempts' among them) when `accept`s its status and the token is current; else nil and the
 -- code: C_NOT_FOUND, C_ALREADY_FINISHED, C_STALE_LEASE, or C_CORRUPT (dead-lettered here).
-local function reported(id, names, token, accept)
+-- `unjudged` (optional) names fields read in the same call but left out of the judgement (flaw),
+-- for what only the counting needs: their values are in the record as read, unchecked.
+local function reported(id, names, token, accept, unjudged)
   local rec, t = read_job(id, names)
   if rec == nil then return nil, C_NOT_FOUND end
   if rec == false then
@@ -473,12 +475,18 @@ local function reported(id, names, token, accept)
     return nil, C_CORRUPT
   end
   if rec.status and FINISHED[rec.status] then return nil, C_ALREADY_FINISHED end
+  local kept = {}
+  for _, name in ipairs(unjudged or {}) do
+    kept[name] = rec[name]
+    rec[name] = nil
+  end
   local why = flaw(id, rec)
   if why then
     corrupt(id, rec, false, why)
     return nil, C_CORRUPT
   end
   if not accept[rec.status] or tonumber(rec.attempts) ~= token then return nil, C_STALE_LEASE end
+  for name, value in pairs(kept) do rec[name] = value end
   return rec
 end
 
@@ -535,13 +543,22 @@ end
 
 -- -- what finished jobs took --------------------------------------------------------------------
 
--- The histogram bucket (1-based; #TIMING_BUCKETS_MS + 1 is +Inf) of a duration in ms.
+-- The histogram bucket (1-based; #TIMING_BUCKETS_MS + 1 is +Inf) of a duration in ms: a binary
+-- search, since it runs twice for every job completed.
+local N_BUCKETS = #TIMING_BUCKETS_MS + 1
 local function bucket_of(ms)
-  for i, bound in ipairs(TIMING_BUCKETS_MS) do
-    if ms <= bound then return i end
+  local lo, hi = 1, N_BUCKETS
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if ms <= TIMING_BUCKETS_MS[mid] then hi = mid else lo = mid + 1 end
   end
-  return #TIMING_BUCKETS_MS + 1
+  return lo
 end
+-- Field names per bucket (constants: no string is built per job).
+local JCT_FIELD = {'j1', 'j2', 'j3', 'j4', 'j5', 'j6', 'j7', 'j8', 'j9', 'j10', 'j11', 'j12', 'j13',
+                   'j14', 'j15'}
+local WAIT_FIELD = {'w1', 'w2', 'w3', 'w4', 'w5', 'w6', 'w7', 'w8', 'w9', 'w10', 'w11', 'w12', 'w13',
+                    'w14', 'w15'}
 
 -- Increments gathered over one script call, key -> field -> amount, written by flush_observed:
 -- a batch of completions costs one HINCRBY per distinct field, not a few per job.
@@ -566,20 +583,22 @@ local function queue_slo_ms(q)
   return slo
 end
 
--- Count what job `rec` (its sound fields created_ms, order, and started_ms and rt when present)
+-- Count what job `rec` (its sound order, and created_ms, started_ms and rt as read, unjudged)
 -- took, succeeding now in queue q: completion time and queue wait into the queue's buckets; met
--- or missed against its own deadline, else its queue's SLO; its tenant's usage. The script that
--- calls this calls flush_observed before it returns (complete.lua).
+-- or missed against its own deadline, else its queue's SLO; its tenant's usage. A record without
+-- a sound created_ms is not counted (its completion goes on). The script that calls this calls
+-- flush_observed before it returns (complete.lua).
 local function observe_succeeded(q, rec, now)
+  if not is_uint(rec.created_ms) then return end
   local k = timingkey(q)
   local created = tonumber(rec.created_ms)
   local jct = math.max(0, now - created)
-  add(k, 'j' .. bucket_of(jct), 1)
+  add(k, JCT_FIELD[bucket_of(jct)], 1)
   add(k, 'js', jct)
-  local started = rec.started_ms and tonumber(rec.started_ms)
+  local started = is_uint(rec.started_ms) and tonumber(rec.started_ms)
   if started then
     local wait = math.max(0, started - created)
-    add(k, 'w' .. bucket_of(wait), 1)
+    add(k, WAIT_FIELD[bucket_of(wait)], 1)
     add(k, 'ws', wait)
   end
   -- Characters 5-19 of the order member: the absolute deadline in ms (NO_DEADLINE for none).

@@ -28,11 +28,13 @@ local out = {}
 local released = {}
 local completed = {}
 local names = {'status', 'attempts', 'queue', 'order', 'w', 'created_ms', 'started_ms', 'rt'}
+-- Read in the same call for the counting only; a record missing them still completes.
+local counted = {'created_ms', 'started_ms', 'rt'}
 local accept = {running = true, queued = true, delayed = true, retrying = true}
 for i = 0, n - 1 do
   local b = 4 + i * 3
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
-  local rec, refused = reported(id, names, token, accept)
+  local rec, refused = reported(id, names, token, accept, counted)
   if not rec then
     out[#out + 1] = refused
   else

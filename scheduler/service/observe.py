@@ -40,6 +40,8 @@ log = get_logger("bilevel.observe")
 
 # A request waits at most this long for Redis (a scrape that takes longer is useless anyway).
 READ_TIMEOUT_S = 10.0
+# How often a server whose configured port was taken tries to bind it again.
+CLAIM_EVERY_S = 5.0
 # Where the page's inlined state goes.
 _STATE_SLOT = "/*INITIAL_STATE*/null"
 
@@ -52,55 +54,105 @@ def dashboard_html() -> str:
 class ObserveServer:
     """Serves /metrics, /api/state and the dashboard for one namespace until `stop()`.
 
-    `start()` binds `config.metrics.host`:`port` (0: a free port; `url` says which) and raises
-    ConfigError naming metrics.port when the port is taken.
+    `start()` binds `config.metrics.host`:`port` (0: a free port; `url` says which); see there
+    for a port that is taken.
     """
 
-    def __init__(self, config: ServiceConfig, redis_url: str) -> None:
+    def __init__(
+        self, config: ServiceConfig, redis_url: str, *, claim_every_s: float = CLAIM_EVERY_S
+    ) -> None:
         self.config = config
         self.redis_url = redis_url
+        self.claim_every_s = claim_every_s
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="bilevel-observe-redis", daemon=True
         )
         self._store: Store | None = None
-        self._http: ThreadingHTTPServer | None = None
-        self._http_thread: threading.Thread | None = None
+        # The configured port's server first once it is bound; a free port's while it is taken.
+        self._servers: list[ThreadingHTTPServer] = []
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        # Orders a port claimed late against stop().
+        self._lock = threading.Lock()
+        # The configured port was taken at start and is not yet ours.
+        self.port_taken = False
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(self.snapshot, config.store.namespace))
         self._page = dashboard_html()
 
     @property
     def url(self) -> str:
-        """http://host:port of the bound server."""
-        assert self._http is not None, "not started"
-        host, port = self._http.server_address[:2]
+        """http://host:port of the configured port once bound, else of the stand-in port."""
+        assert self._servers, "not started"
+        host, port = self._servers[0].server_address[:2]
         return f"http://{host!s}:{port}"
 
     def start(self) -> ObserveServer:
+        """Listen and serve. A configured port that is taken (the service this one stands by
+        for, in a rolling upgrade, holds it) is served on a free port meanwhile, and claimed as
+        soon as it is free; any other failure to listen is a ConfigError naming metrics.host."""
         metrics = self.config.metrics
         try:
-            self._http = ThreadingHTTPServer((metrics.host, metrics.port), _handler_for(self))
+            server = self._bind(metrics.port)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
+            if exc.errno != errno.EADDRINUSE or metrics.port == 0:
                 raise ConfigError(
-                    f"metrics.port: {metrics.host}:{metrics.port} is in use (another bilevel "
-                    "serve on this machine?); set metrics.port to a free port, 0 to pick one, "
-                    "or metrics.enabled: false"
+                    f"metrics.host: cannot listen on {metrics.host}:{metrics.port}: "
+                    f"{exc.strerror or exc}"
                 ) from None
-            raise ConfigError(
-                f"metrics.host: cannot listen on {metrics.host}:{metrics.port}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        self._http.daemon_threads = True
+            server = self._bind(0)
+            self.port_taken = True
         self._loop_thread.start()
         self._store = self._call(self._open_store())
-        self._http_thread = threading.Thread(
-            target=self._http.serve_forever, name="bilevel-observe-http", daemon=True
-        )
-        self._http_thread.start()
+        self._serve(server)
+        if self.port_taken:
+            log.warning(
+                "observe_port_taken",
+                port=metrics.port,
+                serving=self.url,
+                retry_every_s=self.claim_every_s,
+            )
+            claimer = threading.Thread(
+                target=self._claim, name="bilevel-observe-claim", daemon=True
+            )
+            claimer.start()
+            self._threads.append(claimer)
         log.info("observe_started", url=self.url)
         return self
+
+    def _bind(self, port: int) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer((self.config.metrics.host, port), _handler_for(self))
+        server.daemon_threads = True
+        return server
+
+    def _serve(self, server: ThreadingHTTPServer, *, first: bool = False) -> None:
+        thread = threading.Thread(
+            target=server.serve_forever, name="bilevel-observe-http", daemon=True
+        )
+        thread.start()
+        if first:
+            self._servers.insert(0, server)
+        else:
+            self._servers.append(server)
+        self._threads.append(thread)
+
+    def _claim(self) -> None:
+        """Bind the configured port once it is free (the stand-in port keeps serving too)."""
+        port = self.config.metrics.port
+        while not self._stopping.wait(self.claim_every_s):
+            try:
+                server = self._bind(port)
+            except OSError:
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    server.server_close()
+                    return
+                self._serve(server, first=True)
+            self.port_taken = False
+            log.info("observe_port_claimed", url=self.url)
+            return
 
     async def _open_store(self) -> Store:
         return Store(client_from_url(self.redis_url), self.config.store)
@@ -121,10 +173,15 @@ class ObserveServer:
 
     def stop(self) -> None:
         """Stop serving and close the Redis connections (idempotent)."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        with self._lock:
+            self._stopping.set()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+        self._threads = []
         if self._store is not None:
             store, self._store = self._store, None
             try:
@@ -209,7 +266,7 @@ def _handler_for(server: ObserveServer) -> type[BaseHTTPRequestHandler]:
 
 def start_observe(config: ServiceConfig, redis_url: str) -> ObserveServer | None:
     """The running server when `config.metrics.enabled`, else None (ConfigError naming
-    metrics.port or metrics.host when it cannot listen)."""
+    metrics.host when it cannot listen)."""
     if not config.metrics.enabled:
         return None
     return ObserveServer(config, redis_url).start()

@@ -91,6 +91,22 @@ class TestFinishPathCounts:
         assert t.jct.count == 2
         assert (t.slo_judged, t.slo_met, t.slo_s) == (1, 1, None)
 
+    def test_a_record_without_its_submit_time_completes_uncounted(
+        self, store: Store, run: Runner
+    ) -> None:
+        """created_ms is read only for the counting: a record that lost it still succeeds."""
+
+        async def scenario() -> Any:
+            (job_id,) = await submit_to_queue(store, "q", new_job())
+            (lease,) = await store.lease("q", 1)
+            await store.redis.hdel(store.keys.job(job_id), "created_ms")
+            codes = await store.complete([(lease.job_id, lease.token, None)])
+            return codes, (await read_timings(store.redis, store.keys, ["q"]))["q"]
+
+        codes, t = run(scenario())
+        assert [int(c) for c in codes] == [0]
+        assert t.jct.count == 0
+
     def test_a_second_completion_counts_nothing(self, store: Store, run: Runner) -> None:
         """A refused (repeated) completion adds no observation."""
 
@@ -354,12 +370,35 @@ class TestMetricsAgainstTheStore:
         assert bad.value.code == 400
         assert "decisions must be" in json.loads(bad.value.read())["error"]
 
-    def test_a_taken_port_is_named(self, observer: ObserveServer, settings: Settings) -> None:
-        """A second server on a port in use fails naming metrics.port."""
+    def test_a_taken_port_is_served_elsewhere_until_it_is_free(
+        self, observer: ObserveServer, settings: Settings
+    ) -> None:
+        """A second server whose port is taken (a standby in a rolling upgrade) serves on a free
+        port, and takes its own once the first lets go of it."""
         port = int(observer.url.rsplit(":", 1)[1])
         # model_copy: the tests' BILEVEL_METRICS__PORT=0 would win over a port in the mapping.
         config = service_config(settings).model_copy(update={"metrics": MetricsConfig(port=port)})
-        with pytest.raises(ConfigError, match=r"metrics.port: 127.0.0.1:\d+ is in use"):
+        second = ObserveServer(config, settings.url() or "", claim_every_s=0.05).start()
+        try:
+            assert second.port_taken
+            assert not second.url.endswith(f":{port}")
+            assert scrape(second.url)[("bilevel_up", ())] == 1.0
+            observer.stop()
+            for _ in range(600):
+                if not second.port_taken:
+                    break
+                time.sleep(0.05)
+            assert second.url.endswith(f":{port}")
+            assert scrape(second.url)[("bilevel_up", ())] == 1.0
+        finally:
+            second.stop()
+
+    def test_a_host_it_cannot_listen_on_is_named(self, settings: Settings) -> None:
+        """An address that is not this machine's fails the start naming metrics.host."""
+        config = service_config(settings).model_copy(
+            update={"metrics": MetricsConfig(host="192.0.2.1", port=0)}
+        )
+        with pytest.raises(ConfigError, match=r"metrics.host: cannot listen on 192.0.2.1:0"):
             ObserveServer(config, settings.url() or "").start()
 
 

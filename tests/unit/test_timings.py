@@ -83,3 +83,13 @@ class TestParsing:
         assert usage["a"].leased_s == 1.5
         assert usage["b:x"].completed == 1
         assert set(usage) == {"a", "b:x"}
+
+
+def test_the_lua_field_names_cover_every_bucket() -> None:
+    """_common.lua's constant field-name tables name exactly one field per bucket, +Inf included."""
+    text = (REPO_ROOT / "scheduler" / "lua" / "_common.lua").read_text()
+    for prefix, table in (("j", "JCT_FIELD"), ("w", "WAIT_FIELD")):
+        found = re.search(rf"local {table} = \{{([^}}]*)\}}", text)
+        assert found is not None
+        names = [v.strip().strip("'") for v in found.group(1).replace("\n", " ").split(",")]
+        assert names == [f"{prefix}{i}" for i in range(1, len(BUCKET_BOUNDS_S) + 1)]
