@@ -123,6 +123,13 @@ def _mode_lines(handle: ServiceHandle) -> list[str]:
             f"{handle.namespace} (a deployment of its own: it stops with this process; to add a "
             "standby to a running service instead, start serve with that service's --redis-url)"
         )
+    for module, path in handle.handler_files.items():
+        lines.append(f"handler module {module}: the workers import {path}")
+    if handle.standby_of:
+        lines.append(
+            f"standing by for {', '.join(handle.standby_of)}, which serves namespace "
+            f"{handle.namespace} on this Redis: this service takes over when it stops"
+        )
     if handle.observe is not None:
         url = handle.observe.url
         lines.append(f"metrics: {url}/metrics; dashboard: {url}/ (JSON: {url}/api/state)")
@@ -132,13 +139,6 @@ def _mode_lines(handle: ServiceHandle) -> list[str]:
                 f"metrics port {port} is in use (by the service this one stands by for, or "
                 f"another program): served on {url} until it is free, then on {port} too"
             )
-    for module, path in handle.handler_files.items():
-        lines.append(f"handler module {module}: the workers import {path}")
-    if handle.standby_of:
-        lines.append(
-            f"standing by for {', '.join(handle.standby_of)}, which serves namespace "
-            f"{handle.namespace} on this Redis: this service takes over when it stops"
-        )
     return lines
 
 

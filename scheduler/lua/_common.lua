@@ -614,13 +614,19 @@ local function observe_succeeded(q, rec, now)
     add(k, 'sn', 1)
     if met then add(k, 'sm', 1) end
   end
-  -- Most jobs name no tenant: their routing view says "n":null, and is not decoded.
+  -- Most jobs name no tenant: their routing view says "n":null. A tenant without quotes or
+  -- backslashes is matched in place ('"n":"' cannot occur inside a JSON string, whose quotes are
+  -- escaped); any other is decoded.
   local rt = rec.rt
   if rt and not string.find(rt, '"n":null', 1, true) then
-    local ok, view = pcall(cjson.decode, rt)
-    if ok and type(view) == 'table' and type(view.n) == 'string' then
-      add(TENANTS, 'c:' .. view.n, 1)
-      if started then add(TENANTS, 's:' .. view.n, math.max(0, now - started)) end
+    local tenant = string.match(rt, '"n":"([^"\\]*)"')
+    if not tenant then
+      local ok, view = pcall(cjson.decode, rt)
+      if ok and type(view) == 'table' and type(view.n) == 'string' then tenant = view.n end
+    end
+    if tenant then
+      add(TENANTS, 'c:' .. tenant, 1)
+      if started then add(TENANTS, 's:' .. tenant, math.max(0, now - started)) end
     end
   end
 end

@@ -91,6 +91,30 @@ class TestFinishPathCounts:
         assert t.jct.count == 2
         assert (t.slo_judged, t.slo_met, t.slo_s) == (1, 1, None)
 
+    def test_tenants_with_quotes_and_tags_like_keys_are_told_apart(
+        self, store: Store, run: Runner
+    ) -> None:
+        """A tenant holding quotes or a backslash, and a tag that spells a tenant key, count
+        under the right tenant."""
+
+        async def scenario() -> Any:
+            await submit_to_queue(
+                store,
+                "q",
+                new_job(tenant='a"b\\c'),
+                new_job(tenant="plain", tags=['"n":"fake']),
+                new_job(tags=['"n":"fake']),
+            )
+            leases = await store.lease("q", 10)
+            await store.complete([(lease.job_id, lease.token, None) for lease in leases])
+            return await store.redis.hgetall(store.keys.tenants)
+
+        usage = run(scenario())
+        assert {k: v for k, v in usage.items() if k.startswith("c:")} == {
+            'c:a"b\\c': "1",
+            "c:plain": "1",
+        }
+
     def test_a_record_without_its_submit_time_completes_uncounted(
         self, store: Store, run: Runner
     ) -> None:
