@@ -215,7 +215,9 @@ class ObserveServer:
                 state = error
             if path == "/api/state":
                 return _json(HTTPStatus.OK, state)
-            inlined = json.dumps(state).replace("</", "<\\/")
+            # "<" only occurs inside JSON strings, where \u003c means the same: no name (a tenant,
+            # a queue) can close the script element or open a comment in it.
+            inlined = json.dumps(state).replace("<", "\\u003c")
             page = self._page.replace(_STATE_SLOT, inlined, 1)
             return HTTPStatus.OK, "text/html; charset=utf-8", page.encode()
         body = "not found: try /metrics, /api/state or /dashboard\n"

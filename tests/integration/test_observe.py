@@ -369,6 +369,17 @@ class TestMetricsAgainstTheStore:
         m = scrape(observer.url)
         assert m[("bilevel_jobs_rejected_total", (("queue", "classifier"),))] == 7
 
+    def test_names_cannot_break_out_of_the_pages_script(
+        self, observer: ObserveServer, store: Store, run: Runner
+    ) -> None:
+        """A tenant named like markup is inlined escaped; the page still carries its usage."""
+        evil = "</script><script>alert(1)</script><!--"
+        run(store.redis.hset(store.keys.tenants, f"c:{evil}", "1"))
+        page = urllib.request.urlopen(f"{observer.url}/", timeout=30).read().decode()
+        assert evil not in page
+        assert page.count("</script>") == 1
+        assert "\\u003c/script>\\u003cscript>alert(1)" in page
+
     def test_redis_away_is_up_zero_not_an_error(self, settings: Settings) -> None:
         """A scrape that cannot read Redis answers bilevel_up 0; /api/state answers 503."""
         config = service_config(settings, metrics={"port": 0})
