@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
@@ -151,6 +152,36 @@ def _apply_move_cap(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class Intervention:
+    """One guardrail that changed the proposal in a tick: its name ('hysteresis', 'bounds',
+    'budget' or 'move_cap') and, per queue it changed, the workers before and after it."""
+
+    guardrail: str
+    changes: dict[str, tuple[int, int]]
+
+    def describe(self) -> str:
+        """One line: 'bounds: a 5->3, b 0->1'."""
+        cells = ", ".join(f"{q} {a}->{b}" for q, (a, b) in self.changes.items())
+        return f"{self.guardrail}: {cells}"
+
+
+def _note(
+    out: list[Intervention],
+    guardrail: str,
+    before: np.ndarray,
+    after: np.ndarray,
+    names: list[str],
+) -> None:
+    """Append what `guardrail` changed (nothing when it changed nothing)."""
+    if np.array_equal(before, after):
+        return
+    changed = np.flatnonzero(before != after).tolist()
+    out.append(
+        Intervention(guardrail, {names[i]: (int(before[i]), int(after[i])) for i in changed})
+    )
+
+
 class Guardrails:
     """Wraps an allocator with bounds, the budget, a move cap, hysteresis and a fallback.
 
@@ -159,7 +190,9 @@ class Guardrails:
     count unless the proposal differs from it by at least h workers (h = 1 lets every change
     through). `fallback` (square-root staffing by default) replaces a proposal that raises or is
     invalid; `last_fallback_reason` says why for the latest tick (None when the wrapped allocator's
-    proposal was used) and `fallback_count` counts such ticks, for the live service to log.
+    proposal was used) and `fallback_count` counts such ticks, for the live service to log;
+    `last_proposal` is what the guardrails were given in the latest tick (the policy's, or the
+    fallback's) and `last_interventions` which of them changed it, in order, and how.
 
     Contradictory bounds raise ValueError naming the queue: per-queue ones at construction, minimums
     over the budget at the first tick that sees them.
@@ -184,6 +217,8 @@ class Guardrails:
         self.name: str = inner.name
         self.last_fallback_reason: str | None = None
         self.fallback_count: int = 0
+        self.last_proposal: dict[str, int] = {}
+        self.last_interventions: tuple[Intervention, ...] = ()
 
     def _propose(self, view: ClusterView) -> Allocation:
         """The wrapped allocator's proposal if valid, else the fallback's, else the current one."""
@@ -218,11 +253,19 @@ class Guardrails:
             dtype=np.int64,
             count=n,
         )
-        target = _apply_hysteresis(target, current, self.hysteresis_workers)
-        target = _apply_bounds(target, low, high)
-        target = _apply_budget(target, low, view.budget)
-        target = _apply_move_cap(target, current, low, high, self.bounds.max_moves_per_tick)
-        return {q.name: int(t) for q, t in zip(queues, target.tolist(), strict=True)}
+        names = [q.name for q in queues]
+        self.last_proposal = dict(zip(names, target.tolist(), strict=True))
+        steps: list[Intervention] = []
+        held = _apply_hysteresis(target, current, self.hysteresis_workers)
+        _note(steps, "hysteresis", target, held, names)
+        bounded = _apply_bounds(held, low, high)
+        _note(steps, "bounds", held, bounded, names)
+        funded = _apply_budget(bounded, low, view.budget)
+        _note(steps, "budget", bounded, funded, names)
+        capped = _apply_move_cap(funded, current, low, high, self.bounds.max_moves_per_tick)
+        _note(steps, "move_cap", funded, capped, names)
+        self.last_interventions = tuple(steps)
+        return dict(zip(names, capped.tolist(), strict=True))
 
 
 def guardrails_for(layout: Layout, inner: Allocator) -> Guardrails:

@@ -106,6 +106,18 @@ class HealthConfig(_Strict):
     watchdog: bool = True
 
 
+class MetricsConfig(_Strict):
+    """The loopback HTTP server `bilevel serve` runs beside the service: Prometheus metrics at
+    /metrics, the dashboard at /, its data at /api/state (scheduler.service.observe)."""
+
+    enabled: bool = True
+    # Loopback by default: the page and the metrics carry queue names and tenants, not secrets,
+    # but nothing here is meant for the open network; bind 0.0.0.0 only behind a firewall.
+    host: str = Field(default="127.0.0.1", min_length=1)
+    # 0: a free port, picked at start (serve prints the URL).
+    port: int = Field(default=9470, ge=0, le=65535)
+
+
 # Left out of every directory Ray uploads for the service (on top of Ray's own defaults and the
 # directory's .gitignore and .rayignore): environments, caches and VCS data, which can be large and
 # are never handler code.
@@ -298,6 +310,7 @@ class ServiceConfig(BaseSettings, Layout):
     allocation: AllocationConfig
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # What Ray installs for the service on every node: handler code and its dependencies.
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
 

@@ -35,6 +35,15 @@ FINISHED_TRIM_EVERY = 64
 # Events kept in a job record's `history` field (failed attempts, expired leases, replays): a job
 # that fails a hundred times keeps a record of bounded size (mirrored in _common.lua).
 HISTORY_LEN = 20
+# Upper bounds (ms) of the histogram buckets of job completion time, queue wait and model-load time
+# kept per queue in Keys.timing (a last bucket, +Inf, takes the rest): from a fast inference job
+# to a five-minute model load, about two buckets a decade (mirrored in _common.lua).
+TIMING_BUCKETS_MS: tuple[int, ...] = (
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+)  # fmt: skip
+# Level-2 decisions kept (Keys.decisions), newest first: the last minute or so of a controller
+# that changes its mind every tick, what `bilevel status --decisions` and the dashboard show.
+DECISIONS_LEN = 50
 
 
 def validate_name(kind: str, name: str) -> str:
@@ -143,8 +152,39 @@ class Keys:
         return f"{self.prefix}done:{name}"
 
     def counts(self, name: str) -> str:
-        """HASH: running totals of a queue (enqueued, completed, failed); rates are deltas."""
+        """HASH: running totals of a queue: jobs enqueued, completed, failed attempts, retried
+        (failed attempts scheduled again), dead (dead-lettered) and rejected (refused at admission);
+        rates are deltas."""
         return f"{self.prefix}counts:{name}"
+
+    def timing(self, name: str) -> str:
+        """HASH: what a queue's finished jobs took, as histogram buckets (counts per bucket of
+        TIMING_BUCKETS_MS, not cumulative) and sums in ms: job completion time, submit to success
+        ('j1'.. 'jN', 'js'); queue wait, submit to first lease ('w1'.., 'ws'); model loads of
+        workers moving to the queue ('l1'.., 'ls'). SLO outcomes of its succeeded jobs: 'sn' judged
+        (a deadline or the queue's SLO), 'sm' met; 'slo_ms' the queue's SLO as the controller last
+        wrote it. Written by complete.lua (one HINCRBY per field per call) and the workers, so any
+        process can export the histograms."""
+        return f"{self.prefix}timing:{name}"
+
+    @property
+    def tenants(self) -> str:
+        """HASH: usage per tenant of the jobs that name one: 'c:<tenant>' jobs succeeded,
+        's:<tenant>' ms from their first lease to success (complete.lua)."""
+        return f"{self.prefix}tenants"
+
+    @property
+    def decisions(self) -> str:
+        """LIST (JSON, newest first): the last DECISIONS_LEN level-2 decisions that changed the
+        allocation or that a guardrail or the fallback shaped, each with what the policy saw
+        (scheduler.service.decisions)."""
+        return f"{self.prefix}decisions"
+
+    @property
+    def decision_totals(self) -> str:
+        """HASH: level-2 counts since the namespace was created: 'ticks', 'changes', 'fallbacks',
+        and 'guardrail:<name>' per guardrail that changed a proposal."""
+        return f"{self.prefix}decisions:totals"
 
     def leader(self, role: str) -> str:
         """STRING: the holder of a leader lock (router, controller) with a TTL renewed by it."""

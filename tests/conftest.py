@@ -31,6 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Tests must never reach a server configured in the developer's shell.
 os.environ.pop("BILEVEL_REDIS_URL", None)
+# Every service a test starts serves its metrics and dashboard on a free port (services of the
+# same test, and test runs side by side on one machine, would fight over the default port).
+os.environ["BILEVEL_METRICS__PORT"] = "0"
 # The Redis the project installs (make: Debian's 7.x, with TLS) before any other, as the Makefile
 # puts it, so a bare `pytest` tests the same server as `make test`.
 _PROJECT_REDIS = REPO_ROOT / ".cache" / "redis" / "bin"

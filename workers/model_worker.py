@@ -47,6 +47,7 @@ from scheduler.logs import bound_job, get_logger
 from scheduler.models import ErrorInfo
 from scheduler.retry import Backoff, OutageRetry, describe, is_transient
 from scheduler.store import Lease, Store
+from scheduler.timings import record_model_load
 from workers.registry import REGISTRY, Handler, HandlerRegistry, RetryPolicy
 from workers.stream_pump import ChunkPipe, PumpEnd, pump
 
@@ -283,6 +284,7 @@ class ModelWorker:
             # Keep what this queue also uses; drop the rest so memory holds one queue's models.
             self._models = {t: m for t, m in self._models.items() if t in handlers}
             load_s = 0.0
+            loaded = False
             try:
                 for job_type, handler in handlers.items():
                     if job_type not in self._models:
@@ -290,9 +292,12 @@ class ModelWorker:
                         self._models[job_type] = await asyncio.to_thread(handler.loader)
                         self._load_s_by_type[job_type] = time.monotonic() - t0
                         load_s += self._load_s_by_type[job_type]
+                        loaded = True
             except BaseException:
                 self._queue, self._phase = None, Phase.IDLE
                 raise
+            if loaded:
+                await self._count_load(queue, load_s)
             self._handlers = handlers
             self._stop_leasing = False
             self._stopping.clear()
@@ -305,6 +310,14 @@ class ModelWorker:
                 )
             log.info("worker.assigned", worker=self.name, queue=queue, load_s=round(load_s, 3))
             return load_s
+
+    async def _count_load(self, queue: str, load_s: float) -> None:
+        """Count the load in the queue's model-load histogram (scheduler.timings); best effort:
+        a metric never fails an assignment."""
+        try:
+            await record_model_load(self.store.redis, self.store.keys, queue, load_s)
+        except Exception as exc:
+            log.warning("worker.load_not_counted", worker=self.name, error=describe(exc))
 
     async def drain(self, timeout_s: float | None = None) -> DrainReport:
         """Stop leasing and finish the jobs in hand, waiting at most `timeout_s` (default

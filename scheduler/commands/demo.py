@@ -4,7 +4,9 @@ It starts the router and controller actors with the demo models (deploy/service.
 in here so the demo needs no file), sends a bursty mixed load from the async client for about 30 s
 that shifts from embeddings to generation to classification, waits for every result, then prints
 per-queue job completion times and throughput and the allocation changes over time, and writes a
-PNG. Everything it started (actors, Ray, Redis) is stopped before it returns.
+PNG. While it runs, the live dashboard and the Prometheus metrics are served on a free loopback port
+(the URL is printed at start). Everything it started (actors, Ray, Redis) is stopped before it
+returns.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def demo_config() -> ServiceConfig:
     return ServiceConfig.from_mapping(
         {
             "store": {"namespace": "demo", "lease_s": 10},
+            # A free port: a demo must not fail because a service on this machine holds 9470.
+            "metrics": {"port": 0},
             "handlers": ["workers.demo_models"],
             "queues": [
                 {"name": q, "job_types": [t], "max_workers": 3, "slo_s": slo}
@@ -234,6 +238,11 @@ def register(app: typer.Typer) -> None:
                 console.print(
                     f"service up in {time.monotonic() - started:.1f} s (Redis at {service.redis_url})"
                 )
+                if service.metrics_url is not None:
+                    console.print(
+                        f"dashboard: {service.metrics_url}/  metrics: {service.metrics_url}/metrics",
+                        highlight=False,
+                    )
                 plot_error = asyncio.run(_drive(service.redis_url, config, phase_s, plot, console))
         except BilevelError as exc:
             console.print(f"[red]demo failed:[/] {exc}")

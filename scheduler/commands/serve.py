@@ -130,6 +130,15 @@ def _mode_lines(handle: ServiceHandle) -> list[str]:
             f"standing by for {', '.join(handle.standby_of)}, which serves namespace "
             f"{handle.namespace} on this Redis: this service takes over when it stops"
         )
+    if handle.observe is not None:
+        url = handle.observe.url
+        lines.append(f"metrics: {url}/metrics; dashboard: {url}/ (JSON: {url}/api/state)")
+        if handle.observe.port_taken:
+            port = handle.config.metrics.port
+            lines.append(
+                f"metrics port {port} is in use (by the service this one stands by for, or "
+                f"another program): served on {url} until it is free, then on {port} too"
+            )
     return lines
 
 

@@ -1,6 +1,7 @@
-"""`bilevel status`: per-queue depth, oldest wait, in flight, dead, workers and throughput, and the
+"""`bilevel status`: per-queue depth, oldest wait, in flight, dead, workers and throughput, the
 health of every role host (leading, standby, failing, stalled or gone; see
-scheduler.service.health)."""
+scheduler.service.health) and, with `--decisions N`, the last N level-2 decisions with their
+reasons (scheduler.service.decisions)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from scheduler.commands._tables import Column, print_table
 from scheduler.commands._target import resolve_target
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
+from scheduler.keys import DECISIONS_LEN
+from scheduler.service.decisions import DecisionRecord, read_decisions
 from scheduler.service.health import RoleHealth, read_health
 from scheduler.service.views import PublishedState
 from scheduler.settings import Settings
@@ -26,9 +29,16 @@ from scheduler.store import StoreStats
 
 
 async def _gather(
-    settings: Settings, config: ServiceConfig | None, window_s: float
+    settings: Settings, config: ServiceConfig | None, window_s: float, decisions: int
 ) -> tuple[
-    StoreStats, StoreStats, float, PublishedState | None, dict[str, bool], int, list[RoleHealth]
+    StoreStats,
+    StoreStats,
+    float,
+    PublishedState | None,
+    dict[str, bool],
+    int,
+    list[RoleHealth],
+    list[DecisionRecord],
 ]:
     async with AsyncClient(settings=settings) as client:
         store = client.store
@@ -49,7 +59,8 @@ async def _gather(
         }
         changes = int(await store.redis.llen(store.keys.allocation_history))
         roles = await read_health(store.redis, store.keys)
-        return first, second, elapsed_s, published, leaders, changes, roles
+        kept = await read_decisions(store.redis, store.keys, decisions)
+        return first, second, elapsed_s, published, leaders, changes, roles, kept
 
 
 def role_rows(roles: list[RoleHealth], now_s: float) -> list[dict[str, Any]]:
@@ -82,13 +93,22 @@ def status(
     window_s: Annotated[
         float, typer.Option("--window", min=0.0, help="Seconds to measure throughput over.")
     ] = 1.0,
+    decisions: Annotated[
+        int,
+        typer.Option(
+            "--decisions",
+            min=0,
+            max=DECISIONS_LEN,
+            help="Also show the last N level-2 decisions and their reasons.",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show the queues of a running (or stopped) deployment."""
     settings, config = resolve_target(config_path, redis_url, namespace)
     try:
-        first, second, elapsed_s, published, leaders, changes, roles = asyncio.run(
-            _gather(settings, config, window_s)
+        first, second, elapsed_s, published, leaders, changes, roles, kept = asyncio.run(
+            _gather(settings, config, window_s, decisions)
         )
     except BilevelError as exc:
         raise fail(str(exc), code=1) from None
@@ -128,6 +148,8 @@ def status(
             "queues": rows,
             "roles": role_rows(roles, time.time()),
         }
+        if decisions:
+            payload["decisions"] = [d.to_dict() for d in kept]
         typer.echo(json.dumps(payload))
         return
     console = Console()
@@ -154,6 +176,23 @@ def status(
         )
     if roles:
         _print_roles(console, role_rows(roles, time.time()))
+    if decisions:
+        _print_decisions(console, kept)
+
+
+def _print_decisions(console: Console, kept: list[DecisionRecord]) -> None:
+    if not kept:
+        console.print("no level-2 decision recorded", highlight=False)
+        return
+    now_s = time.time()
+    cells = [
+        [f"{max(0.0, now_s - d.t_s):.0f}", d.policy, d.moves(), "; ".join(d.reasons())]
+        for d in kept
+    ]
+    columns = [Column("age s"), Column("policy", "text"), Column("workers", "text")]
+    print_table(
+        console, "level-2 decisions, newest first", [*columns, Column("why", "text")], cells
+    )
 
 
 def _print_roles(console: Console, rows: list[dict[str, Any]]) -> None:

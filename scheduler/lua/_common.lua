@@ -67,6 +67,15 @@ local INBOX_TTL_MS = 600000
 local INLINE_RESULT_BYTES = 8192
 -- HASH of running totals per queue (enqueued, completed, failed): rates come from their deltas.
 local function countskey(q) return prefix .. 'counts:' .. q end
+-- HASH per queue of what its finished jobs took (Keys.timing): histogram buckets of completion
+-- time 'j<i>' and queue wait 'w<i>', their sums in ms 'js' and 'ws', SLO outcomes 'sn' (judged)
+-- and 'sm' (met), and the queue's SLO 'slo_ms' (written by the controller).
+local function timingkey(q) return prefix .. 'timing:' .. q end
+-- HASH of usage per tenant (Keys.tenants): 'c:<tenant>' jobs succeeded, 's:<tenant>' ms leased.
+local TENANTS = prefix .. 'tenants'
+-- Bucket upper bounds in ms; mirrors scheduler.keys.TIMING_BUCKETS_MS (one more bucket: +Inf).
+local TIMING_BUCKETS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                           300000}
 -- LIST per queue of jobs that finished succeeded or cancelled, newest first (see index_finished).
 local function donekey(q) return prefix .. 'done:' .. q end
 -- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
@@ -350,6 +359,7 @@ end
 local function dead_letter(id, status, q, member, reason, now, ttl_ms)
   detach(id, status, q, member)
   kcall('ZADD', deadkey(q or INGRESS_QUEUE), now, id)
+  incr(countskey(q or INGRESS_QUEUE), 'dead', 1)
   redis.call('HSET', jobkey(id), 'error', reason)
   finish(id, 'dead', now, ttl_ms)
 end
@@ -468,7 +478,9 @@ end
 -- A worker's report on job id under lease `token`: the record (fields `names`, 'status' and
 -- 'attempts' among them) when `accept`s its status and the token is current; else nil and the
 -- code: C_NOT_FOUND, C_ALREADY_FINISHED, C_STALE_LEASE, or C_CORRUPT (dead-lettered here).
-local function reported(id, names, token, accept)
+-- `unjudged` (optional) names fields read in the same call but left out of the judgement (flaw),
+-- for what only the counting needs: their values are in the record as read, unchecked.
+local function reported(id, names, token, accept, unjudged)
   local rec, t = read_job(id, names)
   if rec == nil then return nil, C_NOT_FOUND end
   if rec == false then
@@ -476,12 +488,18 @@ local function reported(id, names, token, accept)
     return nil, C_CORRUPT
   end
   if rec.status and FINISHED[rec.status] then return nil, C_ALREADY_FINISHED end
+  local kept = {}
+  for _, name in ipairs(unjudged or {}) do
+    kept[name] = rec[name]
+    rec[name] = nil
+  end
   local why = flaw(id, rec)
   if why then
     corrupt(id, rec, false, why)
     return nil, C_CORRUPT
   end
   if not accept[rec.status] or tonumber(rec.attempts) ~= token then return nil, C_STALE_LEASE end
+  for name, value in pairs(kept) do rec[name] = value end
   return rec
 end
 
@@ -534,4 +552,102 @@ local function add_history(id, entry)
     end
   end
   redis.call('HSET', k, 'history', h)
+end
+
+-- -- what finished jobs took --------------------------------------------------------------------
+
+-- The histogram bucket (1-based; #TIMING_BUCKETS_MS + 1 is +Inf) of a duration in ms: a binary
+-- search, since it runs twice for every job completed.
+local N_BUCKETS = #TIMING_BUCKETS_MS + 1
+local function bucket_of(ms)
+  local lo, hi = 1, N_BUCKETS
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if ms <= TIMING_BUCKETS_MS[mid] then hi = mid else lo = mid + 1 end
+  end
+  return lo
+end
+-- Field names per bucket (constants: no string is built per job).
+local JCT_FIELD = {'j1', 'j2', 'j3', 'j4', 'j5', 'j6', 'j7', 'j8', 'j9', 'j10', 'j11', 'j12', 'j13',
+                   'j14', 'j15'}
+local WAIT_FIELD = {'w1', 'w2', 'w3', 'w4', 'w5', 'w6', 'w7', 'w8', 'w9', 'w10', 'w11', 'w12', 'w13',
+                    'w14', 'w15'}
+
+-- Increments gathered over one script call, key -> field -> amount, written by flush_observed:
+-- a batch of completions costs one HINCRBY per distinct field, not a few per job.
+local observed = {}
+-- Per queue of this call: its SLO in ms, or false when it has none (read once per call).
+local slo_ms_of = {}
+
+local function add(key, field, by)
+  local t = observed[key]
+  if not t then t = {}; observed[key] = t end
+  t[field] = (t[field] or 0) + by
+end
+
+local function queue_slo_ms(q)
+  local slo = slo_ms_of[q]
+  if slo == nil then
+    -- pcall: a timing key of the wrong type reads as no SLO here; the flush moves it aside.
+    local v = redis.pcall('HGET', timingkey(q), 'slo_ms')
+    slo = (type(v) == 'string' and is_uint(v) and tonumber(v)) or false
+    slo_ms_of[q] = slo
+  end
+  return slo
+end
+
+-- Count what job `rec` (its sound order, and created_ms, started_ms and rt as read, unjudged)
+-- took, succeeding now in queue q: completion time and queue wait into the queue's buckets; met
+-- or missed against its own deadline, else its queue's SLO; its tenant's usage. A record without
+-- a sound created_ms is not counted (its completion goes on). The script that calls this calls
+-- flush_observed before it returns (complete.lua).
+local function observe_succeeded(q, rec, now)
+  if not is_uint(rec.created_ms) then return end
+  local k = timingkey(q)
+  local created = tonumber(rec.created_ms)
+  local jct = math.max(0, now - created)
+  add(k, JCT_FIELD[bucket_of(jct)], 1)
+  add(k, 'js', jct)
+  local started = is_uint(rec.started_ms) and tonumber(rec.started_ms)
+  if started then
+    local wait = math.max(0, started - created)
+    add(k, WAIT_FIELD[bucket_of(wait)], 1)
+    add(k, 'ws', wait)
+  end
+  -- Characters 5-19 of the order member: the absolute deadline in ms (NO_DEADLINE for none).
+  local deadline = tonumber(string.sub(rec.order, 5, 19))
+  local met = nil
+  if deadline and deadline ~= NO_DEADLINE then
+    met = now <= deadline
+  else
+    local slo = queue_slo_ms(q)
+    if slo then met = jct <= slo end
+  end
+  if met ~= nil then
+    add(k, 'sn', 1)
+    if met then add(k, 'sm', 1) end
+  end
+  -- Most jobs name no tenant: their routing view says "n":null. A tenant without quotes or
+  -- backslashes is matched in place ('"n":"' cannot occur inside a JSON string, whose quotes are
+  -- escaped); any other is decoded.
+  local rt = rec.rt
+  if rt and not string.find(rt, '"n":null', 1, true) then
+    local tenant = string.match(rt, '"n":"([^"\\]*)"')
+    if not tenant then
+      local ok, view = pcall(cjson.decode, rt)
+      if ok and type(view) == 'table' and type(view.n) == 'string' then tenant = view.n end
+    end
+    if tenant then
+      add(TENANTS, 'c:' .. tenant, 1)
+      if started then add(TENANTS, 's:' .. tenant, math.max(0, now - started)) end
+    end
+  end
+end
+
+-- Write what observe_succeeded gathered.
+local function flush_observed()
+  for key, fields in pairs(observed) do
+    for field, by in pairs(fields) do incr(key, field, by) end
+  end
+  observed = {}
 end

@@ -15,6 +15,9 @@
            notices: what was settled (see _common.lua).
   A lease that expired is still honoured while the job waits for its next lease (same token):
   the work is done, and running it again would only repeat it.
+  Counts   per queue: 'completed' (Keys.counts); the completion time, queue wait and SLO outcome
+           of each job (Keys.timing) and its tenant's usage (Keys.tenants), one HINCRBY per
+           distinct field per call.
   Events   the job id in the inbox of every client waiting on it.
 ]]
 -- @include _common.lua
@@ -24,12 +27,14 @@ NOW, DEAD_TTL = now, ttl
 local out = {}
 local released = {}
 local completed = {}
-local names = {'status', 'attempts', 'queue', 'order', 'w'}
+local names = {'status', 'attempts', 'queue', 'order', 'w', 'created_ms', 'started_ms', 'rt'}
+-- Read in the same call for the counting only; a record missing them still completes.
+local counted = {'created_ms', 'started_ms', 'rt'}
 local accept = {running = true, queued = true, delayed = true, retrying = true}
 for i = 0, n - 1 do
   local b = 4 + i * 3
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
-  local rec, refused = reported(id, names, token, accept)
+  local rec, refused = reported(id, names, token, accept, counted)
   if not rec then
     out[#out + 1] = refused
   else
@@ -42,6 +47,7 @@ for i = 0, n - 1 do
       detach(id, rec.status, q, rec.order)
     end
     completed[q] = (completed[q] or 0) + 1
+    observe_succeeded(q, rec, now)
     finish(id, 'succeeded', now, ttl, rec.w, ARGV[b + 2])
     out[#out + 1] = C_OK
   end
@@ -50,4 +56,5 @@ for q, ids in pairs(released) do
   kcall_chunked('ZREM', leasedkey(q), ids)
 end
 for q, c in pairs(completed) do incr(countskey(q), 'completed', c) end
+flush_observed()
 return {out, notices}

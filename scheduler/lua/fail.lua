@@ -54,6 +54,7 @@ if ARGV[6] == '1' and charged <= maxr then
   detach(id, 'running', q, rec.order)
   kcall('ZADD', DELAYED, now + tonumber(ARGV[7]), id)
   redis.call('HSET', k, 'status', 'retrying')
+  incr(countskey(q), 'retried', 1)
   return {C_RETRY_SCHEDULED, notices}
 end
 dead_letter(id, 'running', q, rec.order, ARGV[5], now, dead_ttl)

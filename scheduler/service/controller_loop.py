@@ -5,9 +5,11 @@ theirs, dead workers replaced), builds a ClusterView from store stats and the po
 configured allocator for targets through the guardrails, applies them, and logs one event with the
 inputs and the decision per queue, so a reader can see why a queue gained or lost workers.
 
-It also publishes its state (Keys.allocation, every tick) and the history of allocation changes
-(Keys.allocation_history, on change): `bilevel status`, load-aware routing and the demo's plot read
-them.
+It also publishes its state (Keys.allocation, every tick), the history of allocation changes
+(Keys.allocation_history, on change) and the decisions that changed something or that a guardrail
+shaped (Keys.decisions, scheduler.service.decisions): `bilevel status`, load-aware routing, the
+demo's plot, the metrics and the dashboard read them. Its first tick gives complete.lua each
+queue's SLO (scheduler.timings), against which finished jobs are judged.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from scheduler.keys import ALLOCATION_HISTORY_LEN, ALLOCATION_TTL_S
 from scheduler.logs import get_logger
 from scheduler.retry import describe, is_transient
 from scheduler.service.autoscaling import AutoscaleRequester, workers_held
+from scheduler.service.decisions import DecisionRecord, decision_record, queue_decisions
 from scheduler.service.health import Progress
 from scheduler.service.leader import LeaderLock
 from scheduler.service.views import PublishedQueue, PublishedState, ViewBuilder
 from scheduler.store import RequeueReport, Store, StoreStats
+from scheduler.timings import write_slos
 from workers.pool_view import PoolView, QueuePoolView
 
 log = get_logger("bilevel.controller")
@@ -84,6 +88,8 @@ class TickReport:
     # What decided: the allocator's name, or "initial" for a first decision from
     # allocation.initial.
     policy: str = ""
+    # What the policy saw and proposed, and what the guardrails made of it.
+    decision: DecisionRecord | None = None
 
     @property
     def changed(self) -> bool:
@@ -200,6 +206,15 @@ class ControllerLoop:
             deciding = self._initial
         target = deciding.allocate(view)
         fallback = deciding.last_fallback_reason
+        decision = decision_record(
+            view,
+            policy=deciding.name,
+            before=before,
+            proposal=deciding.last_proposal,
+            target=target,
+            fallback=fallback,
+            interventions=deciding.last_interventions,
+        )
         if self.autoscaler is not None:
             # One GCS round trip at most, off the event loop; it never raises.
             await asyncio.to_thread(self.autoscaler.update, target, workers_held(pool_view))
@@ -216,6 +231,7 @@ class ControllerLoop:
             pool=pool_view,
             stats=stats,
             policy=deciding.name,
+            decision=decision,
         )
         self.ticks += 1
         self.last = report
@@ -244,6 +260,8 @@ class ControllerLoop:
         }
         if r.fallback is not None:
             event["fallback"] = r.fallback
+        if r.decision is not None and r.decision.interventions:
+            event["guardrails"] = "; ".join(i.describe() for i in r.decision.interventions)
         if r.requeue.requeued or r.requeue.dead_lettered:
             event["requeued"] = r.requeue.requeued
             event["lease_dead_lettered"] = r.requeue.dead_lettered
@@ -284,7 +302,11 @@ class ControllerLoop:
         if record_change:
             pipe.rpush(keys.allocation_history, json.dumps(self.history[-1].to_dict()))
             pipe.ltrim(keys.allocation_history, -HISTORY_LEN, -1)
+        if r.decision is not None:
+            queue_decisions(pipe, keys, r.decision)
         await pipe.execute()
+        if self.ticks == 1:
+            await write_slos(self.store.redis, keys, {q.name: q.slo_s for q in self.config.queues})
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
         if self._sleep is not None:

@@ -55,6 +55,7 @@ from scheduler.service.handler_code import (
     runtime_env_refused,
 )
 from scheduler.service.health import RoleHealth, read_health
+from scheduler.service.observe import ObserveServer, start_observe
 from scheduler.service.policies import load_policies
 from scheduler.settings import Settings
 
@@ -169,6 +170,13 @@ class ServiceHandle:
     standby_of: tuple[str, ...] = ()
     # Handler module not installed -> the file a Ray worker imported it from (checked at start).
     handler_files: dict[str, str] = field(default_factory=dict)
+    # The metrics and dashboard server (config.metrics), when enabled.
+    observe: ObserveServer | None = None
+
+    @property
+    def metrics_url(self) -> str | None:
+        """http://host:port of /metrics and the dashboard, or None when metrics are disabled."""
+        return self.observe.url if self.observe is not None else None
 
     @property
     def namespace(self) -> str:
@@ -218,6 +226,9 @@ class ServiceHandle:
         if self.stopped:
             return
         self.stopped = True
+        if self.observe is not None:
+            self.observe.stop()
+            self.observe = None
         if self.actor is not None:
             # RayError: also an actor that never came up (its runtime_env failed to set up).
             with contextlib.suppress(ray.exceptions.RayError):
@@ -315,6 +326,7 @@ def start_service(
         if actor_env is not None:
             options["runtime_env"] = actor_env
         handle = ServiceHandle(config, url, None, name, embedded)
+        handle.observe = start_observe(config, url)
         handle.actor = (
             control_plane_actor_class()
             .options(**options)

@@ -435,8 +435,9 @@ class TestServeTwice:
         assert first.standby_of == ()
         second = _start(services, config)
         assert set(second.standby_of) == {f"{first.name}/router", f"{first.name}/controller"}
-        [line] = _mode_lines(second)
+        line, metrics = _mode_lines(second)
         assert line.startswith(f"standing by for {first.name}/")
+        assert metrics.startswith(f"metrics: {second.metrics_url}/metrics; dashboard: ")
         assert not any(second.leading().values())
 
 
