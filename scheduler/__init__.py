@@ -13,6 +13,7 @@ from scheduler.errors import (
     JobNotFound,
     JobTimeout,
     RedisUnavailable,
+    Rejected,
     StreamTruncated,
     UnknownQueue,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "PurgeReport",
     "RedisUnavailable",
     "Refusal",
+    "Rejected",
     "ReplayReport",
     "Settings",
     "StreamRestart",

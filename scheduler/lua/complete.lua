@@ -24,7 +24,7 @@ NOW, DEAD_TTL = now, ttl
 local out = {}
 local released = {}
 local completed = {}
-local names = {'status', 'attempts', 'queue', 'order', 'w'}
+local names = {'status', 'attempts', 'queue', 'order', 'w', 'qt'}
 local accept = {running = true, queued = true, delayed = true, retrying = true}
 for i = 0, n - 1 do
   local b = 4 + i * 3
@@ -38,6 +38,7 @@ for i = 0, n - 1 do
       local r = released[q]
       if not r then r = {}; released[q] = r end
       r[#r + 1] = id
+      end_lease(id, q, rec.qt)
     else
       detach(id, rec.status, q, rec.order)
     end

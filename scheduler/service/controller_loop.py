@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from policies.guardrails import Guardrails, guardrails_for
 from policies.registry import make_allocator
 from policies.views import Allocation, Allocator, ClusterView
+from scheduler.admission import DRAIN_TTL_S
 from scheduler.config import ServiceConfig
 from scheduler.keys import ALLOCATION_HISTORY_LEN, ALLOCATION_TTL_S
 from scheduler.logs import get_logger
@@ -284,6 +285,12 @@ class ControllerLoop:
         if record_change:
             pipe.rpush(keys.allocation_history, json.dumps(self.history[-1].to_dict()))
             pipe.ltrim(keys.allocation_history, -HISTORY_LEN, -1)
+        # Admission's wait estimate and retry-after hints divide by these (scheduler.admission).
+        rates = {q: r for q, r in self.views.completions.rates_per_s.items() if r > 0}
+        pipe.delete(keys.drain)
+        if rates:
+            pipe.hset(keys.drain, mapping={q: f"{r:.6g}" for q, r in rates.items()})
+            pipe.pexpire(keys.drain, round(DRAIN_TTL_S * 1000))
         await pipe.execute()
 
     async def _pause(self, stop: asyncio.Event, seconds: float) -> None:

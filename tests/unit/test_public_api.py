@@ -33,6 +33,7 @@ EXPECTED = {
     "PurgeReport",
     "RedisUnavailable",
     "Refusal",
+    "Rejected",
     "ReplayReport",
     "Settings",
     "StreamRestart",
