@@ -32,14 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from policies.fairshare import DEFAULT_TENANT, TenantShare, cost
 from scheduler.keys import Keys
 
-# Bytes of Redis memory one queued job holds with a typical payload (about 200 bytes of JSON):
-# measured with INFO memory around 100,000 submits (benchmarks/bench_admission.py), about 1 KB
-# including its ingress entry and sequence, rounded up. Under the default cap of two million
-# queued jobs the queues hold at most about 2 GB.
-MEASURED_BYTES_PER_JOB = 1000
+# Bytes of Redis memory one queued job holds with a typical payload (207 bytes of spec JSON: a
+# prompt and a few options, a tenant and a tag): measured with INFO memory around 100,000 submits
+# (benchmarks/bench_admission.py, Redis 7.0): 1,160 in the ingress, 1,471 once routed into a
+# queue (order member, age entry, tenant counts), rounded up. Under the default total cap of a
+# million queued jobs the queues hold at most about 1.5 GB.
+MEASURED_BYTES_PER_JOB = 1500
 # The total cap when the config says nothing: generous for any real backlog, but it stops a
 # runaway producer before Redis runs out of memory (mirrored in _common.lua).
-DEFAULT_MAX_QUEUED = 2_000_000
+DEFAULT_MAX_QUEUED = 1_000_000
 # Told to a refused client when no drain rate is known yet.
 DEFAULT_RETRY_AFTER_S = 1.0
 # The published drain rates outlive a few missed controller ticks, not a stopped controller: with

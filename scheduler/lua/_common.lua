@@ -86,7 +86,7 @@ local DRAIN = prefix .. 'drain'
 -- finish tag of its last queued job (policies.fairshare).
 local function fairkey(q) return prefix .. 'fair:' .. q end
 -- Mirrors scheduler.admission.DEFAULT_MAX_QUEUED: the total cap when nothing is published.
-local DEFAULT_MAX_QUEUED = 2000000
+local DEFAULT_MAX_QUEUED = 1000000
 -- LIST per queue of jobs that finished succeeded or cancelled, newest first (see index_finished).
 local function donekey(q) return prefix .. 'done:' .. q end
 -- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
