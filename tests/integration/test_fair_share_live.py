@@ -24,10 +24,10 @@ from tests.integration import handlers_for_tests  # noqa: F401  (registers test.
 from workers.model_worker import ModelWorker
 
 QUEUE = "q"
-WORKERS = 8
+WORKERS = 16
 SERVICE_S = 0.2
-# Light: one job every 0.5 s (2/s); heavy: a burst of 20 jobs every second (20/s). With 8 workers
-# of 0.2 s jobs (40/s) that is 55% load, but each burst queues 2.5 jobs per worker at once.
+# Light: one job every 0.5 s (2/s); heavy: a burst of 20 jobs every second (20/s). With 16 workers
+# of 0.2 s jobs (80/s) that is 28% load, but each burst takes every worker at once.
 LIGHT_JOBS = 40
 LIGHT_GAP_S = 0.5
 HEAVY_BURST = 20
