@@ -83,7 +83,10 @@ for i = 1, #popped, stride do
     -- Popped already: settling it has nothing left to remove from the queue itself. A member
     -- with a garbled order part still names its job: the record (its own order) decides.
     rec = judge(id, qkey(q), 'queued', q, names)
-    if not rec then removed[#removed + 1] = member end
+    if not rec then
+      ids[#ids + 1] = id
+      removed[#removed + 1] = member
+    end
   end
   local tn = rec and (rec.tn or '')
   if rec and quotas and over_quota(tn) then
