@@ -186,8 +186,14 @@ def _rejection(job_id: str, detail: str, tenant: str | None) -> Rejected:
 
 
 def _tenant_counts(flat: Sequence[Any]) -> dict[str, int]:
-    """A flat HGETALL reply of tenant -> count as a dict."""
-    return {str(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    """A flat HGETALL reply of tenant -> count as a dict; a count that is not a whole number
+    (written by someone else) is left out rather than fail the whole stats call."""
+    out: dict[str, int] = {}
+    for i in range(0, len(flat), 2):
+        text = str(flat[i + 1])
+        if text.isdigit() and len(text) <= 15:
+            out[str(flat[i])] = int(text)
+    return out
 
 
 def _routing_json(spec: JobSpec) -> str:
