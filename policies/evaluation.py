@@ -64,7 +64,9 @@ def scenario_fingerprint(scenario: Scenario, trace: TraceInput | None = None) ->
     The description is left out: rewording it changes no run. Tuned parameters are stored with this,
     so a user's scenario that merely reuses a shipped name is tuned afresh, not given foreign values.
     """
-    data = scenario.model_dump(mode="json", exclude={"description"})
+    # No tenants section runs as scenarios did before it existed: their fingerprints stand.
+    exclude = {"description"} if scenario.tenants else {"description", "tenants"}
+    data = scenario.model_dump(mode="json", exclude=exclude)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     if trace is not None:
         text += "|trace:" + trace.digest()

@@ -55,6 +55,9 @@ class QueueView:
     slo_s: float | None = None
     # Tags a job must carry (all of them) to be routed here by rule; empty means any.
     required_tags: frozenset[str] = frozenset()
+    # Queued jobs per tenant ('' for jobs without one): the demand behind `depth`, tenant by
+    # tenant. Empty when tenants are not tracked (a simulator queue in arrival order).
+    tenant_depths: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def allocated(self) -> int:

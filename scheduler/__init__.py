@@ -14,6 +14,7 @@ from scheduler.errors import (
     JobTimeout,
     NoService,
     RedisUnavailable,
+    Rejected,
     StreamTruncated,
     UnknownQueue,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "PurgeReport",
     "RedisUnavailable",
     "Refusal",
+    "Rejected",
     "ReplayReport",
     "Settings",
     "StreamRestart",

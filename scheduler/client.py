@@ -42,7 +42,14 @@ from pydantic import SecretStr
 from scheduler.codes import Code
 from scheduler.connection import check_connection, client_from_url, parse_address
 from scheduler.embedded_redis import EmbeddedRedis
-from scheduler.errors import BilevelError, InvalidJob, JobCancelled, JobFailed, JobTimeout
+from scheduler.errors import (
+    BilevelError,
+    InvalidJob,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    Rejected,
+)
 from scheduler.keys import validate_name
 from scheduler.listing import JobPage, JobSummary, ListOptions, ListOrder
 from scheduler.logs import configure_logging
@@ -106,12 +113,22 @@ def _outcome(job: Outcome) -> Any:
 
 
 class AsyncJobHandle:
-    """A submitted job. `created` is False when an idempotency key returned an earlier job."""
+    """A submitted job. `created` is False when an idempotency key returned an earlier job, or
+    when admission control refused it: then `rejected` is the Rejected (naming the cap and when
+    to retry), nothing was written, and result() raises it."""
 
-    def __init__(self, client: AsyncClient, job_id: str, *, created: bool = True) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        job_id: str,
+        *,
+        created: bool = True,
+        rejected: Rejected | None = None,
+    ) -> None:
         self.client = client
         self.id = job_id
-        self.created = created
+        self.created = created and rejected is None
+        self.rejected = rejected
 
     def __repr__(self) -> str:
         return f"AsyncJobHandle({self.id!r})"
@@ -127,6 +144,8 @@ class AsyncJobHandle:
         """Wait for the result. Raises JobFailed, JobCancelled, or JobTimeout after `timeout` s.
         Wakes as soon as the job finishes, without polling; any number of results can be awaited
         at once over one blocked connection (see scheduler.waiter)."""
+        if self.rejected is not None:
+            raise self.rejected
         [outcome] = await self.client._wait_finished([self.id], timeout)
         return _outcome(outcome)
 
@@ -284,16 +303,22 @@ class AsyncClient:
         max_retries: int | None = None,
         timeout_s: float | None = None,
     ) -> AsyncJobHandle:
-        """Submit one job. Raises InvalidJob (naming the field) before anything is written."""
+        """Submit one job. Raises InvalidJob (naming the field) before anything is written, and
+        Rejected (naming the cap, with a retry-after hint) when admission control refuses it."""
         request = JobRequest(
             job_type, payload, priority, deadline_s, delay_s, idempotency_key, tenant, tags,
             max_retries, timeout_s,
         )  # fmt: skip
-        return (await self.submit_many([request]))[0]
+        [handle] = await self.submit_many([request])
+        if handle.rejected is not None:
+            raise handle.rejected
+        return handle
 
     async def submit_many(self, requests: Iterable[JobRequest]) -> list[AsyncJobHandle]:
         """Submit many jobs in one round trip. All are validated first: if one is invalid,
-        InvalidJob names it (`jobs[i].field`) and none is written."""
+        InvalidJob names it (`jobs[i].field`) and none is written. Admission control judges each
+        job on its own, in order: a handle per job, and a refused job's handle carries its
+        Rejected (`handle.rejected`; nothing was written for it) while the others go ahead."""
         new_jobs: list[NewJob] = []
         for i, request in enumerate(requests):
             try:
@@ -309,8 +334,11 @@ class AsyncClient:
         if not new_jobs:
             return []
         # Retried with the same job ids, so a submit whose reply was lost is not made twice.
-        results = await self.retry.call(lambda: self.store.submit(new_jobs), "submit")
-        return [AsyncJobHandle(self, job_id, created=code is Code.OK) for code, job_id in results]
+        results = await self.retry.call(lambda: self.store.submit_jobs(new_jobs), "submit")
+        return [
+            AsyncJobHandle(self, s.job_id, created=s.code is Code.OK, rejected=s.rejected)
+            for s in results
+        ]
 
     def handle(self, job_id: str) -> AsyncJobHandle:
         """A handle for a job submitted earlier (by id)."""
@@ -639,6 +667,11 @@ class JobHandle:
     def created(self) -> bool:
         return self._inner.created
 
+    @property
+    def rejected(self) -> Rejected | None:
+        """Why admission control refused the job (nothing was written), or None."""
+        return self._inner.rejected
+
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
 
@@ -756,7 +789,10 @@ class Client:
             job_type, payload, priority, deadline_s, delay_s, idempotency_key, tenant, tags,
             max_retries, timeout_s,
         )  # fmt: skip
-        return self.submit_many([request])[0]
+        [handle] = self.submit_many([request])
+        if handle.rejected is not None:
+            raise handle.rejected
+        return handle
 
     def submit_many(self, requests: Iterable[JobRequest]) -> list[JobHandle]:
         return [self._wrap(h) for h in self._run(self._async.submit_many(list(requests)))]

@@ -34,6 +34,8 @@ class Code(IntEnum):
     CANCEL_PENDING = 11
     # Refused (nothing written): no router serves the namespace, so the job would wait forever.
     NO_SERVICE = 12
+    # Refused by admission control (nothing written): over a cap; the detail names it.
+    REJECTED = 13
 
 
 # Script replies are lists of these; indexing a tuple is several times cheaper than Code(n).

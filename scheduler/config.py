@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.fairshare import TenantShare
 from policies.legacy_layout import LayoutDeprecationWarning, upgrade_service
 from policies.schema import (
     AllocationSection,
@@ -45,7 +46,9 @@ from policies.schema import (
     layout_fields,
     validation_problems,
 )
+from scheduler.admission import AdmissionConfig
 from scheduler.errors import BilevelError
+from scheduler.models import MAX_TENANT_LEN
 from scheduler.settings import Settings
 
 
@@ -313,6 +316,26 @@ class ServiceConfig(BaseSettings, Layout):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # What Ray installs for the service on every node: handler code and its dependencies.
     runtime_env: RuntimeEnvConfig = Field(default_factory=RuntimeEnvConfig)
+    # Caps on queued jobs, checked at submit (scheduler.admission, docs/admission-and-tenants.md).
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    # Tenants by name ("*": every other tenant, and jobs without one): weights for fair share
+    # inside a queue's priority bands, quotas (max_in_flight) and caps (max_queued). Empty: jobs
+    # are served in arrival order within a band, as without tenants.
+    tenants: dict[str, TenantShare] = Field(default_factory=dict)
+
+    def problems(self) -> list[Problem]:
+        """The layout's problems, and admission caps of queues that do not exist."""
+        problems = super().problems()
+        names = [q.name for q in self.queues]
+        for name in self.admission.queues:
+            if name not in names:
+                problems.append((f"admission.queues.{name}", f"unknown queue; queues are {names}"))
+        for tenant in self.tenants:
+            if not tenant or len(tenant) > MAX_TENANT_LEN:
+                problems.append(
+                    (f"tenants.{tenant}", f"a tenant name has 1 to {MAX_TENANT_LEN} characters")
+                )
+        return problems
 
     @classmethod
     def settings_customise_sources(

@@ -75,6 +75,38 @@ class NoService(BilevelError):
         self.served = served
 
 
+class Rejected(BilevelError):
+    """Admission control refused a job: nothing was written for it. `cap` names the cap
+    (max_queued_total, tenant_max_queued, queue_max_queued or queue_max_wait_s), `current` is its
+    value when the job came (jobs waiting, or the estimated wait in seconds) and `limit` the cap;
+    `queue` is the queue whose cap it was (None for the total and tenant caps). Submit again after
+    `retry_after_s` (an estimate from the queue's recent drain rate, when one is known)."""
+
+    def __init__(
+        self,
+        job_id: str,
+        cap: str,
+        current: float,
+        limit: float,
+        retry_after_s: float,
+        queue: str | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        where = f" of queue {queue!r}" if queue else ""
+        who = f" of tenant {tenant!r}" if tenant and cap.startswith("tenant") else ""
+        super().__init__(
+            f"job {job_id} rejected: {cap}{where}{who} is at {current:g} (limit {limit:g}); "
+            f"retry after {retry_after_s:g} s"
+        )
+        self.job_id = job_id
+        self.cap = cap
+        self.current = current
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.queue = queue
+        self.tenant = tenant
+
+
 class RedisUnavailable(BilevelError, ConnectionError):
     """Redis could not be reached or refused our credentials. Names host and port, never secrets."""
 

@@ -168,10 +168,10 @@ class Keys:
         return f"{self.prefix}timing:{name}"
 
     @property
-    def tenants(self) -> str:
+    def tenant_usage(self) -> str:
         """HASH: usage per tenant of the jobs that name one: 'c:<tenant>' jobs succeeded,
         's:<tenant>' ms from their first lease to success (complete.lua)."""
-        return f"{self.prefix}tenants"
+        return f"{self.prefix}tenant_usage"
 
     @property
     def decisions(self) -> str:
@@ -185,6 +185,41 @@ class Keys:
         """HASH: level-2 counts since the namespace was created: 'ticks', 'changes', 'fallbacks',
         and 'guardrail:<name>' per guardrail that changed a proposal."""
         return f"{self.prefix}decisions:totals"
+
+    def tenants(self, name: str) -> str:
+        """HASH: jobs waiting in a queue (or the INGRESS_QUEUE) per tenant ('' for none), kept by
+        the scripts as members come and go, so per-tenant demand costs no scan; fields at 0 are
+        deleted, so the hash holds the tenants with work waiting there."""
+        return f"{self.prefix}tenants:{name}"
+
+    @property
+    def tenants_all(self) -> str:
+        """HASH: the same over the ingress and every queue: what a tenant's max_queued counts."""
+        return f"{self.prefix}tenants:~all"
+
+    @property
+    def inflight(self) -> str:
+        """HASH: leased jobs per tenant with a quota (max_in_flight), for lease.lua to hold back
+        the jobs of a tenant at its quota. A leased job so counted carries 'qt' in its record."""
+        return f"{self.prefix}inflight"
+
+    @property
+    def admission(self) -> str:
+        """HASH: the admission caps and tenant shares the service published
+        (scheduler.admission), read by submit, enqueue and lease; no TTL: the config holds
+        until a service publishes another."""
+        return f"{self.prefix}admission"
+
+    @property
+    def drain(self) -> str:
+        """HASH: each queue's recent drain rate (jobs/s), rewritten every controller tick with a
+        short TTL (admission.DRAIN_TTL_S) so a stopped controller's rates do not linger."""
+        return f"{self.prefix}drain"
+
+    def fair(self, name: str) -> str:
+        """HASH: a queue's fair-share state: '~v' its virtual time and, per tenant with jobs
+        tagged ahead of it, that tenant's last virtual finish tag (policies.fairshare)."""
+        return f"{self.prefix}fair:{name}"
 
     def leader(self, role: str) -> str:
         """STRING: the holder of a leader lock (router, controller) with a TTL renewed by it."""

@@ -32,7 +32,7 @@ from redis.exceptions import ResponseError
 from scheduler import jsonvalue
 from scheduler.codes import Code, codes
 from scheduler.connection import MAX_BLOCK_S, parse_address
-from scheduler.errors import JobNotFound, NoService, RedisUnavailable, UnknownQueue
+from scheduler.errors import JobNotFound, NoService, RedisUnavailable, Rejected, UnknownQueue
 from scheduler.keys import INGRESS_QUEUE, Keys
 from scheduler.listing import (
     DEFAULT_BUDGET_PER_ROW,
@@ -76,6 +76,16 @@ class NewJob:
     id: str
     spec: JobSpec
     spec_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What submit did with one job: created (OK), an earlier job's id (DUPLICATE), or refused by
+    admission control (REJECTED, with the refusal; nothing was written)."""
+
+    code: Code
+    job_id: str
+    rejected: Rejected | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +134,10 @@ class QueueStats:
     enqueued_total: int = 0
     completed_total: int = 0
     failed_total: int = 0
+    # Submits refused by admission control for this queue (see scheduler.admission).
+    rejected_total: int = 0
+    # Queued jobs per tenant ('' for jobs without one): the demand each tenant puts on the queue.
+    tenants: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +149,8 @@ class StoreStats:
     # keys of the wrong Redis type they moved aside (see Keys.moved_aside).
     corrupt_records: int = 0
     keys_moved_aside: int = 0
+    # Jobs per tenant waiting in the ingress ('' for jobs without one).
+    ingress_tenants: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +164,36 @@ class RequeueReport:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+# Caps whose current value and limit the submit script reports in ms (the others count jobs).
+_MS_CAPS = frozenset({"queue_max_wait_s"})
+
+
+def _rejection(job_id: str, detail: str, tenant: str | None) -> Rejected:
+    """The Rejected of submit.lua's refusal detail "cap, current, limit, retry_after_ms, queue"."""
+    cap, current, limit, retry_ms, queue = detail.split("\t")
+    scale = 1000.0 if cap in _MS_CAPS else 1.0
+    return Rejected(
+        job_id,
+        cap,
+        int(current) / scale,
+        int(limit) / scale,
+        int(retry_ms) / 1000,
+        queue=queue or None,
+        tenant=tenant,
+    )
+
+
+def _tenant_counts(flat: Sequence[Any]) -> dict[str, int]:
+    """A flat HGETALL reply of tenant -> count as a dict; a count that is not a whole number
+    (written by someone else) is left out rather than fail the whole stats call."""
+    out: dict[str, int] = {}
+    for i in range(0, len(flat), 2):
+        text = str(flat[i + 1])
+        if text.isdigit() and len(text) <= 15:
+            out[str(flat[i])] = int(text)
+    return out
 
 
 def _routing_json(spec: JobSpec) -> str:
@@ -217,9 +263,15 @@ class Store:
     # -- submit and route -------------------------------------------------------------------
 
     async def submit(self, jobs: Sequence[NewJob]) -> list[tuple[Code, str]]:
-        """Put jobs into the ingress in one round trip; per job (OK or DUPLICATE, job id).
-        With `settings.require_service`, NoService (nothing written) when no router serves the
-        namespace."""
+        """Put jobs into the ingress in one round trip; per job (OK, DUPLICATE or REJECTED, job
+        id). See `submit_jobs`."""
+        return [(s.code, s.job_id) for s in await self.submit_jobs(jobs)]
+
+    async def submit_jobs(self, jobs: Sequence[NewJob]) -> list[Submitted]:
+        """Put jobs into the ingress in one round trip, each admitted or refused (REJECTED, with
+        the Rejected naming the cap; nothing written for it) by the admission caps the service
+        published (scheduler.admission). With `settings.require_service`, NoService (nothing
+        written) when no router serves the namespace."""
         if not jobs:
             return []
         now = self.now_ms()
@@ -240,6 +292,8 @@ class Store:
                 now + _ms(o.delay_s),
                 o.max_retries if o.max_retries is not None else self.settings.max_retries,
                 _routing_json(job.spec),
+                job.spec.job_type,
+                o.tenant or "",
             ]
         if self.settings.replica_acks:
             raw = await self._submit_replicated(args)
@@ -247,7 +301,14 @@ class Store:
             raw = await self._run(self._scripts.submit, args)
         if len(raw) == 1 and int(raw[0]) == Code.NO_SERVICE:
             raise await self._no_service()
-        return [(Code(int(raw[i])), str(raw[i + 1])) for i in range(0, len(raw), 2)]
+        out: list[Submitted] = []
+        for i in range(0, len(raw), 3):
+            code, job_id = Code(int(raw[i])), str(raw[i + 1])
+            refusal = None
+            if code is Code.REJECTED:
+                refusal = _rejection(job_id, str(raw[i + 2]), jobs[i // 3].spec.options.tenant)
+            out.append(Submitted(code, job_id, refusal))
+        return out
 
     async def _submit_replicated(self, args: list[Any]) -> Any:
         """The submit script, then WAIT on the same connection (WAIT counts that connection's own
@@ -532,8 +593,10 @@ class Store:
                 enqueued_total=int(raw[i + 5]),
                 completed_total=int(raw[i + 6]),
                 failed_total=int(raw[i + 7]),
+                rejected_total=int(raw[i + 8]),
+                tenants=_tenant_counts(raw[i + 9]),
             )
-            for i in range(4, len(raw), 8)
+            for i in range(5, len(raw), 10)
         }
         return StoreStats(
             ingress=int(raw[0]),
@@ -541,6 +604,7 @@ class Store:
             queues=per_queue,
             corrupt_records=int(raw[2]),
             keys_moved_aside=int(raw[3]),
+            ingress_tenants=_tenant_counts(raw[4]),
         )
 
     async def dead_ids(self, queue: str) -> list[str]:

@@ -123,7 +123,7 @@ class TenantUsage:
 
 
 def parse_tenants(raw: Mapping[str, str]) -> dict[str, TenantUsage]:
-    """Keys.tenants' fields ('c:<tenant>', 's:<tenant>') as usage per tenant, sorted by name."""
+    """Keys.tenant_usage's fields ('c:<tenant>', 's:<tenant>') as usage per tenant, sorted by name."""
     completed: dict[str, int] = {}
     leased_ms: dict[str, int] = {}
     for name, value in raw.items():

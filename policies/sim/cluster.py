@@ -1,6 +1,7 @@
 """Queues and workers: the mechanics the simulator runs between decision points.
 
-Each queue is a FIFO of job indices. Each of the `budget` homogeneous workers is assigned to at most
+Each queue is a FIFO of job indices, or, when tenants have shares, a weighted fair queue over
+the jobs' tenants (policies.fairshare.FairQueue: the service's rule and integers). Each of the `budget` homogeneous workers is assigned to at most
 one queue and holds at most one loaded model. A worker serves only jobs of the queue whose model it
 holds. When level 2 moves a worker, a busy worker first finishes its job (no preemption), then loads
 the destination's model for that queue's `model_load_s`, then serves. While it loads (or drains
@@ -13,8 +14,10 @@ needs is computed on demand at ticks.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
+from policies.fairshare import FairQueue, TenantShare
 from policies.sim.engine import Engine
 
 IDLE = 0
@@ -34,6 +37,15 @@ REJECTED = -2
 RouteHook = Callable[[int], None]
 
 
+class JobQueue(Protocol):
+    """What the cluster needs of a queue's waiting jobs (a deque, or a FairQueue)."""
+
+    def append(self, job: int, /) -> None: ...
+    def popleft(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int, /) -> int: ...
+
+
 def _no_router(job: int) -> None:
     raise RuntimeError(f"job {job} needs routing but no router is attached")
 
@@ -51,11 +63,15 @@ class Cluster:
         service_s: list[float],
         size_estimate_s: list[float],
         routes: list[int],
+        tenants: tuple[str | None, ...] | None = None,
+        shares: Mapping[str, TenantShare] | None = None,
     ) -> None:
         """Workers of `initial_allocation` start with their queue's model loaded, at time 0.
 
         `service_s` and `routes` are per job (indexed like the arrival stream); the cluster writes
-        the routes of jobs routed by the hook, and completion times into `completion_s`.
+        the routes of jobs routed by the hook, and completion times into `completion_s`. With
+        `shares` (tenant name or "*" -> share), each queue serves `tenants` (per job) by weighted
+        fair queueing instead of in arrival order.
         """
         n_queues = len(model_load_s)
         if len(initial_allocation) != n_queues:
@@ -73,7 +89,12 @@ class Cluster:
         self.completion_s: list[float] = [float("nan")] * len(service_s)
         self.route_hook: RouteHook = _no_router
 
-        self.fifos: list[deque[int]] = [deque() for _ in range(n_queues)]
+        self.fifos: list[JobQueue]
+        if shares:
+            job_tenants = tenants if tenants is not None else (None,) * len(service_s)
+            self.fifos = [FairQueue(shares, job_tenants) for _ in range(n_queues)]
+        else:
+            self.fifos = [deque() for _ in range(n_queues)]
         # Sum of the size estimates waiting in each FIFO, kept as jobs come and go because level 1
         # reads it for every routed job; reset to 0 when a FIFO empties so rounding cannot drift.
         self.backlog_s: list[float] = [0.0] * n_queues

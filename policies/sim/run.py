@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from policies.fairshare import FairQueue, TenantShare
 from policies.sim.cluster import PRIORITY_ARRIVAL, REJECTED, UNROUTED, Cluster
 from policies.sim.engine import Engine
 from policies.sim.metrics import RunRecord, TimeSeries
@@ -71,6 +72,9 @@ class SimSpec:
     rate_window_s: float = 10.0
     slo_by_type_s: Mapping[str, float] = field(default_factory=dict)
     default_slo_s: float | None = None
+    # Tenant shares ("*": the others): queues serve tenants by weighted fair queueing, as the
+    # service does with its `tenants:` section; empty: arrival order.
+    tenants: Mapping[str, TenantShare] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.initial_allocation) != len(self.queues):
@@ -128,6 +132,8 @@ class SimRun:
             service_s=jobs.service_s.tolist(),
             size_estimate_s=self._size_s,
             routes=routes,
+            tenants=arrivals.tenants,
+            shares=spec.tenants,
         )
         self.cluster.route_hook = self._route
         self.engine.set_stream(self._arrival_s, self.cluster.kind_arrival, PRIORITY_ARRIVAL)
@@ -217,6 +223,9 @@ class SimRun:
             workers_loading=loading[q],
             model_load_s=spec.model_load_s,
             slo_s=spec.slo_s,
+            tenant_depths=(
+                {t or "": n for t, n in fifo.depths.items()} if isinstance(fifo, FairQueue) else {}
+            ),
         )
 
     def view(self) -> ClusterView:

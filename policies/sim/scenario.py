@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from policies.fairshare import TenantShare
 from policies.guardrails import guardrails_for
 from policies.legacy_layout import LayoutDeprecationWarning, upgrade_scenario
 from policies.registry import make_allocator, make_router
@@ -106,6 +107,9 @@ class Scenario(Layout):
     # as long again as the arrivals lasted, so a policy that starves a queue cannot run forever).
     drain: bool = True
     max_drain_s: float | None = Field(default=None, gt=0)
+    # Tenant shares as in a service config's `tenants:` ("*": every other tenant): queues serve
+    # the workload's tenants by weighted fair queueing (policies.fairshare).
+    tenants: dict[str, TenantShare] = Field(default_factory=dict)
 
     @property
     def needs_trace(self) -> bool:
@@ -376,6 +380,7 @@ def build_spec(scenario: Scenario, jobs: Jobs) -> SimSpec:
         rate_window_s=max(10.0 * allocation.tick_s, 10.0),
         slo_by_type_s=dict(scenario.slos.job_types),
         default_slo_s=scenario.slos.default_s,
+        tenants=dict(scenario.tenants),
     )
 
 

@@ -56,6 +56,14 @@ def load_config(path: Path | None, scenario_path: Path | None = None) -> Service
             return ServiceConfig.load(path)
         scenario = read_scenario(scenario_path)
         service_only = read_mapping(path) if path is not None else {}
+        if scenario.tenants:
+            if "tenants" in service_only:
+                raise ConfigError(
+                    f"{path}: invalid configuration\n  tenants: the scenario gives the tenants: "
+                    "leave them out"
+                )
+            # The scenario's tenant shares are served as the simulator runs them.
+            service_only["tenants"] = {k: v.model_dump() for k, v in scenario.tenants.items()}
         return ServiceConfig.from_scenario(
             scenario,
             source=str(path if path is not None else scenario_path),

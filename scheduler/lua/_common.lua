@@ -32,7 +32,7 @@ local CORRUPT_TOTALS = prefix .. 'corrupt:totals'
 local C_OK, C_DUPLICATE, C_NOT_FOUND, C_WRONG_STATE, C_STALE_LEASE = 0, 1, 2, 3, 4
 local C_ALREADY_FINISHED, C_CANCEL_REQUESTED, C_RETRY_SCHEDULED = 5, 6, 7
 local C_DEAD_LETTERED, C_CORRUPT, C_DELAYED, C_CANCEL_PENDING = 8, 9, 10, 11
-local C_NO_SERVICE = 12
+local C_NO_SERVICE, C_REJECTED = 12, 13
 
 -- Queue order members are "<4 digits 9999-priority><15 digits deadline ms><15 digits seq>:<id>",
 -- made once at submit: equal scores make a sorted set order them as strings, that is by priority,
@@ -71,11 +71,31 @@ local function countskey(q) return prefix .. 'counts:' .. q end
 -- time 'j<i>' and queue wait 'w<i>', their sums in ms 'js' and 'ws', SLO outcomes 'sn' (judged)
 -- and 'sm' (met), and the queue's SLO 'slo_ms' (written by the controller).
 local function timingkey(q) return prefix .. 'timing:' .. q end
--- HASH of usage per tenant (Keys.tenants): 'c:<tenant>' jobs succeeded, 's:<tenant>' ms leased.
-local TENANTS = prefix .. 'tenants'
+-- HASH of usage per tenant (Keys.tenant_usage): 'c:<tenant>' jobs succeeded, 's:<tenant>' ms leased.
+local TENANT_USAGE = prefix .. 'tenant_usage'
 -- Bucket upper bounds in ms; mirrors scheduler.keys.TIMING_BUCKETS_MS (one more bucket: +Inf).
 local TIMING_BUCKETS_MS = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                            300000}
+-- HASH per queue (and the ingress, INGRESS_QUEUE): jobs waiting there per tenant (field: the
+-- tenant, '' for jobs without one). Kept by membership: +1 when a job's order member is added to
+-- the queue (or its id to the ingress), -1 when it is removed, so the allocator sees per-tenant
+-- demand and submit reads a tenant's queued jobs in O(1). Fields that reach 0 are deleted.
+local function tenantskey(q) return prefix .. 'tenants:' .. q end
+-- HASH: the same per tenant over the ingress and every queue (what a tenant's cap counts).
+local TENANTS_ALL = prefix .. 'tenants:~all'
+-- HASH: leased jobs per tenant that has a quota (max in flight); see lease.lua and end_lease.
+local INFLIGHT = prefix .. 'inflight'
+-- HASH: admission caps and fair-share weights as the service publishes them (scheduler.admission
+-- lists the fields); absent: only the default total cap applies (DEFAULT_MAX_QUEUED).
+local ADMISSION = prefix .. 'admission'
+-- HASH: each queue's recent drain rate (jobs/s, published by the controller every tick, with a TTL
+-- so a stopped controller's rates vanish): the wait estimate's denominator.
+local DRAIN = prefix .. 'drain'
+-- HASH per queue: fair-share state, '~v' the queue's virtual time and, per tenant, the virtual
+-- finish tag of its last queued job (policies.fairshare).
+local function fairkey(q) return prefix .. 'fair:' .. q end
+-- Mirrors scheduler.admission.DEFAULT_MAX_QUEUED: the total cap when nothing is published.
+local DEFAULT_MAX_QUEUED = 1000000
 -- LIST per queue of jobs that finished succeeded or cancelled, newest first (see index_finished).
 local function donekey(q) return prefix .. 'done:' .. q end
 -- Mirrors scheduler.keys.FINISHED_INDEX_LEN and FINISHED_TRIM_EVERY.
@@ -258,29 +278,64 @@ local function signal_queue(q)
   redis.call('LTRIM', qsignalkey(q), 0, 0)
 end
 
--- Put job id into queue q now, with its order member (made at submit).
-local function push_queued(id, q, now, member)
-  kcall('ZADD', qkey(q), 0, member)
-  kcall('ZADD', qagekey(q), now, id)
-  redis.call('HSET', jobkey(id), 'status', 'queued', 'queue', q)
+-- Count `by` jobs of tenant tn (its record's 'tn': '' for none; false: a record from before
+-- tenants were counted, never counted) in or out of queue q's waiting jobs (q: a queue name or
+-- INGRESS_QUEUE). A count never goes below 0 (a record lost to corruption leaves its count).
+local function count_tenant(q, tn, by)
+  if not tn or by == 0 then return end
+  for _, k in ipairs({tenantskey(q), TENANTS_ALL}) do
+    local r = redis.pcall('HINCRBY', k, tn, by)
+    if type(r) ~= 'number' then
+      incr(k, tn, by)
+      r = tonumber(redis.call('HGET', k, tn)) or 0
+    end
+    if r <= 0 then redis.call('HDEL', k, tn) end
+  end
 end
 
-local function zrem(key, member) kcall('ZREM', key, member) end
+-- Put job id into queue q now, with its order member (made at submit, or at routing when the
+-- queue serves tenants by fair share).
+local function push_queued(id, q, now, member)
+  local added = kcall('ZADD', qkey(q), 0, member)
+  kcall('ZADD', qagekey(q), now, id)
+  redis.call('HSET', jobkey(id), 'status', 'queued', 'queue', q)
+  if added == 1 then count_tenant(q, redis.call('HGET', jobkey(id), 'tn'), 1) end
+end
+
+-- ZREM of one member; returns how many were removed (0 or 1).
+local function zrem(key, member) return kcall('ZREM', key, member) end
+
+-- A running job's lease ends (finished, failed, expired or released): a tenant with a quota gets
+-- its slot back (the record's 'qt', set by lease.lua, names the tenant counted), and the queue is
+-- signalled, since jobs of that tenant may have been held back by the quota.
+local function end_lease(id, q, qt)
+  if qt == nil then qt = redis.call('HGET', jobkey(id), 'qt') end
+  if not qt then return end
+  redis.call('HDEL', jobkey(id), 'qt')
+  local r = redis.pcall('HINCRBY', INFLIGHT, qt, -1)
+  if type(r) ~= 'number' or r <= 0 then redis.call('HDEL', INFLIGHT, qt) end
+  if q then signal_queue(q) end
+end
 
 -- Remove job id from whichever structure its status says it is in (q: its queue, or false when
 -- unknown). A status that is no status at all takes it out of every place it may be.
 local function detach(id, status, q, member)
   if status == 'pending' then
-    zrem(INGRESS, id)
+    if zrem(INGRESS, id) == 1 then
+      count_tenant(INGRESS_QUEUE, redis.call('HGET', jobkey(id), 'tn'), -1)
+    end
   elseif status == 'delayed' or status == 'retrying' then
     zrem(DELAYED, id)
   elseif status == 'queued' then
     if q then
-      if member then zrem(qkey(q), member) end
+      if member and zrem(qkey(q), member) == 1 then
+        count_tenant(q, redis.call('HGET', jobkey(id), 'tn'), -1)
+      end
       zrem(qagekey(q), id)
     end
   elseif status == 'running' then
     if q then zrem(leasedkey(q), id) end
+    end_lease(id, q)
   elseif not STATUSES[status] then
     zrem(INGRESS, id)
     zrem(DELAYED, id)
@@ -638,8 +693,8 @@ local function observe_succeeded(q, rec, now)
       if ok and type(view) == 'table' and type(view.n) == 'string' then tenant = view.n end
     end
     if tenant then
-      add(TENANTS, 'c:' .. tenant, 1)
-      if started then add(TENANTS, 's:' .. tenant, math.max(0, now - started)) end
+      add(TENANT_USAGE, 'c:' .. tenant, 1)
+      if started then add(TENANT_USAGE, 's:' .. tenant, math.max(0, now - started)) end
     end
   end
 end

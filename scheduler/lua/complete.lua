@@ -16,7 +16,7 @@
   A lease that expired is still honoured while the job waits for its next lease (same token):
   the work is done, and running it again would only repeat it.
   Counts   per queue: 'completed' (Keys.counts); the completion time, queue wait and SLO outcome
-           of each job (Keys.timing) and its tenant's usage (Keys.tenants), one HINCRBY per
+           of each job (Keys.timing) and its tenant's usage (Keys.tenant_usage), one HINCRBY per
            distinct field per call.
   Events   the job id in the inbox of every client waiting on it.
 ]]
@@ -27,7 +27,7 @@ NOW, DEAD_TTL = now, ttl
 local out = {}
 local released = {}
 local completed = {}
-local names = {'status', 'attempts', 'queue', 'order', 'w', 'created_ms', 'started_ms', 'rt'}
+local names = {'status', 'attempts', 'queue', 'order', 'w', 'qt', 'created_ms', 'started_ms', 'rt'}
 -- Read in the same call for the counting only; a record missing them still completes.
 local counted = {'created_ms', 'started_ms', 'rt'}
 local accept = {running = true, queued = true, delayed = true, retrying = true}
@@ -43,6 +43,7 @@ for i = 0, n - 1 do
       local r = released[q]
       if not r then r = {}; released[q] = r end
       r[#r + 1] = id
+      end_lease(id, q, rec.qt)
     else
       detach(id, rec.status, q, rec.order)
     end

@@ -31,6 +31,7 @@ for i = 0, n - 1 do
   else
     local q = rec.queue
     zrem(leasedkey(q), id)
+    end_lease(id, false)
     redis.call('HSET', jobkey(id), 'released', (tonumber(rec.released) or 0) + 1)
     push_queued(id, q, now, rec.order)
     touched[q] = true

@@ -120,7 +120,9 @@ for i = 1, n do
           move_aside(SEQ, redis.call('TYPE', SEQ)['ok'])
           seq = redis.call('INCRBY', SEQ, 1)
         end
-        kcall('ZADD', INGRESS, seq, id)
+        if kcall('ZADD', INGRESS, seq, id) == 1 then
+          count_tenant(INGRESS_QUEUE, redis.call('HGET', k, 'tn'), 1)
+        end
         redis.call('HSET', k, 'status', 'pending')
         redis.call('HDEL', k, 'queue')
         to_ingress = true

@@ -53,6 +53,7 @@ for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
         dead = dead + 1
       else
         redis.call('ZREM', lk, id)
+        end_lease(id, false)
         add_history(id, history_entry('lease_expired', tonumber(rec.attempts), {}))
         push_queued(id, q, now, rec.order)
         requeued = requeued + 1

@@ -6,9 +6,12 @@
   ARGV[1]  now_ms
   ARGV[2]  dead-letter retention in ms (also the TTL of a key moved aside)
   ARGV[3]  number of queues N, then N names (N = 0: every known queue)
-  Returns  {{ingress depth, delayed count, corrupt records dead-lettered, keys moved aside, then
-             8 values per queue: name, depth, oldest wait ms, in flight, dead, and the running
-             totals of jobs enqueued, completed and failed attempts}, notices}
+  Returns  {{ingress depth, delayed count, corrupt records dead-lettered, keys moved aside, the
+             ingress's jobs per tenant (a flat array of tenant, count), then
+             10 values per queue: name, depth, oldest wait ms, in flight, dead, the running
+             totals of jobs enqueued, completed and failed attempts, and of jobs refused by
+             admission control, and its queued jobs per tenant (a flat array of tenant, count;
+             tenant '' for jobs without one)}, notices}
            A counter that is not a whole number reads as 0. Any key of the wrong type is moved
            aside (and reads as empty); a member of the queue set that is not a queue name is
            dropped from it; notices say so (see _common.lua).
@@ -45,6 +48,7 @@ local out = {card(INGRESS), card(DELAYED)}
 local corrupt_totals = kcall('HMGET', CORRUPT_TOTALS, 'records', 'keys')
 out[3] = count(corrupt_totals[1])
 out[4] = count(corrupt_totals[2])
+out[5] = kcall('HGETALL', tenantskey(INGRESS_QUEUE))
 for _, q in ipairs(names) do
   kcall('ZREMRANGEBYSCORE', deadkey(q), '-inf', now - keep_ms)
   local oldest = kcall('ZRANGE', qagekey(q), 0, 0, 'WITHSCORES')
@@ -57,9 +61,11 @@ for _, q in ipairs(names) do
   out[#out + 1] = wait
   out[#out + 1] = card(leasedkey(q))
   out[#out + 1] = card(deadkey(q))
-  local totals = kcall('HMGET', countskey(q), 'enqueued', 'completed', 'failed')
+  local totals = kcall('HMGET', countskey(q), 'enqueued', 'completed', 'failed', 'rejected')
   out[#out + 1] = count(totals[1])
   out[#out + 1] = count(totals[2])
   out[#out + 1] = count(totals[3])
+  out[#out + 1] = count(totals[4])
+  out[#out + 1] = kcall('HGETALL', tenantskey(q))
 end
 return {out, notices}

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from policies.guardrails import Guardrails, guardrails_for
 from policies.registry import make_allocator
 from policies.views import Allocation, Allocator, ClusterView
+from scheduler.admission import DRAIN_TTL_S
 from scheduler.config import ServiceConfig
 from scheduler.keys import ALLOCATION_HISTORY_LEN, ALLOCATION_TTL_S
 from scheduler.logs import get_logger
@@ -304,6 +305,12 @@ class ControllerLoop:
             pipe.ltrim(keys.allocation_history, -HISTORY_LEN, -1)
         if r.decision is not None:
             queue_decisions(pipe, keys, r.decision)
+        # Admission's wait estimate and retry-after hints divide by these (scheduler.admission).
+        rates = {q: r for q, r in self.views.completions.rates_per_s.items() if r > 0}
+        pipe.delete(keys.drain)
+        if rates:
+            pipe.hset(keys.drain, mapping={q: f"{r:.6g}" for q, r in rates.items()})
+            pipe.pexpire(keys.drain, round(DRAIN_TTL_S * 1000))
         await pipe.execute()
         if self.ticks == 1:
             await write_slos(self.store.redis, keys, {q.name: q.slo_s for q in self.config.queues})

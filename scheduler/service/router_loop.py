@@ -25,6 +25,7 @@ import numpy as np
 
 from policies.registry import make_router
 from policies.views import JobView, QueueView, Rejection, RouteDecision, Router
+from scheduler.admission import publish, published_fields
 from scheduler.codes import Code
 from scheduler.config import ServiceConfig
 from scheduler.logs import get_logger
@@ -46,6 +47,9 @@ log = get_logger("bilevel.router")
 STATS_REFRESH_S = 0.1
 # Longest single block on the ingress signal; bounds how late the loop notices a stop or a lost lock.
 WAIT_S = 0.5
+# The acting router republishes the admission config this often, so a Redis that lost it (a
+# restart without persistence, a failover to a stale replica) enforces it again within seconds.
+ADMISSION_REPUBLISH_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,10 @@ class RouterLoop:
         # Lag behind the ingress at the last look: jobs waiting and the oldest one's age.
         self.lag_jobs = 0
         self.lag_s = 0.0
+        self._admission = published_fields(
+            config.admission, config.tenants, [(q.name, q.job_types) for q in config.queues]
+        )
+        self._admission_at = -float("inf")
 
     @property
     def acting(self) -> bool:
@@ -223,6 +231,11 @@ class RouterLoop:
                 await _wait_or_stop(stop, self.backoff.delay_s(self.progress.failures))
         log.info("router_stopped", routed=self.routed_total, rejected=self.rejected_total)
 
+    async def publish_admission(self) -> None:
+        """Publish the config's admission caps and tenant shares for the scripts to enforce."""
+        await publish(self.store.redis, self.store.keys, self._admission)
+        self._admission_at = self._monotonic()
+
     async def _step(self, stop: asyncio.Event) -> None:
         if not self.acting:
             # A standby: the lock keeper wakes us within its renew interval.
@@ -230,6 +243,8 @@ class RouterLoop:
             await _wait_or_stop(stop, self.wait_s)
             return
         recovering = self.progress.failures > 0
+        if recovering or self._monotonic() - self._admission_at >= ADMISSION_REPUBLISH_S:
+            await self.publish_admission()
         await self.drain()
         if recovering:
             log.info("router_resumed", after_failures=self.progress.failures)

@@ -90,7 +90,7 @@ async def take_snapshot(
         pipe.hgetall(keys.timing(name))
     pipe.lrange(keys.decisions, 0, max(0, decisions) - 1)
     pipe.hgetall(keys.decision_totals)
-    pipe.hgetall(keys.tenants)
+    pipe.hgetall(keys.tenant_usage)
     pipe.lrange(keys.allocation_history, -HISTORY_SHOWN, -1)
     replies = iter(await pipe.execute(raise_on_error=False))
     raw_published = next(replies)

@@ -107,6 +107,7 @@ def queue_view(
         model_load_s=model_load_s,
         slo_s=queue.slo_s,
         required_tags=frozenset(queue.required_tags),
+        tenant_depths=dict(stats.tenants) if stats is not None else {},
     )
 
 

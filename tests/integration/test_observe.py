@@ -58,7 +58,7 @@ class TestFinishPathCounts:
             clock.advance(1.0)
             await store.complete([(lease.job_id, lease.token, None) for lease in leases])
             timings = (await read_timings(store.redis, store.keys, ["q"]))["q"]
-            tenants = await store.redis.hgetall(store.keys.tenants)
+            tenants = await store.redis.hgetall(store.keys.tenant_usage)
             return timings, tenants
 
         t, tenants = run(scenario())
@@ -107,7 +107,7 @@ class TestFinishPathCounts:
             )
             leases = await store.lease("q", 10)
             await store.complete([(lease.job_id, lease.token, None) for lease in leases])
-            return await store.redis.hgetall(store.keys.tenants)
+            return await store.redis.hgetall(store.keys.tenant_usage)
 
         usage = run(scenario())
         assert {k: v for k, v in usage.items() if k.startswith("c:")} == {
@@ -374,7 +374,7 @@ class TestMetricsAgainstTheStore:
     ) -> None:
         """A tenant named like markup is inlined escaped; the page still carries its usage."""
         evil = "</script><script>alert(1)</script><!--"
-        run(store.redis.hset(store.keys.tenants, f"c:{evil}", "1"))
+        run(store.redis.hset(store.keys.tenant_usage, f"c:{evil}", "1"))
         page = urllib.request.urlopen(f"{observer.url}/", timeout=30).read().decode()
         assert evil not in page
         assert page.count("</script>") == 1

@@ -34,6 +34,7 @@ EXPECTED = {
     "PurgeReport",
     "RedisUnavailable",
     "Refusal",
+    "Rejected",
     "ReplayReport",
     "Settings",
     "StreamRestart",
