@@ -4,7 +4,10 @@
   KEYS[1]  namespace prefix
   ARGV[1]  now_ms
   ARGV[2]  TTL in ms of the finished record and its result (and of a key moved aside)
-  ARGV[3]  number of jobs N, then 3 values per job: id, lease token, result JSON
+  ARGV[3]  recording cap: about this many entries are kept in the recording (see record in
+           _common.lua); 0: do not record
+  ARGV[4]  number of jobs N, then 6 values per job: id, lease token, result JSON, and for the
+           recording: the run ms the worker measured, tokens in, tokens out ('' when unknown)
   Returns  {codes, notices}: one code per job
            C_OK                result stored, job succeeded
            C_ALREADY_FINISHED  the job finished before (a second completion): refused
@@ -15,20 +18,24 @@
            notices: what was settled (see _common.lua).
   A lease that expired is still honoured while the job waits for its next lease (same token):
   the work is done, and running it again would only repeat it.
-  Events   the job id in the inbox of every client waiting on it.
+  Events   the job id in the inbox of every client waiting on it; one recording entry per job
+           completed (when ARGV[3] > 0).
 ]]
 -- @include _common.lua
 
-local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 NOW, DEAD_TTL = now, ttl
+RECORD_LEN = tonumber(ARGV[3]) or 0
 local out = {}
 local released = {}
 local completed = {}
 local names = {'status', 'attempts', 'queue', 'order', 'w'}
 local accept = {running = true, queued = true, delayed = true, retrying = true}
 for i = 0, n - 1 do
-  local b = 4 + i * 3
+  local b = 5 + i * 6
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
+  -- Before the judging: a record found corrupt here is dead-lettered, and recorded as run.
+  RUN_MS, TOKENS_IN, TOKENS_OUT = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
   local rec, refused = reported(id, names, token, accept)
   if not rec then
     out[#out + 1] = refused
