@@ -114,8 +114,9 @@ class RunReport:
     tokens_out: int | None = None
 
 
-def _opt_ms(seconds: float | None) -> str | int:
-    return "" if seconds is None else max(0, _ms(seconds))
+def _opt_us(seconds: float | None) -> str | int:
+    # Microseconds: a fast handler's run would round to 0 ms.
+    return "" if seconds is None else max(0, round(seconds * 1_000_000))
 
 
 def _opt_count(count: int | None) -> str | int:
@@ -449,7 +450,7 @@ class Store:
                 job_id,
                 token,
                 text,
-                _opt_ms(r.run_s),
+                _opt_us(r.run_s),
                 _opt_count(r.tokens_in),
                 _opt_count(r.tokens_out),
             ]
@@ -521,7 +522,7 @@ class Store:
             # A job that dies here is kept as long as any dead-lettered job (dead_ttl_s).
             self._dead_ttl_ms,
             self._record_len,
-            _opt_ms(run_s),
+            _opt_us(run_s),
         ]
         return Code(int(await self._run(self._scripts.fail, args)))
 

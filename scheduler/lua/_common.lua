@@ -327,17 +327,17 @@ end
 -- names once per node instead of once per entry (scheduler/recording.py reads them):
 --   id job id; c created_ms; s started_ms (first lease); f finished_ms; q queue; rt the routing
 --   view as submitted (job type, priority, tags, tenant, deadline); a attempts; st status;
---   r run ms the worker measured; ti, to tokens in and out the handler reported.
+--   r run microseconds the worker measured; ti, to tokens in and out the handler reported.
 local RECORD = prefix .. 'record'
 local RECORD_LEN = 0
 -- What the worker reported of the job being finished (complete.lua and fail.lua set them per
 -- job); '' when unknown.
-local RUN_MS, TOKENS_IN, TOKENS_OUT = '', '', ''
+local RUN_US, TOKENS_IN, TOKENS_OUT = '', '', ''
 
 local function record(id, status, now, f)
   kcall('XADD', RECORD, 'MAXLEN', '~', RECORD_LEN, '*',
         'id', id, 'c', f.created_ms or '', 's', f.started_ms or '', 'f', now, 'q', f.queue or '',
-        'rt', f.rt or '', 'a', f.attempts or '', 'st', status, 'r', RUN_MS, 'ti', TOKENS_IN,
+        'rt', f.rt or '', 'a', f.attempts or '', 'st', status, 'r', RUN_US, 'ti', TOKENS_IN,
         'to', TOKENS_OUT)
 end
 

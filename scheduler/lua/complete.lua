@@ -7,7 +7,8 @@
   ARGV[3]  recording cap: about this many entries are kept in the recording (see record in
            _common.lua); 0: do not record
   ARGV[4]  number of jobs N, then 6 values per job: id, lease token, result JSON, and for the
-           recording: the run ms the worker measured, tokens in, tokens out ('' when unknown)
+           recording: the run microseconds the worker measured, tokens in, tokens out ('' when
+           unknown)
   Returns  {codes, notices}: one code per job
            C_OK                result stored, job succeeded
            C_ALREADY_FINISHED  the job finished before (a second completion): refused
@@ -35,7 +36,7 @@ for i = 0, n - 1 do
   local b = 5 + i * 6
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
   -- Before the judging: a record found corrupt here is dead-lettered, and recorded as run.
-  RUN_MS, TOKENS_IN, TOKENS_OUT = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+  RUN_US, TOKENS_IN, TOKENS_OUT = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
   local rec, refused = reported(id, names, token, accept)
   if not rec then
     out[#out + 1] = refused

@@ -14,7 +14,8 @@
            record's, so later lease expiries count against the same budget
   ARGV[9]  optional: TTL in ms of a dead-lettered record and of a key moved aside (absent: ARGV[2])
   ARGV[10] optional: recording cap (see record in _common.lua; absent or 0: do not record)
-  ARGV[11] optional: the run ms of this attempt the worker measured ('' or absent: unknown)
+  ARGV[11] optional: the run microseconds of this attempt the worker measured ('' or absent:
+           unknown)
   Returns  {code, notices}:
            C_RETRY_SCHEDULED  back in the delayed set, status retrying
            C_DEAD_LETTERED    out of retries (or not retryable): status dead
@@ -32,7 +33,7 @@ local now, ttl, id, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonum
 local dead_ttl = tonumber(ARGV[9]) or ttl
 NOW, DEAD_TTL = now, dead_ttl
 RECORD_LEN = tonumber(ARGV[10]) or 0
-RUN_MS = ARGV[11] or ''
+RUN_US = ARGV[11] or ''
 local k = jobkey(id)
 local rec, refused = reported(
   id, {'status', 'attempts', 'queue', 'order', 'maxr', 'cancel', 'released'}, token,
