@@ -187,9 +187,9 @@ class Keys:
         """STREAM: one entry per job finished while Settings.record is on (its id, arrival,
         first start and finish ms, queue, routing view, attempts, status, the run ms its worker
         measured and the tokens its handler reported), appended by the script that finishes it
-        (`record` in _common.lua lists the fields). Capped at about Settings.record_max_len
+        Capped at about Settings.record_max_len
         entries (XADD MAXLEN ~), oldest first; no TTL: the cap bounds it. Read by
-        `bilevel record` (scheduler/recording.py)."""
+        `bilevel record` (scheduler/recording.py); `record` in _common.lua lays out an entry."""
         return f"{self.prefix}record"
 
     @property

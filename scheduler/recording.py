@@ -101,22 +101,35 @@ def _text(fields: Mapping[bytes, bytes], name: str) -> str:
         raise CorruptRecord(f"field {name!r} is not UTF-8") from None
 
 
-def _uint(fields: Mapping[bytes, bytes], name: str, *, required: bool) -> int | None:
-    text = _text(fields, name)
+# The values packed in an entry's 'v', in order (`record` in scheduler/lua/_common.lua).
+PACKED: Final = ("c", "s", "f", "q", "a", "st", "r", "ti", "to")
+
+
+def _uint(values: Mapping[str, str], name: str, *, required: bool) -> int | None:
+    text = values[name]
     if not text:
         if required:
-            raise CorruptRecord(f"field {name!r} is empty")
+            raise CorruptRecord(f"{name!r} is empty")
         return None
-    # What the scripts write: decimal digits (int() would also take ' 5', '+5' and '1_000').
+    # What the scripts write: decimal digits (int() would also take '+5' and '1_000').
     if not text.isascii() or not text.isdigit() or len(text) > 30:
-        raise CorruptRecord(f"field {name!r} is {text[:40]!r}, not a whole number")
+        raise CorruptRecord(f"{name!r} is {text[:40]!r}, not a whole number")
     return int(text)
 
 
-def _whole(fields: Mapping[bytes, bytes], name: str) -> int:
-    value = _uint(fields, name, required=True)
+def _whole(values: Mapping[str, str], name: str) -> int:
+    value = _uint(values, name, required=True)
     assert value is not None  # required: empty raised
     return value
+
+
+def _unpack(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    """The named values of an entry's 'v'. A value holding a space (garbage copied from a corrupt
+    record) makes the count wrong, so the entry is refused rather than read askew."""
+    parts = _text(fields, "v").split(" ")
+    if len(parts) != len(PACKED):
+        raise CorruptRecord(f"'v' holds {len(parts)} values, not {len(PACKED)}")
+    return dict(zip(PACKED, parts, strict=True))
 
 
 def parse_served(entry_id: str, fields: Mapping[bytes, bytes]) -> ServedJob:
@@ -125,42 +138,40 @@ def parse_served(entry_id: str, fields: Mapping[bytes, bytes]) -> ServedJob:
     job_id = _text(fields, "id")
     if not job_id:
         raise CorruptRecord("field 'id' is empty")
-    status_text = _text(fields, "st")
+    values = _unpack(fields)
+    status_text = values["st"]
     try:
         status = JobStatus(status_text)
     except ValueError:
         raise CorruptRecord(f"status {status_text[:40]!r} is not a status") from None
     if status not in _STATUSES:
         raise CorruptRecord(f"status {status_text!r} is not a finished status")
-    created_ms = _whole(fields, "c")
-    finished_ms = _whole(fields, "f")
-    queue_text = _text(fields, "q")
     queue: str | None = None
-    if queue_text:
+    if values["q"]:
         try:
-            queue = validate_name("queue", queue_text)
+            queue = validate_name("queue", values["q"])
         except ValueError as exc:
             raise CorruptRecord(str(exc)) from None
     rt = fields.get(b"rt")
     if not rt:
         raise CorruptRecord("no routing view")
     view = parse_route_view(rt)
-    run_us = _uint(fields, "r", required=False)
+    run_us = _uint(values, "r", required=False)
     return ServedJob(
         job_id=job_id,
-        created_ms=created_ms,
-        started_ms=_uint(fields, "s", required=False),
-        finished_ms=finished_ms,
+        created_ms=_whole(values, "c"),
+        started_ms=_uint(values, "s", required=False),
+        finished_ms=_whole(values, "f"),
         queue=queue,
         job_type=view.job_type,
         priority=view.priority,
         tenant=view.tenant,
         deadline_s=view.deadline_s,
-        attempts=_uint(fields, "a", required=False) or 0,
+        attempts=_uint(values, "a", required=False) or 0,
         status=status,
         run_s=None if run_us is None else run_us / 1_000_000,
-        tokens_in=_uint(fields, "ti", required=False),
-        tokens_out=_uint(fields, "to", required=False),
+        tokens_in=_uint(values, "ti", required=False),
+        tokens_out=_uint(values, "to", required=False),
     )
 
 
@@ -170,7 +181,8 @@ def parse_load(fields: Mapping[bytes, bytes]) -> ModelLoad:
         queue = validate_name("queue", _text(fields, "q"))
     except ValueError as exc:
         raise CorruptRecord(str(exc)) from None
-    at_ms = _whole(fields, "at_ms")
+    at_text = _text(fields, "at_ms")
+    at_ms = _whole({"at_ms": at_text}, "at_ms")
     try:
         raw: Any = json.loads(_text(fields, "loads"))
     except PARSE_ERRORS as exc:

@@ -319,26 +319,36 @@ end
 -- -- recording -----------------------------------------------------------------------------------
 
 -- STREAM of what the service served (Keys.record): one entry per job finished through `finish`
--- while RECORD_LEN > 0, capped at about RECORD_LEN entries (XADD MAXLEN ~: Redis trims whole
--- nodes, so a trim costs next to nothing). complete.lua, fail.lua and requeue_expired.lua set
--- RECORD_LEN from their ARGV (Settings.record_max_len, 0 when Settings.record is off); every other
--- script leaves it 0, so cancellations and corrupt records found by readers are not recorded.
--- Every entry has the same fields in the same order ('' for unknown), so the stream stores their
--- names once per node instead of once per entry (scheduler/recording.py reads them):
---   id job id; c created_ms; s started_ms (first lease); f finished_ms; q queue; rt the routing
---   view as submitted (job type, priority, tags, tenant, deadline); a attempts; st status;
---   r run microseconds the worker measured; ti, to tokens in and out the handler reported.
+-- while RECORD_LEN > 0, capped at about RECORD_LEN entries. complete.lua, fail.lua and
+-- requeue_expired.lua set RECORD_LEN from their ARGV (Settings.record_max_len, 0 when
+-- Settings.record is off); every other script leaves it 0, so cancellations and corrupt records
+-- found by readers are not recorded. An entry has three fields (scheduler/recording.py reads
+-- them): 'id' the job id, 'rt' the routing view as submitted (job type, priority, tags, tenant,
+-- deadline), and 'v', nine values joined by spaces ('' where unknown): created_ms, started_ms
+-- (first lease), finished_ms, queue, attempts, status, the run microseconds the worker measured,
+-- tokens in and out the handler reported. Packed, because a field pair costs an XADD about as
+-- much as the append itself; 'id' and 'rt' stand alone since they may hold any text.
+-- Only the first entry a script call adds trims the stream (XADD MAXLEN ~: whole nodes of up to
+-- 100 entries), which costs half an append again: so the stream stays within RECORD_LEN, one
+-- call's batch and one node.
 local RECORD = prefix .. 'record'
 local RECORD_LEN = 0
+local RECORDED = 0
 -- What the worker reported of the job being finished (complete.lua and fail.lua set them per
 -- job); '' when unknown.
 local RUN_US, TOKENS_IN, TOKENS_OUT = '', '', ''
 
 local function record(id, status, now, f)
-  kcall('XADD', RECORD, 'MAXLEN', '~', RECORD_LEN, '*',
-        'id', id, 'c', f.created_ms or '', 's', f.started_ms or '', 'f', now, 'q', f.queue or '',
-        'rt', f.rt or '', 'a', f.attempts or '', 'st', status, 'r', RUN_US, 'ti', TOKENS_IN,
-        'to', TOKENS_OUT)
+  local v = table.concat({
+    f.created_ms or '', f.started_ms or '', string.format('%d', now), f.queue or '',
+    f.attempts or '', status, RUN_US, TOKENS_IN, TOKENS_OUT,
+  }, ' ')
+  if RECORDED == 0 then
+    kcall('XADD', RECORD, 'MAXLEN', '~', RECORD_LEN, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+  else
+    kcall('XADD', RECORD, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+  end
+  RECORDED = RECORDED + 1
 end
 
 -- The fields of a record that finish reads, in one HMGET.
