@@ -243,7 +243,8 @@ def record(
             f"nothing recorded in namespace {settings.namespace!r} from {window.text()} "
             f"({found}; {recording.entries_read} entries read"
             + (f", {recording.skipped} unreadable" if recording.skipped else "")
-            + "); is Settings.record on?",
+            + "); the recording is off unless the service runs with store.record: true in its "
+            "config (or BILEVEL_RECORD=true)",
             code=1,
         )
     layout = config if isinstance(config, ServiceConfig) else None

@@ -16,13 +16,22 @@ from typer.testing import CliRunner, Result
 from policies.sim.scenario import parse_scenario, prepare
 from policies.sim.traces import load_trace
 from scheduler.cli import app
+from scheduler.embedded_redis import EmbeddedRedis
 from scheduler.models import ErrorInfo
 from scheduler.settings import Settings
 from scheduler.store import RunReport, Store
-from tests.conftest import Runner
+from tests.conftest import Runner, make_settings
 from tests.integration.helpers import new_job, submit_to_queue
 
 BOOM = ErrorInfo(type="RuntimeError", message="boom")
+
+
+@pytest.fixture
+def settings(redis_server: EmbeddedRedis, namespace: str) -> Settings:
+    # The recording is off by default.
+    return make_settings(redis_server, namespace, record=True)
+
+
 RUN_S = {"embed": (0.010, 0.020, 0.030), "generate": (0.4, 0.5, 0.9)}
 
 

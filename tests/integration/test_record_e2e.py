@@ -41,7 +41,12 @@ TINY_TRAINING = [
 
 def _raw(settings: Settings) -> dict[str, Any]:
     return {
-        "store": {**settings.model_dump(), "redis_url": settings.url(), "lease_s": 2.0},
+        "store": {
+            **settings.model_dump(),
+            "redis_url": settings.url(),
+            "lease_s": 2.0,
+            "record": True,
+        },
         "queues": QUEUES,
         "routing": {"policy": "rule"},
         "allocation": {"policy": "proportional", "budget": 3, "tick_s": 0.3},

@@ -23,6 +23,12 @@ from workers.model_worker import ModelWorker
 BOOM = ErrorInfo(type="RuntimeError", message="boom")
 
 
+@pytest.fixture
+def settings(redis_server: EmbeddedRedis, namespace: str) -> Settings:
+    # The recording is off by default.
+    return make_settings(redis_server, namespace, record=True)
+
+
 def recorded(store: Store, run: Runner, **window: Any) -> Recording:
     return run(read_recording(store.redis, store.keys, **window))
 
@@ -130,7 +136,7 @@ class TestSettings:
         """Past record_max_len entries the oldest are trimmed (whole nodes of up to 100) by the
         first entry of each completion call, so at most the cap, one call's batch and one node
         stay; the newest are kept."""
-        settings = make_settings(redis_server, namespace, record_max_len=1_000)
+        settings = make_settings(redis_server, namespace, record=True, record_max_len=1_000)
         store = Store(client_from_url(redis_server.url), settings, clock=clock)
         try:
             for _ in range(6):
@@ -145,7 +151,9 @@ class TestSettings:
             run(store.close())
 
     def test_settings_bound_the_cap(self) -> None:
-        """A cap below 1,000 or above 10 million entries is refused, naming the field."""
+        """Recording is off by default; a cap below 1,000 or above 10 million entries is refused,
+        naming the field."""
+        assert Settings().record is False
         with pytest.raises(ValueError, match="record_max_len"):
             Settings(record_max_len=10)
         with pytest.raises(ValueError, match="record_max_len"):
