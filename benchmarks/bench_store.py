@@ -100,6 +100,25 @@ async def _redis_cpu_s(store: Store) -> float:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
+async def _fastest_complete_us(store: Store, calls: int = 150, batch: int = 100) -> float:
+    """Redis microseconds per job of the complete script alone (batches of `batch`), the fastest
+    of `calls` calls: the script's own cost, with the machine's other load left out as far as it
+    can be (CONFIG RESETSTAT before each; this benchmark's server is its own)."""
+    fastest = float("inf")
+    for _ in range(calls):
+        submitted = await store.submit(_jobs(batch))
+        await store.enqueue([(job_id, QUEUE) for _, job_id in submitted])
+        leases = await store.lease(QUEUE, batch)
+        await store.redis.config_resetstat()
+        await store.complete_encoded(
+            [(lease.job_id, lease.token, "null") for lease in leases],
+            reports=[RunReport(0.001)] * len(leases),
+        )
+        stats = await store.redis.info("commandstats")
+        fastest = min(fastest, float(stats["cmdstat_evalsha"]["usec"]) / batch)
+    return fastest
+
+
 async def _recording_overhead(server: EmbeddedRedis) -> dict[str, Any]:
     """The cycle's throughput with the recording on and off (same server, separate namespaces,
     rounds alternating), and the recording's bytes per entry once it holds many."""
@@ -130,6 +149,7 @@ async def _recording_overhead(server: EmbeddedRedis) -> dict[str, Any]:
                     jobs = (total // (batch * concurrency) + 1) * batch * concurrency
                     samples[name].setdefault(record, []).append(jobs_per_s)
                     cpu_us[name].setdefault(record, []).append(used_s * 1e6 / jobs)
+        fastest = {record: await _fastest_complete_us(stores[record]) for record in (False, True)}
         on = stores[True]
         entries = int(await on.redis.xlen(on.keys.record))
         stream_bytes = int(await on.redis.memory_usage(on.keys.record, samples=0) or 0)
@@ -149,6 +169,10 @@ async def _recording_overhead(server: EmbeddedRedis) -> dict[str, Any]:
             "record_on": round(on_us, 1),
         }
         out[f"{name}_redis_cpu_overhead_pct"] = round(100.0 * (on_us - off_us) / off_us, 1)
+    out["complete_script_fastest_us_per_job"] = {
+        "record_off": round(fastest[False], 2),
+        "record_on": round(fastest[True], 2),
+    }
     out["rounds"] = RECORDING_ROUNDS
     out["entries"] = entries
     out["bytes_per_entry"] = round(stream_bytes / entries, 1) if entries else None

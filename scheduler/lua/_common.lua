@@ -326,11 +326,11 @@ end
 -- them): 'id' the job id, 'rt' the routing view as submitted (job type, priority, tags, tenant,
 -- deadline), and 'v', nine values joined by spaces ('' where unknown): created_ms, started_ms
 -- (first lease), finished_ms, queue, attempts, status, the run microseconds the worker measured,
--- tokens in and out the handler reported. Packed, because a field pair costs an XADD about as
--- much as the append itself; 'id' and 'rt' stand alone since they may hold any text.
+-- tokens in and out the handler reported. Packed: eleven separate fields made the XADD about a
+-- third dearer; 'id' and 'rt' stand alone since they may hold any text.
 -- Only the first entry a script call adds trims the stream (XADD MAXLEN ~: whole nodes of up to
--- 100 entries), which costs half an append again: so the stream stays within RECORD_LEN, one
--- call's batch and one node.
+-- 100 entries), which costs about a third of an append again: so the stream stays within
+-- RECORD_LEN, one call's batch and one node.
 local RECORD = prefix .. 'record'
 local RECORD_LEN = 0
 local RECORDED = 0
@@ -343,12 +343,24 @@ local function record(id, status, now, f)
     f.created_ms or '', f.started_ms or '', string.format('%d', now), f.queue or '',
     f.attempts or '', status, RUN_US, TOKENS_IN, TOKENS_OUT,
   }, ' ')
+  local r
   if RECORDED == 0 then
-    kcall('XADD', RECORD, 'MAXLEN', '~', RECORD_LEN, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+    r = redis.pcall('XADD', RECORD, 'MAXLEN', '~', RECORD_LEN, '*', 'id', id, 'rt', f.rt or '',
+                    'v', v)
   else
-    kcall('XADD', RECORD, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+    r = redis.pcall('XADD', RECORD, '*', 'id', id, 'rt', f.rt or '', 'v', v)
   end
   RECORDED = RECORDED + 1
+  -- Never an error: this runs last in finish, with the rest of a batch still to settle. A key
+  -- of the wrong type is moved aside as by kcall; any other refusal (a stream whose IDs ran out,
+  -- written by hand) costs the entry, with a notice.
+  if wrong_type(r) then
+    move_aside(RECORD, redis.call('TYPE', RECORD)['ok'])
+    r = redis.pcall('XADD', RECORD, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+  end
+  if type(r) == 'table' and r.err then
+    notice('dropped', RECORD, id .. ': not recorded: ' .. r.err)
+  end
 end
 
 -- The fields of a record that finish reads, in one HMGET.

@@ -174,6 +174,20 @@ class TestCorruptData:
         assert [j.job_id for j in recorded(store, run).jobs] == [job_id]
         assert run(store.stats()).keys_moved_aside == 1
 
+    def test_a_stream_that_refuses_entries_costs_the_entries_not_the_batch(
+        self, store: Store, run: Runner
+    ) -> None:
+        """A stream whose IDs ran out (written by hand at the last ID) refuses every XADD: the
+        whole batch still completes, unrecorded, and the stream is left as it was."""
+        last = "18446744073709551615-18446744073709551615"
+        run(store.redis.xadd(store.keys.record, {"x": "y"}, id=last))
+        ids = run(submit_to_queue(store, "q", new_job(), new_job()))
+        leases = run(store.lease("q", 2))
+        assert run(store.complete([(x.job_id, x.token, 1) for x in leases])) == [Code.OK] * 2
+        assert all(run(store.get(i)).status is JobStatus.SUCCEEDED for i in ids)
+        assert run(store.redis.xlen(store.keys.record)) == 1
+        assert run(store.stats(["q"])).queues["q"].in_flight == 0
+
     def test_a_record_with_garbled_fields_finishes_and_its_entry_is_skipped_by_readers(
         self, store: Store, run: Runner
     ) -> None:
