@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from scheduler.cli import app
 from scheduler.client import AsyncClient, JobRequest
 from scheduler.commands.serve import with_policies
 from scheduler.config import ServiceConfig
+from scheduler.errors import JobTimeout
 from scheduler.settings import Settings
 
 QUEUES: list[dict[str, Any]] = [
@@ -131,7 +131,14 @@ def test_record_train_and_serve_the_trained_policy(
     async def jobs() -> list[Any]:
         async with AsyncClient(settings=settings) as client:
             handles = await client.submit_many(LOAD[::4])
-            return await asyncio.gather(*(h.result(timeout=60) for h in handles))
+            try:
+                # Fresh workers load every model first, on a machine other work may share.
+                return await client.gather(handles, timeout=240)
+            except JobTimeout:
+                infos = [await h.info() for h in handles]
+                late = [(j.id, j.status, j.queue) for j in infos if not j.status.finished]
+                state = (late[:3], handle.status(), handle.pool_view())
+                raise AssertionError(f"jobs unfinished: {state}") from None
 
     results = run(jobs())
     assert len(results) == len(LOAD[::4])
