@@ -6,6 +6,10 @@ the same kind of load goes through each peer (benchmarks/peers/: Celery, Dramati
 Serve, BullMQ), each with its recommended production settings on as many cores, on the same Redis
 server, each in its own process and bounded in time; the JSON ends with bilevel / best peer for
 every metric.
+
+`--recording` runs only the cost of the recording (Settings.record) end to end: two services on
+one Ray and one Redis, the recording on in one and off in the other, driven in alternating rounds
+of batched no-op jobs; it prints both throughputs and the overhead.
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ IDLE_SETTLE_S = 3.0
 IDLE_S = 60.0
 
 
-def bench_config(redis_url: str) -> ServiceConfig:
+def bench_config(redis_url: str, *, namespace: str = "bench", record: bool = True) -> ServiceConfig:
     return ServiceConfig.from_mapping(
         {
-            "store": {"namespace": "bench", "redis_url": redis_url},
+            "store": {"namespace": namespace, "redis_url": redis_url, "record": record},
             "handlers": ["benchmarks.noop_handlers"],
             "queues": [{"name": "noop", "job_types": ["noop"], "min_workers": WORKERS}],
             "routing": {"policy": "rule", "batch_size": 1000},
@@ -61,13 +65,13 @@ async def _wait_all(client: AsyncClient, handles: list[AsyncJobHandle]) -> None:
     await client.gather(handles, timeout=120)
 
 
-async def _batched(client: AsyncClient) -> float:
+async def _batched(client: AsyncClient, n: int = N_BATCHED) -> float:
     started = time.perf_counter()
     handles: list[AsyncJobHandle] = []
-    for i in range(0, N_BATCHED, 100):
+    for i in range(0, n, 100):
         handles += await client.submit_many([JobRequest("noop", j) for j in range(i, i + 100)])
     await _wait_all(client, handles)
-    return N_BATCHED / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started)
 
 
 async def _individual(client: AsyncClient) -> float:
@@ -163,6 +167,103 @@ def _bilevel(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
     return {"setup": f"{WORKERS} ModelWorker actors, rule router, static allocation", **result}
 
 
+# Rounds per setting of the recording comparison, and jobs per round.
+RECORDING_ROUNDS = 7
+N_RECORDING = 10_000
+
+
+def _recording(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
+    """Batched throughput of two services alike but for Settings.record, rounds alternating so
+    that other load on the machine falls on both alike; medians, and the overhead. Also the CPU
+    seconds per job of the service's processes and Redis (the one idle meanwhile included, alike
+    for both): on a machine shared with other work, wall-clock throughput swings with its load,
+    while CPU per job hardly does, and bounds throughput once the cores are saturated."""
+    import ray
+
+    from scheduler.service.runner import start_service
+
+    ray_temp_dir = tempfile.mkdtemp(prefix="blbench", dir="/tmp")
+    ray.init(
+        _temp_dir=ray_temp_dir,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        namespace="bilevel-bench",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+    )
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    cpu_us: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        configs = {
+            record: bench_config(redis_url, namespace=f"bench-record-{record}", record=record)
+            for record in (True, False)
+        }
+        with start_service(configs[True]) as on, start_service(configs[False]) as off:
+
+            async def drive() -> None:
+                clients = {
+                    True: AsyncClient(on.redis_url, settings=on.config.store),
+                    False: AsyncClient(off.redis_url, settings=off.config.store),
+                }
+                try:
+                    for c in clients.values():
+                        await c.connect()
+                        await _wait_all(c, [await c.submit("noop", 0)])  # workers ready
+                    procs = _service_processes(ray_temp_dir)
+                    if redis_pid is not None:
+                        procs.append(psutil.Process(redis_pid))
+                    for _ in range(RECORDING_ROUNDS):
+                        for record in (False, True):
+                            before_s = _cpu_s(procs)
+                            samples[record].append(await _batched(clients[record], N_RECORDING))
+                            cpu_us[record].append((_cpu_s(procs) - before_s) * 1e6 / N_RECORDING)
+                finally:
+                    for c in clients.values():
+                        await c.close()
+
+            asyncio.run(drive())
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
+    on_s, off_s = statistics.median(samples[True]), statistics.median(samples[False])
+    on_us, off_us = statistics.median(cpu_us[True]), statistics.median(cpu_us[False])
+    return {
+        "batched_jobs_per_s": {"record_off": round(off_s), "record_on": round(on_s)},
+        "overhead_pct": round(100.0 * (off_s - on_s) / off_s, 1),
+        "cpu_us_per_job": {"record_off": round(off_us, 1), "record_on": round(on_us, 1)},
+        "cpu_overhead_pct": round(100.0 * (on_us - off_us) / off_us, 1),
+        "rounds": RECORDING_ROUNDS,
+        "jobs_per_round": N_RECORDING,
+        "samples_jobs_per_s": {
+            "record_off": [round(x) for x in samples[False]],
+            "record_on": [round(x) for x in samples[True]],
+        },
+        "samples_cpu_us_per_job": {
+            "record_off": [round(x, 1) for x in cpu_us[False]],
+            "record_on": [round(x, 1) for x in cpu_us[True]],
+        },
+    }
+
+
+def main_recording() -> dict[str, Any]:
+    os.environ.setdefault("PYTHONPATH", str(REPO_ROOT))
+    with EmbeddedRedis() as server:
+        before = os.getloadavg()[0]
+        recording = _recording(server.url, server.pid)
+        after = os.getloadavg()[0]
+        redis_version = _redis_version(server.url)
+    return {
+        "benchmark": "e2e_recording_overhead",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "cores": os.cpu_count(),
+        "redis_version": redis_version,
+        "setup": f"{WORKERS} ModelWorker actors per service, rule router, static allocation",
+        "load_average_1m": [round(before, 2), round(after, 2)],
+        "recording": recording,
+    }
+
+
 def _commit() -> str:
     done = subprocess.run(
         ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
@@ -243,6 +344,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of celery,dramatiq,arq,rq,ray_serve,bullmq (default: all)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per peer (median reported)")
+    parser.add_argument(
+        "--recording",
+        action="store_true",
+        help="only the recording's cost: bilevel with Settings.record on and off",
+    )
     args = parser.parse_args(argv)
     try:
         args.peers = parse_peer_names(args.peers)
@@ -255,4 +361,4 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     cli = _args()
-    print(json.dumps(main(cli.peers, cli.rounds)))
+    print(json.dumps(main_recording() if cli.recording else main(cli.peers, cli.rounds)))

@@ -32,6 +32,9 @@ ALLOCATION_HISTORY_LEN = 2000
 # has expired are popped, so a finished job costs one LPUSH more (mirrored in _common.lua).
 FINISHED_INDEX_LEN = 10_000
 FINISHED_TRIM_EVERY = 64
+# Model loads kept in the recording's load stream (`Keys.record_loads`): one entry per queue a
+# worker is assigned, so this covers thousands of moves at about 100 bytes each.
+RECORD_LOADS_LEN = 2_000
 # Events kept in a job record's `history` field (failed attempts, expired leases, replays): a job
 # that fails a hundred times keeps a record of bounded size (mirrored in _common.lua).
 HISTORY_LEN = 20
@@ -253,6 +256,23 @@ class Keys:
         and dead-lettered ('records') and keys of the wrong type they moved aside ('keys'); in
         StoreStats, so an operator sees that something writes garbage even when serving goes on."""
         return f"{self.prefix}corrupt:totals"
+
+    @property
+    def record(self) -> str:
+        """STREAM: one entry per job finished while Settings.record is on (its id, arrival,
+        first start and finish ms, queue, routing view, attempts, status, the run ms its worker
+        measured and the tokens its handler reported), appended by the script that finishes it
+        Capped at about Settings.record_max_len
+        entries (XADD MAXLEN ~), oldest first; no TTL: the cap bounds it. Read by
+        `bilevel record` (scheduler/recording.py); `record` in _common.lua lays out an entry."""
+        return f"{self.prefix}record"
+
+    @property
+    def record_loads(self) -> str:
+        """STREAM: one entry per model load a worker made (queue, job types, seconds each),
+        appended by the worker after it loads (while Settings.record is on); capped at about
+        RECORD_LOADS_LEN entries. `bilevel record` takes each queue's model-load time from it."""
+        return f"{self.prefix}record:loads"
 
     @property
     def allocation(self) -> str:

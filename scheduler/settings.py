@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     stream_max_len: int = Field(default=10_000, ge=100, le=1_000_000)
     # Largest chunk (its JSON text) a streaming handler may yield; a bigger one fails the job.
     stream_max_chunk_bytes: int = Field(default=2048, gt=0, le=MIB)
+    # Record every job that finishes (succeeded, dead, or cancelled while running) in a capped
+    # stream of the namespace (Keys.record), for `bilevel record` to turn into a trace and a
+    # scenario: one XADD inside the script that finishes the job. Off by default: measured end
+    # to end it cost more than 5% (docs/recording.md has the figures).
+    record: bool = False
+    # About this many finished jobs are kept in the recording, oldest trimmed first (Redis trims
+    # whole nodes of up to 100 entries). An entry takes about 185 bytes (docs/recording.md), so
+    # the default holds ~18 MiB per namespace: half an hour of traffic at 50 jobs/s.
+    record_max_len: int = Field(default=100_000, ge=1_000, le=10_000_000)
     # Log lines as JSON, as console text, or JSON unless standard error is a terminal.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

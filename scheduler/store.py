@@ -20,9 +20,9 @@ import functools
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
@@ -33,7 +33,7 @@ from scheduler import jsonvalue
 from scheduler.codes import Code, codes
 from scheduler.connection import MAX_BLOCK_S, parse_address
 from scheduler.errors import JobNotFound, NoService, RedisUnavailable, Rejected, UnknownQueue
-from scheduler.keys import INGRESS_QUEUE, Keys
+from scheduler.keys import INGRESS_QUEUE, RECORD_LOADS_LEN, Keys
 from scheduler.listing import (
     DEFAULT_BUDGET_PER_ROW,
     MAX_BUDGET,
@@ -111,6 +111,26 @@ class Lease:
     token: int
     spec: JobSpec
     queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """What a worker measured of one attempt, for the recording (Keys.record): the seconds its
+    handler ran (a batch's time split over its jobs) and the tokens the handler reported (see
+    workers.usage). None: not known."""
+
+    run_s: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+
+
+def _opt_us(seconds: float | None) -> str | int:
+    # Microseconds: a fast handler's run would round to 0 ms.
+    return "" if seconds is None else max(0, round(seconds * 1_000_000))
+
+
+def _opt_count(count: int | None) -> str | int:
+    return "" if count is None else count
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +216,9 @@ def _tenant_counts(flat: Sequence[Any]) -> dict[str, int]:
     return out
 
 
+_NO_REPORT: Final = RunReport()
+
+
 def _routing_json(spec: JobSpec) -> str:
     o = spec.options
     return _routing_text(spec.job_type, o.priority, o.tags, o.tenant, o.deadline_s)
@@ -237,6 +260,8 @@ class Store:
         self._prefix = [self.keys.prefix]
         self._result_ttl_ms = _ms(self.settings.result_ttl_s)
         self._dead_ttl_ms = _ms(self.settings.dead_ttl_s)
+        # The recording's cap as the scripts take it: 0 when recording is off.
+        self._record_len = self.settings.record_max_len if self.settings.record else 0
         # How the result waiter paces its reconnects after a lost connection (tests slow it).
         self._waiter = ResultWaiter(redis, self.keys.inbox, self._watch, backoff=waiter_backoff)
 
@@ -450,9 +475,15 @@ class Store:
             args += [job_id, token]
         return codes(await self._run(self._scripts.heartbeat, args))
 
-    async def complete(self, results: Sequence[tuple[str, int, Any]]) -> list[Code]:
+    async def complete(
+        self,
+        results: Sequence[tuple[str, int, Any]],
+        *,
+        reports: Sequence[RunReport] | None = None,
+    ) -> list[Code]:
         """Store results of (job id, token, result) in one round trip. Results must be JSON:
-        InvalidJob names the first that is not, and then nothing is written."""
+        InvalidJob names the first that is not, and then nothing is written. `reports`, one per
+        result, is what the worker measured, for the recording."""
         if not results:
             return []
         encoded = [jsonvalue.encode(r, f"result of job {job_id}") for job_id, _, r in results]
@@ -460,14 +491,30 @@ class Store:
             [
                 (job_id, token, text)
                 for (job_id, token, _), text in zip(results, encoded, strict=True)
-            ]
+            ],
+            reports=reports,
         )
 
-    async def complete_encoded(self, results: Sequence[tuple[str, int, str]]) -> list[Code]:
+    async def complete_encoded(
+        self,
+        results: Sequence[tuple[str, int, str]],
+        *,
+        reports: Sequence[RunReport] | None = None,
+    ) -> list[Code]:
         """`complete` for results already encoded as JSON text."""
-        args: list[Any] = [self.now_ms(), self._result_ttl_ms, len(results)]
-        for job_id, token, text in results:
-            args += [job_id, token, text]
+        if reports is not None and len(reports) != len(results):
+            raise ValueError(f"{len(reports)} run reports for {len(results)} results")
+        args: list[Any] = [self.now_ms(), self._result_ttl_ms, self._record_len, len(results)]
+        for i, (job_id, token, text) in enumerate(results):
+            r = reports[i] if reports is not None else _NO_REPORT
+            args += [
+                job_id,
+                token,
+                text,
+                _opt_us(r.run_s),
+                _opt_count(r.tokens_in),
+                _opt_count(r.tokens_out),
+            ]
         return codes(await self._run(self._scripts.complete, args))
 
     async def release(self, leases: Sequence[tuple[str, int]]) -> list[Code]:
@@ -479,6 +526,23 @@ class Store:
         for job_id, token in leases:
             args += [job_id, token]
         return codes(await self._run(self._scripts.release, args))
+
+    async def record_model_load(self, queue: str, load_s_by_type: Mapping[str, float]) -> None:
+        """Add one entry to the recording's model loads (Keys.record_loads): a worker loaded
+        these job types' models for `queue`, taking these seconds each. Nothing when recording
+        is off or nothing was loaded."""
+        if not self._record_len or not load_s_by_type:
+            return
+        await self.redis.xadd(
+            self.keys.record_loads,
+            {
+                "q": queue,
+                "at_ms": self.now_ms(),
+                "loads": json.dumps({t: round(s, 4) for t, s in load_s_by_type.items()}),
+            },
+            maxlen=RECORD_LOADS_LEN,
+            approximate=True,
+        )
 
     def backoff_s(
         self, attempt: int, *, base_s: float | None = None, max_s: float | None = None
@@ -501,10 +565,12 @@ class Store:
         max_retries: int | None = None,
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
+        run_s: float | None = None,
     ) -> Code:
         """Record a failed attempt: RETRY_SCHEDULED, DEAD_LETTERED, or OK when it was cancelled.
         `max_retries`, when given, replaces the record's budget (a handler's default for a job
-        that did not set its own); `backoff_s` and `backoff_max_s` replace the settings'."""
+        that did not set its own); `backoff_s` and `backoff_max_s` replace the settings'.
+        `run_s` is how long the attempt ran, for the recording of a job that ends here."""
         args = [
             self.now_ms(),
             self._result_ttl_ms,
@@ -516,6 +582,8 @@ class Store:
             "" if max_retries is None else max_retries,
             # A job that dies here is kept as long as any dead-lettered job (dead_ttl_s).
             self._dead_ttl_ms,
+            self._record_len,
+            _opt_us(run_s),
         ]
         return Code(int(await self._run(self._scripts.fail, args)))
 
@@ -541,7 +609,7 @@ class Store:
         are dead-lettered on the way (counted in `corrupt`), stale entries dropped."""
         raw = await self._run(
             self._scripts.requeue_expired,
-            [self.now_ms(), limit, self._result_ttl_ms, self._dead_ttl_ms],
+            [self.now_ms(), limit, self._result_ttl_ms, self._dead_ttl_ms, self._record_len],
         )
         return RequeueReport(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]))
 

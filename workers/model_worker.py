@@ -46,10 +46,11 @@ from scheduler.errors import InvalidJob
 from scheduler.logs import bound_job, get_logger
 from scheduler.models import ErrorInfo
 from scheduler.retry import Backoff, OutageRetry, describe, is_transient
-from scheduler.store import Lease, Store
+from scheduler.store import Lease, RunReport, Store
 from scheduler.timings import record_model_load
 from workers.registry import REGISTRY, Handler, HandlerRegistry, RetryPolicy
 from workers.stream_pump import ChunkPipe, PumpEnd, pump
+from workers.usage import token_counts
 
 T = TypeVar("T")
 
@@ -283,21 +284,20 @@ class ModelWorker:
             self._queue, self._phase = queue, Phase.LOADING
             # Keep what this queue also uses; drop the rest so memory holds one queue's models.
             self._models = {t: m for t, m in self._models.items() if t in handlers}
-            load_s = 0.0
-            loaded = False
+            loaded: dict[str, float] = {}
             try:
                 for job_type, handler in handlers.items():
                     if job_type not in self._models:
                         t0 = time.monotonic()
                         self._models[job_type] = await asyncio.to_thread(handler.loader)
-                        self._load_s_by_type[job_type] = time.monotonic() - t0
-                        load_s += self._load_s_by_type[job_type]
-                        loaded = True
+                        loaded[job_type] = self._load_s_by_type[job_type] = time.monotonic() - t0
             except BaseException:
                 self._queue, self._phase = None, Phase.IDLE
                 raise
+            load_s = sum(loaded.values())
             if loaded:
                 await self._count_load(queue, load_s)
+            await self._record_loads(queue, loaded)
             self._handlers = handlers
             self._stop_leasing = False
             self._stopping.clear()
@@ -318,6 +318,14 @@ class ModelWorker:
             await record_model_load(self.store.redis, self.store.keys, queue, load_s)
         except Exception as exc:
             log.warning("worker.load_not_counted", worker=self.name, error=describe(exc))
+
+    async def _record_loads(self, queue: str, loaded: dict[str, float]) -> None:
+        """Report the loads just made to the recording; a failure costs the entry, never the
+        assignment (the models are loaded either way)."""
+        try:
+            await self.store.record_model_load(queue, loaded)
+        except Exception as exc:
+            log.warning("worker.load_not_recorded", worker=self.name, error=describe(exc))
 
     async def drain(self, timeout_s: float | None = None) -> DrainReport:
         """Stop leasing and finish the jobs in hand, waiting at most `timeout_s` (default
@@ -528,12 +536,8 @@ class ModelWorker:
                 finally:
                     woken.cancel()
             per_job_s = (time.monotonic() - started) / len(chunk)
-            queue = chunk[0].queue
-            old_s = self._service_s.get(queue)
-            self._service_s[queue] = (
-                per_job_s if old_s is None else old_s + _EWMA_ALPHA * (per_job_s - old_s)
-            )
-            await self._report(chunk, future.result())
+            self._note_service_s(chunk[0].queue, per_job_s)
+            await self._report(chunk, future.result(), per_job_s)
 
     async def _run_stream(
         self, handler: Handler[Any], lease: Lease, timeout_s: float | None
@@ -581,8 +585,9 @@ class ModelWorker:
             elif isinstance(shipped, _Refused):
                 await self._stream_refused(flight, shipped.code)
             elif shipped is not None and self._in_flight.get(lease.job_id) is flight:
-                self._note_service_s(lease.queue, time.monotonic() - started)
-                await self._report([lease], [shipped])
+                run_s = time.monotonic() - started
+                self._note_service_s(lease.queue, run_s)
+                await self._report([lease], [shipped], run_s)
 
     async def _watch_stream(
         self,
@@ -691,8 +696,10 @@ class ModelWorker:
 
     # -- reporting --------------------------------------------------------------------------
 
-    async def _report(self, chunk: list[Lease], outcomes: list[_Outcome]) -> None:
+    async def _report(self, chunk: list[Lease], outcomes: list[_Outcome], run_s: float) -> None:
+        """Report a call's outcomes; `run_s` is each job's share of the call's time."""
         done: list[tuple[str, int, str]] = []
+        reports: list[RunReport] = []
         failed: list[tuple[Lease, ErrorInfo, bool]] = []
         for lease, outcome in zip(chunk, outcomes, strict=True):
             if self._in_flight.pop(lease.job_id, None) is None:
@@ -708,24 +715,34 @@ class ModelWorker:
                 failed.append((lease, ErrorInfo(type="InvalidResult", message=message), False))
                 continue
             done.append((lease.job_id, lease.token, text))
+            tokens_in, tokens_out = token_counts(outcome.value)
+            reports.append(RunReport(run_s, tokens_in, tokens_out))
         if done:
-            codes = await self._reports.call(lambda: self.store.complete_encoded(done), "complete")
+            codes = await self._reports.call(
+                lambda: self.store.complete_encoded(done, reports=reports), "complete"
+            )
             self._jobs_done += sum(code is Code.OK for code in codes)
             for (job_id, _, _), code in zip(done, codes, strict=True):
                 if code is not Code.OK:
                     log.info("worker.result_refused", job_id=job_id, code=code.name)
-        await self._fail_all(failed)
+        await self._fail_all(failed, run_s)
 
-    async def _fail_all(self, failed: Sequence[tuple[Lease, ErrorInfo, bool]]) -> None:
+    async def _fail_all(
+        self, failed: Sequence[tuple[Lease, ErrorInfo, bool]], run_s: float | None = None
+    ) -> None:
         # A retried fail under the same token is refused (STALE_LEASE), never counted twice.
-        codes = await asyncio.gather(*(self._fail_one(lease, err, r) for lease, err, r in failed))
+        codes = await asyncio.gather(
+            *(self._fail_one(lease, err, r, run_s) for lease, err, r in failed)
+        )
         for (lease, err, _), code in zip(failed, codes, strict=True):
             if code in (Code.RETRY_SCHEDULED, Code.DEAD_LETTERED):
                 self._jobs_failed += 1
             with bound_job(lease.job_id, lease.queue):
                 log.info("worker.job_failed", error_type=err.type, code=code.name)
 
-    async def _fail_one(self, lease: Lease, error: ErrorInfo, retryable: bool) -> Code:
+    async def _fail_one(
+        self, lease: Lease, error: ErrorInfo, retryable: bool, run_s: float | None
+    ) -> Code:
         # The job type's retry policy: its budget unless the job set its own, and its backoff.
         handler = self._handlers.get(lease.spec.job_type)
         retry = handler.retry if handler is not None else RetryPolicy()
@@ -738,6 +755,7 @@ class ModelWorker:
                 max_retries=retry.max_retries_for(lease.spec.options.max_retries),
                 backoff_s=retry.backoff_s,
                 backoff_max_s=retry.backoff_max_s,
+                run_s=run_s,
             ),
             "fail",
         )
@@ -749,7 +767,7 @@ class ModelWorker:
         # Not retried: a job over its time limit would most likely be over it again, and every
         # attempt may leave a hung thread behind.
         err = ErrorInfo(type="JobTimeout", message=message)
-        await self._fail_all([(f.lease, err, False) for f in flights])
+        await self._fail_all([(f.lease, err, False) for f in flights], timeout_s)
 
     async def _fail_unservable(self, leases: list[Lease]) -> None:
         flights = self._flights(leases)

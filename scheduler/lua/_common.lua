@@ -350,13 +350,12 @@ end
 -- End job id's stream with its terminal entry {a = attempt, e = status}, and give the stream the
 -- record's TTL, when the job streamed or a reader waits on it (the record's 'sw', set by
 -- stream_append.lua and stream_watch.lua): so every reader sees the end, also of a job that never
--- streamed. Any other job costs one HGET. (A record replaced as corrupt has lost its 'sw'; its
--- readers find it finished when they next check the record, and end by its outcome.)
-local function end_stream(id, status, ttl_ms)
-  local k = jobkey(id)
-  if not redis.call('HGET', k, 'sw') then return end
+-- streamed. `f` is what finish read of the record. (A record replaced as corrupt has lost its
+-- 'sw'; its readers find it finished when they next check the record, and end by its outcome.)
+local function end_stream(id, status, ttl_ms, f)
+  if not f.sw then return end
   local sk = streamkey(id)
-  kcall('XADD', sk, '*', 'a', redis.call('HGET', k, 'attempts') or '0', 'e', status)
+  kcall('XADD', sk, '*', 'a', f.attempts or '0', 'e', status)
   if ttl_ms > 0 then redis.call('PEXPIRE', sk, ttl_ms) end
 end
 
@@ -367,8 +366,7 @@ end
 -- to its newest DONE_CAP, and the oldest entries whose record has expired (their result TTL)
 -- are popped from the tail; so a finished job costs one LPUSH more. A listing skips entries
 -- whose record is gone in between.
-local function index_finished(id, now, ttl_ms)
-  local q = redis.call('HGET', jobkey(id), 'queue')
+local function index_finished(id, q)
   if not is_queue_name(q) then q = INGRESS_QUEUE end
   local k = donekey(q)
   local n = kcall('LPUSH', k, id)
@@ -382,9 +380,60 @@ local function index_finished(id, now, ttl_ms)
   end
 end
 
--- Mark a job finished, start its record's TTL, and tell every client waiting on it (through its
--- inbox). `waiting` is the record's 'w' field, set by watch.lua: a job nobody waits for costs
--- nothing more.
+-- -- recording -----------------------------------------------------------------------------------
+
+-- STREAM of what the service served (Keys.record): one entry per job finished through `finish`
+-- while RECORD_LEN > 0, capped at about RECORD_LEN entries. complete.lua, fail.lua and
+-- requeue_expired.lua set RECORD_LEN from their ARGV (Settings.record_max_len, 0 when
+-- Settings.record is off); every other script leaves it 0, so cancellations and corrupt records
+-- found by readers are not recorded. An entry has three fields (scheduler/recording.py reads
+-- them): 'id' the job id, 'rt' the routing view as submitted (job type, priority, tags, tenant,
+-- deadline), and 'v', nine values joined by spaces ('' where unknown): created_ms, started_ms
+-- (first lease), finished_ms, queue, attempts, status, the run microseconds the worker measured,
+-- tokens in and out the handler reported. Packed: eleven separate fields made the XADD about a
+-- third dearer; 'id' and 'rt' stand alone since they may hold any text.
+-- Only the first entry a script call adds trims the stream (XADD MAXLEN ~: whole nodes of up to
+-- 100 entries), which costs about a third of an append again: so the stream stays within
+-- RECORD_LEN, one call's batch and one node.
+local RECORD = prefix .. 'record'
+local RECORD_LEN = 0
+local RECORDED = 0
+-- What the worker reported of the job being finished (complete.lua and fail.lua set them per
+-- job); '' when unknown.
+local RUN_US, TOKENS_IN, TOKENS_OUT = '', '', ''
+
+local function record(id, status, now, f)
+  local v = table.concat({
+    f.created_ms or '', f.started_ms or '', string.format('%d', now), f.queue or '',
+    f.attempts or '', status, RUN_US, TOKENS_IN, TOKENS_OUT,
+  }, ' ')
+  local r
+  if RECORDED == 0 then
+    r = redis.pcall('XADD', RECORD, 'MAXLEN', '~', RECORD_LEN, '*', 'id', id, 'rt', f.rt or '',
+                    'v', v)
+  else
+    r = redis.pcall('XADD', RECORD, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+  end
+  RECORDED = RECORDED + 1
+  -- Never an error: this runs last in finish, with the rest of a batch still to settle. A key
+  -- of the wrong type is moved aside as by kcall; any other refusal (a stream whose IDs ran out,
+  -- written by hand) costs the entry, with a notice.
+  if wrong_type(r) then
+    move_aside(RECORD, redis.call('TYPE', RECORD)['ok'])
+    r = redis.pcall('XADD', RECORD, '*', 'id', id, 'rt', f.rt or '', 'v', v)
+  end
+  if type(r) == 'table' and r.err then
+    notice('dropped', RECORD, id .. ': not recorded: ' .. r.err)
+  end
+end
+
+-- The fields of a record that finish reads, in one HMGET.
+local FINISH_FIELDS = {'sw', 'w', 'queue', 'attempts', 'created_ms', 'started_ms', 'rt'}
+
+-- Mark a job finished, start its record's TTL, tell every client waiting on it (through its
+-- inbox), and record it (when recording). `waiting` is the record's 'w' field, set by watch.lua:
+-- a job nobody waits for costs nothing more. Whatever the record's fields hold (a record replaced
+-- as corrupt has almost none) is copied, never judged: a reader of the recording judges it.
 local function finish(id, status, now, ttl_ms, waiting, result)
   local k = jobkey(id)
   if result then
@@ -392,9 +441,12 @@ local function finish(id, status, now, ttl_ms, waiting, result)
   else
     redis.call('HSET', k, 'status', status, 'finished_ms', now)
   end
+  local values = redis.call('HMGET', k, unpack(FINISH_FIELDS))
+  local f = {}
+  for i, name in ipairs(FINISH_FIELDS) do f[name] = values[i] end
   if ttl_ms > 0 then redis.call('PEXPIRE', k, ttl_ms) end
-  end_stream(id, status, ttl_ms)
-  if waiting == nil then waiting = redis.call('HGET', k, 'w') end
+  end_stream(id, status, ttl_ms, f)
+  if waiting == nil then waiting = f.w end
   if waiting then
     -- A small result travels with the notice ("id\nstatus\nresult"), saving the waiter a read.
     local notice_text = id
@@ -407,7 +459,8 @@ local function finish(id, status, now, ttl_ms, waiting, result)
     end
     redis.call('DEL', waiterskey(id))
   end
-  if status ~= 'dead' then index_finished(id, now, ttl_ms) end
+  if status ~= 'dead' then index_finished(id, f.queue) end
+  if RECORD_LEN > 0 then record(id, status, now, f) end
 end
 
 -- Dead-letter a job that is currently in `status` (in queue q, or the ingress when q is false).

@@ -4,7 +4,11 @@
   KEYS[1]  namespace prefix
   ARGV[1]  now_ms
   ARGV[2]  TTL in ms of the finished record and its result (and of a key moved aside)
-  ARGV[3]  number of jobs N, then 3 values per job: id, lease token, result JSON
+  ARGV[3]  recording cap: about this many entries are kept in the recording (see record in
+           _common.lua); 0: do not record
+  ARGV[4]  number of jobs N, then 6 values per job: id, lease token, result JSON, and for the
+           recording: the run microseconds the worker measured, tokens in, tokens out ('' when
+           unknown)
   Returns  {codes, notices}: one code per job
            C_OK                result stored, job succeeded
            C_ALREADY_FINISHED  the job finished before (a second completion): refused
@@ -18,12 +22,14 @@
   Counts   per queue: 'completed' (Keys.counts); the completion time, queue wait and SLO outcome
            of each job (Keys.timing) and its tenant's usage (Keys.tenant_usage), one HINCRBY per
            distinct field per call.
-  Events   the job id in the inbox of every client waiting on it.
+  Events   the job id in the inbox of every client waiting on it; one recording entry per job
+           completed (when ARGV[3] > 0).
 ]]
 -- @include _common.lua
 
-local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 NOW, DEAD_TTL = now, ttl
+RECORD_LEN = tonumber(ARGV[3]) or 0
 local out = {}
 local released = {}
 local completed = {}
@@ -32,8 +38,10 @@ local names = {'status', 'attempts', 'queue', 'order', 'w', 'qt', 'created_ms', 
 local counted = {'created_ms', 'started_ms', 'rt'}
 local accept = {running = true, queued = true, delayed = true, retrying = true}
 for i = 0, n - 1 do
-  local b = 4 + i * 3
+  local b = 5 + i * 6
   local id, token = ARGV[b], tonumber(ARGV[b + 1])
+  -- Before the judging: a record found corrupt here is dead-lettered, and recorded as run.
+  RUN_US, TOKENS_IN, TOKENS_OUT = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
   local rec, refused = reported(id, names, token, accept, counted)
   if not rec then
     out[#out + 1] = refused

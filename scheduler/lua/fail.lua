@@ -13,6 +13,9 @@
            for a job whose own options left it to its handler's default; it becomes the
            record's, so later lease expiries count against the same budget
   ARGV[9]  optional: TTL in ms of a dead-lettered record and of a key moved aside (absent: ARGV[2])
+  ARGV[10] optional: recording cap (see record in _common.lua; absent or 0: do not record)
+  ARGV[11] optional: the run microseconds of this attempt the worker measured ('' or absent:
+           unknown)
   Returns  {code, notices}:
            C_RETRY_SCHEDULED  back in the delayed set, status retrying
            C_DEAD_LETTERED    out of retries (or not retryable): status dead
@@ -22,13 +25,15 @@
                               maxr or released is missing or garbled: dead-lettered (CorruptJob)
            notices: what was settled (see _common.lua).
   History  one 'failed' entry (attempt, error type and message) appended to the record's history.
-  Events   the finish notice when the job finished here.
+  Events   the finish notice when the job finished here, and then one recording entry.
 ]]
 -- @include _common.lua
 
 local now, ttl, id, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local dead_ttl = tonumber(ARGV[9]) or ttl
 NOW, DEAD_TTL = now, dead_ttl
+RECORD_LEN = tonumber(ARGV[10]) or 0
+RUN_US = ARGV[11] or ''
 local k = jobkey(id)
 local rec, refused = reported(
   id, {'status', 'attempts', 'queue', 'order', 'maxr', 'cancel', 'released'}, token,

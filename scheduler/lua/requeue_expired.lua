@@ -8,6 +8,8 @@
   ARGV[2]  at most this many jobs per queue
   ARGV[3]  TTL in ms of a finished record (and of a key moved aside)
   ARGV[4]  optional: TTL in ms of a dead-lettered record and of a key moved aside (absent: ARGV[3])
+  ARGV[5]  optional: recording cap (see record in _common.lua; absent or 0: do not record); a
+           job dead-lettered or cancelled here is recorded without a run time
   Returns  {{requeued, dead-lettered, cancelled, corrupt}, notices}; notices: what was settled
            (see _common.lua).
   Settled  an entry whose job is gone or really elsewhere, or that names no job: dropped; a job key
@@ -26,6 +28,7 @@
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local dead_ttl = tonumber(ARGV[4]) or ttl
 NOW, DEAD_TTL = now, dead_ttl
+RECORD_LEN = tonumber(ARGV[5]) or 0
 local requeued, dead, cancelled, bad = 0, 0, 0, 0
 local names = {'status', 'queue', 'order', 'attempts', 'maxr', 'cancel', 'released'}
 for _, q in ipairs(kcall('SMEMBERS', QUEUES)) do
