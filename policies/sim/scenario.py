@@ -23,6 +23,7 @@ from policies.guardrails import guardrails_for
 from policies.legacy_layout import LayoutDeprecationWarning, upgrade_scenario
 from policies.registry import make_allocator, make_router
 from policies.schema import Layout, Problem, QueueSection, format_problems, validation_problems
+from policies.sim.calibration import Calibration, calibrated
 from policies.sim.run import Jobs, QueueSpec, SimRun, SimSpec, initial_split
 from policies.sim.service import ServiceModel
 from policies.sim.traces import TraceFormat, load_trace
@@ -106,6 +107,9 @@ class Scenario(Layout):
     # as long again as the arrivals lasted, so a policy that starves a queue cannot run forever).
     drain: bool = True
     max_drain_s: float | None = Field(default=None, gt=0)
+    # The live service's overheads to simulate (policies/sim/calibration.py); None: the ideal
+    # simulator. `bilevel replay` uses the machine's measured values when a scenario gives none.
+    calibration: Calibration | None = None
 
     @property
     def needs_trace(self) -> bool:
@@ -430,4 +434,7 @@ def prepare(
         run_lines=run_lines,
     )
     jobs = build_jobs(scenario, arrivals, streams.service)
-    return PreparedRun(scenario, build_spec(scenario, jobs), jobs, seed)
+    spec = build_spec(scenario, jobs)
+    if scenario.calibration is not None:
+        spec, jobs = calibrated(spec, jobs, scenario.calibration)
+    return PreparedRun(scenario, spec, jobs, seed)
