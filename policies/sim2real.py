@@ -227,14 +227,36 @@ def rank(results: Mapping[str, Mapping[str, Any]], metric: str = "mean_jct_s") -
     return sorted(results, key=key)
 
 
+def _ordered(a: Any, b: Any, tie: float) -> int:
+    """-1 when a is clearly below b, 1 when clearly above, 0 when within `tie` (relative) or
+    either is missing."""
+    if a is None or b is None:
+        return 0
+    a, b = float(a), float(b)
+    if abs(a - b) <= tie * max(abs(a), abs(b)):
+        return 0
+    return -1 if a < b else 1
+
+
 def rankings_agree(
     sim: Mapping[str, Mapping[str, Any]],
     live: Mapping[str, Mapping[str, Any]],
     metric: str = "mean_jct_s",
+    *,
+    tie: float = 0.0,
 ) -> bool:
-    """Whether the policies both runs share come out in the same order by `metric`."""
-    shared = set(sim) & set(live)
-    return rank({p: sim[p] for p in shared}, metric) == rank({p: live[p] for p in shared}, metric)
+    """Whether no two policies (of those both runs have) are ordered one way by the simulator
+    and the other way live, by `metric`. Values within `tie` of each other (relative) are a tie,
+    which agrees with any order: two policies that make the same decisions simulate to the same
+    number, and their live runs differ only by noise."""
+    shared = sorted(set(sim) & set(live))
+    for i, p in enumerate(shared):
+        for q in shared[i + 1 :]:
+            s = _ordered(sim[p].get(metric), sim[q].get(metric), tie)
+            v = _ordered(live[p].get(metric), live[q].get(metric), tie)
+            if s * v < 0:
+                return False
+    return True
 
 
 __all__ = [

@@ -213,6 +213,18 @@ class TestComparison:
         assert rankings_agree(sim, live)
         assert not rankings_agree(sim, {"a": {"mean_jct_s": 3.0}, "b": {"mean_jct_s": 1.0}})
 
+    def test_ties_agree_with_any_order(self) -> None:
+        """Two policies the simulator cannot tell apart agree with either live order; a tie
+        tolerance makes near-equal live values a tie too."""
+        sim = {"a": {"mean_jct_s": 1.0}, "b": {"mean_jct_s": 1.0}, "c": {"mean_jct_s": 3.0}}
+        live = {"a": {"mean_jct_s": 1.2}, "b": {"mean_jct_s": 1.1}, "c": {"mean_jct_s": 2.0}}
+        assert rankings_agree(sim, live)
+        flipped = {"a": {"mean_jct_s": 1.0}, "b": {"mean_jct_s": 1.03}}
+        assert not rankings_agree({"a": {"mean_jct_s": 1.1}, "b": {"mean_jct_s": 1.0}}, flipped)
+        assert rankings_agree(
+            {"a": {"mean_jct_s": 1.1}, "b": {"mean_jct_s": 1.0}}, flipped, tie=0.05
+        )
+
     def test_moves_count_each_gained_worker(self) -> None:
         """2 -> 1 and 0 -> 1 is one move; back again another."""
         history = [{"x": 2, "y": 0}, {"x": 1, "y": 1}, {"x": 2, "y": 0}]
