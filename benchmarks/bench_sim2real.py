@@ -96,6 +96,8 @@ def run_one(plan: ReplayPlan, ideal: ReplayPlan, policy: str, speed: float) -> d
 
     started = time.monotonic()
     with replay_service(plan, policy=policy) as service:
+        plan = plan.starting_from(service.settled)
+        ideal = ideal.starting_from(service.settled)
         outcome = asyncio.run(submit_and_collect(plan, service.settings))
     live_s = time.monotonic() - started
     live = rescaled(outcome.summary, speed)

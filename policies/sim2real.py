@@ -73,6 +73,25 @@ class ReplayPlan:
     def arrivals(self) -> int:
         return len(self.live.jobs.arrivals)
 
+    def starting_from(self, allocation: Mapping[str, int]) -> ReplayPlan:
+        """This plan with both runs starting from `allocation` (workers per queue, models
+        loaded; queues left out get none): where the live service settled before the first
+        arrival, since its policy already acts on the empty system while the initial workers
+        load, and the simulator has no time before its first arrival."""
+        names = [q.name for q in self.live.spec.queues]
+        unknown = sorted(set(allocation) - set(names))
+        if unknown:
+            raise ValueError(f"allocation names unknown queues {unknown}")
+        initial = tuple(int(allocation.get(n, 0)) for n in names)
+        if any(n < 0 for n in initial) or sum(initial) > self.live.spec.budget:
+            raise ValueError(f"allocation {dict(allocation)} is negative or over the budget")
+
+        def moved(p: PreparedRun) -> PreparedRun:
+            spec = replace(p.spec, initial_allocation=initial)
+            return PreparedRun(scenario=p.scenario, spec=spec, jobs=p.jobs, seed=p.seed)
+
+        return ReplayPlan(self.speed, moved(self.live), moved(self.sim), self.calibration)
+
     def load_times_s(self) -> dict[str, float]:
         """Model-load seconds per job type of the live run, such that a worker loading a queue's
         job types takes that queue's model_load_s; ValueError when no such split exists (a job

@@ -158,6 +158,7 @@ def replay(
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done)
 
+            plan = plan.starting_from(service.settled)
             outcome = asyncio.run(submit_and_collect(plan, service.settings, progress=progress))
     except KeyboardInterrupt:
         console.print("interrupted: the service was stopped", highlight=False)

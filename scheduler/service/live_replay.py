@@ -2,13 +2,15 @@
 
     plan = plan_replay(prepare(scenario, seed), speed=10, calibration=MEASURED)
     with replay_service(plan, policy="switch_aware") as service:     # Ray, Redis, control plane
+        plan = plan.starting_from(service.settled)
         live = asyncio.run(submit_and_collect(plan, service.settings))
     sim = simulate_plan(plan, policy="switch_aware")
 
 The service serves the compressed scenario (policies/sim/timescale.py): its queues, routing and
 allocation with every duration divided by the speed, and allocation.initial set to the
-simulator's initial allocation, so both start alike; `replay_service` returns once the initial
-workers have loaded their models. Its handlers are workers/synthetic.py's: a job sleeps the
+simulator's initial allocation. Its policy acts from its first tick, on the empty system, while
+the initial workers load; `replay_service` returns once the allocation has settled with every
+worker ready, and both runs start from that allocation (`ReplayPlan.starting_from`). Its handlers are workers/synthetic.py's: a job sleeps the
 service time it carries in its payload (the simulator's own draw), a model load sleeps the
 queue's load time.
 
@@ -54,6 +56,10 @@ FloatArray = NDArray[np.float64]
 LEAD_S = 0.2
 # Longest wait for the initial workers to load their models, beyond the loads themselves.
 READY_TIMEOUT_S = 60.0
+# The published allocation must hold this many ticks (and at least SETTLE_MIN_S) before a replay
+# starts from it.
+SETTLE_TICKS = 5
+SETTLE_MIN_S = 0.5
 # Job records read per round of concurrent reads.
 READ_CHUNK = 256
 
@@ -159,6 +165,9 @@ class ReplayService:
     settings: Settings
     handle: Any = None
     started_ray: bool = False
+    # Workers per queue the service settled at before the first arrival (see ReplayPlan.
+    # starting_from); empty until it has.
+    settled: dict[str, int] = field(default_factory=dict)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop what this replay started (control plane, workers, embedded Redis, Ray)."""
@@ -210,7 +219,7 @@ def replay_service(
         handle = start_service(code.config, redis_url=redis_url, handler_code=code, wait_s=30.0)
         service.handle = handle
         service.settings = handle.config.store
-        asyncio.run(wait_ready(plan, service.settings))
+        service.settled = asyncio.run(wait_ready(plan, service.settings))
         yield service
     finally:
         service.stop(stop_timeout_s)
@@ -224,35 +233,43 @@ async def _published(client: AsyncClient) -> dict[str, Any] | None:
     return state
 
 
-async def wait_ready(plan: ReplayPlan, settings: Settings) -> None:
-    """Until the controller publishes every queue at its initial workers, all ready (models
-    loaded, none loading or draining); ReplayError after the loads plus READY_TIMEOUT_S."""
+async def wait_ready(plan: ReplayPlan, settings: Settings) -> dict[str, int]:
+    """Until the controller's published allocation has settled: every queue's workers ready
+    (models loaded, none loading or draining) and unchanged for SETTLE_TICKS ticks (at least
+    SETTLE_MIN_S). Returns that allocation; ReplayError after the slowest load plus
+    READY_TIMEOUT_S."""
     spec = plan.live.spec
-    want = {q.name: n for q, n in zip(spec.queues, spec.initial_allocation, strict=True)}
     slowest_s = max((q.model_load_s for q in spec.queues), default=0.0)
     deadline = time.monotonic() + READY_TIMEOUT_S + slowest_s
+    settle_s = max(SETTLE_TICKS * spec.tick_s, SETTLE_MIN_S)
+    stable: dict[str, int] | None = None
+    since = time.monotonic()
+    state: dict[str, Any] | None = None
     async with AsyncClient(settings=settings) as client:
         while time.monotonic() < deadline:
             state = await _published(client)
-            if state is not None and _all_ready(state, want):
-                return
-            await asyncio.sleep(0.1)
-        state = await _published(client)
+            now = _settled(state)
+            if now is None or now != stable:
+                stable, since = now, time.monotonic()
+            elif time.monotonic() - since >= settle_s:
+                return now
+            await asyncio.sleep(min(0.05, spec.tick_s / 2))
     raise ReplayError(
-        f"the service did not have its initial workers {want} ready within "
+        f"the service's workers did not settle, all ready, within "
         f"{READY_TIMEOUT_S + slowest_s:.0f} s (last published state: {state})"
     )
 
 
-def _all_ready(state: Mapping[str, Any], want: Mapping[str, int]) -> bool:
-    queues = state.get("queues") or {}
-    for name, n in want.items():
-        q = queues.get(name)
-        if q is None:
-            return False
-        if q.get("ready") != n or q.get("loading") or q.get("draining"):
-            return False
-    return True
+def _settled(state: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """The published workers per queue when all of them are ready, else None."""
+    if state is None:
+        return None
+    out = {}
+    for name, q in (state.get("queues") or {}).items():
+        if q.get("loading") or q.get("draining") or q.get("ready") != q.get("workers"):
+            return None
+        out[name] = int(q.get("workers") or 0)
+    return out
 
 
 @dataclass

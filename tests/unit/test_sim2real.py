@@ -176,6 +176,19 @@ class TestCalibrationModel:
         with pytest.raises(ValueError, match="without calibration"):
             plan_replay(prepare(parse_scenario(raw), 0), speed=2.0, calibration=Calibration())
 
+    def test_a_plan_starts_where_the_live_service_settled(self) -> None:
+        """starting_from sets both runs' initial allocation; unknown queues and an allocation
+        over the budget are refused."""
+        plan = plan_replay(prepare(parse_scenario(TINY), 0), speed=2.0, calibration=Calibration())
+        moved = plan.starting_from({"b": 3})
+        assert moved.live.spec.initial_allocation == (0, 3)
+        assert moved.sim.spec.initial_allocation == (0, 3)
+        assert moved.live.jobs is plan.live.jobs
+        with pytest.raises(ValueError, match="unknown queues"):
+            plan.starting_from({"zz": 1})
+        with pytest.raises(ValueError, match="over the budget"):
+            plan.starting_from({"a": 3, "b": 2})
+
     def test_load_times_split_a_queues_load_over_its_types(self) -> None:
         """A queue of two job types loads half its model_load_s per type."""
         raw = {
