@@ -377,7 +377,12 @@ def _on_tick_grid(state: Mapping[str, Any] | None, tick_s: float) -> float:
     if state is None or not isinstance(state.get("t_s"), int | float):
         return earliest
     last = float(state["t_s"])
+    # While the service is idle, the controller runs its full tick (the one that reads the view,
+    # and so the rate estimates) every other tick: an even number of ticks after the last full
+    # one, the full tick just before the start measures the arrivals from there, as the
+    # simulator's first tick does (an odd one would make the first rate estimate half the rate).
     ticks = math.ceil((earliest - last) / tick_s)
+    ticks += ticks % 2
     # Just after a tick: the simulator's tick at tick_s sees the arrivals up to it.
     return last + ticks * tick_s + min(0.002, tick_s / 100)
 
