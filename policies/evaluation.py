@@ -63,8 +63,10 @@ def scenario_fingerprint(scenario: Scenario, trace: TraceInput | None = None) ->
 
     The description is left out: rewording it changes no run. Tuned parameters are stored with this,
     so a user's scenario that merely reuses a shipped name is tuned afresh, not given foreign values.
+    An absent `calibration:` is left out too, so scenarios hash as they did before it existed.
     """
-    data = scenario.model_dump(mode="json", exclude={"description"})
+    exclude = {"description"} | ({"calibration"} if scenario.calibration is None else set())
+    data = scenario.model_dump(mode="json", exclude=exclude)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     if trace is not None:
         text += "|trace:" + trace.digest()
