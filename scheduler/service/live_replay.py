@@ -54,8 +54,9 @@ FloatArray = NDArray[np.float64]
 
 # Seconds between the service's start and the first arrival, so the first submit is on time.
 LEAD_S = 0.2
-# Longest wait for the initial workers to load their models, beyond the loads themselves.
-READY_TIMEOUT_S = 60.0
+# Longest wait for the initial workers to start and load their models, beyond the loads
+# themselves: starting a worker actor takes seconds, and over a minute on a busy small machine.
+READY_TIMEOUT_S = 180.0
 # The published allocation must hold this many ticks (and at least SETTLE_MIN_S) before a replay
 # starts from it.
 SETTLE_TICKS = 5
