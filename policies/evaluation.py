@@ -63,9 +63,15 @@ def scenario_fingerprint(scenario: Scenario, trace: TraceInput | None = None) ->
 
     The description is left out: rewording it changes no run. Tuned parameters are stored with this,
     so a user's scenario that merely reuses a shipped name is tuned afresh, not given foreign values.
+    An absent `calibration:` is left out too, so scenarios hash as they did before it existed.
     """
-    # No tenants section runs as scenarios did before it existed: their fingerprints stand.
-    exclude = {"description"} if scenario.tenants else {"description", "tenants"}
+    # A section a scenario does not give is left out, so the fingerprints of scenarios written
+    # before it existed stand (tenants; calibration).
+    exclude = {"description"}
+    if not scenario.tenants:
+        exclude.add("tenants")
+    if scenario.calibration is None:
+        exclude.add("calibration")
     data = scenario.model_dump(mode="json", exclude=exclude)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     if trace is not None:

@@ -13,6 +13,7 @@ from scheduler.commands import (
     evaluate,
     jobs,
     record,
+    replay,
     serve,
     simulate,
     status,
@@ -63,7 +64,20 @@ def _root(
 
 
 # Each module registers its own commands on the app.
-for _module in (demo, dlq, evaluate, jobs, record, serve, simulate, status, submit, train, tune):
+for _module in (
+    demo,
+    dlq,
+    evaluate,
+    jobs,
+    record,
+    replay,
+    serve,
+    simulate,
+    status,
+    submit,
+    train,
+    tune,
+):
     _module.register(app)
 
 

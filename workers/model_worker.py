@@ -57,7 +57,7 @@ T = TypeVar("T")
 log = get_logger("workers.model_worker")
 
 # Weight of the newest sample in the moving average of service seconds per job.
-_EWMA_ALPHA = 0.2
+SERVICE_EWMA_ALPHA = 0.2
 
 
 class Phase(StrEnum):
@@ -671,7 +671,7 @@ class ModelWorker:
     def _note_service_s(self, queue: str, per_job_s: float) -> None:
         old_s = self._service_s.get(queue)
         self._service_s[queue] = (
-            per_job_s if old_s is None else old_s + _EWMA_ALPHA * (per_job_s - old_s)
+            per_job_s if old_s is None else old_s + SERVICE_EWMA_ALPHA * (per_job_s - old_s)
         )
 
     @contextlib.contextmanager

@@ -65,6 +65,7 @@ class Cluster:
         routes: list[int],
         tenants: tuple[str | None, ...] | None = None,
         shares: Mapping[str, TenantShare] | None = None,
+        service_ewma_alpha: float = 0.0,
     ) -> None:
         """Workers of `initial_allocation` start with their queue's model loaded, at time 0.
 
@@ -86,6 +87,10 @@ class Cluster:
         self.service_s = service_s
         self.size_estimate_s = size_estimate_s
         self.routes = routes
+        # With a weight > 0, `service_ewma` follows each queue's completed service times as the
+        # live workers measure theirs (NaN before the first completion).
+        self.service_ewma_alpha = service_ewma_alpha
+        self.service_ewma: list[float] = [float("nan")] * n_queues
         self.completion_s: list[float] = [float("nan")] * len(service_s)
         self.route_hook: RouteHook = _no_router
 
@@ -167,8 +172,14 @@ class Cluster:
     def on_complete(self, w: int) -> None:
         """Worker `w` finishes its job, then takes the next job of its queue or moves on."""
         now_s = self.engine.now_s
-        self.completion_s[self.w_job[w]] = now_s
+        job = self.w_job[w]
+        self.completion_s[job] = now_s
         self.completed += 1
+        if self.service_ewma_alpha:
+            m = self.w_model[w]
+            e = self.service_ewma[m]
+            svc = self.service_s[job]
+            self.service_ewma[m] = svc if e != e else e + self.service_ewma_alpha * (svc - e)
         self.area_job_s += self.in_system * (now_s - self.last_change_s)
         self.last_change_s = now_s
         self.in_system -= 1

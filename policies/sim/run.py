@@ -75,12 +75,21 @@ class SimSpec:
     # Tenant shares ("*": the others): queues serve tenants by weighted fair queueing, as the
     # service does with its `tenants:` section; empty: arrival order.
     tenants: Mapping[str, TenantShare] = field(default_factory=dict)
+    # Seconds from a job's arrival to its reaching its queue (the live service's dispatch, see
+    # policies/sim/calibration.py); its JCT still counts from the arrival.
+    dispatch_s: float = 0.0
+    # How the views estimate a queue's service time: None, the mean size estimate of the jobs
+    # routed there (the ideal); a weight in (0, 1], an EWMA of the queue's completed service
+    # times with that weight per job, as the live workers measure it, `default_service_s` (else
+    # the queue's nominal) before its first completion.
+    service_ewma_alpha: float | None = None
+    default_service_s: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.initial_allocation) != len(self.queues):
             raise ValueError("initial_allocation needs one entry per queue")
-        if self.tick_s <= 0 or self.budget < 0 or self.horizon_s < 0:
-            raise ValueError("tick_s must be > 0, budget and horizon_s >= 0")
+        if self.tick_s <= 0 or self.budget < 0 or self.horizon_s < 0 or self.dispatch_s < 0:
+            raise ValueError("tick_s must be > 0, budget, horizon_s and dispatch_s >= 0")
         if len({q.name for q in self.queues}) != len(self.queues):
             raise ValueError("queue names must be unique")
 
@@ -111,7 +120,8 @@ class SimRun:
         self.rng = rng
         self._started = time.perf_counter()
         arrivals = jobs.arrivals
-        self._arrival_s: list[float] = arrivals.arrival_s.tolist()
+        # When each job reaches level 1 (its arrival plus the dispatch delay, if modelled).
+        self._arrival_s: list[float] = (arrivals.arrival_s + spec.dispatch_s).tolist()
         self._size_s: list[float] = jobs.size_estimate_s.tolist()
         self._queue_index = {q.name: i for i, q in enumerate(spec.queues)}
         self._eligible: list[list[int]] = [
@@ -134,6 +144,7 @@ class SimRun:
             routes=routes,
             tenants=arrivals.tenants,
             shares=spec.tenants,
+            service_ewma_alpha=spec.service_ewma_alpha or 0.0,
         )
         self.cluster.route_hook = self._route
         self.engine.set_stream(self._arrival_s, self.cluster.kind_arrival, PRIORITY_ARRIVAL)
@@ -208,8 +219,14 @@ class SimRun:
         ready, busy, loading = counts
         fifo = self.cluster.fifos[q]
         now_s = self.engine.now_s
-        routed = self._routed_count[q]
-        service_s = self._routed_size_s[q] / routed if routed > 0 else spec.nominal_service_s
+        if self.spec.service_ewma_alpha:
+            measured = self.cluster.service_ewma[q]
+            default_s = self.spec.default_service_s
+            fallback_s = spec.nominal_service_s if default_s is None else default_s
+            service_s = fallback_s if math.isnan(measured) else measured
+        else:
+            routed = self._routed_count[q]
+            service_s = self._routed_size_s[q] / routed if routed > 0 else spec.nominal_service_s
         return QueueView(
             name=spec.name,
             job_types=spec.job_types,
@@ -345,22 +362,9 @@ class SimRun:
 
     # --- outcome --------------------------------------------------------------------------------
 
-    def _slo_targets(self, queue_idx: NDArray[np.int64]) -> FloatArray:
-        """Each job's JCT target: deadline, else its type's SLO, else its queue's, else default."""
-        a = self.jobs.arrivals
-        target = a.deadline_s.copy()
-        by_type = np.array(
-            [self.spec.slo_by_type_s.get(t, math.nan) for t in a.job_types] or [math.nan]
-        )
-        target = np.where(np.isnan(target), by_type[a.type_idx] if len(a) else target, target)
-        by_queue = np.array(
-            [math.nan if q.slo_s is None else q.slo_s for q in self.spec.queues] + [math.nan]
-        )
-        # Index -1 (and the rejected -2 wraps to the last queue) must not pick a queue's SLO.
-        safe_q = np.where(queue_idx >= 0, queue_idx, len(self.spec.queues))
-        target = np.where(np.isnan(target), by_queue[safe_q], target)
-        default = math.nan if self.spec.default_slo_s is None else self.spec.default_slo_s
-        return np.where(np.isnan(target), default, target)
+    def slo_targets(self, queue_idx: NDArray[np.int64]) -> FloatArray:
+        """Each job's JCT target (see `slo_targets`) given the queue it went to."""
+        return slo_targets(self.spec, self.jobs.arrivals, queue_idx)
 
     def record(self, wall_s: float | None = None) -> RunRecord:
         """The run's raw outcome so far (final once `done`); wall time defaults to time since start."""
@@ -392,7 +396,7 @@ class SimRun:
             arrival_s=arrival_view,
             completion_s=np.array(cluster.completion_s, dtype=float),
             queue_idx=queue_idx,
-            slo_target_s=self._slo_targets(queue_idx),
+            slo_target_s=self.slo_targets(queue_idx),
             end_s=end_s,
             budget=self.spec.budget,
             busy_worker_s=cluster.busy_worker_s(),
@@ -404,6 +408,22 @@ class SimRun:
             timeseries=series,
             wall_s=time.perf_counter() - self._started if wall_s is None else wall_s,
         )
+
+
+def slo_targets(spec: SimSpec, a: ArrivalTable, queue_idx: NDArray[np.int64]) -> FloatArray:
+    """Each job's JCT target: deadline, else its type's SLO, else its queue's (per `queue_idx`,
+    negative for none), else the default; NaN when none applies."""
+    target = a.deadline_s.copy()
+    by_type = np.array([spec.slo_by_type_s.get(t, math.nan) for t in a.job_types] or [math.nan])
+    target = np.where(np.isnan(target), by_type[a.type_idx] if len(a) else target, target)
+    by_queue = np.array(
+        [math.nan if q.slo_s is None else q.slo_s for q in spec.queues] + [math.nan]
+    )
+    # Index -1 (and the rejected -2 wraps to the last queue) must not pick a queue's SLO.
+    safe_q = np.where(queue_idx >= 0, queue_idx, len(spec.queues))
+    target = np.where(np.isnan(target), by_queue[safe_q], target)
+    default = math.nan if spec.default_slo_s is None else spec.default_slo_s
+    return np.where(np.isnan(target), default, target)
 
 
 def initial_split(budget: int, weights: Sequence[float]) -> tuple[int, ...]:

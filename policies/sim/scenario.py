@@ -24,6 +24,7 @@ from policies.guardrails import guardrails_for
 from policies.legacy_layout import LayoutDeprecationWarning, upgrade_scenario
 from policies.registry import make_allocator, make_router
 from policies.schema import Layout, Problem, QueueSection, format_problems, validation_problems
+from policies.sim.calibration import Calibration, calibrated
 from policies.sim.run import Jobs, QueueSpec, SimRun, SimSpec, initial_split
 from policies.sim.service import ServiceModel
 from policies.sim.traces import TraceFormat, load_trace
@@ -110,6 +111,9 @@ class Scenario(Layout):
     # Tenant shares as in a service config's `tenants:` ("*": every other tenant): queues serve
     # the workload's tenants by weighted fair queueing (policies.fairshare).
     tenants: dict[str, TenantShare] = Field(default_factory=dict)
+    # The live service's overheads to simulate (policies/sim/calibration.py); None: the ideal
+    # simulator. `bilevel replay` uses the machine's measured values when a scenario gives none.
+    calibration: Calibration | None = None
 
     @property
     def needs_trace(self) -> bool:
@@ -435,4 +439,7 @@ def prepare(
         run_lines=run_lines,
     )
     jobs = build_jobs(scenario, arrivals, streams.service)
-    return PreparedRun(scenario, build_spec(scenario, jobs), jobs, seed)
+    spec = build_spec(scenario, jobs)
+    if scenario.calibration is not None:
+        spec, jobs = calibrated(spec, jobs, scenario.calibration)
+    return PreparedRun(scenario, spec, jobs, seed)

@@ -36,7 +36,7 @@ from scheduler.commands._tables import Column, policy_label, print_table
 _PROGRESS_AFTER_S = 1.0
 
 
-def _check_policy(policy: str | None) -> None:
+def check_policy(policy: str | None) -> None:
     """Fails early (before any run) on an unknown name or a checkpoint that does not load."""
     if policy is None or policy in ALLOCATORS:
         return
@@ -46,7 +46,7 @@ def _check_policy(policy: str | None) -> None:
         raise fail(str(exc)) from None
 
 
-def _check_router(router: str | None) -> None:
+def check_router(router: str | None) -> None:
     if router is None or router in ROUTERS:
         return
     try:
@@ -69,7 +69,9 @@ def _router_for(scenario: Scenario, router: str | None) -> Router:
     return resolve_router(router)
 
 
-def _prepare(scenario: Scenario, scenario_path: Path, seed: int, trace: Path | None) -> PreparedRun:
+def prepare_run(
+    scenario: Scenario, scenario_path: Path, seed: int, trace: Path | None
+) -> PreparedRun:
     """Draws or replays the jobs, opening the trace files the scenario needs."""
     files = trace_files(scenario, scenario_path, trace)
     if files is None:
@@ -216,11 +218,11 @@ def simulate(
         raise fail("--compare runs every heuristic allocator; drop --policy")
     if plot is not None:
         check_plot("--plot", plot)
-    _check_policy(policy)
-    _check_router(router)
+    check_policy(policy)
+    check_router(router)
     parsed = read_scenario(scenario)
     try:
-        prepared = _prepare(parsed, scenario, seed, trace)
+        prepared = prepare_run(parsed, scenario, seed, trace)
     except ScenarioError as exc:
         raise fail(str(exc)) from None
     router_name = router if router is not None else parsed.routing.policy

@@ -82,7 +82,12 @@ class RayUnavailable(BilevelError):
 _job_runtime_env: dict[str, Any] | None = None
 
 
-def ensure_ray(*, address: str | None = None, runtime_env: dict[str, Any] | None = None) -> bool:
+def ensure_ray(
+    *,
+    address: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    log_to_driver: bool = True,
+) -> bool:
     """Connect to Ray unless connected: to `address` when one is given ("auto" for a cluster
     started on this machine by `ray start`, or host:port), else to RAY_ADDRESS when set (Ray's own
     convention), else a new local Ray in its own temp dir (short, under /tmp, since Ray's socket
@@ -90,7 +95,8 @@ def ensure_ray(*, address: str | None = None, runtime_env: dict[str, Any] | None
     this machine last started, which on a shared machine may be somebody else's. A caller that
     initialised Ray itself keeps its namespace (tests do), and its job's runtime_env.
 
-    `runtime_env` becomes the job's (Ray uploads its local directories here). Returns True when
+    `runtime_env` becomes the job's (Ray uploads its local directories here); `log_to_driver`
+    False keeps the actors' log lines out of this process's stderr. Returns True when
     this call connected, False when Ray already was. When Ray refuses the runtime_env, RuntimeEnvError
     names the field and Ray is shut down again."""
     global _job_runtime_env
@@ -99,7 +105,11 @@ def ensure_ray(*, address: str | None = None, runtime_env: dict[str, Any] | None
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    options: dict[str, Any] = {"namespace": RAY_NAMESPACE, "configure_logging": False}
+    options: dict[str, Any] = {
+        "namespace": RAY_NAMESPACE,
+        "configure_logging": False,
+        "log_to_driver": log_to_driver,
+    }
     if runtime_env:
         options["runtime_env"] = runtime_env
     if address != "local":

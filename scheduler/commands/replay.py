@@ -1,0 +1,204 @@
+"""`bilevel replay --scenario FILE`: drive the live service with a scenario's exact jobs and report
+the simulator's error against it.
+
+The scenario's jobs are drawn as `bilevel simulate` draws them (same generator, same seed), cut
+to --duration-s scenario seconds, and run --speed times faster: the live service (started here,
+embedded Redis and local Ray, unless --redis-url names a Redis to start it on) serves them with
+synthetic handlers that sleep each job's drawn service time, and the simulator runs the same
+jobs with the same policy and the overheads of the live service it models (the scenario's
+`calibration:` section, else the values measured on the development machine; --ideal leaves them
+out). Both are reported in scenario seconds, with the simulator's relative error per metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from policies.sim.calibration import MEASURED, Calibration
+from policies.sim.scenario import ScenarioError
+from policies.sim2real import COMPARED_METRICS, plan_replay, relative_errors, rescaled
+from scheduler.commands._common import fail, read_scenario
+from scheduler.commands._tables import Column, print_table
+from scheduler.commands.simulate import check_policy, check_router, prepare_run
+from scheduler.config import ConfigError
+from scheduler.errors import BilevelError
+from scheduler.logs import configure_logging
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+# Rows of the text report: metric, its format.
+_ROWS: tuple[tuple[str, str], ...] = (
+    ("jobs", "d"),
+    ("mean_jct_s", ".3f"),
+    ("p50_jct_s", ".3f"),
+    ("p99_jct_s", ".3f"),
+    ("slo_attainment", ".1%"),
+    ("utilization", ".1%"),
+    ("reconfigurations", "d"),
+)
+
+
+def replay(
+    scenario: Annotated[
+        Path,
+        typer.Option("--scenario", metavar="FILE", help="Scenario YAML file.", show_default=False),
+    ],
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+    ] = None,
+    speed: Annotated[
+        float,
+        typer.Option("--speed", help="Run K times faster than the scenario (sleeps and gaps / K)."),
+    ] = 10.0,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help="Allocator name (default: the scenario's), 'learned' or a checkpoint path.",
+        ),
+    ] = None,
+    router: Annotated[
+        str | None,
+        typer.Option("--router", help="Router name (default: the scenario's), or 'learned'."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of arrivals, service times, router.")
+    ] = 0,
+    duration_s: Annotated[
+        float | None,
+        typer.Option(
+            "--duration-s",
+            help="Replay the arrivals of this many scenario seconds (default: all); real time "
+            "is this / speed.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url", help="Run the service on this Redis (default: an embedded one)."
+        ),
+    ] = None,
+    ideal: Annotated[
+        bool,
+        typer.Option("--ideal", help="Simulate without the live overheads (no calibration)."),
+    ] = False,
+) -> None:
+    """Replay a scenario live and in the simulator; report both and the simulator's error."""
+    if not (speed > 0 and math.isfinite(speed)):
+        raise fail(f"--speed must be a number > 0, got {speed}")
+    if duration_s is not None and not (duration_s > 0 and math.isfinite(duration_s)):
+        raise fail(f"--duration-s must be a number > 0, got {duration_s}")
+    check_policy(policy)
+    check_router(router)
+    from scheduler.service.live_replay import live_estimators
+
+    parsed = read_scenario(scenario)
+    calibration = Calibration() if ideal else (parsed.calibration or MEASURED)
+    try:
+        prepared = prepare_run(
+            parsed.model_copy(update={"calibration": None}), scenario, seed, trace
+        )
+        plan = plan_replay(
+            prepared,
+            speed=speed,
+            calibration=calibration,
+            duration_s=duration_s,
+            estimators=None if ideal else live_estimators(),
+        )
+        plan.load_times_s()
+    except (ScenarioError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if plan.arrivals == 0:
+        raise fail(f"{parsed.name}: no arrivals to replay in the first {duration_s} s")
+    from scheduler.service.live_replay import (
+        ReplayError,
+        replay_service,
+        simulate_plan,
+        submit_and_collect,
+    )
+
+    # Before anything logs: the service's start-up lines go to stderr, warnings only.
+    configure_logging(level="warning")
+    console = Console(stderr=True)
+    policy_name = policy or parsed.allocation.policy
+    router_name = router or parsed.routing.policy
+    real_s = plan.live.spec.horizon_s
+    if not as_json:
+        console.print(
+            f"replaying {plan.arrivals} jobs of {parsed.name} at {speed:g}x "
+            f"({real_s:.0f} s of arrivals), policy {policy_name}, router {router_name}",
+            highlight=False,
+        )
+    try:
+        with (
+            replay_service(plan, policy=policy, router=router, redis_url=redis_url) as service,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bar,
+        ):
+            task = bar.add_task("submitting", total=plan.arrivals)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done)
+
+            plan = plan.starting_from(service.settled)
+            outcome = asyncio.run(submit_and_collect(plan, service.settings, progress=progress))
+    except KeyboardInterrupt:
+        console.print("interrupted: the service was stopped", highlight=False)
+        raise typer.Exit(code=130) from None
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    except (ReplayError, BilevelError, OSError) as exc:
+        raise fail(str(exc), code=1) from None
+    _, sim_raw = simulate_plan(plan, policy, router)
+    live = rescaled(outcome.summary, speed)
+    sim = rescaled(sim_raw, speed)
+    error = relative_errors(sim, live)
+    out = dict(live)
+    out |= {
+        "policy": policy_name,
+        "router": router_name,
+        "seed": seed,
+        "speed": speed,
+        "calibration": calibration.model_dump(),
+        "live": live,
+        "sim": sim,
+        "error": error,
+    }
+    if as_json:
+        typer.echo(json.dumps(out, allow_nan=False))
+        return
+    title = f"{parsed.name}: live vs simulated at {speed:g}x, policy {policy_name}, seed {seed}"
+    rows = []
+    for metric, spec in _ROWS:
+        e = error.get(metric) if metric in COMPARED_METRICS else None
+        rows.append([metric, _fmt(sim.get(metric), spec), _fmt(live.get(metric), spec),
+                     _fmt(e, "+.1%")])  # fmt: skip
+    print_table(
+        Console(),
+        title,
+        [Column("metric", "name"), Column("sim"), Column("live"), Column("error")],
+        rows,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the `replay` command to the CLI."""
+    app.command("replay")(replay)
