@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.views import Allocation, ClusterView, QueueView
+from policies.views import Allocation, ClusterView, QueueView, queue_column
 
 # --- shared helpers ---------------------------------------------------------------------------
 
@@ -57,11 +57,11 @@ def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 
 
 def _column(queues: tuple[QueueView, ...], attr: str) -> np.ndarray:
-    return np.fromiter((getattr(q, attr) for q in queues), dtype=np.float64, count=len(queues))
+    return queue_column(queues, attr)
 
 
 def _current(view: ClusterView) -> np.ndarray:
-    return np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=len(view.queues))
+    return queue_column(view.queues, "allocated").astype(np.int64)
 
 
 def _as_allocation(view: ClusterView, counts: np.ndarray) -> Allocation:
@@ -352,7 +352,7 @@ class TargetOngoingRequestsAllocator:
 
 def _useful_workers(view: ClusterView, horizon_s: float) -> np.ndarray:
     """Workers a queue can keep busy: one per job in system plus the arrivals expected in horizon."""
-    in_system = np.fromiter((q.in_system for q in view.queues), dtype=np.float64)
+    in_system = queue_column(view.queues, "in_system")
     arrivals = np.ceil(np.maximum(_column(view.queues, "arrival_rate_per_s"), 0.0) * horizon_s)
     useful: np.ndarray = (in_system + arrivals).astype(np.int64)
     return useful
@@ -574,10 +574,9 @@ class SwitchAwareMaxWeightAllocator:
 
     def _model(self, view: ClusterView) -> _FluidQueues:
         queues = view.queues
-        n = len(queues)
         horizon_s = self.horizon_for(view)
         return _FluidQueues(
-            q0=np.fromiter((q.in_system for q in queues), dtype=np.float64, count=n),
+            q0=queue_column(queues, "in_system"),
             arrival_rate_per_s=np.maximum(_column(queues, "arrival_rate_per_s"), 0.0),
             service_rate_per_s=1.0 / np.maximum(_column(queues, "service_time_s"), 1e-9),
             load_s=np.clip(_column(queues, "model_load_s"), 0.0, horizon_s),

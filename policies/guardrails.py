@@ -17,7 +17,7 @@ import numpy as np
 from policies.allocation import ProportionalAllocator, largest_remainder
 from policies.registry import make_allocator
 from policies.schema import Layout
-from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
+from policies.views import Allocation, AllocationBounds, Allocator, ClusterView, queue_column
 
 
 def _check_bounds(bounds: AllocationBounds) -> None:
@@ -209,7 +209,7 @@ class Guardrails:
         proposal = self._propose(view)
         queues = view.queues
         n = len(queues)
-        current = np.fromiter((q.allocated for q in queues), dtype=np.int64, count=n)
+        current = queue_column(queues, "allocated").astype(np.int64)
         target = np.fromiter((int(proposal[q.name]) for q in queues), dtype=np.int64, count=n)
         low = np.fromiter((_min_of(self.bounds, q.name) for q in queues), dtype=np.int64, count=n)
         no_max = max(view.budget, 0)
