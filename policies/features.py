@@ -76,7 +76,8 @@ _WAIT_CAP_S = 1.0e6
 def _column(queues: Sequence[QueueView], attr: str) -> np.ndarray:
     """One non-negative numeric field of every queue; a negative reading (a stats glitch) is 0, so
     log1p never sees it and a policy never gets -inf or NaN."""
-    return np.maximum(queue_column(queues, attr), 0.0)
+    values: np.ndarray = np.maximum(queue_column(queues, attr), 0.0)
+    return values
 
 
 def queue_features(view: ClusterView) -> np.ndarray:

@@ -69,7 +69,8 @@ class SlowRates:
 
 
 def _service(view: ClusterView) -> np.ndarray:
-    return np.maximum(queue_column(view.queues, "service_time_s"), 0.0)
+    service_s: np.ndarray = np.maximum(queue_column(view.queues, "service_time_s"), 0.0)
+    return service_s
 
 
 def calm_loads(view: ClusterView, rates: np.ndarray, slow: np.ndarray) -> np.ndarray:

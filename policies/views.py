@@ -111,11 +111,13 @@ def queue_column(queues: Sequence[QueueView], field: str) -> np.ndarray:
     read in one pass and kept for the last tuple of queues asked about.
     """
     table = _table(queues)
+    column: np.ndarray
     if field == "allocated":
-        return table[:, _COLUMN["workers_ready"]] + table[:, _COLUMN["workers_loading"]]
-    if field == "in_system":
-        return table[:, _COLUMN["depth"]] + table[:, _COLUMN["workers_busy"]]
-    column: np.ndarray = table[:, _COLUMN[field]]
+        column = table[:, _COLUMN["workers_ready"]] + table[:, _COLUMN["workers_loading"]]
+    elif field == "in_system":
+        column = table[:, _COLUMN["depth"]] + table[:, _COLUMN["workers_busy"]]
+    else:
+        column = table[:, _COLUMN[field]]
     return column
 
 

@@ -12,6 +12,7 @@ from scheduler.commands import (
     dlq,
     evaluate,
     jobs,
+    promote,
     serve,
     simulate,
     status,
@@ -62,7 +63,7 @@ def _root(
 
 
 # Each module registers its own commands on the app.
-for _module in (demo, dlq, evaluate, jobs, serve, simulate, status, submit, train, tune):
+for _module in (demo, dlq, evaluate, jobs, promote, serve, simulate, status, submit, train, tune):
     _module.register(app)
 
 

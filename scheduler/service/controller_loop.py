@@ -7,7 +7,8 @@ inputs and the decision per queue, so a reader can see why a queue gained or los
 
 It also publishes its state (Keys.allocation, every tick) and the history of allocation changes
 (Keys.allocation_history, on change): `bilevel status`, load-aware routing and the demo's plot read
-them.
+them. With `allocation.shadow` a second policy decides beside the acting one every tick and both
+decisions are logged and published, with an estimate of the difference (scheduler.service.shadow).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from scheduler.retry import describe, is_transient
 from scheduler.service.autoscaling import AutoscaleRequester, workers_held
 from scheduler.service.health import Progress
 from scheduler.service.leader import LeaderLock
+from scheduler.service.shadow import RoleRecord, ShadowDecision, ShadowMode
 from scheduler.service.views import PublishedQueue, PublishedState, ViewBuilder
 from scheduler.store import RequeueReport, Store, StoreStats
 from workers.pool_view import PoolView, QueuePoolView
@@ -84,6 +86,10 @@ class TickReport:
     # What decided: the allocator's name, or "initial" for a first decision from
     # allocation.initial.
     policy: str = ""
+    # The shadow policy's decision for the same view (with allocation.shadow), and the estimate
+    # this tick made, if it made one.
+    shadow: ShadowDecision | None = None
+    estimate: Any = None
 
     @property
     def changed(self) -> bool:
@@ -154,13 +160,27 @@ class ControllerLoop:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         logger: Any = None,
         autoscaler: AutoscaleRequester | None = None,
+        shadow: Allocator | None = None,
     ) -> None:
         self.store = store
         # Asks the Ray autoscaler for nodes when the target needs more than the cluster has.
         self.autoscaler = autoscaler
         self.config = config
         self.pool = pool
-        self.guardrails = make_guardrails(config, allocator)
+        # With allocation.shadow, both policies and their guardrails live in `self.shadow`, and
+        # `self.guardrails` is whichever of them acts (a promotion swaps them).
+        self.shadow: ShadowMode | None = None
+        alloc = config.allocation
+        if alloc.shadow is not None:
+            acting = (
+                allocator if allocator is not None else make_allocator(alloc.policy, **alloc.params)
+            )
+            if shadow is None:
+                shadow = make_allocator(alloc.shadow, **alloc.shadow_params)
+            self.shadow = ShadowMode(config, acting, shadow)
+            self.guardrails = self.shadow.acting
+        else:
+            self.guardrails = make_guardrails(config, allocator)
         # A controller that starts with no workers makes allocation.initial its first decision,
         # inside the same guardrails, as a simulated run starts from it.
         initial = config.allocation.initial
@@ -193,6 +213,8 @@ class ControllerLoop:
         stats = await self.store.stats(self._queue_names)
         pool_view = await self.pool.view()
         now_s = self.clock()
+        if self.shadow is not None:
+            await self._follow_role(now_s)
         view = self.views.cluster_view(stats, pool_view, now_s)
         before = view.allocation()
         deciding = self.guardrails
@@ -204,6 +226,9 @@ class ControllerLoop:
             # One GCS round trip at most, off the event loop; it never raises.
             await asyncio.to_thread(self.autoscaler.update, target, workers_held(pool_view))
         change = await self.pool.apply(target)
+        shadow_decision, estimate = None, None
+        if self.shadow is not None:
+            shadow_decision, estimate = await self._shadow_tick(view, stats, now_s)
         report = TickReport(
             view=view,
             before=before,
@@ -216,6 +241,8 @@ class ControllerLoop:
             pool=pool_view,
             stats=stats,
             policy=deciding.name,
+            shadow=shadow_decision,
+            estimate=estimate,
         )
         self.ticks += 1
         self.last = report
@@ -226,6 +253,62 @@ class ControllerLoop:
         self._log(report)
         await self._publish(report, record_change=new_entry)
         return report
+
+    async def _follow_role(self, now_s: float) -> None:
+        """Makes the role Keys.acting_policy names act (a promotion, manual or automatic)."""
+        assert self.shadow is not None
+        raw = await self.store.redis.get(self.store.keys.acting_policy)
+        if raw is None:
+            return
+        try:
+            record = RoleRecord.from_json(str(raw))
+        except ValueError as exc:
+            self.log.warning("acting_policy_unreadable", error=str(exc))
+            return
+        was = self.guardrails.name
+        if self.shadow.apply_role(record):
+            self.guardrails = self.shadow.acting
+            self.log.info(
+                "allocation_policy_promoted",
+                acting=self.guardrails.name,
+                shadow=self.shadow.shadow.name,
+                previously_acting=was,
+                role=record.role,
+                by=record.by,
+            )
+
+    async def _shadow_tick(
+        self, view: ClusterView, stats: StoreStats, now_s: float
+    ) -> tuple[ShadowDecision, Any]:
+        """The shadow's decision for this tick's view and, when one is due, the estimate (in a
+        thread: it is CPU-bound); an automatic promotion is written for the next tick to apply."""
+        assert self.shadow is not None
+        decision = self.shadow.decide(view)
+        self.shadow.observe(view, stats)
+        if not self.shadow.due:
+            return decision, None
+        try:
+            estimate = await asyncio.to_thread(self.shadow.run_estimate)
+        except Exception:  # the estimate is advice: a failure must not fail the tick
+            self.log.exception("shadow_estimate_failed")
+            return decision, None
+        if estimate is None:
+            return decision, None
+        self.log.info(
+            "shadow_estimate",
+            acting=self.guardrails.name,
+            shadow=self.shadow.shadow.name,
+            **estimate.to_dict(),
+        )
+        if self.shadow.record_estimate(estimate, now_s):
+            record = RoleRecord("shadow", "auto", now_s)
+            await self.store.redis.set(self.store.keys.acting_policy, record.to_json())
+            self.log.info(
+                "shadow_promotion_requested",
+                shadow=self.shadow.shadow.name,
+                gain=round(estimate.gain, 4),
+            )
+        return decision, estimate
 
     def _log(self, r: TickReport) -> None:
         # A compact table, one cell per queue, "name depth=.. rate=../s workers a->b".
@@ -244,6 +327,17 @@ class ControllerLoop:
         }
         if r.fallback is not None:
             event["fallback"] = r.fallback
+        if r.shadow is not None:
+            event["shadow_policy"] = r.shadow.policy
+            target = r.shadow.target
+            event["shadow"] = (
+                "none"
+                if target is None
+                else " ".join(f"{q.name}={target[q.name]}" for q in r.view.queues)
+            )
+            event["shadow_agrees"] = target == r.target
+            if r.shadow.fallback is not None:
+                event["shadow_fallback"] = r.shadow.fallback
         if r.requeue.requeued or r.requeue.dead_lettered:
             event["requeued"] = r.requeue.requeued
             event["lease_dead_lettered"] = r.requeue.dead_lettered
@@ -272,7 +366,11 @@ class ControllerLoop:
                 completion_rate_per_s=completions.get(q.name, 0.0),
             )
         return PublishedState(
-            t_s=r.view.now_s, policy=self.guardrails.name, queues=queues, fallback=r.fallback
+            t_s=r.view.now_s,
+            policy=self.guardrails.name,
+            queues=queues,
+            fallback=r.fallback,
+            shadow=None if self.shadow is None else self.shadow.published(r.shadow),
         )
 
     async def _publish(self, r: TickReport, *, record_change: bool) -> None:
