@@ -61,10 +61,12 @@ class TraceInput:
 def scenario_fingerprint(scenario: Scenario, trace: TraceInput | None = None) -> str:
     """A short hash of everything about a scenario that changes its runs (and the trace's content).
 
-    The description is left out: rewording it changes no run. Tuned parameters are stored with this,
-    so a user's scenario that merely reuses a shipped name is tuned afresh, not given foreign values.
+    The description and the shadow policy (which decides only in the live service) are left out:
+    neither changes a run. Tuned parameters are stored with this, so a user's scenario that merely
+    reuses a shipped name is tuned afresh, not given foreign values.
     """
-    data = scenario.model_dump(mode="json", exclude={"description"})
+    shadow = {"shadow": True, "shadow_params": True, "shadow_promote": True}
+    data = scenario.model_dump(mode="json", exclude={"description": True, "allocation": shadow})
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     if trace is not None:
         text += "|trace:" + trace.digest()
