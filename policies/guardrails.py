@@ -9,7 +9,7 @@ only to bounds (a queue below its minimum is always raised to it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from numbers import Integral
 
 import numpy as np
@@ -184,6 +184,11 @@ class Guardrails:
         self.name: str = inner.name
         self.last_fallback_reason: str | None = None
         self.fallback_count: int = 0
+        # The latest tick's proposal (the policy's, or the fallback's) before the constraints, and
+        # the constraints that changed it, in pipeline order ("hysteresis", "bounds", "budget",
+        # "move_cap"), so a log can say why a queue got other than what the policy asked.
+        self.last_proposal: Allocation = {}
+        self.last_constraints: tuple[str, ...] = ()
 
     def _propose(self, view: ClusterView) -> Allocation:
         """The wrapped allocator's proposal if valid, else the fallback's, else the current one."""
@@ -218,10 +223,21 @@ class Guardrails:
             dtype=np.int64,
             count=n,
         )
-        target = _apply_hysteresis(target, current, self.hysteresis_workers)
-        target = _apply_bounds(target, low, high)
-        target = _apply_budget(target, low, view.budget)
-        target = _apply_move_cap(target, current, low, high, self.bounds.max_moves_per_tick)
+        self.last_proposal = {q.name: int(proposal[q.name]) for q in queues}
+        cap = self.bounds.max_moves_per_tick
+        steps: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...] = (
+            ("hysteresis", lambda t: _apply_hysteresis(t, current, self.hysteresis_workers)),
+            ("bounds", lambda t: _apply_bounds(t, low, high)),
+            ("budget", lambda t: _apply_budget(t, low, view.budget)),
+            ("move_cap", lambda t: _apply_move_cap(t, current, low, high, cap)),
+        )
+        changed: list[str] = []
+        for name, step in steps:
+            stepped = step(target)
+            if not np.array_equal(stepped, target):
+                changed.append(name)
+            target = stepped
+        self.last_constraints = tuple(changed)
         return {q.name: int(t) for q, t in zip(queues, target.tolist(), strict=True)}
 
 

@@ -57,13 +57,30 @@ class Pool(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class AllocationChange:
-    """One entry of the allocation history: at `t_s` the targets became `workers`."""
+    """One entry of the allocation history: at `t_s` the targets became `workers`, and why."""
 
     t_s: float
     workers: dict[str, int]
+    # The policy that decided, what it proposed before the guardrails, the guardrails that
+    # changed the proposal (policies.guardrails: hysteresis, bounds, budget, move_cap), and why
+    # the fallback decided instead, if it did.
+    policy: str = ""
+    proposal: dict[str, int] = field(default_factory=dict)
+    constraints: tuple[str, ...] = ()
+    fallback: str | None = None
+    # What the policy saw of each queue: depth, arrival rate, oldest wait, service time.
+    inputs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"t_s": self.t_s, "workers": self.workers}
+        return {
+            "t_s": self.t_s,
+            "workers": self.workers,
+            "policy": self.policy,
+            "proposal": self.proposal,
+            "constraints": list(self.constraints),
+            "fallback": self.fallback,
+            "inputs": self.inputs,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +103,8 @@ class TickReport:
     # What decided: the allocator's name, or "initial" for a first decision from
     # allocation.initial.
     policy: str = ""
+    # The guardrails that changed the deciding policy's proposal (policies.guardrails).
+    constraints: tuple[str, ...] = ()
     # The shadow policy's decision for the same view (with allocation.shadow), and the estimate
     # this tick made, if it made one.
     shadow: ShadowDecision | None = None
@@ -241,6 +260,7 @@ class ControllerLoop:
             pool=pool_view,
             stats=stats,
             policy=deciding.name,
+            constraints=deciding.last_constraints,
             shadow=shadow_decision,
             estimate=estimate,
         )
@@ -249,7 +269,25 @@ class ControllerLoop:
         # The history records targets, not pool states: one entry per decision that differs.
         new_entry = not self.history or self.history[-1].workers != target
         if new_entry:
-            self.history.append(AllocationChange(now_s, dict(target)))
+            self.history.append(
+                AllocationChange(
+                    now_s,
+                    dict(target),
+                    policy=deciding.name,
+                    proposal=dict(deciding.last_proposal),
+                    constraints=deciding.last_constraints,
+                    fallback=fallback,
+                    inputs={
+                        q.name: {
+                            "depth": q.depth,
+                            "rate_per_s": round(q.arrival_rate_per_s, 3),
+                            "oldest_wait_s": round(q.oldest_wait_s, 3),
+                            "service_s": round(q.service_time_s, 4),
+                        }
+                        for q in view.queues
+                    },
+                )
+            )
         self._log(report)
         await self._publish(report, record_change=new_entry)
         return report
@@ -327,6 +365,8 @@ class ControllerLoop:
         }
         if r.fallback is not None:
             event["fallback"] = r.fallback
+        if r.constraints:
+            event["constraints"] = ",".join(r.constraints)
         if r.shadow is not None:
             event["shadow_policy"] = r.shadow.policy
             target = r.shadow.target
