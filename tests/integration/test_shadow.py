@@ -265,3 +265,110 @@ class TestShadowConfig:
         shadow = configured_shadow(config, load_policies(config))
         assert shadow is not None
         assert shadow.name == "learned"
+
+
+# -- on Ray ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def services(ray_local: None) -> Any:
+    """Service handles a test starts; all stopped at the end, whatever happened."""
+    started: list[Any] = []
+    yield started
+    for handle in started:
+        handle.stop(timeout_s=20.0)
+
+
+def _wait_published(
+    settings: Settings, run: Runner, until: Any, timeout_s: float = 60.0
+) -> PublishedState:
+    """The published state once `until(state)` holds (polled every 0.2 s, bounded)."""
+    import time
+
+    from scheduler.client import AsyncClient
+
+    async def read() -> PublishedState | None:
+        async with AsyncClient(settings=settings) as client:
+            raw = await client.store.redis.get(client.store.keys.allocation)
+            return None if raw is None else PublishedState.from_json(str(raw))
+
+    deadline = time.monotonic() + timeout_s
+    state = None
+    while time.monotonic() < deadline:
+        state = run(read())
+        if state is not None and until(state):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"published state never got there: {state}")
+
+
+@pytest.mark.slow
+class TestShadowOnRay:
+    def test_a_live_service_runs_a_shadow_estimates_it_and_promotes_it(
+        self, services: list[Any], settings: Settings, run: Runner
+    ) -> None:
+        """The service on a local Ray with the learned allocator in shadow: both decisions are
+        published every tick, the estimate appears, `bilevel status` shows them, and `bilevel
+        promote` makes the learned allocator act while jobs keep completing."""
+        from scheduler.client import Client, JobRequest
+        from scheduler.config import ServiceConfig
+        from scheduler.service.runner import start_service
+        from tests.integration.service_helpers import DEMO_QUEUES
+
+        config = ServiceConfig.from_mapping(
+            {
+                "store": {**settings.model_dump(), "redis_url": settings.url(), "lease_s": 2.0},
+                "handlers": ["workers.demo_models"],
+                "queues": [{**q, "min_workers": 1} for q in DEMO_QUEUES],
+                "allocation": {
+                    "budget": 4,
+                    "tick_s": 0.3,
+                    "policy": "proportional",
+                    "shadow": "learned",
+                },
+            }
+        )
+        handle = start_service(config, leader_ttl_s=1.0, wait_s=30.0)
+        services.append(handle)
+        assert handle.wait_leading(20.0)
+        jobs = [JobRequest("embed", {"text": f"doc {i}"}) for i in range(60)]
+        jobs += [JobRequest("classify", {"text": "a cat?"})] * 20
+        with Client(settings=settings) as client:
+            assert len(client.gather(client.submit_many(jobs), timeout=60)) == 80
+            # Ticks keep going while this load is served; each published state has both.
+            handles = client.submit_many(jobs)
+            first = _wait_published(settings, run, lambda s: s.shadow is not None)
+            assert first.policy == "proportional"
+            assert first.shadow is not None
+            assert first.shadow.policy == "learned"
+            assert set(first.shadow.workers) == {q["name"] for q in DEMO_QUEUES}
+            later = _wait_published(settings, run, lambda s: s.t_s > first.t_s)
+            assert later.shadow is not None
+            assert set(later.shadow.workers) == {q["name"] for q in DEMO_QUEUES}
+            estimated = _wait_published(
+                settings, run, lambda s: s.shadow is not None and s.shadow.estimate is not None
+            )
+            assert estimated.shadow is not None
+            assert estimated.shadow.estimate is not None
+            assert estimated.shadow.estimate["jobs"] > 0
+            assert estimated.shadow.estimate["wall_ms"] > 0
+            assert len(client.gather(handles, timeout=60)) == 80
+
+            target = ["--redis-url", handle.redis_url, "--namespace", handle.namespace]
+            shown = CliRunner().invoke(app, ["status", *target, "--json", "--window", "0"])
+            assert shown.exit_code == 0, shown.output
+            out = json.loads(shown.output)
+            assert out["policy"] == "proportional"
+            assert out["shadow"]["policy"] == "learned"
+            text = CliRunner().invoke(app, ["status", *target, "--window", "0"])
+            assert "shadow learned (acting proportional) would allocate:" in text.output
+            assert "estimate: mean JCT" in text.output
+
+            promoted = CliRunner().invoke(app, ["promote", *target])
+            assert promoted.exit_code == 0, promoted.output
+            after = _wait_published(settings, run, lambda s: s.policy == "learned")
+            assert after.shadow is not None
+            assert after.shadow.policy == "proportional"
+            assert after.shadow.acting_role == "shadow"
+            assert len(client.gather(client.submit_many(jobs), timeout=60)) == 80
+        assert handle.status()["controller"]["leading"]
