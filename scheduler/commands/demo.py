@@ -192,7 +192,8 @@ def change_lines(history: list[dict[str, Any]], t0_s: float) -> list[str]:
         why = []
         for q in moved:
             seen = entry.get("inputs", {}).get(q)
-            if seen is not None and workers[q] > before.get(q, 0):
+            busy = seen is not None and (seen["depth"] > 0 or seen["rate_per_s"] > 0)
+            if seen is not None and busy and workers[q] > before.get(q, 0):
                 why.append(
                     f"{q}: {seen['depth']} waiting, {seen['rate_per_s']:.1f}/s arriving, "
                     f"oldest {seen['oldest_wait_s']:.1f} s"
@@ -342,11 +343,11 @@ async def _drive(
     _print_phases(console, phase_reports(history, t0_wall, phase_s, sent, out, slo_of))
     console.print("[bold]what level 2 decided, and why[/] (one line per change):")
     for line in change_lines(history, t0_wall):
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {line}", highlight=False, markup=False)
     if published is not None and published.shadow is not None:
         console.print("[bold]shadow mode[/]:")
         for line in shadow_lines(published.policy, published.shadow):
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)
     try:
         _plot(plot, sent, history, t0_wall, out)
     except (OSError, ValueError, RuntimeError) as exc:

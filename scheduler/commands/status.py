@@ -184,7 +184,7 @@ def status(
     console.print(f"{led}; {policy}; {changes} allocation changes recorded", highlight=False)
     if published is not None and published.shadow is not None:
         for line in shadow_lines(published.policy, published.shadow):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, markup=False)
     if second.corrupt_records or second.keys_moved_aside:
         # Serving goes on past corrupt data, so say that something is writing it.
         console.print(
