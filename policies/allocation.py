@@ -479,10 +479,13 @@ class _FluidQueues:
         """(queue, gain) of every worker that could be moved in: the m-th added worker of queue i
         saves cost(n_i, m-1 new) - cost(n_i, m new); only up to the useful count or `max_added`."""
         room = np.clip(self.useful - self.n_now, 0, max_added)
-        queue, m = _ragged(room)
-        n_now = self.n_now[queue]
-        gain = self.cost_job_s(queue, n_now, m) - self.cost_job_s(queue, n_now, m + 1)
-        return queue, gain
+        # Each cost once, for 0..room added workers; a gain is the difference of two neighbours
+        # of one queue (the cost of a queue's first entry is never the minuend of another's).
+        queue, m = _ragged(room + 1)
+        cost = self.cost_job_s(queue, self.n_now[queue], m)
+        same_queue = m[1:] > 0
+        gain: np.ndarray = (cost[:-1] - cost[1:])[same_queue]
+        return queue[:-1][same_queue], gain
 
     def marginal_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """(queue, loss) of every worker that could be moved out: taking the k-th worker from

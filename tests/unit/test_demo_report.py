@@ -86,5 +86,6 @@ def np_percentile(values: list[float], q: float) -> float:
 
 def test_the_demo_runs_a_shadow_beside_its_acting_policy() -> None:
     """Either way round, the demo's config has the other allocator in shadow."""
+    assert demo_config().allocation.policy == "learned"
     assert demo_config("switch_aware").allocation.shadow == "learned"
     assert demo_config("learned").allocation.shadow == "switch_aware"
