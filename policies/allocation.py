@@ -597,15 +597,23 @@ class SwitchAwareMaxWeightAllocator:
         budget = max(view.budget, 0)
         gain_queue, gain = model.marginal_gains(max_added=budget)
         loss_queue, loss = model.marginal_losses()
+        # Over budget: shed the cheapest removals. Free budget: fill the largest gains.
+        n_shed = max(int(model.n_now.sum()) - budget, 0)
+        free = budget - (int(model.n_now.sum()) - n_shed)
+        # At most `free` fills and one move per loss left can use a gain: only the largest that
+        # many need sorting (every gain tied with the last of them is kept, so the order of those
+        # used is the full sort's).
+        usable = max(free + len(loss) - n_shed, 1)
+        candidates = np.arange(len(gain))
+        if usable < len(gain):
+            cutoff = np.partition(gain, len(gain) - usable)[len(gain) - usable]
+            candidates = np.flatnonzero(gain >= cutoff)
         # Best first; equal values go to the earlier queue, and within a queue stay in rank order.
-        by_gain = np.lexsort((np.arange(len(gain)), gain_queue, -gain))
+        by_gain = candidates[np.lexsort((candidates, gain_queue[candidates], -gain[candidates]))]
         by_loss = np.lexsort((np.arange(len(loss)), loss_queue, loss))
         gain_queue, gain = gain_queue[by_gain], gain[by_gain]
         loss_queue, loss = loss_queue[by_loss], loss[by_loss]
 
-        # Over budget: shed the cheapest removals. Free budget: fill the largest gains.
-        n_shed = max(int(model.n_now.sum()) - budget, 0)
-        free = budget - (int(model.n_now.sum()) - n_shed)
         n_fill = int(_leading_true(self._pays(gain[:free], np.zeros(min(free, len(gain))))))
         # Then pair the k-th best remaining gain with the k-th least remaining loss. Sorted that way
         # gain - loss is non-increasing in k, so the moves that pay are a prefix.
