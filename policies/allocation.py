@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.views import Allocation, ClusterView, QueueView
+from policies.views import Allocation, ClusterView, QueueView, queue_column
 
 # --- shared helpers ---------------------------------------------------------------------------
 
@@ -57,11 +57,11 @@ def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 
 
 def _column(queues: tuple[QueueView, ...], attr: str) -> np.ndarray:
-    return np.fromiter((getattr(q, attr) for q in queues), dtype=np.float64, count=len(queues))
+    return queue_column(queues, attr)
 
 
 def _current(view: ClusterView) -> np.ndarray:
-    return np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=len(view.queues))
+    return queue_column(view.queues, "allocated").astype(np.int64)
 
 
 def _as_allocation(view: ClusterView, counts: np.ndarray) -> Allocation:
@@ -352,7 +352,7 @@ class TargetOngoingRequestsAllocator:
 
 def _useful_workers(view: ClusterView, horizon_s: float) -> np.ndarray:
     """Workers a queue can keep busy: one per job in system plus the arrivals expected in horizon."""
-    in_system = np.fromiter((q.in_system for q in view.queues), dtype=np.float64)
+    in_system = queue_column(view.queues, "in_system")
     arrivals = np.ceil(np.maximum(_column(view.queues, "arrival_rate_per_s"), 0.0) * horizon_s)
     useful: np.ndarray = (in_system + arrivals).astype(np.int64)
     return useful
@@ -479,10 +479,13 @@ class _FluidQueues:
         """(queue, gain) of every worker that could be moved in: the m-th added worker of queue i
         saves cost(n_i, m-1 new) - cost(n_i, m new); only up to the useful count or `max_added`."""
         room = np.clip(self.useful - self.n_now, 0, max_added)
-        queue, m = _ragged(room)
-        n_now = self.n_now[queue]
-        gain = self.cost_job_s(queue, n_now, m) - self.cost_job_s(queue, n_now, m + 1)
-        return queue, gain
+        # Each cost once, for 0..room added workers; a gain is the difference of two neighbours
+        # of one queue (the cost of a queue's first entry is never the minuend of another's).
+        queue, m = _ragged(room + 1)
+        cost = self.cost_job_s(queue, self.n_now[queue], m)
+        same_queue = m[1:] > 0
+        gain: np.ndarray = (cost[:-1] - cost[1:])[same_queue]
+        return queue[:-1][same_queue], gain
 
     def marginal_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """(queue, loss) of every worker that could be moved out: taking the k-th worker from
@@ -574,10 +577,9 @@ class SwitchAwareMaxWeightAllocator:
 
     def _model(self, view: ClusterView) -> _FluidQueues:
         queues = view.queues
-        n = len(queues)
         horizon_s = self.horizon_for(view)
         return _FluidQueues(
-            q0=np.fromiter((q.in_system for q in queues), dtype=np.float64, count=n),
+            q0=queue_column(queues, "in_system"),
             arrival_rate_per_s=np.maximum(_column(queues, "arrival_rate_per_s"), 0.0),
             service_rate_per_s=1.0 / np.maximum(_column(queues, "service_time_s"), 1e-9),
             load_s=np.clip(_column(queues, "model_load_s"), 0.0, horizon_s),
@@ -595,15 +597,23 @@ class SwitchAwareMaxWeightAllocator:
         budget = max(view.budget, 0)
         gain_queue, gain = model.marginal_gains(max_added=budget)
         loss_queue, loss = model.marginal_losses()
+        # Over budget: shed the cheapest removals. Free budget: fill the largest gains.
+        n_shed = max(int(model.n_now.sum()) - budget, 0)
+        free = budget - (int(model.n_now.sum()) - n_shed)
+        # At most `free` fills and one move per loss left can use a gain: only the largest that
+        # many need sorting (every gain tied with the last of them is kept, so the order of those
+        # used is the full sort's).
+        usable = max(free + len(loss) - n_shed, 1)
+        candidates = np.arange(len(gain))
+        if usable < len(gain):
+            cutoff = np.partition(gain, len(gain) - usable)[len(gain) - usable]
+            candidates = np.flatnonzero(gain >= cutoff)
         # Best first; equal values go to the earlier queue, and within a queue stay in rank order.
-        by_gain = np.lexsort((np.arange(len(gain)), gain_queue, -gain))
+        by_gain = candidates[np.lexsort((candidates, gain_queue[candidates], -gain[candidates]))]
         by_loss = np.lexsort((np.arange(len(loss)), loss_queue, loss))
         gain_queue, gain = gain_queue[by_gain], gain[by_gain]
         loss_queue, loss = loss_queue[by_loss], loss[by_loss]
 
-        # Over budget: shed the cheapest removals. Free budget: fill the largest gains.
-        n_shed = max(int(model.n_now.sum()) - budget, 0)
-        free = budget - (int(model.n_now.sum()) - n_shed)
         n_fill = int(_leading_true(self._pays(gain[:free], np.zeros(min(free, len(gain))))))
         # Then pair the k-th best remaining gain with the k-th least remaining loss. Sorted that way
         # gain - loss is non-increasing in k, so the moves that pay are a prefix.

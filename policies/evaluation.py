@@ -61,17 +61,17 @@ class TraceInput:
 def scenario_fingerprint(scenario: Scenario, trace: TraceInput | None = None) -> str:
     """A short hash of everything about a scenario that changes its runs (and the trace's content).
 
-    The description is left out: rewording it changes no run. Tuned parameters are stored with this,
-    so a user's scenario that merely reuses a shipped name is tuned afresh, not given foreign values.
-    An absent `calibration:` is left out too, so scenarios hash as they did before it existed.
+    The description and the shadow policy (which decides only in the live service) are left out:
+    neither changes a run. Tuned parameters are stored with this, so a user's scenario that merely
+    reuses a shipped name is tuned afresh, not given foreign values. Sections a scenario does not
+    give (tenants, calibration) are left out too, so scenarios hash as they did before those existed.
     """
-    # A section a scenario does not give is left out, so the fingerprints of scenarios written
-    # before it existed stand (tenants; calibration).
-    exclude = {"description"}
+    shadow = {"shadow": True, "shadow_params": True, "shadow_promote": True}
+    exclude: dict[str, Any] = {"description": True, "allocation": shadow}
     if not scenario.tenants:
-        exclude.add("tenants")
+        exclude["tenants"] = True
     if scenario.calibration is None:
-        exclude.add("calibration")
+        exclude["calibration"] = True
     data = scenario.model_dump(mode="json", exclude=exclude)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     if trace is not None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from policies.routing import NO_WORKER_WAIT_S, expected_wait_s, is_eligible
-from policies.views import ClusterView, JobView, QueueView
+from policies.views import ClusterView, JobView, QueueView, queue_column
 
 FEATURE_SCHEMA_VERSION: int = 1
 
@@ -76,8 +76,8 @@ _WAIT_CAP_S = 1.0e6
 def _column(queues: Sequence[QueueView], attr: str) -> np.ndarray:
     """One non-negative numeric field of every queue; a negative reading (a stats glitch) is 0, so
     log1p never sees it and a policy never gets -inf or NaN."""
-    values = np.fromiter((getattr(q, attr) for q in queues), dtype=np.float64, count=len(queues))
-    return np.maximum(values, 0.0)
+    values: np.ndarray = np.maximum(queue_column(queues, attr), 0.0)
+    return values
 
 
 def queue_features(view: ClusterView) -> np.ndarray:
@@ -136,7 +136,7 @@ def base_features(view: ClusterView, proposal: np.ndarray) -> np.ndarray:
     """Features of a base heuristic's `proposal` (workers per queue, in queue order) against the
     current allocation, shape (n_queues, N_BASE_FEATURES), float32."""
     n = len(view.queues)
-    allocated = np.fromiter((q.allocated for q in view.queues), dtype=np.float64, count=n)
+    allocated = queue_column(view.queues, "allocated")
     proposed = proposal.astype(np.float64)
     delta = proposed - allocated
     out = np.empty((n, N_BASE_FEATURES), dtype=np.float64)

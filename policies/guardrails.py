@@ -18,7 +18,7 @@ import numpy as np
 from policies.allocation import ProportionalAllocator, largest_remainder
 from policies.registry import make_allocator
 from policies.schema import Layout
-from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
+from policies.views import Allocation, AllocationBounds, Allocator, ClusterView, queue_column
 
 
 def _check_bounds(bounds: AllocationBounds) -> None:
@@ -220,6 +220,12 @@ class Guardrails:
         self.last_proposal: dict[str, int] = {}
         self.last_interventions: tuple[Intervention, ...] = ()
 
+    @property
+    def last_constraints(self) -> tuple[str, ...]:
+        """The names of the guardrails that changed the latest tick's proposal, in pipeline
+        order ('hysteresis', 'bounds', 'budget', 'move_cap')."""
+        return tuple(i.guardrail for i in self.last_interventions)
+
     def _propose(self, view: ClusterView) -> Allocation:
         """The wrapped allocator's proposal if valid, else the fallback's, else the current one."""
         proposal, reason = _attempt(self.inner, view)
@@ -244,7 +250,7 @@ class Guardrails:
         proposal = self._propose(view)
         queues = view.queues
         n = len(queues)
-        current = np.fromiter((q.allocated for q in queues), dtype=np.int64, count=n)
+        current = queue_column(queues, "allocated").astype(np.int64)
         target = np.fromiter((int(proposal[q.name]) for q in queues), dtype=np.int64, count=n)
         low = np.fromiter((_min_of(self.bounds, q.name) for q in queues), dtype=np.int64, count=n)
         no_max = max(view.budget, 0)

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from policies.allocation import largest_remainder
-from policies.views import Allocation, ClusterView
+from policies.views import Allocation, ClusterView, queue_column
 
 # Per-queue features of the regime a queue is in, column order of `regime_features`.
 REGIME_FEATURE_NAMES: tuple[str, ...] = (
@@ -54,7 +54,7 @@ class SlowRates:
     def update(self, view: ClusterView) -> tuple[np.ndarray, np.ndarray]:
         """(rates now, slow averages) in the view's queue order, after folding in this tick."""
         n = len(view.queues)
-        rates = np.fromiter((max(q.arrival_rate_per_s, 0.0) for q in view.queues), np.float64, n)
+        rates = np.maximum(queue_column(view.queues, "arrival_rate_per_s"), 0.0)
         rates = np.where(np.isfinite(rates), rates, 0.0)
         dt = 0.0 if self._last_s is None else max(view.now_s - self._last_s, 0.0)
         weight = 1.0 - math.exp(-dt / self.slow_s)
@@ -69,9 +69,8 @@ class SlowRates:
 
 
 def _service(view: ClusterView) -> np.ndarray:
-    return np.fromiter(
-        (max(q.service_time_s, 0.0) for q in view.queues), np.float64, len(view.queues)
-    )
+    service_s: np.ndarray = np.maximum(queue_column(view.queues, "service_time_s"), 0.0)
+    return service_s
 
 
 def calm_loads(view: ClusterView, rates: np.ndarray, slow: np.ndarray) -> np.ndarray:

@@ -28,6 +28,9 @@ The layout, in YAML (defaults shown where there is one):
       max_moves_per_tick: 2     # workers that may change queue per tick; default: no cap
       hysteresis_workers: 1     # a queue changes only by at least this many workers; default 1
       initial: {llm_small: 12}  # workers per queue at start (others 0); default: see below
+      shadow: learned           # decides beside the acting policy, never acts; default: none
+      shadow_params: {}         # the shadow's parameters, as params are the policy's
+      shadow_promote: {after_s: 600, min_gain: 0.05}  # automatic promotion; default: off
 
 `allocation.initial` is the allocation before the first decision: in the simulator the workers
 at time 0, models loaded (default: the budget split by each queue's offered work); in the service
@@ -105,6 +108,16 @@ class RoutingSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ShadowPromoteSection(_Section):
+    """When a shadow policy becomes the acting one without a person asking (see docs/shadow.md)."""
+
+    # Every estimate over this long, and at least two of them, must show the gain below.
+    after_s: float = Field(gt=0)
+    # The shadow's estimated saving in mean job completion time, as a fraction of the acting
+    # policy's (0.05: 5% faster).
+    min_gain: float = Field(default=0.05, ge=0, lt=1)
+
+
 class AllocationSection(_Section):
     """Level 2: the allocator, how often it runs, and the guardrails around it."""
 
@@ -122,6 +135,12 @@ class AllocationSection(_Section):
     hysteresis_workers: int = Field(default=1, ge=1)
     # Workers per queue before the first decision (see the module docstring); queues left out get 0.
     initial: dict[str, int] | None = None
+    # A second allocator (a policy name, "learned" or a checkpoint path) that decides every tick
+    # beside the acting one without acting; its decisions and estimated effect are published.
+    shadow: str | None = None
+    shadow_params: dict[str, Any] = Field(default_factory=dict)
+    # Automatic promotion of the shadow; None (the default): only `bilevel promote` promotes.
+    shadow_promote: ShadowPromoteSection | None = None
 
 
 class Layout(_Section):
@@ -167,6 +186,17 @@ class Layout(_Section):
                     "could ever change",
                 )
             )
+        if a.shadow is None:
+            if a.shadow_params:
+                problems.append(
+                    ("allocation.shadow_params", "given without allocation.shadow to apply to")
+                )
+            if a.shadow_promote is not None:
+                problems.append(
+                    ("allocation.shadow_promote", "given without allocation.shadow to promote")
+                )
+        elif not a.shadow.strip():
+            problems.append(("allocation.shadow", "is empty: name a policy or a checkpoint"))
         if a.initial is not None:
             for name, count in a.initial.items():
                 if name not in names:
@@ -278,6 +308,7 @@ __all__ = [
     "Problem",
     "QueueSection",
     "RoutingSection",
+    "ShadowPromoteSection",
     "format_problems",
     "layout_fields",
     "validation_problems",

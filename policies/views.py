@@ -7,9 +7,10 @@ Times are seconds on the caller's clock (`now_s`); the simulator's clock starts 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 
@@ -68,6 +69,59 @@ class QueueView:
     def in_system(self) -> int:
         """Jobs waiting or in service."""
         return self.depth + self.workers_busy
+
+
+# The numeric fields of a QueueView that `queue_column` serves, and two sums of them.
+_NUMERIC_FIELDS: Final = (
+    "depth",
+    "backlog_s",
+    "oldest_wait_s",
+    "arrival_rate_per_s",
+    "service_time_s",
+    "workers_ready",
+    "workers_busy",
+    "workers_loading",
+    "model_load_s",
+)
+_COLUMN: Final = {name: i for i, name in enumerate(_NUMERIC_FIELDS)}
+_numeric_values = operator.attrgetter(*_NUMERIC_FIELDS)
+# The table of the last queue tuple read: (queues, (n, fields) float64, read-only).
+_last_table: tuple[tuple[QueueView, ...], np.ndarray] | None = None
+
+
+def _table(queues: Sequence[QueueView]) -> np.ndarray:
+    global _last_table
+    cached = _last_table
+    if cached is not None and cached[0] is queues:
+        return cached[1]
+    table = np.array([_numeric_values(q) for q in queues], dtype=np.float64).reshape(
+        len(queues), len(_NUMERIC_FIELDS)
+    )
+    table.setflags(write=False)
+    # Only a tuple is immutable, so only a tuple's table may be reused (the cache holds it, so no
+    # other object can take its identity while it is there).
+    if isinstance(queues, tuple):
+        _last_table = (queues, table)
+    return table
+
+
+def queue_column(queues: Sequence[QueueView], field: str) -> np.ndarray:
+    """One numeric field of every queue ("depth", "service_time_s", ..., or "allocated" and
+    "in_system"), float64 in queue order, read-only.
+
+    A tick's allocator, features and guardrails read the same queues' fields a dozen times; at
+    hundreds of queues one Python pass per field cost more than the arithmetic, so all fields are
+    read in one pass and kept for the last tuple of queues asked about.
+    """
+    table = _table(queues)
+    column: np.ndarray
+    if field == "allocated":
+        column = table[:, _COLUMN["workers_ready"]] + table[:, _COLUMN["workers_loading"]]
+    elif field == "in_system":
+        column = table[:, _COLUMN["depth"]] + table[:, _COLUMN["workers_busy"]]
+    else:
+        column = table[:, _COLUMN[field]]
+    return column
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,3 +286,11 @@ class Keys:
         """LIST (JSON entries, newest last): allocation changes {t, workers}, trimmed to
         ALLOCATION_HISTORY_LEN entries, for `status` and the demo's plot."""
         return f"{self.prefix}allocation:history"
+
+    @property
+    def acting_policy(self) -> str:
+        """STRING (JSON {role, by, t_s}): which of the configured allocation policy ('configured')
+        and its shadow ('shadow') acts, written by `bilevel promote` or an automatic promotion and
+        read by the controller every tick. No TTL: a promotion outlives controller restarts until
+        promoted back; the config file is never rewritten."""
+        return f"{self.prefix}allocation:acting"

@@ -60,7 +60,7 @@ from policies.regime import (
     stability_floor,
     with_floor,
 )
-from policies.views import Allocation, AllocationBounds, Allocator, ClusterView
+from policies.views import Allocation, AllocationBounds, Allocator, ClusterView, queue_column
 
 # Codes in the receiver column of a recorded move sequence.
 STOP = -1  # the policy chose to stop at this step (or had no legal move, which forces a stop)
@@ -394,14 +394,13 @@ class LearnedAllocator:
         """The target head's proposal: its shares of the budget in whole workers, raised to the
         stability floor of the calm `loads` and passed through the hold rule, as the regime
         allocator does (`policies.regime`)."""
-        n = len(view.queues)
         with np.errstate(all="ignore"):
             logits = self._forward.target_logits(target_features)
         if not np.isfinite(logits).all():
             raise ValueError("the allocator network produced non-finite outputs")
         targets = with_floor(shares_to_workers(logits, budget), stability_floor(loads, budget))
-        current = np.fromiter((q.allocated for q in view.queues), np.int64, n)
-        depth = np.fromiter((q.depth for q in view.queues), np.int64, n)
+        current = queue_column(view.queues, "allocated").astype(np.int64)
+        depth = queue_column(view.queues, "depth").astype(np.int64)
         counts = hold_targets(current, targets, depth, self.net.config.target_hold)
         return largest_remainder(counts, budget) if int(counts.sum()) > budget else counts
 
@@ -441,7 +440,7 @@ class LearnedAllocator:
                 counts = self._own_targets(view, target_features, calm_loads(view, *slow), budget)
             features = np.concatenate([features, base_features(view, counts)], axis=1)
         else:
-            counts = np.fromiter((q.allocated for q in view.queues), dtype=np.int64, count=n)
+            counts = queue_column(view.queues, "allocated").astype(np.int64)
             if int(counts.sum()) > budget:
                 counts = largest_remainder(counts, budget)
         with np.errstate(all="ignore"):

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.learned.networks import linear_np
-from policies.views import ClusterView, QueueView
+from policies.learned.networks import linear_np, matmul_rows
+from policies.views import ClusterView, QueueView, queue_column
 
 # Per-queue forecast features, column order of `forecast_features`.
 FORECAST_FEATURE_NAMES: tuple[str, ...] = (
@@ -164,11 +164,11 @@ class RateForecastNetNp:
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """(n, F) features of one view -> (n, N_SCALES) weights."""
         h = self.hidden
-        encoded = np.tanh(features @ self.enc[0] + self.enc[1])
+        encoded = np.tanh(matmul_rows(features, self.enc[0]) + self.enc[1])
         pooled = np.concatenate([encoded.mean(axis=0), encoded.max(axis=0)])
         summary = np.tanh(pooled @ self.integrate[0] + self.integrate[1])
         w, b = self.head
-        logits = (encoded @ w[:h] + (summary @ w[h:] + b)).astype(np.float64)
+        logits = (matmul_rows(encoded, w[:h]) + (summary @ w[h:] + b)).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         weights: np.ndarray = np.exp(logits)
         weights /= weights.sum(axis=1, keepdims=True)
@@ -228,8 +228,8 @@ class RateForecaster:
         elapsed_s = 0.0 if self._last_s is None else max(view.now_s - self._last_s, 0.0)
         self._last_s = view.now_s
         n = len(view.queues)
-        rate = np.fromiter((q.arrival_rate_per_s for q in view.queues), np.float64, n)
-        service_s = np.fromiter((q.service_time_s for q in view.queues), np.float64, n)
+        rate = queue_column(view.queues, "arrival_rate_per_s")
+        service_s = queue_column(view.queues, "service_time_s")
         # A broken reading (NaN, negative) counts as no arrivals / no work, never as NaN.
         rate = np.where(np.isfinite(rate) & (rate > 0), rate, 0.0)
         service_s = np.where(np.isfinite(service_s) & (service_s > 0), service_s, 0.0)
@@ -245,7 +245,7 @@ class RateForecaster:
         tick_s = max(view.tick_s, 1e-9)
         log_medium = np.log1p(medium * service_s)
         log_slow = np.log1p(slow * service_s)
-        depth = np.fromiter((q.depth for q in view.queues), np.float64, n)
+        depth = queue_column(view.queues, "depth")
         features = np.stack(
             [
                 log_load,

@@ -251,6 +251,27 @@ class EncodedNp:
     glob: np.ndarray  # (3 + K,) float64: stop, slope, pool, gate logits
 
 
+# OpenBLAS splits one matrix product over its threads once M*N*K exceeds 65,536 x 4 (its
+# GEMM_MULTITHREAD_THRESHOLD); for the (n, 64) x (64, 64) products of a few hundred queues the
+# hand-off to other threads costs milliseconds on a machine whose cores are busy, 20-50x the
+# arithmetic. Row blocks under that size run on the calling thread, whatever the thread settings of
+# the process (which a library must not change).
+_SINGLE_THREAD_MNK = 65_536 * 4
+
+
+def matmul_rows(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`a @ w` for a 2-D `a`, in row blocks small enough that BLAS keeps each on this thread.
+
+    Each output row depends only on its own input row, so the blocks give the same rows as one
+    product (up to the kernel's float rounding)."""
+    rows = max(1, _SINGLE_THREAD_MNK // max(1, w.shape[0] * w.shape[1]))
+    if a.shape[0] <= rows:
+        out: np.ndarray = a @ w
+        return out
+    blocks = [a[i : i + rows] @ w for i in range(0, a.shape[0], rows)]
+    return np.concatenate(blocks)
+
+
 def linear_np(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """A frozen copy of an `nn.Linear`'s (weight transposed, bias), for `x @ w + b` in numpy."""
     assert isinstance(layer, nn.Linear)
@@ -282,17 +303,17 @@ class QueueSetNetNp:
     def target_logits(self, features: np.ndarray) -> np.ndarray:
         """`TargetShareNet` on one view's (n, F + R) queue and regime features -> (n,) float64."""
         (w1, b1), (w2, b2), (w3, b3), (w4, b4) = self.target
-        encoded = np.tanh(np.tanh(features @ w1 + b1) @ w2 + b2)
+        encoded = np.tanh(matmul_rows(np.tanh(matmul_rows(features, w1) + b1), w2) + b2)
         h = self.hidden
         pooled = np.concatenate([encoded.mean(axis=0), encoded.max(axis=0)])
-        hidden = np.tanh(encoded @ w3[:h] + (pooled @ w3[h:] + b3))
-        out: np.ndarray = (hidden @ w4 + b4)[:, 0].astype(np.float64)
+        hidden = np.tanh(matmul_rows(encoded, w3[:h]) + (pooled @ w3[h:] + b3))
+        out: np.ndarray = (matmul_rows(hidden, w4) + b4)[:, 0].astype(np.float64)
         return out
 
     def encode(self, queue_features: np.ndarray) -> EncodedNp:
         """The stage that depends on the queue features (n, N_QUEUE_FEATURES) alone."""
-        encoded = np.tanh(queue_features @ self.enc1[0] + self.enc1[1])
-        encoded = np.tanh(encoded @ self.enc2[0] + self.enc2[1])
+        encoded = np.tanh(matmul_rows(queue_features, self.enc1[0]) + self.enc1[1])
+        encoded = np.tanh(matmul_rows(encoded, self.enc2[0]) + self.enc2[1])
         pooled = np.concatenate([encoded.mean(axis=0), encoded.max(axis=0)])
         summary = np.tanh(pooled @ self.integrate[0] + self.integrate[1])
         glob = (summary @ self.glob[0] + self.glob[1]).astype(np.float64)
@@ -305,11 +326,11 @@ class QueueSetNetNp:
         # (encoded | summary | base) @ W splits into encoded @ W[:h] + summary @ W[h:2h] + ...:
         # no (n, 2h) concat.
         w1, b1 = self.head1
-        pre = encoding.encoded @ w1[:h] + (encoding.summary @ w1[h : 2 * h] + b1)
+        pre = matmul_rows(encoding.encoded, w1[:h]) + (encoding.summary @ w1[h : 2 * h] + b1)
         if base.shape[1]:
-            pre += base @ w1[2 * h :]
+            pre += matmul_rows(base, w1[2 * h :])
         hidden = np.tanh(pre)
-        per_queue = (hidden @ self.head2[0] + self.head2[1]).astype(np.float64)
+        per_queue = (matmul_rows(hidden, self.head2[0]) + self.head2[1]).astype(np.float64)
         glob = encoding.glob
         return QueueSetOutputNp(
             receiver_logits=per_queue[:, 0],

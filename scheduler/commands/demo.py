@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -26,10 +27,13 @@ from rich.console import Console
 from rich.table import Table
 
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
+from scheduler.commands._common import fail
 from scheduler.commands._outputs import check_plot, write_failed
+from scheduler.commands.status import shadow_lines
 from scheduler.config import ServiceConfig
 from scheduler.errors import BilevelError
 from scheduler.keys import Keys
+from scheduler.service.views import PublishedState
 
 QUEUE_OF = {"embed": "embeddings", "classify": "classifier", "generate": "generator"}
 
@@ -40,11 +44,25 @@ PHASES: tuple[tuple[str, dict[str, float]], ...] = (
     ("generation burst", {"embed": 4.0, "classify": 2.0, "generate": 4.0}),
     ("classification burst", {"embed": 4.0, "classify": 40.0, "generate": 0.5}),
 )
+# The job type each phase's burst is of (the generation burst is the heaviest in work, not in
+# jobs per second).
+BURST_OF: tuple[str, ...] = ("embed", "generate", "classify")
 SLICE_S = 0.05
 
 
-def demo_config() -> ServiceConfig:
-    """The demo service: three queues on a budget of three workers, switch-aware allocation."""
+# The acting policy and its shadow, by the demo's --policy (see DEFAULT_POLICY).
+SHADOW_OF = {"learned": "switch_aware", "switch_aware": "learned"}
+# The shipped learned allocator acts, switch-aware decides in shadow and the estimate of what it
+# would have done is printed at the end (docs/shadow.md has both ways round on the demo's load).
+DEFAULT_POLICY = "learned"
+
+
+def demo_config(policy: str = DEFAULT_POLICY) -> ServiceConfig:
+    """The demo service: three queues, one worker each at least and one more that level 2 moves
+    to where the load is (a budget of four), `policy` acting and the other of switch-aware and
+    the shipped learned allocator in shadow."""
+    if policy not in SHADOW_OF:
+        raise ValueError(f"the demo runs {' or '.join(SHADOW_OF)}, not {policy!r}")
     return ServiceConfig.from_mapping(
         {
             "store": {"namespace": "demo", "lease_s": 10},
@@ -52,14 +70,15 @@ def demo_config() -> ServiceConfig:
             "metrics": {"port": 0},
             "handlers": ["workers.demo_models"],
             "queues": [
-                {"name": q, "job_types": [t], "max_workers": 3, "slo_s": slo}
+                {"name": q, "job_types": [t], "min_workers": 1, "max_workers": 2, "slo_s": slo}
                 for (t, q), slo in zip(QUEUE_OF.items(), (0.5, 1.0, 5.0), strict=True)
             ],
             "routing": {"policy": "rule"},
             "allocation": {
-                "policy": "switch_aware",
+                "policy": policy,
+                "shadow": SHADOW_OF[policy],
                 "tick_s": 1.0,
-                "budget": 3,
+                "budget": 4,
                 "max_moves_per_tick": 1,
             },
         },
@@ -87,6 +106,9 @@ class Outcomes:
     jct_s: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     finished_at_s: dict[str, list[float]] = field(default_factory=dict)
+    # Every sent job and its completion time (NaN when it did not succeed), in sending order.
+    sent_order: list[Sent] = field(default_factory=list)
+    jct_by_sent: list[float] = field(default_factory=list)
 
 
 async def _send_load(
@@ -121,9 +143,12 @@ async def _collect(client: AsyncClient, sent: list[Sent], timeout_s: float) -> O
             out.failed[s.job_type] = out.failed.get(s.job_type, 0) + 1
     jobs = await client.store.get_many([s.handle.id for s in sent])
     t0 = min((j.created_s for j in jobs if j is not None), default=0.0)
+    out.sent_order = list(sent)
     for job in jobs:
         if job is None or job.finished_s is None or job.status != "succeeded":
+            out.jct_by_sent.append(math.nan)
             continue
+        out.jct_by_sent.append(job.finished_s - job.created_s)
         out.jct_s.setdefault(job.job_type, []).append(job.finished_s - job.created_s)
         out.finished_at_s.setdefault(job.job_type, []).append(job.finished_s - t0)
     return out
@@ -150,6 +175,127 @@ def _print_results(console: Console, out: Outcomes, sent: list[Sent]) -> None:
             f"{_p(jct, 99):.3f}",
             f"{len(done_at) / span:.1f}" if span > 0 else "-",
         )
+    console.print(table)
+
+
+def change_lines(history: list[dict[str, Any]], t0_s: float) -> list[str]:
+    """One line per allocation change: which queues gained or lost workers, the policy that
+    decided, what it saw of the queues that gained, and the guardrails or fallback involved."""
+    lines = []
+    before: dict[str, int] = {}
+    for entry in history:
+        workers: dict[str, int] = entry["workers"]
+        moved = [q for q in workers if workers[q] != before.get(q, 0)]
+        if not moved:
+            before = workers
+            continue
+        cells = []
+        for q in moved:
+            old, new = before.get(q, 0), workers[q]
+            cells.append(f"{q} {old}->{new} ({new - old:+d})")
+        why = []
+        for q in moved:
+            seen = entry.get("inputs", {}).get(q)
+            busy = seen is not None and (seen["depth"] > 0 or seen["rate_per_s"] > 0)
+            if seen is not None and busy and workers[q] > before.get(q, 0):
+                why.append(
+                    f"{q}: {seen['depth']} waiting, {seen['rate_per_s']:.1f}/s arriving, "
+                    f"oldest {seen['oldest_wait_s']:.1f} s"
+                )
+        proposal = entry.get("proposal") or {}
+        constraints = entry.get("constraints") or []
+        if constraints:
+            wanted = " ".join(f"{q}={proposal[q]}" for q in moved if q in proposal)
+            why.append(f"proposed {wanted}, trimmed by {', '.join(constraints)}")
+        if entry.get("fallback"):
+            why.append(f"fallback: {entry['fallback']}")
+        policy = entry.get("policy") or "?"
+        lines.append(
+            f"{entry['t_s'] - t0_s:6.1f} s  {', '.join(cells)}  [{policy}] " + "; ".join(why)
+        )
+        before = workers
+    return lines
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """How one load phase went for the queue its burst is on."""
+
+    name: str
+    queue: str
+    start_s: float
+    # Workers the burst's queue had when the phase began, and the most it got during the phase.
+    workers_at_start: int
+    workers_max: int
+    # Seconds from the phase's start until the queue had more workers than at the start (None:
+    # never during the phase).
+    more_workers_after_s: float | None
+    jobs: int
+    p99_jct_s: float
+    slo_s: float | None
+
+
+def phase_reports(
+    history: list[dict[str, Any]],
+    t0_s: float,
+    phase_s: float,
+    sent: list[Sent],
+    out: Outcomes,
+    slo_of: dict[str, float | None],
+) -> list[PhaseReport]:
+    """Per phase: when the burst's queue got workers, and its jobs' p99 completion time."""
+    reports = []
+    for i, ((name, _), job_type) in enumerate(zip(PHASES, BURST_OF, strict=True)):
+        queue = QUEUE_OF[job_type]
+        start_s, end_s = i * phase_s, (i + 1) * phase_s
+
+        def workers_at(t_s: float, queue: str = queue) -> int:
+            count = 0
+            for entry in history:
+                if entry["t_s"] - t0_s > t_s:
+                    break
+                count = int(entry["workers"].get(queue, 0))
+            return count
+
+        at_start = workers_at(start_s)
+        during = [
+            (e["t_s"] - t0_s, int(e["workers"].get(queue, 0)))
+            for e in history
+            if start_s < e["t_s"] - t0_s <= end_s
+        ]
+        more = next((t - start_s for t, n in during if n > at_start), None)
+        jct = [
+            j
+            for s, j in zip(out.sent_order, out.jct_by_sent, strict=True)
+            if s.job_type == job_type and start_s <= s.sent_s < end_s and not math.isnan(j)
+        ]
+        reports.append(
+            PhaseReport(
+                name=name,
+                queue=queue,
+                start_s=start_s,
+                workers_at_start=at_start,
+                workers_max=max([at_start, *(n for _, n in during)]),
+                more_workers_after_s=more,
+                jobs=sum(1 for s in sent if s.job_type == job_type and start_s <= s.sent_s < end_s),
+                p99_jct_s=_p(jct, 99),
+                slo_s=slo_of.get(queue),
+            )
+        )
+    return reports
+
+
+def _print_phases(console: Console, reports: list[PhaseReport]) -> None:
+    table = Table(title="each load shift: did its queue get workers?")
+    for col in ("phase", "queue", "workers at start", "most", "more after s", "jobs", "p99 s"):
+        table.add_column(col, justify="left" if col in ("phase", "queue") else "right")
+    for r in reports:
+        after = "never" if r.more_workers_after_s is None else f"{r.more_workers_after_s:.1f}"
+        slo = "" if r.slo_s is None else f" (SLO {r.slo_s:g})"
+        table.add_row(
+            r.name, r.queue, str(r.workers_at_start), str(r.workers_max), after, str(r.jobs),
+            f"{r.p99_jct_s:.3f}{slo}",
+        )  # fmt: skip
     console.print(table)
 
 
@@ -191,12 +337,21 @@ async def _drive(
         sent = await _send_load(client, phase_s, rng, console)
         console.print(f"submitted {len(sent)} jobs; waiting for the results")
         out = await _collect(client, sent, timeout_s=60.0)
-        raw = await client.store.redis.lrange(
-            Keys(config.store.namespace).allocation_history, 0, -1
-        )
+        keys = Keys(config.store.namespace)
+        raw = await client.store.redis.lrange(keys.allocation_history, 0, -1)
         history = [json.loads(e) for e in raw]
+        state = await client.store.redis.get(keys.allocation)
+    published = None if state is None else PublishedState.from_json(str(state))
     _print_results(console, out, sent)
-    _print_allocation(console, history, t0_wall)
+    slo_of = {q.name: q.slo_s for q in config.queues}
+    _print_phases(console, phase_reports(history, t0_wall, phase_s, sent, out, slo_of))
+    console.print("[bold]what level 2 decided, and why[/] (one line per change):")
+    for line in change_lines(history, t0_wall):
+        console.print(f"  {line}", highlight=False, markup=False)
+    if published is not None and published.shadow is not None:
+        console.print("[bold]shadow mode[/]:")
+        for line in shadow_lines(published.policy, published.shadow):
+            console.print(f"  {line}", highlight=False, markup=False)
     try:
         _plot(plot, sent, history, t0_wall, out)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -213,6 +368,10 @@ def register(app: typer.Typer) -> None:
             10.0, min=1.0, help="Seconds of each of the three load phases."
         ),
         plot: Path = typer.Option(Path("demo.png"), help="Where to write the PNG plot."),
+        policy: str = typer.Option(
+            DEFAULT_POLICY,
+            help="The acting allocator: switch_aware or learned (the other one shadows it).",
+        ),
     ) -> None:
         """Run the live service with the demo models under a shifting load, and report."""
         check_plot("--plot", plot)
@@ -221,7 +380,10 @@ def register(app: typer.Typer) -> None:
         from scheduler.service.runner import start_service
 
         console = Console()
-        config = demo_config()
+        try:
+            config = demo_config(policy)
+        except ValueError as exc:
+            raise fail(f"--policy: {exc}") from None
         started = time.monotonic()
         console.print("[bold]bilevel demo[/]: starting Redis, Ray and the service ...")
         # A local Ray of our own (its temp dir under /tmp: socket paths have a length cap), with

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from scheduler.errors import BilevelError
 from scheduler.keys import DECISIONS_LEN
 from scheduler.service.decisions import DecisionRecord, read_decisions
 from scheduler.service.health import RoleHealth, read_health
-from scheduler.service.views import PublishedState
+from scheduler.service.views import PublishedShadow, PublishedState
 from scheduler.settings import Settings
 from scheduler.store import StoreStats
 
@@ -61,6 +62,38 @@ async def _gather(
         roles = await read_health(store.redis, store.keys)
         kept = await read_decisions(store.redis, store.keys, decisions)
         return first, second, elapsed_s, published, leaders, changes, roles, kept
+
+
+def shadow_lines(acting: str, shadow: PublishedShadow) -> list[str]:
+    """The shadow policy as `status` prints it: its decision beside the acting one's, the latest
+    estimate of the difference, and how it gets promoted."""
+    workers = " ".join(f"{q}={n}" for q, n in shadow.workers.items()) or "no decision"
+    lines = [f"shadow {shadow.policy} (acting {acting}) would allocate: {workers}"]
+    if shadow.fallback:
+        lines[0] += f" (its guardrails: {shadow.fallback})"
+    e = shadow.estimate
+    if e is None:
+        lines.append("estimate: none yet (the replay window is still filling)")
+    else:
+        diff = float(e["difference_s"])
+        verdict = "faster" if diff < 0 else "slower" if diff > 0 else "the same"
+        lines.append(
+            f"estimate: mean JCT {e['shadow_mean_jct_s']:.3f} s under {shadow.policy} vs "
+            f"{e['acting_mean_jct_s']:.3f} s under {acting} ({diff:+.3f} s, "
+            f"{abs(float(e['gain'])):.0%} {verdict}) over the last {e['window_s']:.0f} s, "
+            f"{e['jobs']:.0f} jobs replayed in the simulator ({e['wall_ms']:.0f} ms)"
+        )
+    rule = shadow.auto_promote
+    how = (
+        "manual: `bilevel promote`"
+        if rule is None
+        else f"automatic after {rule['after_s']:.0f} s of estimates at least "
+        f"{rule['min_gain']:.0%} faster, or `bilevel promote`"
+    )
+    if shadow.acting_role == "shadow":
+        how += "; allocation.shadow acts since a promotion (the config file is unchanged)"
+    lines.append(f"promotion: {how}")
+    return lines
 
 
 def role_rows(roles: list[RoleHealth], now_s: float) -> list[dict[str, Any]]:
@@ -144,6 +177,9 @@ def status(
             "keys_moved_aside": second.keys_moved_aside,
             "leaders": leaders,
             "policy": published.policy if published else None,
+            "shadow": None
+            if published is None or published.shadow is None
+            else asdict(published.shadow),
             "allocation_changes": changes,
             "queues": rows,
             "roles": role_rows(roles, time.time()),
@@ -168,6 +204,9 @@ def status(
     led = ", ".join(f"{role}: {'led' if up else 'NO LEADER'}" for role, up in leaders.items())
     policy = f"policy {published.policy}" if published else "no controller has ticked recently"
     console.print(f"{led}; {policy}; {changes} allocation changes recorded", highlight=False)
+    if published is not None and published.shadow is not None:
+        for line in shadow_lines(published.policy, published.shadow):
+            console.print(line, highlight=False, markup=False)
     if second.corrupt_records or second.keys_moved_aside:
         # Serving goes on past corrupt data, so say that something is writing it.
         console.print(

@@ -39,6 +39,7 @@ from scheduler.service.policies import (
     LoadedPolicies,
     configured_allocator,
     configured_router,
+    configured_shadow,
     load_policies,
 )
 from scheduler.service.router_loop import RouterLoop
@@ -200,6 +201,7 @@ class RoleHost:
                     self.config,
                     pool,
                     allocator=configured_allocator(self.config, self.policies),
+                    shadow=configured_shadow(self.config, self.policies),
                     leader=self._lock,
                     autoscaler=AutoscaleRequester.from_config(self.config),
                 )

@@ -9,7 +9,9 @@ It also publishes its state (Keys.allocation, every tick), the history of alloca
 (Keys.allocation_history, on change) and the decisions that changed something or that a guardrail
 shaped (Keys.decisions, scheduler.service.decisions): `bilevel status`, load-aware routing, the
 demo's plot, the metrics and the dashboard read them. Its first tick gives complete.lua each
-queue's SLO (scheduler.timings), against which finished jobs are judged.
+queue's SLO (scheduler.timings), against which finished jobs are judged. With `allocation.shadow`
+a second policy decides beside the acting one every tick and both decisions are logged and
+published, with an estimate of the difference (scheduler.service.shadow).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from scheduler.service.autoscaling import AutoscaleRequester, workers_held
 from scheduler.service.decisions import DecisionRecord, decision_record, queue_decisions
 from scheduler.service.health import Progress
 from scheduler.service.leader import LeaderLock
+from scheduler.service.shadow import RoleRecord, ShadowDecision, ShadowMode
 from scheduler.service.views import PublishedQueue, PublishedState, ViewBuilder
 from scheduler.store import RequeueReport, Store, StoreStats
 from scheduler.timings import write_slos
@@ -60,13 +63,30 @@ class Pool(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class AllocationChange:
-    """One entry of the allocation history: at `t_s` the targets became `workers`."""
+    """One entry of the allocation history: at `t_s` the targets became `workers`, and why."""
 
     t_s: float
     workers: dict[str, int]
+    # The policy that decided, what it proposed before the guardrails, the guardrails that
+    # changed the proposal (policies.guardrails: hysteresis, bounds, budget, move_cap), and why
+    # the fallback decided instead, if it did.
+    policy: str = ""
+    proposal: dict[str, int] = field(default_factory=dict)
+    constraints: tuple[str, ...] = ()
+    fallback: str | None = None
+    # What the policy saw of each queue: depth, arrival rate, oldest wait, service time.
+    inputs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"t_s": self.t_s, "workers": self.workers}
+        return {
+            "t_s": self.t_s,
+            "workers": self.workers,
+            "policy": self.policy,
+            "proposal": self.proposal,
+            "constraints": list(self.constraints),
+            "fallback": self.fallback,
+            "inputs": self.inputs,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +111,12 @@ class TickReport:
     policy: str = ""
     # What the policy saw and proposed, and what the guardrails made of it.
     decision: DecisionRecord | None = None
+    # The guardrails that changed the deciding policy's proposal (policies.guardrails).
+    constraints: tuple[str, ...] = ()
+    # The shadow policy's decision for the same view (with allocation.shadow), and the estimate
+    # this tick made, if it made one.
+    shadow: ShadowDecision | None = None
+    estimate: Any = None
 
     @property
     def changed(self) -> bool:
@@ -161,13 +187,27 @@ class ControllerLoop:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         logger: Any = None,
         autoscaler: AutoscaleRequester | None = None,
+        shadow: Allocator | None = None,
     ) -> None:
         self.store = store
         # Asks the Ray autoscaler for nodes when the target needs more than the cluster has.
         self.autoscaler = autoscaler
         self.config = config
         self.pool = pool
-        self.guardrails = make_guardrails(config, allocator)
+        # With allocation.shadow, both policies and their guardrails live in `self.shadow`, and
+        # `self.guardrails` is whichever of them acts (a promotion swaps them).
+        self.shadow: ShadowMode | None = None
+        alloc = config.allocation
+        if alloc.shadow is not None:
+            acting = (
+                allocator if allocator is not None else make_allocator(alloc.policy, **alloc.params)
+            )
+            if shadow is None:
+                shadow = make_allocator(alloc.shadow, **alloc.shadow_params)
+            self.shadow = ShadowMode(config, acting, shadow)
+            self.guardrails = self.shadow.acting
+        else:
+            self.guardrails = make_guardrails(config, allocator)
         # A controller that starts with no workers makes allocation.initial its first decision,
         # inside the same guardrails, as a simulated run starts from it.
         initial = config.allocation.initial
@@ -200,6 +240,8 @@ class ControllerLoop:
         stats = await self.store.stats(self._queue_names)
         pool_view = await self.pool.view()
         now_s = self.clock()
+        if self.shadow is not None:
+            await self._follow_role(now_s)
         view = self.views.cluster_view(stats, pool_view, now_s)
         before = view.allocation()
         deciding = self.guardrails
@@ -220,6 +262,9 @@ class ControllerLoop:
             # One GCS round trip at most, off the event loop; it never raises.
             await asyncio.to_thread(self.autoscaler.update, target, workers_held(pool_view))
         change = await self.pool.apply(target)
+        shadow_decision, estimate = None, None
+        if self.shadow is not None:
+            shadow_decision, estimate = await self._shadow_tick(view, stats, now_s)
         report = TickReport(
             view=view,
             before=before,
@@ -233,16 +278,93 @@ class ControllerLoop:
             stats=stats,
             policy=deciding.name,
             decision=decision,
+            constraints=deciding.last_constraints,
+            shadow=shadow_decision,
+            estimate=estimate,
         )
         self.ticks += 1
         self.last = report
         # The history records targets, not pool states: one entry per decision that differs.
         new_entry = not self.history or self.history[-1].workers != target
         if new_entry:
-            self.history.append(AllocationChange(now_s, dict(target)))
+            self.history.append(
+                AllocationChange(
+                    now_s,
+                    dict(target),
+                    policy=deciding.name,
+                    proposal=dict(deciding.last_proposal),
+                    constraints=deciding.last_constraints,
+                    fallback=fallback,
+                    inputs={
+                        q.name: {
+                            "depth": q.depth,
+                            "rate_per_s": round(q.arrival_rate_per_s, 3),
+                            "oldest_wait_s": round(q.oldest_wait_s, 3),
+                            "service_s": round(q.service_time_s, 4),
+                        }
+                        for q in view.queues
+                    },
+                )
+            )
         self._log(report)
         await self._publish(report, record_change=new_entry)
         return report
+
+    async def _follow_role(self, now_s: float) -> None:
+        """Makes the role Keys.acting_policy names act (a promotion, manual or automatic)."""
+        assert self.shadow is not None
+        raw = await self.store.redis.get(self.store.keys.acting_policy)
+        if raw is None:
+            return
+        try:
+            record = RoleRecord.from_json(str(raw))
+        except ValueError as exc:
+            self.log.warning("acting_policy_unreadable", error=str(exc))
+            return
+        was = self.guardrails.name
+        if self.shadow.apply_role(record):
+            self.guardrails = self.shadow.acting
+            self.log.info(
+                "allocation_policy_promoted",
+                acting=self.guardrails.name,
+                shadow=self.shadow.shadow.name,
+                previously_acting=was,
+                role=record.role,
+                by=record.by,
+            )
+
+    async def _shadow_tick(
+        self, view: ClusterView, stats: StoreStats, now_s: float
+    ) -> tuple[ShadowDecision, Any]:
+        """The shadow's decision for this tick's view and, when one is due, the estimate (in a
+        thread: it is CPU-bound); an automatic promotion is written for the next tick to apply."""
+        assert self.shadow is not None
+        decision = self.shadow.decide(view)
+        self.shadow.observe(view, stats)
+        if not self.shadow.due:
+            return decision, None
+        try:
+            estimate = await asyncio.to_thread(self.shadow.run_estimate)
+        except Exception:  # the estimate is advice: a failure must not fail the tick
+            self.log.exception("shadow_estimate_failed")
+            return decision, None
+        if estimate is None:
+            return decision, None
+        self.log.info(
+            "shadow_estimate",
+            acting=self.guardrails.name,
+            shadow=self.shadow.shadow.name,
+            **estimate.to_dict(),
+        )
+        if self.shadow.record_estimate(estimate, now_s):
+            record = RoleRecord("shadow", "auto", now_s)
+            await self.store.redis.set(self.store.keys.acting_policy, record.to_json())
+            self.log.info(
+                "shadow_promotion_requested",
+                shadow=self.shadow.shadow.name,
+                gain=round(estimate.gain, 4),
+            )
+        return decision, estimate
 
     def _log(self, r: TickReport) -> None:
         # A compact table, one cell per queue, "name depth=.. rate=../s workers a->b".
@@ -263,6 +385,19 @@ class ControllerLoop:
             event["fallback"] = r.fallback
         if r.decision is not None and r.decision.interventions:
             event["guardrails"] = "; ".join(i.describe() for i in r.decision.interventions)
+        if r.constraints:
+            event["constraints"] = ",".join(r.constraints)
+        if r.shadow is not None:
+            event["shadow_policy"] = r.shadow.policy
+            target = r.shadow.target
+            event["shadow"] = (
+                "none"
+                if target is None
+                else " ".join(f"{q.name}={target[q.name]}" for q in r.view.queues)
+            )
+            event["shadow_agrees"] = target == r.target
+            if r.shadow.fallback is not None:
+                event["shadow_fallback"] = r.shadow.fallback
         if r.requeue.requeued or r.requeue.dead_lettered:
             event["requeued"] = r.requeue.requeued
             event["lease_dead_lettered"] = r.requeue.dead_lettered
@@ -291,7 +426,11 @@ class ControllerLoop:
                 completion_rate_per_s=completions.get(q.name, 0.0),
             )
         return PublishedState(
-            t_s=r.view.now_s, policy=self.guardrails.name, queues=queues, fallback=r.fallback
+            t_s=r.view.now_s,
+            policy=self.guardrails.name,
+            queues=queues,
+            fallback=r.fallback,
+            shadow=None if self.shadow is None else self.shadow.published(r.shadow),
         )
 
     async def _publish(self, r: TickReport, *, record_change: bool) -> None:

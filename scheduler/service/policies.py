@@ -28,14 +28,16 @@ class LoadedPolicies:
     learned: dict[str, LearnedPolicy] = field(default_factory=dict)
 
 
-def _load(level: str, name: str, registry: Mapping[str, Any]) -> LearnedPolicy | None:
+def _load(
+    level: str, name: str, registry: Mapping[str, Any], field: str = "policy"
+) -> LearnedPolicy | None:
     """None for a registry name, else the checkpoint's policy; ConfigError names the field."""
     if name in registry:
         return None
     try:
         return named_policy(name, "policy" if level == "allocation" else "router", registry)
     except CheckpointError as exc:
-        raise ConfigError(f"{level}.policy: {exc}") from None
+        raise ConfigError(f"{level}.{field}: {exc}") from None
 
 
 def load_policies(config: ServiceConfig) -> LoadedPolicies:
@@ -47,6 +49,18 @@ def load_policies(config: ServiceConfig) -> LoadedPolicies:
         if unknown:
             raise ConfigError(f"allocation.params: a learned allocator takes none, got {unknown}")
         learned["allocation"] = allocation
+    shadow = config.allocation.shadow
+    if shadow is not None:
+        loaded = _load("allocation", shadow, ALLOCATORS, field="shadow")
+        if loaded is not None:
+            if config.allocation.shadow_params:
+                raise ConfigError(
+                    "allocation.shadow_params: a learned allocator takes none, got "
+                    f"{sorted(config.allocation.shadow_params)}"
+                )
+            learned["shadow"] = loaded
+        else:
+            _check_params("allocation.shadow_params", shadow, config.allocation.shadow_params)
     routing = _load("routing", config.routing.policy, ROUTERS)
     if routing is not None:
         if config.routing.params:
@@ -65,6 +79,25 @@ def configured_allocator(config: ServiceConfig, loaded: LoadedPolicies) -> Alloc
     return policy.allocator(bounds=config.bounds(), max_moves=config.allocation.max_moves_per_tick)
 
 
+def configured_shadow(config: ServiceConfig, loaded: LoadedPolicies) -> Allocator | None:
+    """Level 2's shadow policy (to be wrapped in the guardrails), or None without one."""
+    name = config.allocation.shadow
+    if name is None:
+        return None
+    policy = loaded.learned.get("shadow")
+    if policy is None:
+        return make_allocator(name, **config.allocation.shadow_params)
+    return policy.allocator(bounds=config.bounds(), max_moves=config.allocation.max_moves_per_tick)
+
+
+def _check_params(field: str, name: str, params: Mapping[str, Any]) -> None:
+    """A heuristic built once with `params`, so a wrong parameter fails the start, not a tick."""
+    try:
+        make_allocator(name, **params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+
+
 def configured_router(config: ServiceConfig, loaded: LoadedPolicies) -> Router:
     """Level 1's policy."""
     policy = loaded.learned.get("routing")
@@ -73,4 +106,10 @@ def configured_router(config: ServiceConfig, loaded: LoadedPolicies) -> Router:
     return policy.router()
 
 
-__all__ = ["LoadedPolicies", "configured_allocator", "configured_router", "load_policies"]
+__all__ = [
+    "LoadedPolicies",
+    "configured_allocator",
+    "configured_router",
+    "configured_shadow",
+    "load_policies",
+]

@@ -180,6 +180,26 @@ class PublishedQueue:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishedShadow:
+    """The shadow policy in the controller's published state (scheduler.service.shadow)."""
+
+    # The policy deciding beside the acting one, and what it decided this tick.
+    policy: str
+    workers: dict[str, int] = field(default_factory=dict)
+    # Which of the two configured policies acts: "configured" (allocation.policy) or "shadow"
+    # (allocation.shadow, after a promotion; then `policy` above is allocation.policy).
+    acting_role: str = "configured"
+    fallback: str | None = None
+    # The latest estimate (policies.sim.counterfactual.CounterfactualEstimate.to_dict() and its
+    # t_s); None until the first window is long enough.
+    estimate: dict[str, float] | None = None
+    # allocation.shadow_promote as configured ({after_s, min_gain}); None: manual promotion only.
+    auto_promote: dict[str, float] | None = None
+    # The last promotion this controller applied: {role, by, t_s}.
+    promoted: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PublishedState:
     """What the controller publishes each tick (JSON under Keys.allocation)."""
 
@@ -188,6 +208,8 @@ class PublishedState:
     queues: dict[str, PublishedQueue] = field(default_factory=dict)
     # Why the guardrails replaced the policy's proposal this tick, if they did.
     fallback: str | None = None
+    # Present when allocation.shadow names a shadow policy.
+    shadow: PublishedShadow | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -198,11 +220,13 @@ class PublishedState:
         try:
             raw: dict[str, Any] = json.loads(text)
             queues = {str(k): PublishedQueue(**v) for k, v in raw["queues"].items()}
+            shadow = raw.get("shadow")
             return cls(
                 t_s=float(raw["t_s"]),
                 policy=str(raw["policy"]),
                 queues=queues,
                 fallback=raw.get("fallback"),
+                shadow=None if shadow is None else PublishedShadow(**shadow),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"published state is malformed: {exc}") from exc
@@ -247,6 +271,7 @@ def size_estimates_s(queues: Iterable[QueueView]) -> dict[str, float]:
 __all__ = [
     "DEFAULT_SERVICE_TIME_S",
     "PublishedQueue",
+    "PublishedShadow",
     "PublishedState",
     "RateEstimator",
     "ViewBuilder",

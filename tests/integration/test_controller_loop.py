@@ -128,6 +128,46 @@ class TestGuardrails:
             assert moves <= (2 if previous["embeddings"] == 0 else 1)
             previous = target
 
+    def test_each_change_records_the_proposal_the_guardrails_and_the_inputs(
+        self, store: Store, settings: Settings, clock: ManualClock, run: Runner
+    ) -> None:
+        """An allocation change in the history says what the policy proposed, which guardrails
+        changed it and what the policy saw of each queue (the log event names the guardrails)."""
+        config = service_config(settings, allocation={"budget": 3, "max_moves_per_tick": 1})
+        captured = CapturingLogger()
+        loop = ControllerLoop(
+            store,
+            config,
+            PoolDouble(service_time_s=0.5),
+            allocator=Greedy("generator"),
+            clock=clock,
+            logger=structlog.wrap_logger(captured, processors=[]),
+        )
+
+        async def scenario() -> list[Any]:
+            await submit_to_queue(store, "generator", *[new_job("generate") for _ in range(3)])
+            await loop.tick()
+            clock.advance(1.0)
+            await loop.tick()
+            return await store.redis.lrange(store.keys.allocation_history, 0, -1)
+
+        first, second = [json.loads(e) for e in run(scenario())]
+        assert first["workers"] == {"embeddings": 0, "classifier": 0, "generator": 1}
+        assert first["policy"] == "greedy"
+        assert first["proposal"] == {"embeddings": 0, "classifier": 0, "generator": 3}
+        assert first["constraints"] == ["move_cap"]
+        assert first["fallback"] is None
+        assert first["inputs"]["generator"]["depth"] == 3
+        assert set(first["inputs"]["generator"]) == {
+            "depth",
+            "rate_per_s",
+            "oldest_wait_s",
+            "service_s",
+        }
+        assert second["workers"]["generator"] == 2
+        events = [c.kwargs for c in captured.calls if c.kwargs.get("event") == "allocation_tick"]
+        assert [e.get("constraints") for e in events] == ["move_cap", "move_cap"]
+
     def test_a_controller_without_workers_starts_from_the_initial_allocation(
         self, store: Store, settings: Settings, clock: ManualClock, run: Runner
     ) -> None:

@@ -50,8 +50,8 @@ def _whole(name: str, text: str) -> bool:
 def test_every_command_is_listed() -> None:
     """The help lists every command a user reads about in the README."""
     assert set(_commands()) == {
-        "demo", "evaluate", "record", "replay", "serve", "simulate", "status", "submit",
-        "train", "tune",
+        "demo", "evaluate", "promote", "record", "replay", "serve", "simulate", "status",
+        "submit", "train", "tune",
         "jobs get", "jobs cancel", "jobs list",
         "dlq list", "dlq show", "dlq replay", "dlq purge",
     }  # fmt: skip

@@ -137,6 +137,26 @@ class TestMoveCap:
         assert guarded.allocate(_view({"a": 4, "b": 0}, budget=6)) == {"a": 4, "b": 2}
 
 
+class TestExplained:
+    def test_the_proposal_and_the_constraints_that_changed_it_are_kept(self) -> None:
+        """Each tick keeps what the policy proposed and which constraints changed it, in order."""
+        bounds = AllocationBounds(max_workers={"b": 3}, max_moves_per_tick=1)
+        guarded = Guardrails(_Fixed({"a": 0, "b": 4, "c": 0}), bounds, hysteresis_workers=2)
+        allocation = guarded.allocate(_view({"a": 4, "b": 0, "c": 1}, budget=5))
+        assert guarded.last_proposal == {"a": 0, "b": 4, "c": 0}
+        # c is held (a change of 1 < 2), b clipped to 3, then only one worker may move.
+        assert guarded.last_constraints == ("hysteresis", "bounds", "move_cap")
+        assert allocation["b"] == 1
+        assert allocation["c"] == 1
+
+    def test_a_proposal_taken_as_it_is_names_no_constraint(self) -> None:
+        """Nothing to trim: no constraint named, and the proposal is the target."""
+        guarded = Guardrails(_Fixed({"a": 1, "b": 1}), AllocationBounds())
+        assert guarded.allocate(_view({"a": 2, "b": 0}, budget=2)) == {"a": 1, "b": 1}
+        assert guarded.last_constraints == ()
+        assert guarded.last_proposal == {"a": 1, "b": 1}
+
+
 class TestHysteresis:
     def test_small_changes_are_held(self) -> None:
         """With h = 2, a change of one worker is ignored and a change of two goes through."""

@@ -454,3 +454,53 @@ class TestServeAScenario:
             ServiceConfig.from_scenario(scenario, source="extra.yaml", **service_only)
         assert [p for p, _ in info.value.problems] == [path]
         assert "extra.yaml" in str(info.value)
+
+
+class TestShadowFields:
+    """allocation.shadow, shadow_params and shadow_promote belong to the shared layout."""
+
+    def test_a_scenario_and_a_service_accept_a_shadow_and_serving_keeps_it(self) -> None:
+        """Both loaders take the same shadow keys; a served scenario keeps its shadow."""
+        allocation = {
+            **ALLOCATION,
+            "shadow": "switch_aware",
+            "shadow_params": {"horizon_s": 60.0},
+            "shadow_promote": {"after_s": 300.0, "min_gain": 0.1},
+        }
+        scenario = parse_scenario(_scenario_raw(QUEUES, allocation), source="scenario.yaml")
+        service = ServiceConfig.from_mapping(_service_raw(QUEUES, allocation))
+        served = ServiceConfig.from_scenario(scenario, handlers=[])
+        for a in (scenario.allocation, service.allocation, served.allocation):
+            assert a.shadow == "switch_aware"
+            assert a.shadow_params == {"horizon_s": 60.0}
+            assert a.shadow_promote is not None
+            assert (a.shadow_promote.after_s, a.shadow_promote.min_gain) == (300.0, 0.1)
+
+    def test_automatic_promotion_is_off_by_default(self) -> None:
+        """A shadow without shadow_promote is promoted only by a person."""
+        config = ServiceConfig.from_mapping(
+            _service_raw(QUEUES, {**ALLOCATION, "shadow": "static"})
+        )
+        assert config.allocation.shadow_promote is None
+
+    def test_shadow_keys_without_a_shadow_are_named_by_both_loaders(self) -> None:
+        """shadow_params or shadow_promote with no shadow: the same problem from either loader."""
+        allocation = {**ALLOCATION, "shadow_params": {"x": 1}, "shadow_promote": {"after_s": 60}}
+        service, scenario = _both_problems(QUEUES, allocation)
+        assert service == scenario
+        assert (
+            "allocation.shadow_params",
+            "given without allocation.shadow to apply to",
+        ) in service
+        assert (
+            "allocation.shadow_promote",
+            "given without allocation.shadow to promote",
+        ) in service
+
+    def test_a_bad_promotion_rule_names_its_field(self) -> None:
+        """min_gain is a fraction below 1 and after_s is required."""
+        allocation = {**ALLOCATION, "shadow": "static", "shadow_promote": {"min_gain": 2.0}}
+        service, scenario = _both_problems(QUEUES, allocation)
+        assert service == scenario
+        paths = {path for path, _ in service}
+        assert paths == {"allocation.shadow_promote.after_s", "allocation.shadow_promote.min_gain"}
