@@ -57,7 +57,7 @@ import torch
 from policies.learned.allocator import gate_log_prob, moves_log_prob
 from policies.learned.budget import Budget
 from policies.learned.forecast import ForecasterConfig
-from policies.learned.forecast_training import ForecastFit, train_forecaster
+from policies.learned.forecast_training import ForecastFit, fit_forecaster, forecast_tasks
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.regime_search import RegimeSearchResult, search_regime_table
@@ -1100,25 +1100,35 @@ def fit_forecast(run: _Run) -> None:
 
     First, so that the teachers below are chosen, and the gate fitted, on the forecast the policy
     will plan with. A regression on exogenous targets is far less noisy than the policy gradient,
-    so it takes larger steps (as the gate's warm start does, at 3x). Its steps stop early when
-    the time left would not hold one seed of the first validation."""
+    so it takes larger steps (as the gate's warm start does, at 3x). The episodes run in rounds of
+    one per scenario, and a round (after the first) and the fit's steps go ahead only while the
+    budget would still hold one seed of the first validation after them."""
     if run.policy.forecaster_net is None or not run.fits_allocator:
         return
     config = run.args.forecast
-    if not run.budget.affords(len(run.scenarios) * config.episodes):
-        run.note("forecast fit skipped: no time left in the budget")
-        return
+    tasks = forecast_tasks(
+        run.policy, run.scenarios, run.rng, episodes_per_scenario=config.episodes,
+        episode_s=run.recorded_episode_s, load_scale=run.args.ppo.load_scale,
+    )  # fmt: skip
     reserve = run.validation_episodes(with_heuristics=True)
+    recorded: dict[int, RolloutResult] = {}
+    for k in range(config.episodes):
+        round_ = [i for i in range(len(tasks)) if i % config.episodes == k]
+        if k > 0 and not run.budget.affords(len(round_) + reserve):
+            run.note(
+                f"forecast fitted on {k} of {config.episodes} episodes per scenario, to leave "
+                "the budget time for a validation"
+            )
+            break
+        recorded.update(zip(round_, run.map_rollouts([tasks[i] for i in round_]), strict=True))
     cut = [False]
 
     def out_of_time() -> bool:
         cut[0] = not run.budget.affords(reserve)
         return cut[0]
 
-    run.forecast_fit = train_forecaster(
-        run.policy, run.scenarios, run.map_rollouts, run.rng,
-        episodes_per_scenario=config.episodes, episode_s=run.recorded_episode_s,
-        load_scale=run.args.ppo.load_scale, steps=config.steps,
+    run.forecast_fit = fit_forecaster(
+        run.policy, [recorded[i] for i in sorted(recorded)], run.rng, steps=config.steps,
         learning_rate=run.args.ppo.learning_rate * 6, should_stop=out_of_time,
     )  # fmt: skip
     if cut[0]:

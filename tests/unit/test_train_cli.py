@@ -127,7 +127,7 @@ def test_router_only_step_keeps_the_earlier_step_and_refuses_what_it_cannot_trai
         "path": str(first.with_suffix(".pt")),
         "metadata": json.loads(first.with_suffix(".json").read_text()),
     }
-    assert meta["args"]["train_allocator"] is False
+    assert meta["args"]["ppo"]["train_allocator"] is False
     before = LearnedPolicy.from_hyperparameters(meta["hyperparameters"])
     start = torch.load(first.with_suffix(".pt"), weights_only=True)
     after = torch.load(second.with_suffix(".pt"), weights_only=True)
