@@ -127,7 +127,8 @@ def _mean_jct(policy: LearnedPolicy, seeds: list[int], policy_seed: int | None) 
 def test_smoke_training_beats_a_random_policy() -> None:
     """A few serial iterations on a tiny scenario give a policy better than random moves."""
     args = Args(
-        seed=0, minutes=10.0, max_iterations=4,
+        # A budget far beyond the work: the iterations, not the clock, end this run.
+        seed=0, minutes=600.0, max_iterations=4,
         ppo=PPOConfig(inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0), update_epochs=2),
         validate=ValidationConfig(every=2, seeds=1),
     )  # fmt: skip

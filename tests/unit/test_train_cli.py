@@ -83,7 +83,7 @@ def test_train_on_a_trace_then_simulate_with_the_checkpoint(tmp_path: Path) -> N
     trained = CliRunner().invoke(
         app,
         ["train", "--scenario", str(scenario), "--out", str(out), "--workers", "0",
-         "--iterations", "2", "--eval-every", "2", "--eval-seeds", "1"],
+         "--iterations", "2", "--eval-every", "2", "--eval-seeds", "1", "--minutes", "600"],
     )  # fmt: skip
     assert trained.exit_code == 0, trained.output
     meta = json.loads(out.with_suffix(".json").read_text())
