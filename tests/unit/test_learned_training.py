@@ -153,7 +153,7 @@ def test_validation_seeds_are_disjoint_from_training_and_evaluation_seeds() -> N
 
 def test_training_draws_arrival_seeds_from_the_training_range() -> None:
     args = Args(
-        seed=0, max_iterations=2,
+        seed=0, minutes=600.0, max_iterations=2,
         ppo=PPOConfig(inputs_per_iteration=3, replays=2, episode_s=(20.0, 30.0), update_epochs=1),
         validate=ValidationConfig(every=10, seeds=1, random_starts=False),
     )  # fmt: skip
