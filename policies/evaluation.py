@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.episodes import run_episode
 from policies.guardrails import Guardrails, guardrails_for
 from policies.seeds import TRAIN_WINDOW_FRACTION, TracePart
 from policies.sim.metrics import RunRecord, finite_or_none, summarize
@@ -25,7 +26,6 @@ from policies.sim.scenario import (
     PreparedRun,
     Scenario,
     build_spec,
-    make_router_for,
     prepare,
 )
 from policies.views import Allocator, Router
@@ -202,12 +202,50 @@ def guarded(scenario: Scenario, inner: Allocator) -> Guardrails:
 def run_policy(
     prepared: PreparedRun, factory: PolicyFactory, router: RouterFactory | None = None
 ) -> RunOutcome:
-    """One run of a fresh allocator from `factory`, guarded, with a fresh router from `router`
-    (default: the scenario's)."""
-    scenario = prepared.scenario
-    level_1 = router() if router is not None else make_router_for(scenario)
-    record = prepared.start(level_1).run(guarded(scenario, factory()))
-    return outcome_of(record)
+    """One episode (`policies.episodes.run_episode`) of a fresh allocator from `factory`, guarded,
+    with a fresh router from `router` (default: the scenario's)."""
+    level_1 = router() if router is not None else None
+    return outcome_of(run_episode(prepared, factory(), level_1).record)
+
+
+@dataclass(frozen=True)
+class EpisodeTask:
+    """One (policy x seed) episode of an evaluation or a tuning, as a task an executor can ship
+    to another process (the factories go along; Ray pickles closures)."""
+
+    scenario: Scenario
+    seed: int
+    factory: PolicyFactory
+    router: RouterFactory | None = None
+    part: TracePart = "test"
+    trace: TraceInput | None = None
+    max_jobs: int | None = None
+
+
+def run_episode_task(task: EpisodeTask) -> RunOutcome:
+    """`run_policy` on the task's prepared jobs: the same numbers wherever it runs, since the
+    jobs depend only on the scenario and the seed."""
+    prepared = prepare_part(
+        task.scenario, task.seed, part=task.part, trace=task.trace, max_jobs=task.max_jobs
+    )
+    return run_policy(prepared, task.factory, task.router)
+
+
+# Runs episode tasks and returns their outcomes in task order, calling `done(i)` as task i
+# finishes (in any order): `map_episodes_serial` here, Ray tasks in `scheduler.episode_tasks`.
+MapEpisodes = Callable[[Sequence[EpisodeTask], Callable[[int], None] | None], list[RunOutcome]]
+
+
+def map_episodes_serial(
+    tasks: Sequence[EpisodeTask], done: Callable[[int], None] | None = None
+) -> list[RunOutcome]:
+    """The in-process executor: one task after another."""
+    outcomes = []
+    for i, task in enumerate(tasks):
+        outcomes.append(run_episode_task(task))
+        if done is not None:
+            done(i)
+    return outcomes
 
 
 def evaluate_scenario(
@@ -220,15 +258,32 @@ def evaluate_scenario(
     max_jobs: int | None = None,
     progress: Callable[[str, int], None] | None = None,
     routers: Mapping[str, RouterFactory] | None = None,
+    map_episodes: MapEpisodes | None = None,
 ) -> dict[str, list[RunOutcome]]:
     """Every policy of `factories` on the same jobs for each seed: {policy: outcomes in seed order}.
 
     A policy named in `routers` routes with that router, the others with the scenario's (so a
     comparison of routers gives every name the same allocator factory and its own router).
-    `progress(policy, seed)` is called before each run.
+    `progress(policy, seed)` is called before each run in-process, and as each finishes with
+    `map_episodes` (which runs every (policy, seed) episode as one task; the same numbers).
     """
     routers = routers or {}
     results: dict[str, list[RunOutcome]] = {name: [] for name in factories}
+    if map_episodes is not None:
+        tasks = [
+            EpisodeTask(scenario, seed, factory, routers.get(name), part, trace, max_jobs)
+            for seed in seeds
+            for name, factory in factories.items()
+        ]
+        names = [name for _ in seeds for name in factories]
+
+        def done(i: int) -> None:
+            if progress is not None:
+                progress(names[i], tasks[i].seed)
+
+        for name, outcome in zip(names, map_episodes(tasks, done), strict=True):
+            results[name].append(outcome)
+        return results
     for seed in seeds:
         prepared = prepare_part(scenario, seed, part=part, trace=trace, max_jobs=max_jobs)
         for name, factory in factories.items():

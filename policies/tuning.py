@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies.evaluation import (
+    EpisodeTask,
+    MapEpisodes,
     PolicyFactory,
+    RunOutcome,
     TraceInput,
     prepare_part,
     run_policy,
@@ -165,32 +168,50 @@ def tune_scenario(
     trace: TraceInput | None = None,
     max_jobs: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    map_episodes: MapEpisodes | None = None,
 ) -> ScenarioTuning:
     """Each heuristic of `grids` tuned on `scenario`'s training arrivals (`seeds`; the training
     window of a trace): the grid point with the lowest mean time in system over the seeds.
 
     `grids` defaults to `default_grids(scenario)`. The jobs of each seed are drawn once and replayed for every grid point. A one-point grid is not
     run. `progress(heuristic, points_done, points_total)` is called after each grid point.
+    With `map_episodes`, every (grid point, seed) episode is one task of one batch, each seed's
+    jobs drawn where it runs (the same jobs, so the same numbers); progress then follows the
+    points whose seeds have all finished.
     """
     if not seeds:
         raise ValueError("tuning needs at least one seed")
     started = time.perf_counter()
     if grids is None:
         grids = default_grids(scenario)
-    prepared = [
-        prepare_part(scenario, seed, part="train", trace=trace, max_jobs=max_jobs) for seed in seeds
-    ]
-    tuned: dict[str, HeuristicTuning] = {}
     for name, grid in grids.items():
         if not grid:
             raise ValueError(f"empty grid for {name!r}")
+    ran = (
+        _outcomes_in_tasks(scenario, seeds, grids, trace, max_jobs, map_episodes, progress)
+        if map_episodes is not None
+        else None
+    )
+    prepared = (
+        [
+            prepare_part(scenario, seed, part="train", trace=trace, max_jobs=max_jobs)
+            for seed in seeds
+        ]
+        if ran is None
+        else []
+    )
+    tuned: dict[str, HeuristicTuning] = {}
+    for name, grid in grids.items():
         points: list[GridPoint] = []
         for i, params in enumerate(grid):
             if len(grid) == 1:
                 points.append(GridPoint(dict(params), math.nan, math.nan))
                 break
-            factory = heuristic_factory(name, params)
-            outcomes = [run_policy(p, factory) for p in prepared]
+            if ran is not None:
+                outcomes = ran[name, i]
+            else:
+                factory = heuristic_factory(name, params)
+                outcomes = [run_policy(p, factory) for p in prepared]
             points.append(
                 GridPoint(
                     dict(params),
@@ -198,7 +219,7 @@ def tune_scenario(
                     mean_jct_s=sum(o.mean_jct_s for o in outcomes) / len(outcomes),
                 )
             )
-            if progress is not None:
+            if progress is not None and ran is None:
                 progress(name, i + 1, len(grid))
         best = points[_best_index([p.mean_sojourn_s for p in points])].params
         tuned[name] = HeuristicTuning(name, best, tuple(points))
@@ -209,6 +230,40 @@ def tune_scenario(
         heuristics=tuned,
         wall_s=time.perf_counter() - started,
     )
+
+
+def _outcomes_in_tasks(
+    scenario: Scenario,
+    seeds: Sequence[int],
+    grids: Mapping[str, Sequence[Params]],
+    trace: TraceInput | None,
+    max_jobs: int | None,
+    map_episodes: MapEpisodes,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[tuple[str, int], list[RunOutcome]]:
+    """Every (heuristic, grid point) of grids with more than one point, on every seed, as one
+    batch of `map_episodes`: {(heuristic, point index): outcomes in seed order}."""
+    keys = [(name, i) for name, grid in grids.items() if len(grid) > 1 for i in range(len(grid))]
+    tasks = [
+        EpisodeTask(
+            scenario, seed, heuristic_factory(name, grids[name][i]), part="train", trace=trace,
+            max_jobs=max_jobs,
+        )
+        for name, i in keys
+        for seed in seeds
+    ]  # fmt: skip
+    left = {key: len(seeds) for key in keys}
+    finished = {name: 0 for name, _ in keys}
+
+    def done(t: int) -> None:
+        key = keys[t // len(seeds)]
+        left[key] -= 1
+        if left[key] == 0 and progress is not None:
+            finished[key[0]] += 1
+            progress(key[0], finished[key[0]], len(grids[key[0]]))
+
+    outcomes = map_episodes(tasks, done)
+    return {key: outcomes[k * len(seeds) : (k + 1) * len(seeds)] for k, key in enumerate(keys)}
 
 
 def shipped_params(

@@ -117,8 +117,10 @@ def fit_forecaster(
     steps: int,
     learning_rate: float,
     minibatch_size: int = 128,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ForecastFit:
-    """Fits `policy.forecaster_net` (in place) to the recorded samples of `results`."""
+    """Fits `policy.forecaster_net` (in place) to the recorded samples of `results`, for `steps`
+    steps or until `should_stop()` (asked before each step) says the run has no time left."""
     net = policy.forecaster_net
     if net is None:
         raise ValueError("the policy has no forecaster to fit")
@@ -131,6 +133,8 @@ def fit_forecaster(
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     net.train()
     for _ in range(steps):
+        if should_stop is not None and should_stop():
+            break
         losses = []
         for d in data.values():
             idx = torch.from_numpy(rng.integers(0, len(d["target"]), minibatch_size))
@@ -161,8 +165,10 @@ def train_forecaster(
     load_scale: tuple[float, float],
     steps: int,
     learning_rate: float,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ForecastFit:
-    """Records episodes of `policy` (`forecast_tasks`) and fits its forecaster to them."""
+    """Records episodes of `policy` (`forecast_tasks`) and fits its forecaster to them (until
+    `should_stop()`, see `fit_forecaster`)."""
     tasks = forecast_tasks(
         policy,
         scenarios,
@@ -172,5 +178,10 @@ def train_forecaster(
         load_scale=load_scale,
     )
     return fit_forecaster(
-        policy, map_rollouts(tasks), rng, steps=steps, learning_rate=learning_rate
+        policy,
+        map_rollouts(tasks),
+        rng,
+        steps=steps,
+        learning_rate=learning_rate,
+        should_stop=should_stop,
     )

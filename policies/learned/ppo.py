@@ -1,8 +1,18 @@
 """Training the learned allocator and router: PPO's clipped update on Decima-style advantages.
 
-Reads top to bottom like cleanrl's ppo.py: the arguments (one docstring each), seeding, then per
-iteration the rollout, the advantage, the update, and the metrics (`losses/...`, `charts/...`,
-`eval/...`). Differences from cleanrl, and why:
+Reads top to bottom like cleanrl's ppo.py: the arguments (one docstring each, one small config
+per stage), then `train`, a short list of named stages, each a function below it:
+
+    fit_forecast      regress the allocator's arrival-rate forecast on recorded episodes
+    validate          the untrained policy against every tuned heuristic (iteration 0)
+    search_regimes    with a target head: a regime table per bursty scenario, imitated by the head
+    imitate           choose each scenario's teacher; warm-start a residual allocator's gate
+    ppo_iterations    per iteration the rollout, the advantage, the update and the metrics
+                      (`losses/...`, `charts/...`), validated every `validate.every`
+    validate          once more after the last iteration
+
+(Saving is the caller's: `bilevel train` writes the checkpoint, its metadata and its curve.)
+Differences from cleanrl, and why:
 
 - No learned critic. Queueing returns are dominated by the arrivals (a burst makes every action look
   bad), so each iteration replays the same arrival sequence `replays` times with different policy
@@ -25,6 +35,10 @@ iteration the rollout, the advantage, the update, and the metrics (`losses/...`,
   the scenario's initial allocation and from random initial splits. The checkpoint kept is the one
   with the best `Evaluation.score`, which weighs the worst scenario as much as the average and
   penalises p99 regressions, so a policy that wins on one scenario by losing on another is not kept.
+- `minutes` bounds the whole run, validation included (`policies.learned.budget`): a stage starts
+  a batch of episodes only when the episodes so far predict it ends in time. A validation that does
+  not fit is cut to the seeds that do at iteration 0 (later ones use the same seeds) and skipped
+  later; what was cut is said in `TrainResult.notes`.
 """
 
 from __future__ import annotations
@@ -35,14 +49,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from policies.learned.allocator import gate_log_prob, moves_log_prob
+from policies.learned.budget import Budget
 from policies.learned.forecast import ForecasterConfig
-from policies.learned.forecast_training import ForecastFit, train_forecaster
+from policies.learned.forecast_training import ForecastFit, fit_forecaster, forecast_tasks
 from policies.learned.networks import AllocatorNetConfig, BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.regime_search import RegimeSearchResult, search_regime_table
@@ -71,16 +86,172 @@ RANDOM_START = "@random"
 HeuristicParams = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 
-@dataclass
-class Args:
-    """Hyper-parameters of one training run."""
+# --- arguments ------------------------------------------------------------------------------------
+#
+# Each config is one stage's; `Args` nests them. `scheduler.commands.train` derives the command
+# line from these classes (`scheduler.commands._dataclass_cli`): an option per field, named
+# `--<cli_prefix>-<field>` (the prefix is empty for the policy's shape and PPO's own knobs, as
+# cleanrl's flat arguments are), its help the field's docstring; metadata `cli` names an option
+# differently, for the names the command had before its options were derived.
 
-    seed: int = 1
-    """seed of the initial weights, the curriculum draws and the policy's sampling"""
-    minutes: float = 12.0
-    """wall-clock budget; training stops at the first iteration boundary past it"""
-    max_iterations: int | None = None
-    """stop after this many iterations even with time left (None: the time budget decides)"""
+
+def option_name(prefix: str, name: str) -> str:
+    """The command-line option of field `name` of a config with `cli_prefix` `prefix`."""
+    return "--" + "-".join(filter(None, (prefix, name))).replace("_", "-")
+
+
+class _Config:
+    """Range checks shared by the configs; errors name the field and its option."""
+
+    section: ClassVar[str] = ""
+    cli_prefix: ClassVar[str] = ""
+
+    def _where(self, name: str) -> str:
+        declared = {f.name: f.metadata.get("cli") for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        flag = str(declared.get(name) or option_name(self.cli_prefix, name)).split("/")[0]
+        return f"{self.section + '.' if self.section else ''}{name} ({flag})"
+
+    def _at_least(self, **values: tuple[float, float]) -> None:
+        for name, (value, low) in values.items():
+            if not (math.isfinite(value) and value >= low):
+                raise ValueError(
+                    f"{self._where(name)} must be a finite number >= {low}, got {value}"
+                )
+
+    def _positive(self, **values: float) -> None:
+        for name, value in values.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{self._where(name)} must be a finite number > 0, got {value}")
+
+    def _range(self, **values: tuple[float, float]) -> None:
+        for name, (low, high) in values.items():
+            if not (0 < low <= high and math.isfinite(high)):
+                raise ValueError(
+                    f"{self._where(name)} must be (low, high) with 0 < low <= high, got "
+                    f"{(low, high)}"
+                )
+
+
+@dataclass
+class NetConfig(_Config):
+    """The policy's shape (a run continued from `initial` keeps that policy's)."""
+
+    section: ClassVar[str] = "net"
+    hidden: int = 64
+    """width of the allocator network"""
+    max_moves: int = 4
+    """moves the allocator may make per tick"""
+    bases: tuple[BaseSpec, ...] = field(
+        default=(), metadata={"cli": "--base", "metavar": "NAME[:K=V,...]"}
+    )
+    """train a residual allocator over these heuristics ((registry name, parameters), the same for
+    every scenario; on the command line NAME or NAME:K=V,K=V, repeated): each tick it picks one and
+    corrects its proposal, and the untrained policy is the first (empty: moves start from the
+    current allocation)"""
+    stop_bias: float = 2.0
+    """initial stop logit; for a residual allocator, e^b / (e^b + 1) is the initial chance per tick
+    of keeping the picked base's proposal when sampling"""
+    gate_bias: float = 2.0
+    """initial gate logit of the first base (the others start at 0)"""
+    target_head: bool = False
+    """give a residual allocator a target head: one more gate option, the network's own split of
+    the workers by burst regime, fitted by imitating a regime table that a policy search finds on
+    each scenario with bursty queues (`policies.learned.regime_search`); scenarios without bursty
+    queues get no table, and there the gate learns to leave the option alone"""
+
+    def __post_init__(self) -> None:
+        self._at_least(hidden=(self.hidden, 1), max_moves=(self.max_moves, 0))
+        if self.target_head and not self.bases:
+            raise ValueError("target_head is a gate option of a residual allocator: give bases")
+
+
+@dataclass
+class ForecastConfig(_Config):
+    """Stage fit_forecast: the allocator's learned arrival-rate forecast."""
+
+    section: ClassVar[str] = "forecast"
+    cli_prefix: ClassVar[str] = "forecast"
+    enabled: bool = field(default=True, metadata={"cli": "--forecast/--no-forecast"})
+    """give the allocator a learned arrival-rate forecast (`policies.learned.forecast`) that its
+    bases and network plan with, fitted by regression before the gate and the moves are trained"""
+    window_loads: float = 4.0
+    """the forecast is for the mean rate over this many of the slowest model load (at least 4
+    ticks): the time a moved worker needs to pay back its load"""
+    episodes: int = 4
+    """recorded episodes per scenario (up to `validate.max_duration_s` long) the forecast is
+    fitted on"""
+    steps: int = 1500
+    """Adam steps of the forecast fit (one balanced minibatch per scenario each)"""
+
+    def __post_init__(self) -> None:
+        self._at_least(episodes=(self.episodes, 1), steps=(self.steps, 0))
+        self._positive(window_loads=self.window_loads)
+
+
+@dataclass
+class RegimeConfig(_Config):
+    """Stage search_regimes (with `net.target_head`): the regime tables and their imitation."""
+
+    section: ClassVar[str] = "regimes"
+    search_rounds: int = field(default=12, metadata={"cli": "--regime-search-rounds"})
+    """most rounds of the regime-table search per scenario (each scores every single-worker move
+    of every regime on the teacher seeds)"""
+    distill_rounds: int = 4
+    """DAgger rounds of fitting the target head to the regime tables"""
+    distill_episodes: int = 8
+    """recorded episodes per scenario with a table in each distillation round"""
+    distill_steps: int = 300
+    """Adam steps (one minibatch per scenario each) after each distillation round"""
+
+    def __post_init__(self) -> None:
+        self._at_least(
+            search_rounds=(self.search_rounds, 0),
+            distill_rounds=(self.distill_rounds, 1),
+            distill_episodes=(self.distill_episodes, 1),
+            distill_steps=(self.distill_steps, 0),
+        )
+
+
+@dataclass
+class ImitationConfig(_Config):
+    """Stage imitate: teachers per scenario, and the imitation term of the PPO loss."""
+
+    section: ClassVar[str] = "imitation"
+    cli_prefix: ClassVar[str] = "imitation"
+    coef: float = 0.0
+    """weight of an imitation term (DAgger: minus the log-probability of the moves a teacher
+    heuristic would make in the policy's own situation) at the start; annealed linearly to 0 over
+    `imitation.fraction` of the budget. The teacher of each scenario is the heuristic, with its
+    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it.
+    A residual allocator imitates with its gate instead: minus the log-probability of picking the
+    base of lowest mean JCT on the tuning seeds of the tick's scenario"""
+    fraction: float = 0.5
+    """fraction of the budget over which the imitation weight decays to 0"""
+    teacher_seeds: int = len(TUNING_SEEDS)
+    """training seeds (from 0) on which each scenario's best base, or best heuristic, is chosen as
+    the imitation teacher, every other one from a random split of the workers; by default the
+    heuristics' tuning seeds, which are the first of them (fewer cannot rank bases a few percent
+    apart on a bursty scenario, whose mean JCT varies twofold from seed to seed)"""
+    gate_pretrain_steps: int = 300
+    """for a residual allocator with imitation: supervised steps (one minibatch per scenario each)
+    fitting the gate to the teacher bases before the first update, on episodes as long as those
+    the teachers were chosen on. PPO's iterations each draw one or two scenarios, so the imitation
+    term alone pulls the gate toward whichever was drawn last and, in practice, to the base most
+    scenarios share; balanced batches separate them"""
+
+    def __post_init__(self) -> None:
+        self._at_least(
+            coef=(self.coef, 0.0),
+            teacher_seeds=(self.teacher_seeds, 1),
+            gate_pretrain_steps=(self.gate_pretrain_steps, 0),
+        )
+
+
+@dataclass
+class PPOConfig(_Config):
+    """Stage ppo_iterations: the curriculum, the reward, and PPO's update."""
+
+    section: ClassVar[str] = "ppo"
     inputs_per_iteration: int = 2
     """distinct arrival sequences (scenario, seed, load, length) per iteration"""
     replays: int = 4
@@ -93,6 +264,9 @@ class Args:
     curriculum_fraction: float = 0.3
     """fraction of the budget over which the load range widens from 1.0 and the longest episode
     grows from the shortest to the full range"""
+    random_start_fraction: float = 0.5
+    """fraction of inputs that start from a random split of the workers instead of the scenario's
+    initial allocation (which follows the run's total work, so merely keeping it is strong)"""
     discount_half_life_s: float = 120.0
     """simulated seconds after which a reward counts half; per-tick gamma = 0.5 ** (tick_s / this)"""
     reconfiguration_penalty_s: float = 0.0
@@ -116,128 +290,93 @@ class Args:
     """gradient clipping norm"""
     target_kl: float | None = 0.03
     """stop an iteration's epochs early once the approximate KL passes this (None: never)"""
-    hidden: int = 64
-    """width of the allocator network"""
-    max_moves: int = 4
-    """moves the allocator may make per tick"""
-    bases: tuple[BaseSpec, ...] = ()
-    """train a residual allocator over these heuristics ((registry name, parameters), the same for
-    every scenario): each tick it picks one and corrects its proposal, and the untrained policy is
-    the first (empty: moves start from the current allocation)"""
-    stop_bias: float = 2.0
-    """initial stop logit; for a residual allocator, e^b / (e^b + 1) is the initial chance per tick
-    of keeping the picked base's proposal when sampling"""
-    gate_bias: float = 2.0
-    """initial gate logit of the first base (the others start at 0)"""
-    target_head: bool = False
-    """give a residual allocator a target head: one more gate option, the network's own split of
-    the workers by burst regime, fitted by imitating a regime table that a policy search finds on
-    each scenario with bursty queues (`policies.learned.regime_search`); scenarios without bursty
-    queues get no table, and there the gate learns to leave the option alone"""
-    regime_search_rounds: int = 12
-    """most rounds of the regime-table search per scenario (each scores every single-worker move
-    of every regime on the teacher seeds)"""
-    distill_rounds: int = 4
-    """DAgger rounds of fitting the target head to the regime tables"""
-    distill_episodes: int = 8
-    """recorded episodes per scenario with a table in each distillation round"""
-    distill_steps: int = 300
-    """Adam steps (one minibatch per scenario each) after each distillation round"""
     train_router: bool = True
     """train the learned router where a scenario has a routing choice"""
-    train_allocator: bool = True
-    """train the allocator; False trains the router alone, the allocator (from `initial`) acting
-    by its mode and never updated: the alternating step for scenarios with a routing choice"""
-    random_start_fraction: float = 0.5
-    """fraction of inputs that start from a random split of the workers instead of the scenario's
-    initial allocation (which follows the run's total work, so merely keeping it is strong)"""
-    eval_every: int = 5
+    train_allocator: bool = field(default=True, metadata={"cli": "--train-allocator/--router-only"})
+    """train the allocator; --router-only trains the router alone, the allocator (from `initial`,
+    `--init`) acting by its mode and never updated: the alternating step for scenarios with a
+    routing choice"""
+
+    def __post_init__(self) -> None:
+        self._at_least(
+            reconfiguration_penalty_s=(self.reconfiguration_penalty_s, 0.0),
+            slo_penalty_s=(self.slo_penalty_s, 0.0),
+            ent_coef=(self.ent_coef, 0.0),
+            inputs_per_iteration=(self.inputs_per_iteration, 1),
+            replays=(self.replays, 1),
+            update_epochs=(self.update_epochs, 1),
+            minibatch_size=(self.minibatch_size, 1),
+        )
+        self._positive(
+            learning_rate=self.learning_rate, discount_half_life_s=self.discount_half_life_s
+        )
+        self._range(episode_s=self.episode_s, load_scale=self.load_scale)
+
+
+@dataclass
+class ValidationConfig(_Config):
+    """Stage validate: the held-out runs that choose the checkpoint kept."""
+
+    section: ClassVar[str] = "validate"
+    cli_prefix: ClassVar[str] = "eval"
+    every: int = 5
     """iterations between evaluations on held-out seeds (and one before training)"""
-    eval_seeds: int = 4
+    seeds: int = 4
     """validation arrival seeds (from EVAL_SEED_BASE) per scenario in each evaluation"""
-    eval_random_starts: bool = True
+    random_starts: bool = True
     """also validate from a random split of the workers (one per seed), not only from the
     scenario's initial allocation, which favours a policy that merely holds it"""
-    eval_max_duration_s: float | None = 3600.0
+    max_duration_s: float | None = 3600.0
     """cap on a validation run's length (seconds of arrivals), so long scenarios stay cheap"""
-    eval_tuned_heuristics: bool = True
+    tuned_heuristics: bool = True
     """validate against the heuristics' tuned parameters (`policies.tuned`) where stored"""
     p99_weight: float = 0.5
     """weight of a p99 regression (learned p99 over the best heuristic's, above 1) in the score"""
-    imitation_coef: float = 0.0
-    """weight of an imitation term (DAgger: minus the log-probability of the moves a teacher
-    heuristic would make in the policy's own situation) at the start; annealed linearly to 0 over
-    `imitation_fraction` of the budget. The teacher of each scenario is the heuristic, with its
-    tuned parameters, of lowest mean JCT on the tuning seeds (training arrivals); 0 disables it.
-    A residual allocator imitates with its gate instead: minus the log-probability of picking the
-    base of lowest mean JCT on the tuning seeds of the tick's scenario"""
-    imitation_fraction: float = 0.5
-    """fraction of the budget over which the imitation weight decays to 0"""
-    forecast: bool = True
-    """give the allocator a learned arrival-rate forecast (`policies.learned.forecast`) that its
-    bases and network plan with, fitted by regression before the gate and the moves are trained"""
-    forecast_window_loads: float = 4.0
-    """the forecast is for the mean rate over this many of the slowest model load (at least 4
-    ticks): the time a moved worker needs to pay back its load"""
-    forecast_episodes: int = 4
-    """recorded episodes per scenario (up to `eval_max_duration_s` long) the forecast is fitted on"""
-    forecast_steps: int = 1500
-    """Adam steps of the forecast fit (one balanced minibatch per scenario each)"""
-    teacher_seeds: int = len(TUNING_SEEDS)
-    """training seeds (from 0) on which each scenario's best base, or best heuristic, is chosen as
-    the imitation teacher, every other one from a random split of the workers; by default the
-    heuristics' tuning seeds, which are the first of them (fewer cannot rank bases a few percent
-    apart on a bursty scenario, whose mean JCT varies twofold from seed to seed)"""
-    gate_pretrain_steps: int = 300
-    """for a residual allocator with imitation: supervised steps (one minibatch per scenario each)
-    fitting the gate to the teacher bases before the first update, on episodes as long as those
-    the teachers were chosen on. PPO's iterations each draw one or two scenarios, so the imitation
-    term alone pulls the gate toward whichever was drawn last and, in practice, to the base most
-    scenarios share; balanced batches separate them"""
 
     def __post_init__(self) -> None:
-        """Refuses values that would train nothing or train on nonsense, naming the field."""
-        at_least = {
-            "minutes": (self.minutes, 0.0),
-            "reconfiguration_penalty_s": (self.reconfiguration_penalty_s, 0.0),
-            "slo_penalty_s": (self.slo_penalty_s, 0.0),
-            "imitation_coef": (self.imitation_coef, 0.0),
-            "ent_coef": (self.ent_coef, 0.0),
-            "inputs_per_iteration": (self.inputs_per_iteration, 1),
-            "replays": (self.replays, 1),
-            "update_epochs": (self.update_epochs, 1),
-            "minibatch_size": (self.minibatch_size, 1),
-            "eval_every": (self.eval_every, 1),
-            "eval_seeds": (self.eval_seeds, 1),
-            "max_moves": (self.max_moves, 0),
-            "forecast_episodes": (self.forecast_episodes, 1),
-            "forecast_steps": (self.forecast_steps, 0),
-            "teacher_seeds": (self.teacher_seeds, 1),
-            "gate_pretrain_steps": (self.gate_pretrain_steps, 0),
-            "regime_search_rounds": (self.regime_search_rounds, 0),
-            "distill_rounds": (self.distill_rounds, 1),
-            "distill_episodes": (self.distill_episodes, 1),
-            "distill_steps": (self.distill_steps, 0),
-        }
-        for name, (value, low) in at_least.items():
-            if not (math.isfinite(value) and value >= low):
-                raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
-        for name, value in (
-            ("learning_rate", self.learning_rate),
-            ("discount_half_life_s", self.discount_half_life_s),
-            ("forecast_window_loads", self.forecast_window_loads),
-        ):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        for name, (low, high) in (("episode_s", self.episode_s), ("load_scale", self.load_scale)):
-            if not (0 < low <= high and math.isfinite(high)):
-                raise ValueError(
-                    f"{name} must be (low, high) with 0 < low <= high, got {(low, high)}"
-                )
+        self._at_least(every=(self.every, 1), seeds=(self.seeds, 1))
+
+
+@dataclass
+class Args(_Config):
+    """Hyper-parameters of one training run."""
+
+    seed: int = 1
+    """seed of the initial weights, the curriculum draws and the policy's sampling"""
+    minutes: float = 12.0
+    """wall-clock budget of the whole run, validation included"""
+    max_iterations: int | None = field(default=None, metadata={"cli": "--iterations"})
+    """stop after this many iterations even with time left (None: the time budget decides)"""
+    net: NetConfig = field(default_factory=NetConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    regimes: RegimeConfig = field(default_factory=RegimeConfig)
+    imitation: ImitationConfig = field(default_factory=ImitationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    validate: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        """Refuses values that would train nothing or train on nonsense, naming the field (each
+        config checks its own when made)."""
+        self._at_least(minutes=(self.minutes, 0.0))
         if self.max_iterations is not None and self.max_iterations < 0:
             raise ValueError(f"max_iterations must be >= 0, got {self.max_iterations}")
-        if self.target_head and not self.bases:
-            raise ValueError("target_head is a gate option of a residual allocator: give bases")
+        if not (self.ppo.train_allocator or self.ppo.train_router):
+            raise ValueError("nothing to train: both train_allocator and train_router are off")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as JSON-ready values, nested by config (tuples become lists)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            return value
+
+        return {
+            k: {n: plain(v) for n, v in vars(value).items()}
+            if isinstance(value, _Config)
+            else plain(value)
+            for k, value in vars(self).items()
+        }
 
 
 @dataclass(frozen=True)
@@ -314,6 +453,10 @@ class TrainResult:
     # head's teacher), and how imitating them went (None when no scenario had one).
     regime_tables: dict[str, RegimeSearchResult] = field(default_factory=dict)
     target_fit: DistillFit | None = None
+    # The validation seeds every evaluation of the run used (fewer than `validate.seeds` when the
+    # budget cut the first validation short), and what the budget cut, one sentence each.
+    validation_seeds: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class TrainingStopped(Exception):
@@ -404,19 +547,20 @@ def _draw_inputs(
     args: Args, scenarios: Sequence[Scenario], rng: np.random.Generator, fraction: float
 ) -> list[_Input]:
     """This iteration's inputs, drawn along the curriculum."""
-    ramp = min(fraction / args.curriculum_fraction, 1.0) if args.curriculum_fraction > 0 else 1.0
-    low_load = 1.0 + ramp * (args.load_scale[0] - 1.0)
-    high_load = 1.0 + ramp * (args.load_scale[1] - 1.0)
-    shortest_s, longest_s = args.episode_s
+    ppo = args.ppo
+    ramp = min(fraction / ppo.curriculum_fraction, 1.0) if ppo.curriculum_fraction > 0 else 1.0
+    low_load = 1.0 + ramp * (ppo.load_scale[0] - 1.0)
+    high_load = 1.0 + ramp * (ppo.load_scale[1] - 1.0)
+    shortest_s, longest_s = ppo.episode_s
     longest_s = shortest_s + ramp * (longest_s - shortest_s)
     inputs = []
-    for _ in range(args.inputs_per_iteration):
+    for _ in range(ppo.inputs_per_iteration):
         scenario = scenarios[int(rng.integers(len(scenarios)))]
         full_s = scenario.duration_s if scenario.duration_s is not None else longest_s
         episode_s = min(float(rng.uniform(shortest_s, longest_s)), full_s)
         seed = int(rng.integers(TRAIN_SEEDS.start, TRAIN_SEEDS.stop))
         load = float(rng.uniform(low_load, high_load))
-        random_start = rng.random() < args.random_start_fraction
+        random_start = rng.random() < ppo.random_start_fraction
         initial_seed = int(rng.integers(2**31)) if random_start else None
         inputs.append(_Input(scenario, seed, load, episode_s, initial_seed))
     return inputs
@@ -447,10 +591,29 @@ def evaluate(
     seeds, capped at `max_duration_s`. With `random_starts`, each seed also runs from a random
     split of the workers (cell "<scenario>@random"). Returns the evaluation and the heuristics'
     (mean, p99) means per cell, for reuse."""
-    starts: list[int | None] = [None, 1] if random_starts else [None]
+    tasks = validation_tasks(
+        policy, scenarios, seeds, with_heuristics=heuristic_results is None,
+        learned_router=learned_router, heuristic_params=heuristic_params,
+        random_starts=random_starts, max_duration_s=max_duration_s,
+    )  # fmt: skip
+    return summarize_validation(
+        tasks, map_rollouts(tasks), iteration, heuristic_results, p99_weight
+    )
 
-    def cell(s: Scenario, start: int | None) -> str:
-        return s.name if start is None else s.name + RANDOM_START
+
+def validation_tasks(
+    policy: LearnedPolicy,
+    scenarios: Sequence[Scenario],
+    seeds: Sequence[int],
+    *,
+    with_heuristics: bool,
+    learned_router: bool = True,
+    heuristic_params: HeuristicParams | None = None,
+    random_starts: bool = False,
+    max_duration_s: float | None = None,
+) -> list[RolloutTask]:
+    """The episodes of `evaluate` (see there), learned ones first, each group in seed order."""
+    starts: list[int | None] = [None, 1] if random_starts else [None]
 
     def initial(seed: int, start: int | None) -> int | None:
         # The same random split for every policy on a given seed, and none for the default start.
@@ -465,7 +628,7 @@ def evaluate(
         for start in starts
         for seed in seeds
     ]  # fmt: skip
-    if heuristic_results is None:
+    if with_heuristics:
         params = heuristic_params or {}
         tasks += [
             RolloutTask(
@@ -477,7 +640,18 @@ def evaluate(
             for start in starts
             for seed in seeds
         ]  # fmt: skip
-    results = map_rollouts(tasks)
+    return tasks
+
+
+def summarize_validation(
+    tasks: Sequence[RolloutTask],
+    results: Sequence[RolloutResult],
+    iteration: int,
+    heuristic_results: dict[str, dict[str, tuple[float, float]]] | None = None,
+    p99_weight: float = 0.5,
+) -> tuple[Evaluation, dict[str, dict[str, tuple[float, float]]]]:
+    """The evaluation of `tasks`' `results` (heuristics from `heuristic_results` when given), and
+    the heuristics' (mean, p99) means per cell; each cell's numbers are means in task order."""
     collected: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -683,10 +857,10 @@ def fit_target_head(
     tables: dict[str, RegimeSearchResult] = {}
     for s in scenarios:
         found = search_regime_table(
-            s, map_rollouts, seeds=seeds, max_rounds=args.regime_search_rounds,
+            s, map_rollouts, seeds=seeds, max_rounds=args.regimes.search_rounds,
             hold=policy.allocator_net.config.target_hold,
             slow_s=policy.allocator_net.config.slow_s,
-            max_duration_s=args.eval_max_duration_s,
+            max_duration_s=args.validate.max_duration_s,
         )  # fmt: skip
         if found is not None:
             tables[s.name] = found
@@ -694,8 +868,8 @@ def fit_target_head(
         return tables, None
     fit = distill_targets(
         policy, scenarios, {name: t.params for name, t in tables.items()}, map_rollouts, rng,
-        rounds=args.distill_rounds, episodes_per_round=args.distill_episodes,
-        steps=args.distill_steps, episode_s=episode_s,
+        rounds=args.regimes.distill_rounds, episodes_per_round=args.regimes.distill_episodes,
+        steps=args.regimes.distill_steps, episode_s=episode_s,
     )  # fmt: skip
     return tables, fit
 
@@ -748,345 +922,551 @@ def pretrain_gate(
     return nll
 
 
+# --- train: the stages ------------------------------------------------------------------------
+
+OnIteration = Callable[[int, float, dict[str, float], Evaluation | None], None]
+# Per validation cell, per heuristic: its (mean, p99) JCT means, computed once at iteration 0.
+HeuristicResults = dict[str, dict[str, tuple[float, float]]]
+
+
 def train(
     args: Args,
     scenarios: Sequence[Scenario],
     map_rollouts: MapRollouts,
     *,
     clock: Callable[[], float] = time.monotonic,
-    on_iteration: Callable[[int, float, dict[str, float], Evaluation | None], None] | None = None,
+    on_iteration: OnIteration | None = None,
     initial: LearnedPolicy | None = None,
 ) -> TrainResult:
     """Trains a policy on `scenarios` for `args.minutes` (or `args.max_iterations`).
 
     `on_iteration(iteration, elapsed fraction, metrics, evaluation or None)` is called after every
     iteration, for progress bars and logs. `initial` continues from existing weights. A
-    `TrainingStopped` from either callback ends the run early, carrying the partial result.
+    `TrainingStopped` from either callback ends the run early, carrying the partial result: what
+    the last validation kept (None when nothing was validated yet).
     """
-    started = clock()
-    kept: list[TrainResult] = []
+    run = _Run.start(args, scenarios, map_rollouts, clock, initial)
     try:
-        return _train(args, scenarios, map_rollouts, clock, on_iteration, initial, kept)
+        fit_forecast(run)
+        validate(run, iteration=0)
+        search_regimes(run)
+        imitate(run)
+        ppo_iterations(run, on_iteration)
+        validate(run, iteration=run.iteration, final=True)
     except TrainingStopped as stop:
-        if kept:
-            partial = kept[0]
-            partial.iterations = len(partial.history)
-            partial.elapsed_s = clock() - started
-            stop.partial = partial
+        if run.kept is not None and run.kept.evaluations:
+            stop.partial = run.finish(iterations=len(run.kept.history))
         raise
+    return run.finish(iterations=run.iteration)
 
 
-def _train(
-    args: Args,
-    scenarios: Sequence[Scenario],
-    map_rollouts: MapRollouts,
-    clock: Callable[[], float],
-    on_iteration: Callable[[int, float, dict[str, float], Evaluation | None], None] | None,
-    initial: LearnedPolicy | None,
-    kept: list[TrainResult],
-) -> TrainResult:
-    """The stages of `train`; the result, once the first validation made one, goes into `kept`
-    so that a stop can hand it over."""
-    if not scenarios:
-        raise ValueError("training needs at least one scenario")
-    # --- seeding --------------------------------------------------------------------------------
-    rng = np.random.default_rng(args.seed)
-    policy = (
-        initial.copy()
-        if initial is not None
-        else LearnedPolicy.create(
-            (
-                AllocatorNetConfig.residual(
-                    args.bases,
-                    hidden=args.hidden,
-                    stop_bias=args.stop_bias,
-                    gate_bias=args.gate_bias,
-                    target_head=args.target_head,
-                )
-                if args.bases
-                else AllocatorNetConfig(hidden=args.hidden, stop_bias=args.stop_bias)
-            ),
-            max_moves=args.max_moves,
-            seed=args.seed,
-            forecaster_config=(
-                ForecasterConfig(window_loads=args.forecast_window_loads) if args.forecast else None
-            ),
-        )
-    )
-    if not (args.train_allocator or args.train_router):
-        raise ValueError("nothing to train: both train_allocator and train_router are off")
-    if not args.train_allocator and not any(has_routing_choice(s) for s in scenarios):
-        raise ValueError(
-            "training the router alone needs a scenario where some job type has two or more "
-            f"eligible queues; none of {[s.name for s in scenarios]} has one"
-        )
-    params = list(policy.router_net.parameters()) if args.train_router else []
-    if args.train_allocator:
-        params += list(policy.allocator_net.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-    budget_s = args.minutes * 60.0
-    started = clock()
-    eval_seeds = [EVAL_SEED_BASE + k for k in range(args.eval_seeds)]
-    tick_s = {s.name: s.allocation.tick_s for s in scenarios}
-    # The forecast fit and the gate's warm start record episodes as long as the teachers are
-    # chosen on (up to `eval_max_duration_s`): a gate fitted on the first minutes of a diurnal
+@dataclass
+class _Run:
+    """What the stages share: the policy being trained, its optimizer, the budget, and the result
+    so far."""
+
+    args: Args
+    scenarios: Sequence[Scenario]
+    map_rollouts: MapRollouts
+    budget: Budget
+    rng: np.random.Generator
+    policy: LearnedPolicy
+    # Whether the policy is new (the supervised stages fit only a new allocator).
+    fresh: bool
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    validation_seeds: list[int]
+    # Episodes of the forecast fit and the gate's warm start are as long as the teachers are
+    # chosen on (up to `validate.max_duration_s`): a gate fitted on the first minutes of a diurnal
     # scenario never saw its peak, and picked the wrong base there.
-    recorded_episode_s = args.eval_max_duration_s or args.episode_s[1]
+    recorded_episode_s: float
+    teacher_seeds: range
+    tuned_params: HeuristicParams
+    forecast_fit: ForecastFit | None = None
+    heuristics: HeuristicResults | None = None
+    # The result, once the first validation (or its skipping) made one.
+    kept: TrainResult | None = None
+    notes: list[str] = field(default_factory=list)
+    iteration: int = 0
 
-    if policy.forecaster_net is not None and initial is None and args.train_allocator:
-        # First, so that the teachers below are chosen, and the gate fitted, on the forecast the
-        # policy will plan with. A regression on exogenous targets is far less noisy than the
-        # policy gradient, so it takes larger steps (as the gate's warm start does, at 3x).
-        result_fit = train_forecaster(
-            policy, scenarios, map_rollouts, rng,
-            episodes_per_scenario=args.forecast_episodes,
-            episode_s=recorded_episode_s,
-            load_scale=args.load_scale, steps=args.forecast_steps,
-            learning_rate=args.learning_rate * 6,
-        )  # fmt: skip
-    else:
-        result_fit = None
-    teacher_seeds = range(TRAIN_SEEDS.start, TRAIN_SEEDS.start + args.teacher_seeds)
+    @classmethod
+    def start(
+        cls,
+        args: Args,
+        scenarios: Sequence[Scenario],
+        map_rollouts: MapRollouts,
+        clock: Callable[[], float],
+        initial: LearnedPolicy | None,
+    ) -> _Run:
+        """Seeding: the rng, the policy (new from `args.net`, or a copy of `initial`) and the
+        optimizer over what is trained."""
+        if not scenarios:
+            raise ValueError("training needs at least one scenario")
+        budget = Budget(args.minutes * 60.0, clock)
+        rng = np.random.default_rng(args.seed)
+        policy = initial.copy() if initial is not None else new_policy(args)
+        if not args.ppo.train_allocator and not any(has_routing_choice(s) for s in scenarios):
+            raise ValueError(
+                "training the router alone needs a scenario where some job type has two or more "
+                f"eligible queues; none of {[s.name for s in scenarios]} has one"
+            )
+        params = list(policy.router_net.parameters()) if args.ppo.train_router else []
+        if args.ppo.train_allocator:
+            params += list(policy.allocator_net.parameters())
+        return cls(
+            args=args,
+            scenarios=scenarios,
+            map_rollouts=budget.meter(map_rollouts),
+            budget=budget,
+            rng=rng,
+            policy=policy,
+            fresh=initial is None,
+            params=params,
+            optimizer=torch.optim.Adam(params, lr=args.ppo.learning_rate, eps=1e-5),
+            validation_seeds=[EVAL_SEED_BASE + k for k in range(args.validate.seeds)],
+            recorded_episode_s=args.validate.max_duration_s or args.ppo.episode_s[1],
+            teacher_seeds=range(
+                TRAIN_SEEDS.start, TRAIN_SEEDS.start + args.imitation.teacher_seeds
+            ),
+            tuned_params=tuned_heuristic_params(scenarios),
+        )
 
-    validation: dict[str, Any] = {
-        "learned_router": args.train_router,
-        "heuristic_params": (
-            tuned_heuristic_params(scenarios) if args.eval_tuned_heuristics else None
+    @property
+    def fits_allocator(self) -> bool:
+        """True when the supervised stages fit the allocator: a new one that is trained."""
+        return self.fresh and self.args.ppo.train_allocator
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def validation_episodes(self, *, with_heuristics: bool, seeds: int = 1) -> int:
+        starts = 2 if self.args.validate.random_starts else 1
+        policies = 1 + (len(HEURISTIC_ALLOCATORS) if with_heuristics else 0)
+        return len(self.scenarios) * starts * policies * seeds
+
+    def keep(self, evaluation: Evaluation) -> None:
+        """Records `evaluation`, and keeps the policy when it scores best so far."""
+        assert self.kept is not None
+        self.kept.evaluations.append(evaluation)
+        if self.kept.best is None or evaluation.score < self.kept.best.score:
+            self.kept.best = evaluation
+            self.kept.policy = self.policy.copy()
+
+    def finish(self, *, iterations: int) -> TrainResult:
+        result = self.kept if self.kept is not None else self._new_result()
+        result.iterations = iterations
+        result.elapsed_s = self.budget.elapsed_s()
+        result.validation_seeds = list(self.validation_seeds)
+        result.notes = list(self.notes)
+        return result
+
+    def _new_result(self) -> TrainResult:
+        return TrainResult(
+            policy=self.policy.copy(),
+            args=self.args,
+            iterations=0,
+            elapsed_s=0.0,
+            forecast_fit=self.forecast_fit,
+        )
+
+
+def new_policy(args: Args) -> LearnedPolicy:
+    """An untrained policy of the shape `args.net` (and `args.forecast`) describe."""
+    net = args.net
+    return LearnedPolicy.create(
+        (
+            AllocatorNetConfig.residual(
+                net.bases,
+                hidden=net.hidden,
+                stop_bias=net.stop_bias,
+                gate_bias=net.gate_bias,
+                target_head=net.target_head,
+            )
+            if net.bases
+            else AllocatorNetConfig(hidden=net.hidden, stop_bias=net.stop_bias)
         ),
-        "random_starts": args.eval_random_starts,
-        "max_duration_s": args.eval_max_duration_s,
-        "p99_weight": args.p99_weight,
-    }
-    evaluation, heuristics = evaluate(policy, scenarios, eval_seeds, map_rollouts, 0, **validation)
-    result = TrainResult(
-        policy=policy.copy(),
-        args=args,
-        iterations=0,
-        elapsed_s=0.0,
-        best=evaluation,
-        forecast_fit=result_fit,
+        max_moves=net.max_moves,
+        seed=args.seed,
+        forecaster_config=(
+            ForecasterConfig(window_loads=args.forecast.window_loads)
+            if args.forecast.enabled
+            else None
+        ),
     )
-    result.evaluations.append(evaluation)
-    kept.append(result)
-    tuned_params = tuned_heuristic_params(scenarios)
-    if policy.allocator_net.target_net is not None and initial is None and args.train_allocator:
-        # Before the gate's teachers are chosen, so the trained head competes with the bases.
-        result.regime_tables, result.target_fit = fit_target_head(
-            policy, scenarios, map_rollouts, rng, args, teacher_seeds, recorded_episode_s
-        )
-    if args.imitation_coef > 0 and args.bases and args.train_allocator:
-        result.base_teachers = choose_base_teachers(
-            scenarios, args.bases, map_rollouts, args.eval_max_duration_s, teacher_seeds, policy
-        )
-        result.teachers = {
-            s: (
-                f"base {k} ({args.bases[k][0]} {args.bases[k][1]})"
-                if k < len(args.bases)
-                else f"option {k} (the target head)"
-            )
-            for s, k in result.base_teachers.items()
-        }
-        if args.gate_pretrain_steps > 0:
-            result.gate_pretrain_nll = pretrain_gate(
-                policy, scenarios, result.base_teachers, map_rollouts, rng,
-                steps=args.gate_pretrain_steps, learning_rate=args.learning_rate * 3,
-                episode_s=recorded_episode_s,
-            )  # fmt: skip
-            # The pretrained policy is a candidate too: validated before any PPO update.
-            evaluation, _ = evaluate(
-                policy, scenarios, eval_seeds, map_rollouts, 0, heuristics, **validation
-            )
-            result.evaluations.append(evaluation)
-            if result.best is None or evaluation.score < result.best.score:
-                result.best = evaluation
-                result.policy = policy.copy()
-    elif args.imitation_coef > 0 and args.train_allocator:
-        result.teachers = choose_teachers(
-            scenarios, tuned_params, map_rollouts, args.eval_max_duration_s, teacher_seeds
-        )
 
-    iteration = 0
+
+def fit_forecast(run: _Run) -> None:
+    """Stage 1: the allocator's rate forecast, by regression on recorded episodes.
+
+    First, so that the teachers below are chosen, and the gate fitted, on the forecast the policy
+    will plan with. A regression on exogenous targets is far less noisy than the policy gradient,
+    so it takes larger steps (as the gate's warm start does, at 3x). The episodes run in rounds of
+    one per scenario, and a round (after the first) and the fit's steps go ahead only while the
+    budget would still hold one seed of the first validation after them."""
+    if run.policy.forecaster_net is None or not run.fits_allocator:
+        return
+    config = run.args.forecast
+    tasks = forecast_tasks(
+        run.policy, run.scenarios, run.rng, episodes_per_scenario=config.episodes,
+        episode_s=run.recorded_episode_s, load_scale=run.args.ppo.load_scale,
+    )  # fmt: skip
+    reserve = run.validation_episodes(with_heuristics=True)
+    recorded: dict[int, RolloutResult] = {}
+    for k in range(config.episodes):
+        round_ = [i for i in range(len(tasks)) if i % config.episodes == k]
+        if k > 0 and not run.budget.affords(len(round_) + reserve):
+            run.note(
+                f"forecast fitted on {k} of {config.episodes} episodes per scenario, to leave "
+                "the budget time for a validation"
+            )
+            break
+        recorded.update(zip(round_, run.map_rollouts([tasks[i] for i in round_]), strict=True))
+    cut = [False]
+
+    def out_of_time() -> bool:
+        cut[0] = not run.budget.affords(reserve)
+        return cut[0]
+
+    run.forecast_fit = fit_forecaster(
+        run.policy, [recorded[i] for i in sorted(recorded)], run.rng, steps=config.steps,
+        learning_rate=run.args.ppo.learning_rate * 6, should_stop=out_of_time,
+    )  # fmt: skip
+    if cut[0]:
+        run.note("forecast fit cut short of its steps, to leave the budget time for a validation")
+
+
+def validate(run: _Run, *, iteration: int, final: bool = False) -> Evaluation | None:
+    """The deterministic policy against every heuristic on the validation seeds; the policy is
+    kept when it scores best so far. Returns the evaluation, None when the budget had no room.
+
+    Runs seed by seed, each only if the budget affords it. The first validation (which also runs
+    the heuristics, cached for the later ones) keeps the seeds that fitted, and every later one
+    uses them; a later one that cannot run them all is skipped, since fewer seeds would not
+    compare with the heuristics' means. `final` validates after the last iteration unless that
+    one was validated already."""
+    if final and (
+        run.kept is None
+        or not run.kept.evaluations
+        or run.kept.evaluations[-1].iteration == iteration
+    ):
+        return None
+    first = run.heuristics is None
+    validation = run.args.validate
+    chunk = run.validation_episodes(with_heuristics=first)
+    if not first and not run.budget.affords(chunk * len(run.validation_seeds)):
+        run.note(f"validation of iteration {iteration} skipped: no time left in the budget")
+        return None
+    tasks: list[RolloutTask] = []
+    results: list[RolloutResult] = []
+    done: list[int] = []
+    for seed in run.validation_seeds:
+        if first and not run.budget.affords(chunk):
+            break
+        seed_tasks = validation_tasks(
+            run.policy, run.scenarios, [seed], with_heuristics=first,
+            learned_router=run.args.ppo.train_router,
+            heuristic_params=run.tuned_params if validation.tuned_heuristics else None,
+            random_starts=validation.random_starts, max_duration_s=validation.max_duration_s,
+        )  # fmt: skip
+        results += run.map_rollouts(seed_tasks)
+        tasks += seed_tasks
+        done.append(seed)
+    if first and len(done) < len(run.validation_seeds):
+        run.note(
+            f"validation on {len(done)} of {len(run.validation_seeds)} seeds: the budget held "
+            "no more" + ("; the policy kept is unvalidated" if not done else "")
+        )
+        run.validation_seeds = done
+    if run.kept is None:
+        run.kept = run._new_result()
+    if not done:
+        return None
+    evaluation, run.heuristics = summarize_validation(
+        tasks, results, iteration, run.heuristics, validation.p99_weight
+    )
+    run.keep(evaluation)
+    return evaluation
+
+
+def search_regimes(run: _Run) -> None:
+    """Stage 3, with a target head: a regime table per bursty scenario, imitated by the head.
+    Before the gate's teachers are chosen, so the trained head competes with the bases."""
+    if run.policy.allocator_net.target_net is None or not run.fits_allocator:
+        return
+    if run.budget.remaining_s() <= 0:
+        run.note("regime search skipped: no time left in the budget")
+        return
+    assert run.kept is not None
+    run.kept.regime_tables, run.kept.target_fit = fit_target_head(
+        run.policy, run.scenarios, run.map_rollouts, run.rng, run.args, run.teacher_seeds,
+        run.recorded_episode_s,
+    )  # fmt: skip
+
+
+def imitate(run: _Run) -> None:
+    """Stage 4, with imitation: each scenario's teacher (a base of a residual allocator, else a
+    tuned heuristic), and for a residual allocator the gate's supervised warm start, validated."""
+    args = run.args
+    if args.imitation.coef <= 0 or not args.ppo.train_allocator:
+        return
+    assert run.kept is not None
+    if run.budget.remaining_s() <= 0:
+        run.note("teachers not chosen (no imitation): no time left in the budget")
+        return
+    bases = args.net.bases
+    if not bases:
+        run.kept.teachers = choose_teachers(
+            run.scenarios, run.tuned_params, run.map_rollouts, args.validate.max_duration_s,
+            run.teacher_seeds,
+        )  # fmt: skip
+        return
+    run.kept.base_teachers = choose_base_teachers(
+        run.scenarios, bases, run.map_rollouts, args.validate.max_duration_s, run.teacher_seeds,
+        run.policy,
+    )  # fmt: skip
+    run.kept.teachers = {
+        s: (
+            f"base {k} ({bases[k][0]} {bases[k][1]})"
+            if k < len(bases)
+            else f"option {k} (the target head)"
+        )
+        for s, k in run.kept.base_teachers.items()
+    }
+    if args.imitation.gate_pretrain_steps > 0:
+        run.kept.gate_pretrain_nll = pretrain_gate(
+            run.policy, run.scenarios, run.kept.base_teachers, run.map_rollouts, run.rng,
+            steps=args.imitation.gate_pretrain_steps, learning_rate=args.ppo.learning_rate * 3,
+            episode_s=run.recorded_episode_s,
+        )  # fmt: skip
+        # The pretrained policy is a candidate too: validated before any PPO update.
+        validate(run, iteration=0)
+
+
+def ppo_iterations(run: _Run, on_iteration: OnIteration | None) -> None:
+    """Stage 5: PPO iterations until the budget (or `max_iterations`) ends them. An iteration
+    starts only when the budget affords it and one validation after it (its own if due, else the
+    final one), both predicted from the episodes and iterations so far."""
+    args = run.args
+    iteration_s: float | None = None
     while True:
-        elapsed_s = clock() - started
-        fraction = min(elapsed_s / budget_s, 1.0) if budget_s > 0 else 1.0
+        fraction = run.budget.fraction()
         if fraction >= 1.0 or (
-            args.max_iterations is not None and iteration >= args.max_iterations
+            args.max_iterations is not None and run.iteration >= args.max_iterations
         ):
             break
-        iteration += 1
+        episodes = args.ppo.inputs_per_iteration * args.ppo.replays
+        validation = run.validation_episodes(with_heuristics=False, seeds=len(run.validation_seeds))
+        predicted_s = run.budget.predict_s(episodes) if iteration_s is None else iteration_s
+        if not run.budget.affords(validation, also_s=predicted_s):
+            run.note(
+                f"stopped after {run.iteration} iterations: the budget left no room for another "
+                "and a validation after it"
+            )
+            break
+        run.iteration += 1
         if args.max_iterations is not None:
-            fraction = max(fraction, (iteration - 1) / args.max_iterations)
-        lr = _anneal(args.learning_rate, fraction) if args.anneal_lr else args.learning_rate
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ent_coef = _anneal(args.ent_coef, fraction)
-        imitation_coef = (
-            _anneal(args.imitation_coef, fraction / args.imitation_fraction)
-            if args.imitation_fraction > 0
-            else 0.0
+            fraction = max(fraction, (run.iteration - 1) / args.max_iterations)
+        started_s = run.budget.elapsed_s()
+        metrics = ppo_iteration(run, fraction)
+        iteration_s = run.budget.elapsed_s() - started_s
+        evaluation = (
+            validate(run, iteration=run.iteration)
+            if run.iteration % args.validate.every == 0
+            else None
         )
-        # A residual allocator imitates with its gate (labels known per scenario), not its moves.
-        teacher_of = result.teachers if imitation_coef > 0 and not args.bases else {}
-
-        # --- rollout ------------------------------------------------------------------------------
-        inputs = _draw_inputs(args, scenarios, rng, fraction)
-        tasks = [
-            RolloutTask(
-                x.scenario,
-                x.seed,
-                load_scale=x.load_scale,
-                duration_s=x.episode_s,
-                policy=policy,
-                policy_seed=int(rng.integers(2**31)),
-                learned_router=args.train_router,
-                allocator_samples=args.train_allocator,
-                record=True,
-                group=g,
-                initial_seed=x.initial_seed,
-                teacher=teacher_of.get(x.scenario.name),
-                teacher_params=tuned_params.get(x.scenario.name, {}).get(
-                    teacher_of.get(x.scenario.name, "")
-                ),
-            )
-            for g, x in enumerate(inputs)
-            for _ in range(args.replays)
-        ]
-        result.train_seeds.extend(x.seed for x in inputs)
-        rollout_started = clock()
-        results = map_rollouts(tasks)
-        rollout_s = clock() - rollout_started
-
-        # --- advantage ----------------------------------------------------------------------------
-        gammas = {r.group: 0.5 ** (tick_s[r.scenario] / args.discount_half_life_s) for r in results}
-        advantages: list[np.ndarray] = [np.zeros(0)] * len(results)
-        for g in {r.group for r in results}:
-            members = [i for i, r in enumerate(results) if r.group == g]
-            group_adv = replay_advantages(
-                [results[i] for i in members],
-                gammas[g],
-                args.reconfiguration_penalty_s,
-                args.slo_penalty_s,
-            )
-            for i, a in zip(members, group_adv, strict=True):
-                advantages[i] = a
-        flat = np.concatenate(advantages) if advantages else np.zeros(0)
-        adv_std = float(flat.std()) + 1e-8
-        advantages = [a / adv_std for a in advantages]
-
-        # --- update -------------------------------------------------------------------------------
-        alloc_batches = (
-            _stack_allocator_batch(results, advantages, result.base_teachers)
-            if args.train_allocator
-            else {}
-        )
-        router_batches = _stack_router_batch(results, advantages) if args.train_router else {}
-        policy.allocator_net.train()
-        policy.router_net.train()
-        stats: dict[str, list[float]] = defaultdict(list)
-        for _epoch in range(args.update_epochs):
-            steps: list[tuple[str, int, torch.Tensor]] = []
-            for kind, batches in (("allocator", alloc_batches), ("router", router_batches)):
-                for key, batch in batches.items():
-                    order = torch.from_numpy(rng.permutation(len(batch["advantage"])))
-                    steps += [
-                        (kind, key, order[i : i + args.minibatch_size])
-                        for i in range(0, len(order), args.minibatch_size)
-                    ]
-            kls: list[float] = []
-            for k in rng.permutation(len(steps)).tolist():
-                kind, key, idx = steps[k]
-                if kind == "allocator":
-                    b = alloc_batches[key]
-                    out = policy.allocator_net(b["features"][idx])
-                    moves_lp, entropy = moves_log_prob(
-                        out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
-                        b["moves"][idx],
-                    )  # fmt: skip
-                    gate_lp, gate_entropy = gate_log_prob(out.gate_logits, b["base"][idx])
-                    new_lp = gate_lp + moves_lp
-                    entropy = entropy + gate_entropy
-                    has_teacher = b["has_teacher"][idx]
-                    teacher_base = b["teacher_base"][idx]
-                    if imitation_coef > 0 and bool((teacher_base >= 0).any()):
-                        labelled = teacher_base >= 0
-                        gate_teacher_lp, _ = gate_log_prob(
-                            out.gate_logits[labelled], teacher_base[labelled]
-                        )
-                        imitation = -gate_teacher_lp.mean()
-                        stats["losses/imitation_nll"].append(float(imitation.detach()))
-                    elif imitation_coef > 0 and float(has_teacher.sum()) > 0:
-                        teacher_lp, _ = moves_log_prob(
-                            out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
-                            b["teacher_moves"][idx],
-                        )  # fmt: skip
-                        imitation = -(teacher_lp * has_teacher).sum() / has_teacher.sum()
-                        stats["losses/imitation_nll"].append(float(imitation.detach()))
-                    else:
-                        imitation = torch.zeros(())
-                else:
-                    b = router_batches[key]
-                    log_probs = torch.log_softmax(policy.router_net(b["features"][idx]), dim=-1)
-                    new_lp = log_probs.gather(1, b["chosen"][idx, None]).squeeze(1)
-                    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-                pg_loss, approx_kl, clipfrac = _clipped_loss(
-                    new_lp, b["old_log_prob"][idx], b["advantage"][idx], args.clip_coef
-                )
-                loss = pg_loss - ent_coef * entropy.mean()
-                if kind == "allocator":
-                    loss = loss + imitation_coef * imitation
-                optimizer.zero_grad()
-                torch.autograd.backward(loss)
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                stats[f"losses/{kind}_policy_loss"].append(float(pg_loss.detach()))
-                stats[f"losses/{kind}_entropy"].append(float(entropy.detach().mean()))
-                stats[f"losses/{kind}_approx_kl"].append(float(approx_kl))
-                stats[f"losses/{kind}_clipfrac"].append(float(clipfrac))
-                kls.append(float(approx_kl))
-            if args.target_kl is not None and kls and float(np.mean(kls)) > args.target_kl:
-                break
-        policy.allocator_net.eval()
-        policy.router_net.eval()
-
-        # --- metrics ------------------------------------------------------------------------------
-        ticks = sum(len(r.rewards) for r in results)
-        metrics = {k: float(np.mean(v)) for k, v in stats.items()}
-        metrics.update(
-            {
-                "charts/learning_rate": lr,
-                "charts/ent_coef": ent_coef,
-                "charts/imitation_coef": imitation_coef,
-                "charts/episodic_mean_jct_s": float(np.nanmean([r.mean_jct_s for r in results])),
-                "charts/moves_per_tick": float(sum(int(r.moved.sum()) for r in results) / ticks),
-                "charts/fallbacks": float(sum(r.fallbacks for r in results)),
-                "charts/route_choices": float(sum(len(r.route_choices) for r in results)),
-                "charts/ticks_per_s": ticks / max(rollout_s, 1e-9),
-                "charts/elapsed_s": clock() - started,
-            }
-        )
-        result.history.append(metrics)
-
-        evaluation_now: Evaluation | None = None
-        if iteration % args.eval_every == 0:
-            evaluation_now, _ = evaluate(
-                policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics, **validation
-            )
-            result.evaluations.append(evaluation_now)
-            if result.best is None or evaluation_now.score < result.best.score:
-                result.best = evaluation_now
-                result.policy = policy.copy()
         if on_iteration is not None:
-            on_iteration(iteration, fraction, metrics, evaluation_now)
+            on_iteration(run.iteration, fraction, metrics, evaluation)
 
-    # A final evaluation, so the last updates are not lost when they were the best.
-    if result.evaluations[-1].iteration != iteration:
-        final, _ = evaluate(
-            policy, scenarios, eval_seeds, map_rollouts, iteration, heuristics, **validation
+
+def ppo_iteration(run: _Run, fraction: float) -> dict[str, float]:
+    """One iteration at `fraction` of the budget: rollout, advantage, update; returns its metrics
+    (also appended to the result's history)."""
+    assert run.kept is not None
+    ppo = run.args.ppo
+    lr = _anneal(ppo.learning_rate, fraction) if ppo.anneal_lr else ppo.learning_rate
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    ent_coef = _anneal(ppo.ent_coef, fraction)
+    imitation = run.args.imitation
+    imitation_coef = (
+        _anneal(imitation.coef, fraction / imitation.fraction) if imitation.fraction > 0 else 0.0
+    )
+
+    # --- rollout ------------------------------------------------------------------------------
+    inputs = _draw_inputs(run.args, run.scenarios, run.rng, fraction)
+    tasks = _rollout_tasks(run, inputs, imitation_coef)
+    run.kept.train_seeds.extend(x.seed for x in inputs)
+    rollout_started_s = run.budget.elapsed_s()
+    results = run.map_rollouts(tasks)
+    rollout_s = run.budget.elapsed_s() - rollout_started_s
+
+    # --- advantage ----------------------------------------------------------------------------
+    advantages = _normalized_advantages(run, results)
+
+    # --- update -------------------------------------------------------------------------------
+    stats = _update(run, results, advantages, ent_coef, imitation_coef)
+
+    # --- metrics ------------------------------------------------------------------------------
+    ticks = sum(len(r.rewards) for r in results)
+    metrics = {k: float(np.mean(v)) for k, v in stats.items()}
+    metrics.update(
+        {
+            "charts/learning_rate": lr,
+            "charts/ent_coef": ent_coef,
+            "charts/imitation_coef": imitation_coef,
+            "charts/episodic_mean_jct_s": float(np.nanmean([r.mean_jct_s for r in results])),
+            "charts/moves_per_tick": float(sum(int(r.moved.sum()) for r in results) / ticks),
+            "charts/fallbacks": float(sum(r.fallbacks for r in results)),
+            "charts/route_choices": float(sum(len(r.route_choices) for r in results)),
+            "charts/ticks_per_s": ticks / max(rollout_s, 1e-9),
+            "charts/elapsed_s": run.budget.elapsed_s(),
+        }
+    )
+    run.kept.history.append(metrics)
+    return metrics
+
+
+def _rollout_tasks(run: _Run, inputs: Sequence[_Input], imitation_coef: float) -> list[RolloutTask]:
+    """`replays` sampled episodes of each input, grouped by input for the baseline."""
+    assert run.kept is not None
+    ppo = run.args.ppo
+    # A residual allocator imitates with its gate (labels known per scenario), not its moves.
+    teacher_of = run.kept.teachers if imitation_coef > 0 and not run.args.net.bases else {}
+    return [
+        RolloutTask(
+            x.scenario,
+            x.seed,
+            load_scale=x.load_scale,
+            duration_s=x.episode_s,
+            policy=run.policy,
+            policy_seed=int(run.rng.integers(2**31)),
+            learned_router=ppo.train_router,
+            allocator_samples=ppo.train_allocator,
+            record=True,
+            group=g,
+            initial_seed=x.initial_seed,
+            teacher=teacher_of.get(x.scenario.name),
+            teacher_params=run.tuned_params.get(x.scenario.name, {}).get(
+                teacher_of.get(x.scenario.name, "")
+            ),
         )
-        result.evaluations.append(final)
-        if result.best is None or final.score < result.best.score:
-            result.best = final
-            result.policy = policy.copy()
-    result.iterations = iteration
-    result.elapsed_s = clock() - started
-    return result
+        for g, x in enumerate(inputs)
+        for _ in range(ppo.replays)
+    ]
+
+
+def _normalized_advantages(run: _Run, results: Sequence[RolloutResult]) -> list[np.ndarray]:
+    """Per episode, per tick: `replay_advantages` within each input's replays, then divided by
+    the iteration's standard deviation."""
+    ppo = run.args.ppo
+    tick_s = {s.name: s.allocation.tick_s for s in run.scenarios}
+    gammas = {r.group: 0.5 ** (tick_s[r.scenario] / ppo.discount_half_life_s) for r in results}
+    advantages: list[np.ndarray] = [np.zeros(0)] * len(results)
+    for g in {r.group for r in results}:
+        members = [i for i, r in enumerate(results) if r.group == g]
+        group_adv = replay_advantages(
+            [results[i] for i in members],
+            gammas[g],
+            ppo.reconfiguration_penalty_s,
+            ppo.slo_penalty_s,
+        )
+        for i, a in zip(members, group_adv, strict=True):
+            advantages[i] = a
+    flat = np.concatenate(advantages) if advantages else np.zeros(0)
+    adv_std = float(flat.std()) + 1e-8
+    return [a / adv_std for a in advantages]
+
+
+def _update(
+    run: _Run,
+    results: Sequence[RolloutResult],
+    advantages: Sequence[np.ndarray],
+    ent_coef: float,
+    imitation_coef: float,
+) -> dict[str, list[float]]:
+    """`update_epochs` passes of clipped-surrogate minibatch steps over the iteration's
+    decisions (allocator and router minibatches shuffled together); returns the losses."""
+    assert run.kept is not None
+    ppo = run.args.ppo
+    policy, rng = run.policy, run.rng
+    alloc_batches = (
+        _stack_allocator_batch(results, advantages, run.kept.base_teachers)
+        if ppo.train_allocator
+        else {}
+    )
+    router_batches = _stack_router_batch(results, advantages) if ppo.train_router else {}
+    policy.allocator_net.train()
+    policy.router_net.train()
+    stats: dict[str, list[float]] = defaultdict(list)
+    for _epoch in range(ppo.update_epochs):
+        steps: list[tuple[str, int, torch.Tensor]] = []
+        for kind, batches in (("allocator", alloc_batches), ("router", router_batches)):
+            for key, batch in batches.items():
+                order = torch.from_numpy(rng.permutation(len(batch["advantage"])))
+                steps += [
+                    (kind, key, order[i : i + ppo.minibatch_size])
+                    for i in range(0, len(order), ppo.minibatch_size)
+                ]
+        kls: list[float] = []
+        for k in rng.permutation(len(steps)).tolist():
+            kind, key, idx = steps[k]
+            if kind == "allocator":
+                b = alloc_batches[key]
+                new_lp, entropy, imitation = _allocator_terms(policy, b, idx, imitation_coef)
+                if imitation is not None:
+                    stats["losses/imitation_nll"].append(float(imitation.detach()))
+            else:
+                b = router_batches[key]
+                log_probs = torch.log_softmax(policy.router_net(b["features"][idx]), dim=-1)
+                new_lp = log_probs.gather(1, b["chosen"][idx, None]).squeeze(1)
+                entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+                imitation = None
+            pg_loss, approx_kl, clipfrac = _clipped_loss(
+                new_lp, b["old_log_prob"][idx], b["advantage"][idx], ppo.clip_coef
+            )
+            loss = pg_loss - ent_coef * entropy.mean()
+            if kind == "allocator":
+                loss = loss + imitation_coef * (
+                    imitation if imitation is not None else torch.zeros(())
+                )
+            run.optimizer.zero_grad()
+            torch.autograd.backward(loss)
+            torch.nn.utils.clip_grad_norm_(run.params, ppo.max_grad_norm)
+            run.optimizer.step()
+            stats[f"losses/{kind}_policy_loss"].append(float(pg_loss.detach()))
+            stats[f"losses/{kind}_entropy"].append(float(entropy.detach().mean()))
+            stats[f"losses/{kind}_approx_kl"].append(float(approx_kl))
+            stats[f"losses/{kind}_clipfrac"].append(float(clipfrac))
+            kls.append(float(approx_kl))
+        if ppo.target_kl is not None and kls and float(np.mean(kls)) > ppo.target_kl:
+            break
+    policy.allocator_net.eval()
+    policy.router_net.eval()
+    return stats
+
+
+def _allocator_terms(
+    policy: LearnedPolicy, b: dict[str, torch.Tensor], idx: torch.Tensor, imitation_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probability of the taken gate option and moves, their entropy, the imitation NLL or
+    None) on minibatch `idx` of allocator batch `b`. A residual allocator imitates with its gate
+    (its ticks carry a teacher base), a plain one with the teacher's moves."""
+    out = policy.allocator_net(b["features"][idx])
+    moves_lp, entropy = moves_log_prob(
+        out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx], b["moves"][idx]
+    )
+    gate_lp, gate_entropy = gate_log_prob(out.gate_logits, b["base"][idx])
+    imitation: torch.Tensor | None = None
+    has_teacher = b["has_teacher"][idx]
+    teacher_base = b["teacher_base"][idx]
+    if imitation_coef > 0 and bool((teacher_base >= 0).any()):
+        labelled = teacher_base >= 0
+        gate_teacher_lp, _ = gate_log_prob(out.gate_logits[labelled], teacher_base[labelled])
+        imitation = -gate_teacher_lp.mean()
+    elif imitation_coef > 0 and float(has_teacher.sum()) > 0:
+        teacher_lp, _ = moves_log_prob(
+            out, b["counts"][idx], b["free"][idx], b["low"][idx], b["high"][idx],
+            b["teacher_moves"][idx],
+        )  # fmt: skip
+        imitation = -(teacher_lp * has_teacher).sum() / has_teacher.sum()
+    return gate_lp + moves_lp, entropy + gate_entropy, imitation

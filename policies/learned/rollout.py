@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from policies.allocation import largest_remainder
+from policies.episodes import BaseRecorder, run_episode
 from policies.evaluation import TraceInput, prepare_part
 from policies.guardrails import Guardrails, guardrails_for
 from policies.learned.allocator import LearnedAllocator, TickDecision, moves_toward
@@ -37,7 +38,7 @@ from policies.registry import make_allocator
 from policies.sim.metrics import RunRecord, summarize
 from policies.sim.run import SimRun, SimSpec
 from policies.sim.scenario import Scenario, make_router_for, parse_scenario
-from policies.views import Allocator, Router
+from policies.views import Allocation, Allocator, ClusterView, Router
 
 # Generator fields that carry an arrival rate, by generator kind; `scale_scenario` multiplies them.
 _RATE_FIELDS = {"poisson": ("rate_per_s",), "diurnal": ("base_rate_per_s",)}
@@ -225,53 +226,25 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         assert task.heuristic is not None
         inner = make_allocator(task.heuristic, **dict(task.heuristic_params or {}))
     router = learned_router if learned_router is not None else make_router_for(scenario)
-    allocator = guardrails_for(scenario, inner)
     teacher: Guardrails | None = None
     if task.teacher is not None and learned is not None and task.record:
         teacher = guardrails_for(
             scenario, make_allocator(task.teacher, **dict(task.teacher_params or {}))
         )
-    teacher_moves: list[np.ndarray] = []
-    teacher_targets: list[np.ndarray] = []
-
-    run = prepared.start(router)
-    areas: list[float] = []
-    moved: list[int] = []
-    # Number of routing choices made by the time each tick was reached.
-    route_marks: list[int] = []
-    # (time, jobs routed per queue so far) at every tick, for the forecast targets.
-    routed_marks: list[tuple[float, np.ndarray]] = []
-    tick_times: list[float] = []
-    forecaster = learned.forecaster if learned is not None else None
-    forecasting = forecaster is not None and task.record_forecast
-    while (view := run.advance_to_next_tick()) is not None:
-        if forecasting:
-            routed_marks.append((view.now_s, run.routed_jobs))
-        if learned_router is not None:
-            route_marks.append(len(learned_router.choices))
-        areas.append(_area_now(run))
-        tick_times.append(view.now_s)
-        if teacher is not None and learned is not None:
-            wanted = teacher.allocate(view)
-            recorded = len(learned.decisions)
-            allocation = allocator.allocate(view)
-            if len(learned.decisions) > recorded:
-                d = learned.decisions[-1]
-                target = np.fromiter(
-                    (wanted.get(q.name, q.allocated) for q in view.queues), np.int64, len(d.counts)
-                )
-                teacher_moves.append(
-                    moves_toward(d.counts, d.free, target, d.low, d.high, d.moves.shape[0])
-                )
-                if isinstance(teacher.inner, RegimeTargetsAllocator):
-                    assert teacher.inner.last_targets is not None
-                    teacher_targets.append(teacher.inner.last_targets)
-            moved.append(run.apply(wanted if task.teacher_acts else allocation))
-        else:
-            moved.append(run.apply(allocator.allocate(view)))
-    record = run.record()
-    areas.append(record.area_job_s)
+    transitions = _Transitions(
+        learned=learned,
+        learned_router=learned_router,
+        teacher=teacher,
+        forecasting=learned is not None and learned.forecaster is not None and task.record_forecast,
+    )
+    act = transitions.teacher_acts if teacher is not None and task.teacher_acts else None
+    episode = run_episode(prepared, inner, router, recorders=[transitions], act=act)
+    record = episode.record
     summary = summarize(record)
+    areas = transitions.areas
+    route_marks = transitions.route_marks
+    forecaster = learned.forecaster if learned is not None else None
+    forecasting = transitions.forecasting
 
     route_choices: list[RouteChoice] = []
     route_ticks = np.zeros(0, dtype=np.int64)
@@ -286,18 +259,18 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
     forecast_targets: list[np.ndarray] = []
     if forecasting and forecaster is not None:
         forecast_samples, forecast_targets = forecast_targets_of(
-            forecaster.samples, routed_marks, prepared.spec.horizon_s
+            forecaster.samples, transitions.routed_marks, prepared.spec.horizon_s
         )
     return RolloutResult(
         scenario=scenario.name,
         arrival_seed=task.arrival_seed,
         group=task.group,
         rewards=-np.diff(np.asarray(areas, dtype=np.float64)),
-        moved=np.asarray(moved, dtype=np.int64),
-        slo_misses=slo_misses_per_tick(record, tick_times),
+        moved=np.asarray(transitions.moved, dtype=np.int64),
+        slo_misses=slo_misses_per_tick(record, transitions.tick_times),
         decisions=learned.decisions if learned is not None else [],
-        teacher_moves=teacher_moves,
-        teacher_targets=teacher_targets,
+        teacher_moves=transitions.teacher_moves,
+        teacher_targets=transitions.teacher_targets,
         route_choices=route_choices,
         route_ticks=route_ticks,
         forecast_samples=forecast_samples,
@@ -307,8 +280,74 @@ def run_rollout(task: RolloutTask) -> RolloutResult:
         jobs=summary.completed,
         unfinished=summary.in_system,
         reconfigurations=summary.reconfigurations,
-        fallbacks=allocator.fallback_count,
+        fallbacks=episode.fallbacks,
     )
+
+
+class _Transitions(BaseRecorder):
+    """The training rollout's recorder: per tick the area under jobs in system (the rewards are
+    its differences), the workers moved, the tick times, the routing choices made by then, the
+    routed counts (for the forecast targets) and, with a teacher, what it would have done in the
+    learned policy's situation (DAgger), asked before the policy decides."""
+
+    def __init__(
+        self,
+        *,
+        learned: LearnedAllocator | None,
+        learned_router: LearnedRouter | None,
+        teacher: Guardrails | None,
+        forecasting: bool,
+    ) -> None:
+        self.learned = learned
+        self.learned_router = learned_router
+        self.teacher = teacher
+        self.forecasting = forecasting
+        self.areas: list[float] = []
+        self.moved: list[int] = []
+        # Number of routing choices made by the time each tick was reached.
+        self.route_marks: list[int] = []
+        # (time, jobs routed per queue so far) at every tick, for the forecast targets.
+        self.routed_marks: list[tuple[float, np.ndarray]] = []
+        self.tick_times: list[float] = []
+        self.teacher_moves: list[np.ndarray] = []
+        self.teacher_targets: list[np.ndarray] = []
+        self._wanted: Allocation = {}
+        self._recorded = 0
+
+    def tick(self, run: SimRun, view: ClusterView) -> None:
+        if self.forecasting:
+            self.routed_marks.append((view.now_s, run.routed_jobs))
+        if self.learned_router is not None:
+            self.route_marks.append(len(self.learned_router.choices))
+        self.areas.append(_area_now(run))
+        self.tick_times.append(view.now_s)
+        if self.teacher is not None and self.learned is not None:
+            self._wanted = self.teacher.allocate(view)
+            self._recorded = len(self.learned.decisions)
+
+    def teacher_acts(self, view: ClusterView, allocation: Allocation) -> Allocation:
+        """The teacher's allocation in place of the policy's (the first rounds of DAgger)."""
+        return self._wanted
+
+    def decided(self, run: SimRun, view: ClusterView, allocation: Allocation, moved: int) -> None:
+        learned, teacher = self.learned, self.teacher
+        if teacher is not None and learned is not None and len(learned.decisions) > self._recorded:
+            d = learned.decisions[-1]
+            target = np.fromiter(
+                (self._wanted.get(q.name, q.allocated) for q in view.queues),
+                np.int64,
+                len(d.counts),
+            )
+            self.teacher_moves.append(
+                moves_toward(d.counts, d.free, target, d.low, d.high, d.moves.shape[0])
+            )
+            if isinstance(teacher.inner, RegimeTargetsAllocator):
+                assert teacher.inner.last_targets is not None
+                self.teacher_targets.append(teacher.inner.last_targets)
+        self.moved.append(moved)
+
+    def end(self, run: SimRun, record: RunRecord) -> None:
+        self.areas.append(record.area_job_s)
 
 
 def slo_misses_per_tick(record: RunRecord, tick_times: Sequence[float]) -> np.ndarray:

@@ -396,15 +396,18 @@ def make_router_for(scenario: Scenario, name: str | None = None) -> Router:
     return make_router(name)
 
 
-def make_allocator_for(scenario: Scenario, name: str | None = None) -> Allocator:
-    """The scenario's allocator (or `name`, with the scenario's params only if it names the same),
-    wrapped in the scenario's guardrails."""
+def scenario_allocator(scenario: Scenario, name: str | None = None) -> Allocator:
+    """The scenario's allocator (or `name`, with the scenario's params only if it names the
+    same), unguarded: `policies.episodes.run_episode` adds the guardrails."""
     allocation = scenario.allocation
     if name is None or name == allocation.policy:
-        inner = make_allocator(allocation.policy, **allocation.params)
-    else:
-        inner = make_allocator(name)
-    return guardrails_for(scenario, inner)
+        return make_allocator(allocation.policy, **allocation.params)
+    return make_allocator(name)
+
+
+def make_allocator_for(scenario: Scenario, name: str | None = None) -> Allocator:
+    """`scenario_allocator` wrapped in the scenario's guardrails, for driving a `SimRun` by hand."""
+    return guardrails_for(scenario, scenario_allocator(scenario, name))
 
 
 @dataclass(frozen=True, eq=False)

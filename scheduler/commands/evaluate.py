@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from policies.evaluation import (
+    MapEpisodes,
     PolicyFactory,
     RouterFactory,
     RunOutcome,
@@ -38,6 +39,7 @@ from policies.tuning import (
 )
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
 from scheduler.commands._tables import Column, policy_label, print_table
+from scheduler.episode_tasks import episode_executor
 
 
 def _note(message: str) -> None:
@@ -95,7 +97,10 @@ def _router_factory(router: str) -> RouterFactory:
 
 
 def _tuned_params(
-    item: ScenarioInput, retune: bool, baselines: Sequence[str]
+    item: ScenarioInput,
+    retune: bool,
+    baselines: Sequence[str],
+    map_episodes: MapEpisodes | None = None,
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """(params per heuristic, where they came from): the shipped values for exactly this
     scenario, else a fresh tuning on the training arrivals."""
@@ -106,7 +111,9 @@ def _tuned_params(
     _note(f"tuning heuristics on {item.scenario.name} ({reason}) ...")
     try:
         grids = {n: g for n, g in default_grids(item.scenario).items() if n in baselines}
-        tuning = tune_scenario(item.scenario, grids=grids, trace=item.trace)
+        tuning = tune_scenario(
+            item.scenario, grids=grids, trace=item.trace, map_episodes=map_episodes
+        )
     except ValueError as exc:
         raise fail(f"{item.scenario.name}: {exc}") from None
     _note(f"  tuned in {tuning.wall_s:.1f} s on training seeds {list(tuning.seeds)}")
@@ -133,9 +140,10 @@ def _run_all(
     factories: dict[str, PolicyFactory],
     seeds: Sequence[int],
     routers: dict[str, RouterFactory] | None = None,
+    map_episodes: MapEpisodes | None = None,
 ) -> dict[str, list[RunOutcome]]:
     """Every entry of `factories` (with its router from `routers`, if any) on every seed, with a
-    progress bar on a terminal."""
+    progress bar on a terminal; with `map_episodes`, as its tasks."""
     with ExitStack() as stack:
         bar = _progress()
         update: Callable[[str, int], None] | None = None
@@ -155,6 +163,7 @@ def _run_all(
                 trace=item.trace,
                 progress=update,
                 routers=routers,
+                map_episodes=map_episodes,
             )
         except ValueError as exc:
             raise fail(f"{item.scenario.name}: {exc}") from None
@@ -167,11 +176,12 @@ def _evaluate_one(
     baselines: Sequence[str],
     seeds: Sequence[int],
     retune: bool,
+    map_episodes: MapEpisodes | None = None,
 ) -> dict[str, Any]:
-    params, source = _tuned_params(item, retune, baselines)
+    params, source = _tuned_params(item, retune, baselines, map_episodes)
     factories: dict[str, PolicyFactory] = {"__policy__": factory(item.scenario)}
     factories.update(heuristic_factories(params, baselines))
-    results = _run_all(item, factories, seeds)
+    results = _run_all(item, factories, seeds, map_episodes=map_episodes)
     return _scenario_payload(item, policy, results, params, source, baselines)
 
 
@@ -182,15 +192,16 @@ def _evaluate_router(
     baselines: Sequence[str],
     seeds: Sequence[int],
     retune: bool,
+    map_episodes: MapEpisodes | None = None,
 ) -> dict[str, Any]:
     """The router under test against every heuristic router of `baselines`, all with the
     scenario's allocator at its tuned parameters, on the same held-out jobs."""
     allocator = item.scenario.allocation.policy
-    params, source = _tuned_params(item, retune, [allocator])
+    params, source = _tuned_params(item, retune, [allocator], map_episodes)
     allocate = heuristic_factory(allocator, params.get(allocator, {}))
     routers: dict[str, RouterFactory] = {"__policy__": factory}
     routers.update({name: functools.partial(make_router, name) for name in baselines})
-    results = _run_all(item, dict.fromkeys(routers, allocate), seeds, routers)
+    results = _run_all(item, dict.fromkeys(routers, allocate), seeds, routers, map_episodes)
     payload = _scenario_payload(item, router, results, {}, source, baselines)
     payload["compared"] = "routers"
     payload["allocator"] = {"name": allocator, "params": params.get(allocator, {})}
@@ -354,6 +365,14 @@ def evaluate(
         Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Run the (policy x seed) episodes as Ray tasks on a local Ray of this many "
+            "CPUs; 0 runs them in this process (the same numbers either way).",
+        ),
+    ] = 0,
     retune: Annotated[
         bool,
         typer.Option(
@@ -384,24 +403,30 @@ def evaluate(
     unknown = [b for b in chosen if b not in known]
     if unknown:
         raise fail(f"unknown baseline(s) {unknown}; choose from: {', '.join(known)}")
+    if workers < 0:
+        raise fail(f"--workers must be >= 0, got {workers}")
     inputs: list[ScenarioInput]
     if router is not None:
         router_factory = _router_factory(router)
         inputs = read_inputs(scenarios, trace)
-        payloads = {
-            item.scenario.name: _evaluate_router(
-                item, router, router_factory, chosen, seed_list, retune
-            )
-            for item in inputs
-        }
+        with episode_executor(workers) as run:
+            payloads = {
+                item.scenario.name: _evaluate_router(
+                    item, router, router_factory, chosen, seed_list, retune, run
+                )
+                for item in inputs
+            }
     else:
         assert policy is not None
         factory = _policy_factory(policy)
         inputs = read_inputs(scenarios, trace)
-        payloads = {
-            item.scenario.name: _evaluate_one(item, policy, factory, chosen, seed_list, retune)
-            for item in inputs
-        }
+        with episode_executor(workers) as run:
+            payloads = {
+                item.scenario.name: _evaluate_one(
+                    item, policy, factory, chosen, seed_list, retune, run
+                )
+                for item in inputs
+            }
     if as_json:
         out = {
             "policy": policy,

@@ -14,16 +14,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from policies.guardrails import guardrails_for
+from policies.episodes import ProgressReport, run_episode
 from policies.registry import ALLOCATORS, HEURISTIC_ALLOCATORS, ROUTERS
 from policies.sim.metrics import RunRecord, summarize
 from policies.sim.scenario import (
     PreparedRun,
     Scenario,
     ScenarioError,
-    make_allocator_for,
     make_router_for,
     prepare,
+    scenario_allocator,
 )
 from policies.sim.traces import TraceError
 from policies.views import Allocator, Router
@@ -56,11 +56,11 @@ def check_router(router: str | None) -> None:
 
 
 def _allocator_for(scenario: Scenario, policy: str | None) -> Allocator:
-    """A heuristic via the scenario (its params and guardrails), or a learned policy ("learned"
-    or a checkpoint path) under the same guardrails, its move masks told the scenario's bounds."""
+    """A heuristic via the scenario (its params), or a learned policy ("learned" or a checkpoint
+    path), its move masks told the scenario's bounds; unguarded (the episode adds the guardrails)."""
     if policy is None or policy in ALLOCATORS:
-        return make_allocator_for(scenario, policy)
-    return guardrails_for(scenario, resolve_allocator(policy, bounds=scenario.bounds()))
+        return scenario_allocator(scenario, policy)
+    return resolve_allocator(policy, bounds=scenario.bounds())
 
 
 def _router_for(scenario: Scenario, router: str | None) -> Router:
@@ -136,10 +136,10 @@ def _run_one(prepared: PreparedRun, policy: str | None, router: str | None) -> R
     allocator = _allocator_for(scenario, policy)
     label = f"{scenario.name}: {allocator.name}"
     with _progress(label, prepared.spec.horizon_s) as progress:
-        started = time.perf_counter()
-        run = prepared.start(_router_for(scenario, router))
-        run.run(allocator, progress)
-        return run.record(wall_s=time.perf_counter() - started)
+        router_now = _router_for(scenario, router)
+        return run_episode(
+            prepared, allocator, router_now, recorders=[ProgressReport(progress)]
+        ).record
 
 
 def _result_dict(record: RunRecord, policy: str, router: str, seed: int) -> dict[str, Any]:

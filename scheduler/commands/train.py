@@ -7,6 +7,7 @@ The checkpoint then runs with `bilevel simulate --policy CHECKPOINT.pt` and in t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import platform
@@ -28,7 +29,6 @@ from policies.features import FEATURE_SCHEMA_VERSION
 from policies.learned.networks import BaseSpec
 from policies.learned.policy import LearnedPolicy
 from policies.learned.ppo import (
-    EVAL_SEED_BASE,
     Args,
     Evaluation,
     TrainingStopped,
@@ -46,6 +46,7 @@ from scheduler.checkpoints import (
     save_checkpoint,
 )
 from scheduler.commands._common import fail, read_inputs
+from scheduler.commands._dataclass_cli import build, dataclass_options, with_options
 from scheduler.commands._outputs import check_output, write_failed
 from scheduler.commands._tables import Column, print_table
 from scheduler.stopping import StopSignals
@@ -170,7 +171,7 @@ def parse_base(text: str) -> BaseSpec:
     return name, params
 
 
-def train_command(
+def _own_options(
     scenario: Annotated[
         list[Path],
         typer.Option(
@@ -194,14 +195,9 @@ def train_command(
             "Training replays its first part; the rest stays held out for `bilevel evaluate`.",
         ),
     ] = None,
-    minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock training budget.")] = 12.0,
     workers: Annotated[
         int, typer.Option("--workers", help="Parallel rollouts (Ray CPUs); 0 runs them serially.")
     ] = 2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of weights and curriculum.")] = 1,
-    iterations: Annotated[
-        int | None, typer.Option("--iterations", help="Stop after this many iterations.")
-    ] = None,
     address: Annotated[
         str | None,
         typer.Option("--address", help="Ray cluster address (e.g. 'auto'); default: a local Ray."),
@@ -209,95 +205,23 @@ def train_command(
     init: Annotated[
         Path | None, typer.Option("--init", help="Continue from this checkpoint's weights.")
     ] = None,
-    eval_every: Annotated[
-        int, typer.Option("--eval-every", help="Iterations between validation evaluations.")
-    ] = 5,
-    eval_seeds: Annotated[
-        int,
-        typer.Option(
-            "--eval-seeds", help="Validation arrival seeds per scenario (from EVAL_SEED_BASE)."
-        ),
-    ] = 4,
-    max_moves: Annotated[
-        int, typer.Option("--max-moves", help="Worker moves the allocator may make per tick.")
-    ] = 4,
-    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Adam step size.")] = 5e-4,
-    reconfiguration_penalty_s: Annotated[
-        float,
-        typer.Option(
-            "--reconfiguration-penalty-s",
-            help="Job-seconds charged per worker moved, on top of the simulated model load.",
-        ),
-    ] = 0.0,
-    slo_penalty_s: Annotated[
-        float,
-        typer.Option(
-            "--slo-penalty-s",
-            help="Job-seconds charged per job that passes its JCT target (deadline or SLO).",
-        ),
-    ] = 0.0,
-    imitation_coef: Annotated[
-        float,
-        typer.Option(
-            "--imitation-coef",
-            help="Initial weight of imitating each scenario's best tuned heuristic on the policy's "
-            "own states (DAgger); annealed to 0. 0 disables it.",
-        ),
-    ] = 0.0,
-    imitation_fraction: Annotated[
-        float,
-        typer.Option(
-            "--imitation-fraction", help="Fraction of the budget over which imitation decays."
-        ),
-    ] = 0.5,
-    base: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--base",
-            metavar="NAME[:K=V,...]",
-            help="Train a residual allocator over this heuristic, as NAME or NAME:K=V,K=V "
-            "(constructor parameters, the same for every scenario); repeat for several, which a "
-            "learned gate picks from each tick. The untrained policy is the first.",
-        ),
-    ] = None,
-    stop_bias: Annotated[
-        float,
-        typer.Option(
-            "--stop-bias",
-            help="Initial stop logit (for a residual allocator: how rarely the untrained policy "
-            "departs from the picked heuristic while exploring).",
-        ),
-    ] = 2.0,
-    gate_bias: Annotated[
-        float,
-        typer.Option("--gate-bias", help="Initial gate logit of the first --base (others 0)."),
-    ] = 2.0,
-    router_only: Annotated[
-        bool,
-        typer.Option(
-            "--router-only",
-            help="Train only the learned router, in episodes of the --init policy's allocator "
-            "acting by its mode (not updated); needs a scenario with a routing choice.",
-        ),
-    ] = False,
-    target_head: Annotated[
-        bool,
-        typer.Option(
-            "--target-head",
-            help="Give the residual allocator (needs --base) its own targets as one more gate "
-            "option: a split of the workers by burst regime, learned by imitating a regime table "
-            "that a policy search finds on each scenario with bursty queues.",
-        ),
-    ] = False,
-    forecast: Annotated[
-        bool,
-        typer.Option(
-            "--forecast/--no-forecast",
-            help="Fit a learned arrival-rate forecast that the allocator and its bases plan with.",
-        ),
-    ] = True,
 ) -> None:
+    """The options of `bilevel train` that are not training arguments (those come from `Args`)."""
+
+
+# Training arguments the command line spells as text: `--base NAME[:K=V,...]`, repeatable.
+_PARSERS = {"net.bases": lambda text: parse_base(text)}
+_OWN = list(inspect.signature(_own_options, eval_str=True).parameters.values())
+
+
+def train_command(**options: Any) -> None:
     """Train the learned allocator (and router) on scenarios; write a checkpoint and its curve."""
+    scenario: list[Path] = options.pop("scenario")
+    out: Path = options.pop("out")
+    trace: Path | None = options.pop("trace")
+    workers: int = options.pop("workers")
+    address: str | None = options.pop("address")
+    init: Path | None = options.pop("init")
     weights_path, meta_path = checkpoint_paths(out)
     for path in (weights_path, meta_path, weights_path.with_suffix(".png")):
         check_output("--out", path, create_parents=True)
@@ -310,27 +234,10 @@ def train_command(
         except CheckpointError as exc:
             raise fail(str(exc)) from None
     try:
-        args = Args(
-            bases=tuple(parse_base(text) for text in base or []),
-            stop_bias=stop_bias,
-            gate_bias=gate_bias,
-            seed=seed,
-            minutes=minutes,
-            max_iterations=iterations,
-            eval_every=eval_every,
-            eval_seeds=eval_seeds,
-            max_moves=max_moves,
-            learning_rate=learning_rate,
-            reconfiguration_penalty_s=reconfiguration_penalty_s,
-            slo_penalty_s=slo_penalty_s,
-            imitation_coef=imitation_coef,
-            imitation_fraction=imitation_fraction,
-            forecast=forecast,
-            target_head=target_head,
-            train_allocator=not router_only,
-        )
+        args = build(Args, options, parsers=_PARSERS)
     except ValueError as exc:
         raise fail(str(exc)) from None
+    router_only = not args.ppo.train_allocator
     if router_only and initial is None:
         raise fail("--router-only trains the router of an existing policy: give --init CHECKPOINT")
     if router_only and not any(has_routing_choice(s) for s in scenarios):
@@ -367,7 +274,7 @@ def train_command(
                 highlight=False,
                 soft_wrap=True,
             )
-        metadata = _metadata(result, args, scenario, scenarios, traces, workers, wall_s, seed)
+        metadata = _metadata(result, args, scenario, scenarios, traces, workers, wall_s)
         metadata["initialized_from"] = (
             {"path": str(init), "metadata": initial_meta} if initial_meta is not None else None
         )
@@ -376,6 +283,8 @@ def train_command(
             if stop.requested
             else None
         )
+        for note in result.notes:
+            console.print(f"budget: {note}", highlight=False, soft_wrap=True)
         if result.best is not None:
             _print_summary(result.best)
         _write(out, result, metadata, wall_s)
@@ -491,7 +400,6 @@ def _metadata(
     traces: dict[str, TraceInput],
     workers: int,
     wall_s: float,
-    seed: int,
 ) -> dict[str, Any]:
     """What a checkpoint records about the run that made it."""
     return {
@@ -509,16 +417,17 @@ def _metadata(
             }
             for name, t in traces.items()
         },
-        "seed": seed,
+        "seed": args.seed,
         "train_arrival_seeds": (
             f"{len(result.train_seeds)} seeds drawn from [{TRAIN_SEEDS.start}, {TRAIN_SEEDS.stop})"
         ),
-        "validation_arrival_seeds": [EVAL_SEED_BASE + k for k in range(args.eval_seeds)],
+        "validation_arrival_seeds": result.validation_seeds,
         "validation": "tuned heuristics (policies.tuned), scenario start"
-        + (" and random starts" if args.eval_random_starts else "")
+        + (" and random starts" if args.validate.random_starts else "")
         + "; score = mean of worst and geometric-mean per-cell badness (mean ratio + p99 penalty)",
         "workers": workers,
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "args": args.to_dict(),
+        "budget_notes": result.notes,
         "imitation_teachers": result.teachers,
         "gate_pretrain_nll": None
         if math.isnan(result.gate_pretrain_nll)
@@ -569,5 +478,6 @@ def _write(out: Path, result: TrainResult, metadata: dict[str, Any], wall_s: flo
 
 
 def register(app: typer.Typer) -> None:
-    """Adds the `train` command to the CLI."""
-    app.command("train")(train_command)
+    """Adds the `train` command to the CLI, its training options derived from `Args`."""
+    derived = dataclass_options(Args, parsers=_PARSERS)
+    app.command("train")(with_options(train_command, _OWN, derived))

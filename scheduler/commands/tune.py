@@ -21,12 +21,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from policies.evaluation import MapEpisodes
 from policies.seeds import TRAIN_SEEDS, TUNING_SEEDS
 from policies.tuned import TunedEntry
 from policies.tuning import ScenarioTuning, render_tuned_module, tune_scenario
 from scheduler.commands._common import ScenarioInput, fail, read_inputs
 from scheduler.commands._outputs import check_output, write_failed
 from scheduler.commands._tables import Column, print_table
+from scheduler.episode_tasks import episode_executor
 
 # The docstring note of a written module: where the values come from.
 MODULE_NOTE = (
@@ -36,7 +38,9 @@ MODULE_NOTE = (
 )
 
 
-def _tune(item: ScenarioInput, seeds: Sequence[int]) -> ScenarioTuning:
+def _tune(
+    item: ScenarioInput, seeds: Sequence[int], map_episodes: MapEpisodes | None = None
+) -> ScenarioTuning:
     console = Console(stderr=True)
     console.print(f"tuning {item.scenario.name} ...", highlight=False)
 
@@ -45,7 +49,13 @@ def _tune(item: ScenarioInput, seeds: Sequence[int]) -> ScenarioTuning:
             console.print(f"  {name}: {total} grid points", highlight=False)
 
     try:
-        tuning = tune_scenario(item.scenario, seeds=seeds, trace=item.trace, progress=progress)
+        tuning = tune_scenario(
+            item.scenario,
+            seeds=seeds,
+            trace=item.trace,
+            progress=progress,
+            map_episodes=map_episodes,
+        )
     except ValueError as exc:
         raise fail(f"{item.scenario.name}: {exc}") from None
     console.print(f"  done in {tuning.wall_s:.1f} s", highlight=False)
@@ -145,6 +155,14 @@ def tune(
         ),
     ] = len(TUNING_SEEDS),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Run the (grid point x seed) episodes as Ray tasks on a local Ray of this many "
+            "CPUs; 0 runs them in this process (the same numbers either way).",
+        ),
+    ] = 0,
 ) -> None:
     """Tune every heuristic on each scenario's training arrivals: a grid over its parameters, the
     point of lowest mean time in system over the tuning seeds."""
@@ -155,7 +173,10 @@ def tune(
         read_tuned_module(write)  # refuse a target that is not a tuned-values module before tuning
     inputs = read_inputs(scenarios, trace)
     seed_list = list(TRAIN_SEEDS[:seeds])
-    tunings = {item.scenario.name: _tune(item, seed_list) for item in inputs}
+    if workers < 0:
+        raise fail(f"--workers must be >= 0, got {workers}")
+    with episode_executor(workers) as run:
+        tunings = {item.scenario.name: _tune(item, seed_list, run) for item in inputs}
     # The results first, so that a module that cannot be written does not take them with it.
     if as_json:
         typer.echo(json.dumps({name: t.to_dict() for name, t in tunings.items()}))

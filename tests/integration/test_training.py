@@ -6,7 +6,7 @@ import pytest
 
 from policies.evaluation import TraceInput
 from policies.learned.policy import LearnedPolicy
-from policies.learned.ppo import Args, train
+from policies.learned.ppo import Args, PPOConfig, ValidationConfig, train
 from policies.learned.rollout import RolloutTask, map_serial
 from policies.sim.scenario import parse_scenario
 from scheduler.training import RayRollouts
@@ -41,8 +41,9 @@ def test_ray_rollouts_match_serial_and_drive_training() -> None:
         assert a.rewards.tolist() == b.rewards.tolist()
         assert [d.log_prob for d in a.decisions] == pytest.approx([d.log_prob for d in b.decisions])
     args = Args(
-        max_iterations=2, inputs_per_iteration=1, replays=2, episode_s=(20.0, 30.0),
-        eval_every=10, eval_seeds=1, update_epochs=1,
+        max_iterations=2,
+        ppo=PPOConfig(inputs_per_iteration=1, replays=2, episode_s=(20.0, 30.0), update_epochs=1),
+        validate=ValidationConfig(every=10, seeds=1),
     )  # fmt: skip
     result = train(args, [scenario], remote)
     assert result.iterations == 2

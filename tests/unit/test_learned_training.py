@@ -20,6 +20,11 @@ from policies.learned.ppo import (
     RANDOM_START,
     Args,
     Evaluation,
+    ForecastConfig,
+    ImitationConfig,
+    NetConfig,
+    PPOConfig,
+    ValidationConfig,
     choose_base_teachers,
     discounted_returns,
     evaluate,
@@ -122,8 +127,10 @@ def _mean_jct(policy: LearnedPolicy, seeds: list[int], policy_seed: int | None) 
 def test_smoke_training_beats_a_random_policy() -> None:
     """A few serial iterations on a tiny scenario give a policy better than random moves."""
     args = Args(
-        seed=0, minutes=10.0, max_iterations=4, inputs_per_iteration=2, replays=3,
-        episode_s=(40.0, 60.0), eval_every=2, eval_seeds=1, update_epochs=2,
+        # A budget far beyond the work: the iterations, not the clock, end this run.
+        seed=0, minutes=600.0, max_iterations=4,
+        ppo=PPOConfig(inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0), update_epochs=2),
+        validate=ValidationConfig(every=2, seeds=1),
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     assert result.iterations == 4
@@ -146,8 +153,9 @@ def test_validation_seeds_are_disjoint_from_training_and_evaluation_seeds() -> N
 
 def test_training_draws_arrival_seeds_from_the_training_range() -> None:
     args = Args(
-        seed=0, max_iterations=2, inputs_per_iteration=3, replays=2, episode_s=(20.0, 30.0),
-        eval_every=10, eval_seeds=1, update_epochs=1, eval_random_starts=False,
+        seed=0, minutes=600.0, max_iterations=2,
+        ppo=PPOConfig(inputs_per_iteration=3, replays=2, episode_s=(20.0, 30.0), update_epochs=1),
+        validate=ValidationConfig(every=10, seeds=1, random_starts=False),
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     assert result.train_seeds
@@ -226,9 +234,10 @@ def test_imitation_labels_every_decision_and_trains() -> None:
     result = run_rollout(task)
     assert len(result.teacher_moves) == len(result.decisions) > 0
     args = Args(
-        seed=0, max_iterations=2, inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0),
-        eval_every=10, eval_seeds=1, update_epochs=1, imitation_coef=1.0,
-        imitation_fraction=1.0,
+        seed=0, max_iterations=2,
+        ppo=PPOConfig(inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0), update_epochs=1),
+        validate=ValidationConfig(every=10, seeds=1),
+        imitation=ImitationConfig(coef=1.0, fraction=1.0),
     )  # fmt: skip
     trained = train(args, [_tiny()], map_serial)
     assert set(trained.teachers) == {"tiny"}
@@ -241,9 +250,10 @@ def test_residual_training_starts_from_its_base_heuristic() -> None:
     # Default parameters, as validation runs them without tuned values.
     bases: tuple[BaseSpec, ...] = (("switch_aware", {}), ("proportional", {}))
     args = Args(
-        seed=0, max_iterations=2, inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0),
-        eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, eval_random_starts=False,
-        eval_tuned_heuristics=False, forecast=False,
+        seed=0, max_iterations=2, net=NetConfig(bases=bases),
+        ppo=PPOConfig(inputs_per_iteration=2, replays=3, episode_s=(40.0, 60.0), update_epochs=2),
+        validate=ValidationConfig(every=10, seeds=1, random_starts=False, tuned_heuristics=False),
+        forecast=ForecastConfig(enabled=False),
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     first = result.evaluations[0].mean_jct_s["tiny"]
@@ -274,9 +284,13 @@ def test_residual_imitation_teaches_the_gate_the_best_base_on_training_seeds() -
     teachers = choose_base_teachers([_tiny()], bases, map_serial)
     assert set(teachers) == {"tiny"}
     args = Args(
-        seed=0, max_iterations=3, inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0),
-        eval_every=10, eval_seeds=1, update_epochs=2, bases=bases, imitation_coef=5.0,
-        imitation_fraction=1.0, eval_random_starts=False, learning_rate=3e-3,
+        seed=0, max_iterations=3, net=NetConfig(bases=bases),
+        ppo=PPOConfig(
+            inputs_per_iteration=2, replays=2, episode_s=(20.0, 30.0), update_epochs=2,
+            learning_rate=3e-3,
+        ),
+        validate=ValidationConfig(every=10, seeds=1, random_starts=False),
+        imitation=ImitationConfig(coef=5.0, fraction=1.0),
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     assert result.base_teachers == teachers
@@ -332,10 +346,11 @@ def test_training_fits_the_forecast_first_and_scores_bases_on_it() -> None:
     the policy forced to each base, the second seed's from a random split of the workers."""
     bases: tuple[BaseSpec, ...] = (("static", {}), ("switch_aware", {}))
     args = Args(
-        seed=0, max_iterations=1, inputs_per_iteration=1, replays=2, episode_s=(40.0, 60.0),
-        eval_every=10, eval_seeds=1, update_epochs=1, bases=bases, imitation_coef=1.0,
-        eval_random_starts=False, forecast_episodes=2, forecast_steps=200, teacher_seeds=2,
-        gate_pretrain_steps=5,
+        seed=0, max_iterations=1, net=NetConfig(bases=bases),
+        ppo=PPOConfig(inputs_per_iteration=1, replays=2, episode_s=(40.0, 60.0), update_epochs=1),
+        validate=ValidationConfig(every=10, seeds=1, random_starts=False),
+        imitation=ImitationConfig(coef=1.0, teacher_seeds=2, gate_pretrain_steps=5),
+        forecast=ForecastConfig(episodes=2, steps=200),
     )  # fmt: skip
     result = train(args, [_tiny()], map_serial)
     fit = result.forecast_fit
@@ -371,9 +386,12 @@ def test_router_alone_trains_the_router_and_leaves_the_allocator_as_it_was() -> 
     )
     start = LearnedPolicy.create(forecaster_config=ForecasterConfig(), seed=3)
     args = Args(
-        seed=0, max_iterations=2, inputs_per_iteration=2, replays=2, episode_s=(30.0, 40.0),
-        eval_every=10, eval_seeds=1, update_epochs=2, eval_random_starts=False,
-        train_allocator=False, learning_rate=3e-3,
+        seed=0, max_iterations=2,
+        ppo=PPOConfig(
+            inputs_per_iteration=2, replays=2, episode_s=(30.0, 40.0), update_epochs=2,
+            train_allocator=False, learning_rate=3e-3,
+        ),
+        validate=ValidationConfig(every=10, seeds=1, random_starts=False),
     )  # fmt: skip
     result = train(args, [twins], map_serial, initial=start)
     before, after = start.state_dict(), result.policy.state_dict()
@@ -425,14 +443,17 @@ def test_slo_misses_are_charged_to_the_tick_the_target_passed() -> None:
 
 
 def test_args_refuse_values_that_would_train_nothing_naming_the_field() -> None:
-    for bad, needle in (
-        ({"slo_penalty_s": -1.0}, "slo_penalty_s"),
-        ({"replays": 0}, "replays"),
-        ({"learning_rate": 0.0}, "learning_rate"),
-        ({"episode_s": (900.0, 300.0)}, "episode_s"),
-        ({"load_scale": (0.0, 1.0)}, "load_scale"),
-        ({"minutes": math.nan}, "minutes"),
-        ({"forecast_window_loads": -2.0}, "forecast_window_loads"),
+    for make, needle in (
+        (lambda: PPOConfig(slo_penalty_s=-1.0), r"ppo\.slo_penalty_s \(--slo-penalty-s\)"),
+        (lambda: PPOConfig(replays=0), r"ppo\.replays \(--replays\)"),
+        (lambda: PPOConfig(learning_rate=0.0), "learning_rate"),
+        (lambda: PPOConfig(episode_s=(900.0, 300.0)), "episode_s"),
+        (lambda: PPOConfig(load_scale=(0.0, 1.0)), "load_scale"),
+        (lambda: Args(minutes=math.nan), "minutes"),
+        (lambda: ForecastConfig(window_loads=-2.0), r"--forecast-window-loads"),
+        (lambda: ValidationConfig(every=0), r"validate\.every \(--eval-every\)"),
+        (lambda: NetConfig(target_head=True), "target_head"),
+        (lambda: Args(ppo=PPOConfig(train_allocator=False, train_router=False)), "nothing"),
     ):
         with pytest.raises(ValueError, match=needle):
-            Args(**bad)  # type: ignore[arg-type]
+            make()

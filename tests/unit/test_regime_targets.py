@@ -13,7 +13,16 @@ import torch
 from policies.features import N_QUEUE_FEATURES
 from policies.learned.networks import AllocatorNetConfig, BaseSpec, QueueSetNetNp, TargetShareNet
 from policies.learned.policy import LearnedPolicy
-from policies.learned.ppo import Args, train
+from policies.learned.ppo import (
+    Args,
+    ForecastConfig,
+    ImitationConfig,
+    NetConfig,
+    PPOConfig,
+    RegimeConfig,
+    ValidationConfig,
+    train,
+)
 from policies.learned.regime_search import bursty_queues, initial_table, search_regime_table
 from policies.learned.rollout import RolloutTask, map_serial, run_rollout
 from policies.learned.target_distill import distill_targets
@@ -364,11 +373,14 @@ def test_distillation_teaches_the_head_the_table() -> None:
 
 def test_training_searches_tables_where_queues_burst_and_offers_the_head_to_the_gate() -> None:
     args = Args(
-        seed=0, max_iterations=1, inputs_per_iteration=1, replays=2, episode_s=(20.0, 30.0),
-        eval_every=10, eval_seeds=1, update_epochs=1, bases=_BASES, target_head=True,
-        imitation_coef=1.0, eval_random_starts=False, forecast=False, teacher_seeds=2,
-        regime_search_rounds=1, distill_rounds=1, distill_episodes=1, distill_steps=20,
-        gate_pretrain_steps=5, eval_max_duration_s=60.0,
+        seed=0, max_iterations=1, net=NetConfig(bases=_BASES, target_head=True),
+        ppo=PPOConfig(inputs_per_iteration=1, replays=2, episode_s=(20.0, 30.0), update_epochs=1),
+        validate=ValidationConfig(every=10, seeds=1, random_starts=False, max_duration_s=60.0),
+        imitation=ImitationConfig(coef=1.0, teacher_seeds=2, gate_pretrain_steps=5),
+        forecast=ForecastConfig(enabled=False),
+        regimes=RegimeConfig(
+            search_rounds=1, distill_rounds=1, distill_episodes=1, distill_steps=20
+        ),
     )  # fmt: skip
     result = train(args, [parse_scenario(BURSTY), parse_scenario(STEADY)], map_serial)
     assert set(result.regime_tables) == {"bursty_tiny"}
@@ -377,4 +389,4 @@ def test_training_searches_tables_where_queues_burst_and_offers_the_head_to_the_
     assert all(0 <= k <= len(_BASES) for k in result.base_teachers.values())
     assert result.policy.allocator_net.target_net is not None
     with pytest.raises(ValueError, match="target_head"):
-        Args(target_head=True)
+        NetConfig(target_head=True)

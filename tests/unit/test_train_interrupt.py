@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from policies.learned.ppo import Args, TrainingStopped, evaluate, train
+from policies.learned.ppo import (
+    Args,
+    ForecastConfig,
+    PPOConfig,
+    TrainingStopped,
+    ValidationConfig,
+    evaluate,
+    train,
+)
 from policies.sim.scenario import parse_scenario
 from scheduler.checkpoints import load_checkpoint
 from scheduler.stopping import StopSignals
@@ -22,13 +30,12 @@ from tests.train_process import FAST, TINY, finish, signal_when, training, wait_
 # --- train() hands over what it kept --------------------------------------------------------------
 
 
-def _args(**overrides: object) -> Args:
-    base: dict[str, object] = {
-        "seed": 0, "minutes": 10.0, "inputs_per_iteration": 2, "replays": 2,
-        "episode_s": (40.0, 60.0), "eval_every": 1, "eval_seeds": 1, "update_epochs": 1,
-        "forecast": False,
-    }  # fmt: skip
-    return Args(**{**base, **overrides})  # type: ignore[arg-type]
+def _args() -> Args:
+    return Args(
+        seed=0, minutes=10.0,
+        ppo=PPOConfig(inputs_per_iteration=2, replays=2, episode_s=(40.0, 60.0), update_epochs=1),
+        validate=ValidationConfig(every=1, seeds=1), forecast=ForecastConfig(enabled=False),
+    )  # fmt: skip
 
 
 def test_a_stop_before_the_first_validation_hands_over_nothing() -> None:
