@@ -26,21 +26,14 @@ from typing import Any, Final
 
 from policies.schema import AllocationSection, Layout, RoutingSection
 from policies.sim.scenario import Scenario
+from policies.sim.traces import GENERIC_COLUMNS
 from scheduler.models import JobStatus
 from scheduler.recording import ModelLoad, ServedJob
 
 TRACE_FILE: Final = "trace.csv"
 SCENARIO_FILE: Final = "scenario.yaml"
-TRACE_COLUMNS: Final = (
-    "arrival_s",
-    "job_type",
-    "service_s",
-    "tokens_in",
-    "tokens_out",
-    "tenant",
-    "priority",
-    "deadline_s",
-)
+# The generic trace CSV's columns (policies.sim.traces), so the loader reads what is written.
+TRACE_COLUMNS: Final = GENERIC_COLUMNS
 _TRACED: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD})
 # Below this spread a job type's run times are taken as constant (a lognormal needs cv > 0).
 _MIN_CV: Final = 1e-3

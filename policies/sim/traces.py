@@ -231,6 +231,8 @@ _GENERIC_OPTIONAL: Final = (
     "priority",
     "deadline_s",
 )
+# Every column of the generic CSV, in the order a writer of one puts them.
+GENERIC_COLUMNS: Final = _GENERIC_REQUIRED + _GENERIC_OPTIONAL
 
 
 def _generic_arrival(cells: Mapping[str, str], *, source: str, line_no: int) -> Arrival:
@@ -275,7 +277,7 @@ def parse_generic_csv(lines: Iterable[str], *, source: str = "<trace>") -> list[
     _check_columns(
         columns,
         required=_GENERIC_REQUIRED,
-        allowed=_GENERIC_REQUIRED + _GENERIC_OPTIONAL,
+        allowed=GENERIC_COLUMNS,
         source=source,
         line_no=header_line_no,
     )

@@ -12,6 +12,7 @@ from typing import TextIO
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from policies.evaluation import TraceInput
 from policies.legacy_layout import LayoutDeprecationWarning
@@ -197,3 +198,16 @@ def read_inputs(paths: Sequence[Path], trace: Path | None) -> list[ScenarioInput
     if duplicated:
         raise fail(f"scenario names must be unique in one run: {duplicated}")
     return inputs
+
+
+def progress_bar(console: Console) -> Progress:
+    """The commands' progress bar (what, a bar, done of total, time elapsed) on `console`, gone
+    once it ends."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from policies.evaluation import (
     MapEpisodes,
@@ -37,7 +37,7 @@ from policies.tuning import (
     shipped_params,
     tune_scenario,
 )
-from scheduler.commands._common import ScenarioInput, fail, read_inputs
+from scheduler.commands._common import ScenarioInput, fail, progress_bar, read_inputs
 from scheduler.commands._tables import Column, policy_label, print_table
 from scheduler.episode_tasks import episode_executor
 
@@ -125,14 +125,7 @@ def _progress() -> Progress | None:
     console = Console(stderr=True)
     if not console.is_terminal:
         return None
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+    return progress_bar(console)
 
 
 def _run_all(

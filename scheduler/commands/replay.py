@@ -20,12 +20,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from policies.sim.calibration import MEASURED, Calibration
 from policies.sim.scenario import ScenarioError
 from policies.sim2real import COMPARED_METRICS, plan_replay, relative_errors, rescaled
-from scheduler.commands._common import fail, read_scenario
+from scheduler.commands._common import fail, progress_bar, read_scenario
 from scheduler.commands._tables import Column, print_table
 from scheduler.commands.simulate import check_policy, check_router, prepare_run
 from scheduler.config import ConfigError
@@ -144,14 +143,7 @@ def replay(
     try:
         with (
             replay_service(plan, policy=policy, router=router, redis_url=redis_url) as service,
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as bar,
+            progress_bar(console) as bar,
         ):
             task = bar.add_task("submitting", total=plan.arrivals)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from policies.views import Allocation, ClusterView
 from scheduler.config import ServiceConfig
 from scheduler.settings import Settings
 from workers.pool_view import PoolView, QueuePoolView
@@ -60,3 +61,24 @@ class PoolDouble:
 
     async def shutdown(self) -> None:
         self.closed = True
+
+
+class Greedy:
+    """Proposes every worker for one queue."""
+
+    name = "greedy"
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+    def allocate(self, view: ClusterView) -> Allocation:
+        return {q.name: view.budget if q.name == self.queue else 0 for q in view.queues}
+
+
+class Broken:
+    """An allocator that always raises, as a learned policy with a bad checkpoint might."""
+
+    name = "broken"
+
+    def allocate(self, view: ClusterView) -> Allocation:
+        raise RuntimeError("checkpoint has the wrong shape")

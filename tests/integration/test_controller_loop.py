@@ -12,7 +12,7 @@ import pytest
 import structlog
 from structlog.testing import CapturingLogger
 
-from policies.views import Allocation, ClusterView
+from policies.views import ClusterView
 from scheduler.service.autoscaling import AutoscaleRequester, WorkerShape
 from scheduler.service.controller_loop import ControllerLoop
 from scheduler.service.views import PublishedState
@@ -20,28 +20,7 @@ from scheduler.settings import Settings
 from scheduler.store import Store
 from tests.conftest import ManualClock, Runner
 from tests.integration.helpers import new_job, submit_to_queue
-from tests.integration.service_helpers import PoolDouble, service_config
-
-
-class Greedy:
-    """Proposes every worker for one queue."""
-
-    name = "greedy"
-
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-
-    def allocate(self, view: ClusterView) -> Allocation:
-        return {q.name: view.budget if q.name == self.queue else 0 for q in view.queues}
-
-
-class Broken:
-    """An allocator that always raises, as a learned policy with a bad checkpoint might."""
-
-    name = "broken"
-
-    def allocate(self, view: ClusterView) -> Allocation:
-        raise RuntimeError("checkpoint has the wrong shape")
+from tests.integration.service_helpers import Broken, Greedy, PoolDouble, service_config
 
 
 class TestTick:

@@ -34,7 +34,7 @@ from tests.integration.observe_helpers import (
     scrape,
     store_totals,
 )
-from tests.integration.service_helpers import PoolDouble, service_config
+from tests.integration.service_helpers import Broken, Greedy, PoolDouble, service_config
 
 
 class TestFinishPathCounts:
@@ -184,25 +184,6 @@ class TestFinishPathCounts:
         codes, t = run(scenario())
         assert [int(c) for c in codes] == [0]
         assert t.jct.count == 1
-
-
-class Greedy:
-    """Proposes every worker for one queue."""
-
-    name = "greedy"
-
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-
-    def allocate(self, view: ClusterView) -> Allocation:
-        return {q.name: view.budget if q.name == self.queue else 0 for q in view.queues}
-
-
-class Broken:
-    name = "broken"
-
-    def allocate(self, view: ClusterView) -> Allocation:
-        raise RuntimeError("checkpoint has the wrong shape")
 
 
 class TestDecisions:
