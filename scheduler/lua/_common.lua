@@ -566,7 +566,13 @@ local function judge(id, index, here, q, names)
     -- find it. Only a damaged store gets here, so the LPOS over a finished list is rare.
     local home = is_queue_name(rec.queue) and rec.queue or INGRESS_QUEUE
     if rec.status == 'dead' then
-      if kcall('ZSCORE', deadkey(home), id) == false then kcall('ZADD', deadkey(home), NOW, id) end
+      if kcall('ZSCORE', deadkey(home), id) == false then
+        -- Dead by its record alone, with no reason and in no dead-letter set: dead-lettered
+        -- here as corrupt, so it carries a reason and is where replay and purge look.
+        corrupt(id, rec, q, 'job record says it is dead, but it is in ' .. place_text(here, q)
+                .. ' instead')
+        return nil, 'dead'
+      end
     elseif kcall('LPOS', donekey(home), id) == false then
       kcall('LPUSH', donekey(home), id)
     end

@@ -686,10 +686,15 @@ def test_a_record_that_says_it_ended_is_kept_and_indexed_where_it_ended(
     store: Store, run: Runner, clock: ManualClock, ended: str, place: str
 ) -> None:
     """A record whose status says the job ended while its entry sits in a live index: the stale
-    entry is dropped, the record stands, and the job is in the one index of its end (a
-    dead-letter set or a finished list), so listings, replay and purge find it."""
+    entry is dropped and the job is in the one index of its end, so listings, replay and purge
+    find it: a finished list for a succeeded or cancelled record (which stands), the dead-letter
+    set for a dead one, dead-lettered as corrupt so that it carries a reason."""
     planted = run(plant(store, place))
     run(store.redis.hset(store.keys.job(planted.victim), "status", ended))
     run(serve(store, clock, place, planted))
     run(assert_each_job_in_one_place(store, [planted.victim, *planted.healthy]))
-    assert run(store.get(planted.victim)).status is JobStatus(ended)
+    victim = run(store.get(planted.victim))
+    assert victim.status is JobStatus(ended)
+    if ended == "dead":
+        assert victim.error is not None
+        assert "job record says it is dead" in victim.error.message
