@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,11 @@ def _worker_names(namespace: str) -> list[str]:
     return [n for n in ray.util.list_named_actors() if n.startswith(prefix) and "worker-" in n]
 
 
-async def _kill_workers_every(period_s: float, namespace: str, stop: asyncio.Event) -> int:
-    """ray.kill a random ModelWorker of the namespace every `period_s` until `stop`."""
+async def _kill_workers_every(
+    period_s: float, namespace: str, stop: asyncio.Event, running: Callable[[], Awaitable[int]]
+) -> int:
+    """ray.kill a random ModelWorker of the namespace every `period_s` until `stop`, each at a
+    moment when some job is running (`running()` counts them), so a kill can catch one."""
     import ray
 
     rng = random.Random(11)
@@ -42,6 +46,9 @@ async def _kill_workers_every(period_s: float, namespace: str, stop: asyncio.Eve
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
+        deadline = time.monotonic() + period_s
+        while not stop.is_set() and await running() == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
         if stop.is_set():
             break
         names = await asyncio.to_thread(_worker_names, namespace)
@@ -67,7 +74,14 @@ def test_a_random_worker_killed_every_2_s_loses_and_doubles_nothing(
         tracked = Tracked(tmp_path / "executions.log")
         async with AsyncClient(settings=config.store) as client:
             stop = asyncio.Event()
-            killer = asyncio.create_task(_kill_workers_every(2.0, settings.namespace, stop))
+            keys, queues = client.store.keys, [q.name for q in config.queues]
+
+            async def running() -> int:
+                return sum([await client.store.redis.zcard(keys.leased(q)) for q in queues])
+
+            killer = asyncio.create_task(
+                _kill_workers_every(2.0, settings.namespace, stop, running)
+            )
             started = time.monotonic()
             await tracked.submit(client, n, batch=100, rate_per_s=500.0, work_s=0.005)
             await tracked.wait_all(timeout_s=85.0)
