@@ -60,6 +60,14 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis server of the module's own, for tests that scan the keyspace once per example:
+    on the session's server the keys every earlier test left would make each scan long."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
 @pytest.fixture
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"

@@ -39,7 +39,7 @@ def _publish(
 
 
 async def _namespace_keys(store: Store) -> set[str]:
-    return {str(k) async for k in store.redis.scan_iter(match=f"{store.keys.prefix}*")}
+    return {str(k) async for k in store.redis.scan_iter(match=f"{store.keys.prefix}*", count=1000)}
 
 
 @pytest.fixture

@@ -214,7 +214,9 @@ class TestNoSilentTraps:
                     handle = await client.submit("embed", {"text": "hi"})
                     assert await handle.status() is JobStatus.PENDING
             finally:
-                await admin.delete(*[k async for k in admin.scan_iter(f"bilevel:{{{served}}}:*")])
+                await admin.delete(
+                    *[k async for k in admin.scan_iter(f"bilevel:{{{served}}}:*", count=1000)]
+                )
                 await admin.aclose()
 
         run(scenario())

@@ -74,7 +74,7 @@ async def drain(store: Store) -> None:
     """Live workers lease everything in the queues and complete it (a record may name a queue of
     its own: it is served there)."""
     queues = {QUEUE}
-    async for key in store.redis.scan_iter(match=f"{store.keys.prefix}q:*"):
+    async for key in store.redis.scan_iter(match=f"{store.keys.prefix}q:*", count=1000):
         queues.add(key.removeprefix(f"{store.keys.prefix}q:"))
     for queue in sorted(queues):
         while leases := await store.lease(queue, 10, lease_s=LEASE_S):
@@ -584,7 +584,7 @@ async def _fuzz_case(store: Store, clock: ManualClock, place: str, damage: Damag
 
 
 @pytest.mark.slow
-def test_fuzzed_records_never_stop_serving(redis_server: EmbeddedRedis) -> None:
+def test_fuzzed_records_never_stop_serving(own_redis: EmbeddedRedis) -> None:
     """Whatever a victim's record, routing view, queue entry or key type holds, no exception
     escapes the store's readers, the healthy jobs beside it are all served, every job is in
     exactly one place, and the victim ends finished (dead with a reason, or served), dropped
@@ -598,10 +598,10 @@ def test_fuzzed_records_never_stop_serving(redis_server: EmbeddedRedis) -> None:
     @given(place=st.sampled_from(PLACES), damage=damages)
     def case(place: str, damage: Damage) -> None:
         loop = asyncio.new_event_loop()
-        redis = client_from_url(redis_server.url)
+        redis = client_from_url(own_redis.url)
         clock = ManualClock()
         namespace = f"fz{uuid.uuid4().hex[:10]}"
-        store = Store(redis, make_settings(redis_server, namespace), clock=clock)
+        store = Store(redis, make_settings(own_redis, namespace), clock=clock)
         try:
             loop.run_until_complete(_fuzz_case(store, clock, place, damage))
         finally:

@@ -59,7 +59,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         async def drop() -> None:
-            async for key in self.redis.scan_iter(match=f"bilevel:{{{self.namespace}}}:*"):
+            pattern = f"bilevel:{{{self.namespace}}}:*"
+            async for key in self.redis.scan_iter(match=pattern, count=1000):
                 await self.redis.delete(key)
             await self.redis.aclose()
 
@@ -288,9 +289,9 @@ class StoreMachine(RuleBasedStateMachine):
         return self.held[job_id]
 
 
-def test_store_state_machine(redis_server: EmbeddedRedis) -> None:
+def test_store_state_machine(own_redis: EmbeddedRedis) -> None:
     """Random sequences of every transition keep the store's invariants."""
-    StoreMachine.server = redis_server
+    StoreMachine.server = own_redis
     run_state_machine_as_test(
         StoreMachine,
         settings=settings(

@@ -610,7 +610,7 @@ class TestCap:
                     assert rest == list(range(missed, 3000))
             finally:
                 await store.close()
-                async for key in store.redis.scan_iter(match=f"{store.keys.prefix}*"):
+                async for key in store.redis.scan_iter(match=f"{store.keys.prefix}*", count=1000):
                     await store.redis.delete(key)
                 await store.redis.aclose()
 

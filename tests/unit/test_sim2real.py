@@ -117,6 +117,40 @@ class TestShrink:
             s = shrink(parse_scenario((SCENARIOS / f"{name}.yaml").read_text()), 4, duration_s=60)
             assert len(prepare(s, seed=0).jobs.arrivals) > 0
 
+    def test_many_queues_shrinks_to_eight(self) -> None:
+        """many_queues keeps its sixty queues on 8 workers, at 8/128 of its rates."""
+        many = parse_scenario((SCENARIOS / "many_queues.yaml").read_text())
+        small = shrink(many, 8, duration_s=60.0, load_scale=0.6)
+        assert len(small.queues) == len(many.queues) == 60
+        assert small.allocation.budget == 8
+        rate = sum(g.mean_rate_per_s for g in small.workload.generators)
+        full = sum(g.mean_rate_per_s for g in many.workload.generators)
+        assert rate == pytest.approx(full * 8 / many.allocation.budget * 0.6)
+        assert len(prepare(small, seed=0).jobs.arrivals) > 0
+
+    def test_a_trace_scenario_keeps_its_target_or_scales_its_load(self) -> None:
+        """A trace at a target utilisation keeps it (times the share kept); one at a load
+        multiplier has it scaled with the budget, as generators' rates are."""
+        llm = parse_scenario((SCENARIOS / "trace_azure_llm.yaml").read_text())
+        assert llm.workload.trace is not None
+        small = shrink(llm, 4, load_scale=0.5)
+        assert small.workload.trace is not None
+        assert small.workload.trace.target_utilization == pytest.approx(0.35)
+        raw = llm.model_copy(
+            update={
+                "workload": llm.workload.model_copy(
+                    update={
+                        "trace": llm.workload.trace.model_copy(
+                            update={"target_utilization": None, "load_scale": 2.0}
+                        )
+                    }
+                )
+            }
+        )
+        scaled = shrink(raw, 4).workload.trace
+        assert scaled is not None
+        assert scaled.load_scale == pytest.approx(2.0 * 4 / 16)
+
     def test_minimums_over_the_budget_are_refused(self) -> None:
         """bursty_switch's three queues of min 1 cannot shrink to two workers."""
         bursty = parse_scenario((SCENARIOS / "bursty_switch.yaml").read_text())
@@ -339,3 +373,28 @@ class TestReplayInputs:
         )
         assert result.exit_code == 2
         assert "--duration-s must be a number > 0" in result.output
+
+    @pytest.mark.parametrize(
+        ("option", "value", "message"),
+        [
+            ("--workers", "0", "--workers must be >= 1"),
+            ("--load-scale", "0", "--load-scale must be a number > 0"),
+            ("--load-scale", "nan", "--load-scale must be a number > 0"),
+        ],
+    )
+    def test_bad_shrink(self, scenario_file: Path, option: str, value: str, message: str) -> None:
+        """--workers below 1 and a --load-scale that is not a positive number are named."""
+        result = CliRunner().invoke(
+            app, ["replay", "--scenario", str(scenario_file), option, value]
+        )
+        assert result.exit_code == 2
+        assert message in result.output
+
+    def test_minimums_over_the_shrunk_budget(self, tmp_path: Path) -> None:
+        """Shrinking below the queues' min_workers says so, before anything starts."""
+        result = CliRunner().invoke(
+            app,
+            ["replay", "--scenario", str(SCENARIOS / "bursty_switch.yaml"), "--workers", "2"],
+        )
+        assert result.exit_code == 2
+        assert "min_workers add up to 3" in result.output
