@@ -117,6 +117,14 @@ def shrink(
         }
     )
     workload = scenario.workload.model_copy(update={"generators": generators})
+    trace = scenario.workload.trace
+    if trace is not None:
+        if trace.target_utilization is not None:
+            # Already relative to the budget: only the requested share is applied.
+            scaled = {"target_utilization": min(trace.target_utilization * load_scale, 1.5)}
+        else:
+            scaled = {"load_scale": (trace.load_scale or 1.0) * ratio}
+        workload = workload.model_copy(update={"trace": trace.model_copy(update=scaled)})
     update: dict[str, Any] = {
         "name": f"{scenario.name}@{budget}",
         "queues": queues,

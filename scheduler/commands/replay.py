@@ -23,6 +23,7 @@ from rich.console import Console
 
 from policies.sim.calibration import MEASURED, Calibration
 from policies.sim.scenario import ScenarioError
+from policies.sim.timescale import shrink
 from policies.sim2real import COMPARED_METRICS, plan_replay, relative_errors, rescaled
 from scheduler.commands._common import fail, progress_bar, read_scenario
 from scheduler.commands._tables import Column, print_table
@@ -93,17 +94,47 @@ def replay(
         bool,
         typer.Option("--ideal", help="Simulate without the live overheads (no calibration)."),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Shrink the scenario to this many workers at the same utilisation (default: "
+            "its allocation.budget).",
+        ),
+    ] = None,
+    load_scale: Annotated[
+        float,
+        typer.Option(
+            "--load-scale", help="Multiply the arrival rates by this (with --workers or alone)."
+        ),
+    ] = 1.0,
 ) -> None:
     """Replay a scenario live and in the simulator; report both and the simulator's error."""
     if not (speed > 0 and math.isfinite(speed)):
         raise fail(f"--speed must be a number > 0, got {speed}")
     if duration_s is not None and not (duration_s > 0 and math.isfinite(duration_s)):
         raise fail(f"--duration-s must be a number > 0, got {duration_s}")
+    if workers is not None and workers < 1:
+        raise fail(f"--workers must be >= 1, got {workers}")
+    if not (load_scale > 0 and math.isfinite(load_scale)):
+        raise fail(f"--load-scale must be a number > 0, got {load_scale}")
     check_policy(policy)
     check_router(router)
     from scheduler.service.live_replay import live_estimators
 
     parsed = read_scenario(scenario)
+    if workers is not None or load_scale != 1.0:
+        try:
+            # A few sleeping workers stand for the scenario's many: the same utilisation per
+            # worker, the arrival rates scaled with the budget (policies/sim/timescale.py).
+            parsed = shrink(
+                parsed,
+                workers or parsed.allocation.budget,
+                duration_s=duration_s,
+                load_scale=load_scale,
+            )
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     calibration = Calibration() if ideal else (parsed.calibration or MEASURED)
     try:
         prepared = prepare_run(
