@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from policies.learned.networks import linear_np, matmul_rows
-from policies.views import ClusterView, QueueView, queue_column
+from policies.views import ClusterView, queue_column, with_arrival_rates
 
 # Per-queue forecast features, column order of `forecast_features`.
 FORECAST_FEATURE_NAMES: tuple[str, ...] = (
@@ -276,23 +275,7 @@ class RateForecaster:
         forecast = (weights * rates).sum(axis=1)
         if self.record:
             self.samples.append(ForecastSample(view.now_s, window_s, features, rates, service_s))
-        return dataclasses.replace(view, queues=_with_rates(view.queues, forecast.tolist()))
-
-
-_QUEUE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(QueueView))
-_RATE_INDEX = _QUEUE_FIELDS.index("arrival_rate_per_s")
-_queue_values = operator.attrgetter(*_QUEUE_FIELDS)
-
-
-def _with_rates(queues: tuple[QueueView, ...], rates: list[float]) -> tuple[QueueView, ...]:
-    """`queues` with new arrival rates; the same as `dataclasses.replace` per queue at half its
-    cost, which at 64 queues is a tenth of a millisecond per tick."""
-    out = []
-    for q, rate in zip(queues, rates, strict=True):
-        values = list(_queue_values(q))
-        values[_RATE_INDEX] = rate
-        out.append(QueueView(*values))
-    return tuple(out)
+        return dataclasses.replace(view, queues=with_arrival_rates(view.queues, forecast.tolist()))
 
 
 def forecast_loss(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from policies.learned.networks import matmul_rows
-from policies.views import QueueView, queue_column
+from policies.views import QueueView, queue_column, with_arrival_rates
 
 
 def _queues(seed: int, n: int) -> tuple[QueueView, ...]:
@@ -60,6 +62,25 @@ def test_a_new_tuple_of_queues_is_read_afresh() -> None:
     b = queue_column(second, "depth")
     np.testing.assert_array_equal(b, [q.depth for q in second])
     np.testing.assert_array_equal(queue_column(first, "depth"), a)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_queues_with_new_rates_read_as_if_rebuilt(field: str) -> None:
+    """with_arrival_rates equals dataclasses.replace per queue, its columns (derived from the old
+    tuple's table) equal a fresh read of the rebuilt queues, and the old tuple reads as before,
+    also after the two were read in turn."""
+    queues = _queues(4, 9)
+    before = queue_column(queues, field).copy()
+    rates = [float(i) / 3 for i in range(9)]
+    new = with_arrival_rates(queues, rates)
+    rebuilt = tuple(
+        dataclasses.replace(q, arrival_rate_per_s=r) for q, r in zip(queues, rates, strict=True)
+    )
+    assert new == rebuilt
+    expected = np.array([float(getattr(q, field)) for q in rebuilt])
+    for _ in range(2):
+        np.testing.assert_array_equal(queue_column(new, field), expected)
+        np.testing.assert_array_equal(queue_column(queues, field), before)
 
 
 def test_columns_are_read_only() -> None:
