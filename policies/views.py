@@ -101,10 +101,11 @@ def _keep(queues: tuple[QueueView, ...], table: np.ndarray) -> None:
 
 
 def _table(queues: Sequence[QueueView]) -> np.ndarray:
-    for kept, table in reversed(_tables):
+    for kept, found in reversed(_tables):
         if kept is queues:
-            return table
-    table = np.array([_numeric_values(q) for q in queues], dtype=np.float64).reshape(
+            cached: np.ndarray = found
+            return cached
+    table: np.ndarray = np.array([_numeric_values(q) for q in queues], dtype=np.float64).reshape(
         len(queues), len(_NUMERIC_FIELDS)
     )
     table.setflags(write=False)
