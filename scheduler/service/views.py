@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -163,16 +164,23 @@ class ViewBuilder:
         )
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# Per dataclass: its field names, and one getter of all of them (a C-level loop).
+_FIELD_GETTERS: dict[type, tuple[tuple[str, ...], Callable[[Any], Any]]] = {}
 
 
 def field_values(obj: Any) -> dict[str, Any]:
     """A dataclass's fields by name, in order, values as they are (not copied): asdict without
     its recursion and deep copies, for records whose fields are JSON values already."""
-    names = _FIELD_NAMES.get(type(obj))
-    if names is None:
-        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
-    return {name: getattr(obj, name) for name in names}
+    known = _FIELD_GETTERS.get(type(obj))
+    if known is None:
+        names = tuple(f.name for f in fields(obj))
+        # attrgetter of one name returns the value, not a 1-tuple.
+        getter = (
+            operator.attrgetter(*names) if len(names) > 1 else lambda o: (getattr(o, names[0]),)
+        )
+        known = _FIELD_GETTERS[type(obj)] = (names, getter)
+    names, getter = known
+    return dict(zip(names, getter(obj), strict=True))
 
 
 @dataclass(frozen=True, slots=True)
