@@ -319,9 +319,16 @@ class ControllerLoop:
         return report
 
     async def _housekeeping(self) -> tuple[RequeueReport, int, StoreStats]:
-        """Expired leases back to their queues and due delayed jobs into theirs, then the stats."""
-        requeue = await self.store.requeue_expired()
-        promoted = await self.store.promote_due()
+        """Expired leases back to their queues and due delayed jobs into theirs (two scripts,
+        each atomic, in flight together), then the stats, which count what they moved."""
+        requeue, promoted = await asyncio.gather(
+            self.store.requeue_expired(), self.store.promote_due(), return_exceptions=True
+        )
+        # Both are awaited to the end before either error is raised: none is left unretrieved.
+        if isinstance(requeue, BaseException):
+            raise requeue
+        if isinstance(promoted, BaseException):
+            raise promoted
         return requeue, promoted, await self.store.stats(self._queue_names)
 
     async def _follow_role(self, now_s: float) -> None:
