@@ -20,7 +20,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -100,7 +99,7 @@ class RouterLoop:
         self._stats: StoreStats | None = None
         self._published: PublishedState | None = None
         # The published state's text as last read, and the views built since the last refresh.
-        self._published_raw: Any = None
+        self._published_raw: object = None
         self._views: tuple[list[QueueView], dict[str, float]] | None = None
         self._stats_at = -float("inf")
         self.routed_total = 0
