@@ -10,7 +10,7 @@ REDIS_DIR := .cache/redis
 # The embedded Redis takes redis-server from PATH first.
 export PATH := $(CURDIR)/$(REDIS_DIR)/bin:$(PATH)
 
-BENCHMARKS := bench_store bench_allocation bench_learned bench_sim bench_traces bench_e2e bench_sim2real
+BENCHMARKS := bench_store bench_allocation bench_learned bench_sim bench_traces bench_e2e bench_controller bench_sim2real
 
 .PHONY: install redis demo test lint typecheck bench clean
 

@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks.targets import redis_cpu_s, target
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
 from scheduler.config import ServiceConfig
 from scheduler.embedded_redis import EmbeddedRedis
@@ -84,6 +86,16 @@ async def _individual(client: AsyncClient) -> float:
     groups = await asyncio.gather(*(one_client(c) for c in range(INDIVIDUAL_CLIENTS)))
     await _wait_all(client, [h for g in groups for h in g])
     return per_client * INDIVIDUAL_CLIENTS / (time.perf_counter() - started)
+
+
+async def _with_redis_cpu(
+    client: AsyncClient, phase: Callable[[AsyncClient], Awaitable[float]], jobs: int
+) -> tuple[float, float]:
+    """The phase's jobs/s, and Redis CPU microseconds per job over it: everything the service
+    asked of Redis meanwhile (routing, leases, heartbeats, the controller's ticks) counts."""
+    before_s = await redis_cpu_s(client.store.redis)
+    jobs_per_s = await phase(client)
+    return jobs_per_s, (await redis_cpu_s(client.store.redis) - before_s) * 1e6 / jobs
 
 
 async def _round_trips(client: AsyncClient) -> dict[str, float]:
@@ -152,10 +164,19 @@ def _bilevel(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
             async def drive() -> dict[str, Any]:
                 async with AsyncClient(service.redis_url, settings=service.config.store) as c:
                     await _wait_all(c, [await c.submit("noop", 0)])  # warm up: workers ready
+                    batched, batched_us = await _with_redis_cpu(c, _batched, N_BATCHED)
+                    individual_jobs = N_INDIVIDUAL // INDIVIDUAL_CLIENTS * INDIVIDUAL_CLIENTS
+                    individual, individual_us = await _with_redis_cpu(
+                        c, _individual, individual_jobs
+                    )
                     return {
-                        "batched_jobs_per_s": round(await _batched(c)),
-                        "individual_jobs_per_s": round(await _individual(c)),
+                        "batched_jobs_per_s": round(batched),
+                        "individual_jobs_per_s": round(individual),
                         "individual_clients": INDIVIDUAL_CLIENTS,
+                        "redis_cpu_us_per_job": {
+                            "batched": round(batched_us, 1),
+                            "individual": round(individual_us, 1),
+                        },
                         "round_trip": await _round_trips(c),
                     }
 
@@ -310,6 +331,7 @@ def main(peers: list[str] | None = None, rounds: int = 3) -> dict[str, Any]:
                 if problem in results[name]:
                     print(f"bench_e2e: {name} {problem}: {results[name][problem]}", file=sys.stderr)
     measured = {n: r for n, r in results.items() if "skipped" not in r and "error" not in r}
+    ratios = ratio_table(ours, measured)
     return {
         "benchmark": "e2e_noop",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -323,15 +345,50 @@ def main(peers: list[str] | None = None, rounds: int = 3) -> dict[str, Any]:
         },
         "bilevel": ours,
         "peers": results,
-        "ratios": ratio_table(ours, measured),
-        "targets": {
-            "batched_jobs_per_s": 10_000,
-            "individual_jobs_per_s": 5_000,
-            "round_trip_p50_ms": 1.5,
-            "round_trip_p99_ms": 5.0,
-            "idle_cpu_core_fraction": 0.02,
-        },
+        "ratios": ratios,
+        "targets": targets(ours, measured, ratios),
     }
+
+
+# Issue 19's end-to-end targets.
+REDIS_CPU_US_BATCHED = 15.0
+REDIS_CPU_US_INDIVIDUAL = 60.0
+ROUND_TRIP_P99_MS = 3.0
+OVER_BEST_PEER = 2.0
+IDLE_CORE_FRACTION = 0.005
+
+
+def targets(
+    ours: dict[str, Any], peers: dict[str, dict[str, Any]], ratios: dict[str, Any]
+) -> dict[str, Any]:
+    """Issue 19's targets against this run's figures; those measured against peers use the peers
+    of the same run (a peer that did not run leaves its target unmeasured, not met)."""
+    cpu = ours["redis_cpu_us_per_job"]
+    bullmq = peers.get("bullmq", {}).get("round_trip", {}).get("p50_ms")
+    out = {
+        "redis_cpu_us_per_job_batched": target(REDIS_CPU_US_BATCHED, cpu["batched"]),
+        "redis_cpu_us_per_job_individual": target(REDIS_CPU_US_INDIVIDUAL, cpu["individual"]),
+        "round_trip_p50_ms_vs_bullmq": target(
+            bullmq,
+            ours["round_trip"]["p50_ms"],
+            note="target: BullMQ's p50 in this run"
+            if bullmq is not None
+            else "BullMQ did not run (needs node and npm, and --peers to include it)",
+        ),
+        "round_trip_p99_ms": target(ROUND_TRIP_P99_MS, ours["round_trip"]["p99_ms"]),
+    }
+    for metric in ("batched_jobs_per_s", "individual_jobs_per_s"):
+        row = ratios.get(metric)
+        out[f"{metric}_over_best_peer"] = target(
+            OVER_BEST_PEER,
+            None if row is None else row["bilevel_over_best"],
+            at_most=False,
+            note="no peer measured in this run"
+            if row is None
+            else f"best peer: {row['best_peer']} at {row['best_peer_value']:g}",
+        )
+    out["idle_cpu_core_fraction"] = target(IDLE_CORE_FRACTION, ours["idle_cpu_core_fraction"])
+    return out
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -341,7 +398,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peers",
         default="all",
-        help="comma-separated subset of celery,dramatiq,arq,rq,ray_serve,bullmq (default: all)",
+        help="comma-separated subset of celery,dramatiq,arq,rq,ray_serve,bullmq, or none "
+        "(default: all)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per peer (median reported)")
     parser.add_argument(

@@ -87,9 +87,7 @@ def _commit() -> str:
 
 def shrunk(name: str, duration_s: float) -> Scenario:
     scenario = parse_scenario((SCENARIOS / f"{name}.yaml").read_text(encoding="utf-8"))
-    return shrink(
-        scenario, BUDGETS.get(name, BUDGET), duration_s=duration_s, load_scale=LOAD_SCALE
-    )
+    return shrink(scenario, BUDGETS.get(name, BUDGET), duration_s=duration_s, load_scale=LOAD_SCALE)
 
 
 def _kept(summary: dict[str, Any]) -> dict[str, Any]:

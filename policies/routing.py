@@ -42,6 +42,35 @@ def eligible_indices(job: JobView, queues: Sequence[QueueView]) -> list[int]:
     return [i for i, q in enumerate(queues) if is_eligible(job, q)]
 
 
+class EligibilityIndex:
+    """eligible_indices for many jobs over the same queues, from an index by job type and tag.
+
+    A batch over many tagged queues (one per tenant or site, say) holds about as many job kinds as
+    queues, and scanning every queue per kind made routing it quadratic. A queue is eligible only
+    if it takes the job's type and each of its required tags is on the job, so it is among the
+    queues of that type that require no tag, or that require one of the job's tags: those few
+    candidates are checked, in queue order.
+    """
+
+    def __init__(self, queues: Sequence[QueueView]) -> None:
+        self._queues = queues
+        self._untagged: dict[str, list[int]] = {}
+        self._by_tag: dict[tuple[str, str], list[int]] = {}
+        for i, q in enumerate(queues):
+            for job_type in q.job_types:
+                if not q.required_tags:
+                    self._untagged.setdefault(job_type, []).append(i)
+                for tag in q.required_tags:
+                    self._by_tag.setdefault((job_type, tag), []).append(i)
+
+    def eligible(self, job: JobView) -> list[int]:
+        """The indices eligible_indices(job, queues) gives, in the same order."""
+        candidates = set(self._untagged.get(job.job_type, ()))
+        for tag in job.tags:
+            candidates.update(self._by_tag.get((job.job_type, tag), ()))
+        return [i for i in sorted(candidates) if is_eligible(job, self._queues[i])]
+
+
 def _describe_queue(queue: QueueView) -> str:
     types = ", ".join(sorted(queue.job_types)) or "none"
     if queue.required_tags:
@@ -156,11 +185,14 @@ def _route_each(
     decisions: list[RouteDecision] = []
     # Batches are mostly a few job kinds over many queues: check eligibility once per kind.
     eligible_by_kind: dict[tuple[str, frozenset[str]], list[int]] = {}
+    lookup: EligibilityIndex | None = None
     for job in jobs:
         kind = (job.job_type, job.tags)
         eligible = eligible_by_kind.get(kind)
         if eligible is None:
-            eligible = eligible_by_kind[kind] = eligible_indices(job, queues)
+            if lookup is None:
+                lookup = EligibilityIndex(queues)
+            eligible = eligible_by_kind[kind] = lookup.eligible(job)
         if not eligible:
             decisions.append(rejection_for(job, queues))
             continue

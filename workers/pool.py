@@ -43,6 +43,9 @@ T = TypeVar("T")
 log = get_logger("workers.pool")
 
 MIB = 1024 * 1024
+# How old a state replace_dead() read may be for view() to use it instead of asking again: a tick
+# reads the store's stats in between (milliseconds); a view called on its own asks.
+STATE_REUSE_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,9 @@ class WorkerPool:
         self._leaving: list[_Member] = []
         self._counter = itertools.count()
         self._replaced_since_view = 0
+        # States replace_dead() read, for the view() that follows it in a tick: by member, when
+        # read, the member's operation then, and the state.
+        self._asked: dict[_Member, tuple[float, asyncio.Task[None] | None, WorkerState]] = {}
         self._load_s: dict[str, float] = {}
         self._service_s: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -344,11 +350,25 @@ class WorkerPool:
         m.last_state = state
         return state
 
+    async def _state_for_view(self, m: _Member) -> WorkerState | None:
+        """The state replace_dead() has just read, when it is fresh and nothing was started on
+        the member since; else the member is asked."""
+        asked = self._asked.get(m)
+        if asked is not None:
+            at_s, op, state = asked
+            fresh = asyncio.get_running_loop().time() - at_s <= STATE_REUSE_S
+            if fresh and op is m.op and not m.dead:
+                return state
+        return await self._state(m)
+
     async def view(self) -> PoolView:
         """Per queue: workers ready (busy among them), loading, draining; measured model-load
-        seconds and service seconds per job. Asks every actor at once."""
+        seconds and service seconds per job. Asks every actor at once, except those whose state
+        replace_dead() read just before (a controller tick calls both: one round of calls to
+        the workers per tick, not two)."""
         members = [*self._members, *self._leaving]
-        states = await asyncio.gather(*(self._state(m) for m in members))
+        states = await asyncio.gather(*(self._state_for_view(m) for m in members))
+        self._asked = {}
         counts = {
             name: {"ready": 0, "busy": 0, "loading": 0, "draining": 0} for name in self._queues
         }
@@ -422,6 +442,10 @@ class WorkerPool:
             m for m in self._members if m.handle is not None and (m.op is None or m.op.done())
         ]
         states = await asyncio.gather(*(self._state(m) for m in members))
+        now_s = asyncio.get_running_loop().time()
+        self._asked = {
+            m: (now_s, m.op, st) for m, st in zip(members, states, strict=True) if st is not None
+        }
         replaced = 0
         async with self._lock:
             for m, st in zip(members, states, strict=True):

@@ -53,8 +53,11 @@ def load_peer(name: str) -> Peer:
 
 
 def parse_peer_names(text: str) -> list[str]:
-    """The comma-separated --peers list, checked; 'all' (or '') means every peer."""
+    """The comma-separated --peers list, checked; 'all' (or '') means every peer, 'none' none
+    (bilevel alone, for a short run)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
     if not names or names == ["all"]:
         return list(PEER_MODULES)
     unknown = [n for n in names if n not in PEER_MODULES]

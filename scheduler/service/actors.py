@@ -406,6 +406,7 @@ class RoleHost:
             out["rejected"] = self._router.rejected_total
         if self._controller is not None:
             out["ticks"] = self._controller.ticks
+            out["last_tick_s"] = self._controller.last_tick_s
             out["terms"] = self._terms
             last = self._controller.last
             out["target"] = None if last is None else dict(last.target)

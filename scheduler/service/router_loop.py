@@ -98,6 +98,9 @@ class RouterLoop:
         self._queue_names = [q.name for q in config.queues]
         self._stats: StoreStats | None = None
         self._published: PublishedState | None = None
+        # The published state's text as last read, and the views built since the last refresh.
+        self._published_raw: object = None
+        self._views: tuple[list[QueueView], dict[str, float]] | None = None
         self._stats_at = -float("inf")
         self.routed_total = 0
         self.rejected_total = 0
@@ -121,11 +124,26 @@ class RouterLoop:
             return
         self._stats = await self.store.stats(self._queue_names)
         raw = await self.store.redis.get(self.store.keys.allocation)
-        try:
-            self._published = None if raw is None else PublishedState.from_json(str(raw))
-        except ValueError:
-            self._published = None
+        # The controller publishes once per tick and this runs several times a tick: the same
+        # text need not be parsed again (at 256 queues a parse is a few ms of this process).
+        if raw != self._published_raw:
+            self._published_raw = raw
+            try:
+                self._published = None if raw is None else PublishedState.from_json(str(raw))
+            except ValueError:
+                self._published = None
+        self._views = None
         self._stats_at = self._monotonic()
+
+    def _queue_views(self) -> tuple[list[QueueView], dict[str, float]]:
+        """The queue views and size estimates from the last refresh, built once per refresh
+        rather than per batch (the batches between two refreshes see the same inputs)."""
+        if self._views is None:
+            assert self._stats is not None
+            queues = routing_queue_views(self.config, self._stats, self._published)
+            self._views = (queues, size_estimates_s(queues))
+        queues, sizes = self._views
+        return list(queues), sizes
 
     async def route_batch(self) -> RouteReport:
         """Route up to `routing.batch_size` of the oldest ingress jobs; an empty report when none."""
@@ -135,9 +153,7 @@ class RouterLoop:
         if not pending:
             return RouteReport()
         await self._refresh()
-        assert self._stats is not None
-        queues = routing_queue_views(self.config, self._stats, self._published)
-        sizes = size_estimates_s(queues)
+        queues, sizes = self._queue_views()
         decisions = self._decide(pending, queues, sizes)
         routed: list[tuple[str, str]] = []
         rejected: list[tuple[str, ErrorInfo]] = []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.bench_e2e import targets
 from benchmarks.peers import procstat
 from benchmarks.peers.base import Load, RoundResult
 from benchmarks.peers.bullmq import installed_versions, parse_producer_output
@@ -15,6 +16,7 @@ from benchmarks.peers.harness import check_results, percentiles_ms
 from benchmarks.peers.procstat import ProcStat, cpu_core_fraction, parse_stat, tree
 from benchmarks.peers.runner import PEER_MODULES, parse_peer_names, parse_runner_output
 from benchmarks.peers.summary import median_of_rounds, metrics_of, ratio_table
+from benchmarks.targets import target
 
 
 def _stat_line(pid: int, comm: str, ppid: int, utime: int, stime: int, start: int) -> str:
@@ -215,9 +217,11 @@ def test_runner_output_is_its_last_json_line() -> None:
 
 
 def test_peer_names_are_checked() -> None:
-    """--peers takes a known subset (in its order, once each); 'all' means every peer."""
+    """--peers takes a known subset (in its order, once each); 'all' means every peer, 'none'
+    none."""
     assert parse_peer_names("rq, celery,rq") == ["rq", "celery"]
     assert parse_peer_names("all") == list(PEER_MODULES)
+    assert parse_peer_names("none") == []
     with pytest.raises(ValueError, match="unknown peer\\(s\\) sidekiq"):
         parse_peer_names("celery,sidekiq")
 
@@ -233,3 +237,54 @@ def test_bullmq_without_node_is_a_loud_skip(
     row = run_peer(PEER, "redis://127.0.0.1:1/0", None, rounds=1)
     assert row["skipped"] == "node not found"
     assert "workers" in row["settings"]
+
+
+# --- issue 19's targets ----------------------------------------------------------------------
+
+
+def test_a_target_row_is_met_only_within_its_bound() -> None:
+    """An upper bound is met at or below it, a lower bound at or above it."""
+    assert target(15.0, 15.0)["met"]
+    assert not target(15.0, 15.1)["met"]
+    assert target(2.0, 2.5, at_most=False)["met"]
+    assert not target(2.0, 1.9, at_most=False)["met"]
+
+
+def test_an_unmeasured_target_is_not_met() -> None:
+    """No figure (a peer that did not run) or no limit (BullMQ's p50 missing) is never met."""
+    assert not target(3.0, None)["met"]
+    assert not target(None, 1.0, note="BullMQ did not run")["met"]
+
+
+def test_e2e_targets_compare_with_the_peers_of_the_same_run() -> None:
+    """The p50 target is BullMQ's p50 of this run; the throughput targets are ratios to the best
+    peer; without peers they are unmeasured."""
+    ours = {
+        "batched_jobs_per_s": 14_000,
+        "individual_jobs_per_s": 5_000,
+        "round_trip": {"p50_ms": 1.0, "p99_ms": 2.0},
+        "redis_cpu_us_per_job": {"batched": 20.0, "individual": 50.0},
+        "idle_cpu_core_fraction": 0.01,
+    }
+    bullmq = {
+        "batched_jobs_per_s": 7_000,
+        "individual_jobs_per_s": 4_000,
+        "round_trip": {"p50_ms": 1.1, "p99_ms": 2.5},
+    }
+    out = targets(ours, {"bullmq": bullmq}, ratio_table(ours, {"bullmq": bullmq}))
+    assert out["round_trip_p50_ms_vs_bullmq"] == {
+        "target": 1.1,
+        "measured": 1.0,
+        "met": True,
+        "bound": "at_most",
+        "note": "target: BullMQ's p50 in this run",
+    }
+    assert out["batched_jobs_per_s_over_best_peer"]["met"]
+    assert not out["individual_jobs_per_s_over_best_peer"]["met"]
+    assert not out["redis_cpu_us_per_job_batched"]["met"]
+    assert out["redis_cpu_us_per_job_individual"]["met"]
+    assert not out["idle_cpu_core_fraction"]["met"]
+    alone = targets(ours, {}, {})
+    assert alone["round_trip_p50_ms_vs_bullmq"]["measured"] == 1.0
+    assert not alone["round_trip_p50_ms_vs_bullmq"]["met"]
+    assert alone["batched_jobs_per_s_over_best_peer"]["measured"] is None

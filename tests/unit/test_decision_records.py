@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 from policies.allocation import StaticAllocator
 from policies.guardrails import Guardrails
 from policies.views import Allocation, AllocationBounds, ClusterView, QueueView
@@ -89,3 +92,28 @@ class TestDecisionRecord:
         assert not record.worth_keeping
         assert record.reasons() == ["p's proposal, unchanged by the guardrails"]
         assert totals_of(record) == {"ticks": 1}
+
+    def test_the_json_keeps_asdicts_shape(self) -> None:
+        """Every field as dataclasses.asdict names it (interventions as lists), then the reasons
+        and the moves."""
+        guard = Guardrails(StaticAllocator(), AllocationBounds(min_workers={"a": 3}))
+        view = _view({"a": 0, "b": 1})
+        target = guard.allocate(view)
+        record = decision_record(
+            view,
+            policy=guard.name,
+            before=view.allocation(),
+            proposal=guard.last_proposal,
+            target=target,
+            fallback="why",
+            interventions=guard.last_interventions,
+        )
+        expected = json.loads(json.dumps(dataclasses.asdict(record)))
+        expected["interventions"] = [
+            {"guardrail": i.guardrail, "changes": {q: list(c) for q, c in i.changes.items()}}
+            for i in record.interventions
+        ]
+        expected["reasons"] = record.reasons()
+        expected["moves"] = record.moves()
+        assert json.loads(record.to_json()) == expected
+        assert list(json.loads(record.to_json())) == list(expected)

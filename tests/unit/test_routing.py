@@ -11,6 +11,7 @@ import pytest
 from policies.registry import ROUTERS, make_router
 from policies.routing import (
     NO_WORKER_WAIT_S,
+    EligibilityIndex,
     PowerOfTwoRouter,
     RandomRouter,
     RuleRouter,
@@ -74,6 +75,25 @@ class TestEligibility:
         """Eligible indices come in queue order and skip the others."""
         queues = [_queue("a", "asr"), _queue("b"), _queue("c", "llm,asr")]
         assert eligible_indices(_job(), queues) == [1, 2]
+
+    def test_the_index_finds_what_the_scan_finds(self) -> None:
+        """Over random queues and jobs (types, required tags, carried tags), the index gives the
+        scan's indices in the scan's order."""
+        rng = _rng(19)
+        tags = ["a", "b", "c", "d"]
+
+        def some_tags() -> frozenset[str]:
+            return frozenset(t for t in tags if rng.random() < 0.3)
+
+        for _ in range(50):
+            queues = [
+                _queue(f"q{i}", str(rng.choice(["llm", "asr", "llm,asr"])), some_tags())
+                for i in range(int(rng.integers(1, 12)))
+            ]
+            index = EligibilityIndex(queues)
+            for _ in range(20):
+                job = _job(job_type=str(rng.choice(["llm", "asr", "ocr"])), tags=some_tags())
+                assert index.eligible(job) == eligible_indices(job, queues)
 
     def test_rejection_names_type_tags_and_accepting_queues(self) -> None:
         """The rejection reason names the job's type and tags and says what each queue accepts."""

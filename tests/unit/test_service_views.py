@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from policies.views import AllocationBounds
@@ -9,6 +12,7 @@ from scheduler.config import ServiceConfig
 from scheduler.service.views import (
     DEFAULT_SERVICE_TIME_S,
     PublishedQueue,
+    PublishedShadow,
     PublishedState,
     RateEstimator,
     ViewBuilder,
@@ -145,6 +149,20 @@ class TestBoundsAndJobs:
         assert (emb.workers_ready, emb.backlog_s) == (2, 1.0)
         assert gen.workers_ready == 0
         assert size_estimates_s([emb, gen]) == {"embed": 0.25, "generate": 1.0}
+
+    def test_published_state_json_is_what_asdict_gives(self) -> None:
+        """The shallow encoding writes exactly what dataclasses.asdict would, shadow included."""
+        published = PublishedState(
+            t_s=1.0,
+            policy="x",
+            queues={"emb": PublishedQueue(workers=2, ready=2), "gen": PublishedQueue(depth=3)},
+            fallback="stale",
+            shadow=PublishedShadow(
+                policy="y", workers={"emb": 1}, estimate={"gain": 0.1}, promoted={"role": "a"}
+            ),
+        )
+        assert json.loads(published.to_json()) == dataclasses.asdict(published)
+        assert PublishedState.from_json(published.to_json()) == published
 
     def test_malformed_published_state_is_a_value_error(self) -> None:
         """Garbage under the key is reported, so the router can ignore it."""
