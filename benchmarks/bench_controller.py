@@ -29,6 +29,7 @@ from benchmarks.targets import target
 from scheduler.client import AsyncClient, JobRequest
 from scheduler.config import ServiceConfig
 from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.logs import configure_logging
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUEUES = 256
@@ -201,4 +202,6 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.queues < 1 or cli.load_s <= 0:
         parser.error("--queues must be at least 1 and --load-s positive")
+    # The service's log lines go to stderr, warnings only: stdout is the one JSON object.
+    configure_logging(level="warning")
     print(json.dumps(main(cli.queues, cli.load_s)))

@@ -36,6 +36,7 @@ from benchmarks.targets import redis_cpu_s, target
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
 from scheduler.config import ServiceConfig
 from scheduler.embedded_redis import EmbeddedRedis
+from scheduler.logs import configure_logging
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
@@ -419,4 +420,6 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     cli = _args()
+    # The service's log lines go to stderr, warnings only: stdout is the one JSON object.
+    configure_logging(level="warning")
     print(json.dumps(main_recording() if cli.recording else main(cli.peers, cli.rounds)))
