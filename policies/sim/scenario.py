@@ -201,6 +201,11 @@ def _scenario_problems(s: Scenario) -> list[Problem]:
         for model, factor in (tr.load_scale_by_model or {}).items():
             if not factor > 0:
                 problems.append((f"workload.trace.load_scale_by_model.{model}", "must be > 0"))
+            # The model is the job type (or trace.job_type renames it), so a typo shows here.
+            if model not in accepted and tr.job_type is None:
+                problems.append(
+                    (f"workload.trace.load_scale_by_model.{model}", "no queue serves this model")
+                )
     return problems
 
 

@@ -661,8 +661,8 @@ def parse_servegen(
       `start` is 0. Without it the files' whole span is drawn and re-based to its first window.
     - `clients` keeps only those client ids (of every file); `top_clients=N` keeps each model's N
       clients with the most requests inside the window.
-    - `load_scale` (times `load_scale_by_model[model]`) multiplies every rate: the arrival count
-      scales, the time axis (and so the day's shape) stays.
+    - `load_scale` (times `load_scale_by_model[model]`, for the models it names) multiplies every
+      rate: the arrival count scales, the time axis (and so the day's shape) stays.
     - Before drawing, the expected count (sum of rate x 600 over the kept windows) is checked
       against `max_arrivals`; above it nothing is drawn.
     - Lengths: from `lengths` (see `read_lengths`) when given and the model has laws there; else
@@ -688,13 +688,9 @@ def parse_servegen(
     for name, value in (("load_scale", load_scale), *scales.items()):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"load scale of {name!r} must be finite and > 0, got {value}")
+    # A model of load_scale_by_model without a file is allowed: one scenario may replay all of
+    # its models or a few (the scenario checks that some queue serves each named model).
     models = {source: arrivals_model(source) for source in arrivals}
-    unknown = sorted(set(scales) - set(models.values()))
-    if unknown:
-        raise ValueError(
-            f"load_scale_by_model names model(s) {unknown} that no arrivals file has "
-            f"(models: {sorted(set(models.values()))})"
-        )
 
     parsed = [read_arrival_windows(lines, source=source) for source, lines in arrivals.items()]
     selections = [_selected_rows(w, window_s, clients, top_clients) for w in parsed]
