@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_MAX_ARRIVALS",
     "QUANTILES_FILE",
     "WINDOW_S",
+    "ArrivalWindows",
     "ServegenLengths",
     "ServegenOptions",
     "arrivals_model",
@@ -386,7 +387,10 @@ class ServegenLengths:
 def _quantile_knots(p50: float, p90: float, p99: float, max_: float) -> npt.NDArray[np.float64]:
     # The files give no minimum. A request carries at least one token, so the law starts at 1
     # (or at p50 when that is below 1); the lower half is then uniform up to the median, which
-    # keeps the median and the tail exact and errs only on the shape of short requests.
+    # keeps the median and the tail exact and errs only on the shape of short requests. Checked
+    # against the rows' own means over the language and reasoning models' rows of the derived
+    # file: this law's mean / the row's mean has a median of 0.90-0.93 for inputs and 0.95-1.05
+    # for outputs (10th-90th percentile 0.76-1.29 and 0.82-1.54; m-small outputs reach 2.1).
     return np.array([min(1.0, p50), p50, p90, p99, max_])
 
 
