@@ -14,6 +14,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from policies.env import AllocationEnv
 from policies.sim.arrivals import Arrival
 from policies.sim.scenario import parse_scenario, prepare
 from policies.sim.trace_servegen import WINDOW_S, parse_servegen, read_lengths
@@ -486,3 +487,21 @@ def test_the_real_files_when_present() -> None:
     assert abs(counts["m-small"] - 8509) / 8509 < 0.1, counts
     assert abs(counts["deepseek-r1"] - 1384) / 1384 < 0.15, counts
     assert all(a.tokens_in is not None and a.tokens_out is not None for a in arrivals)
+
+
+def test_the_gym_env_replays_every_model(tmp_path: Path) -> None:
+    """AllocationEnv takes the first arrivals file by name and the others as extra files."""
+    _write_trace(tmp_path)
+    others = ("arrivals_reason_r1.csv", "derived_length_quantiles.csv", "lengths_reason_r1.jsonl")
+    first = tmp_path / "arrivals_language_m-a.csv"
+    env = AllocationEnv(
+        yaml.safe_dump(_scenario()),
+        trace_lines=first.read_text().splitlines(True),
+        trace_source=str(first),
+        trace_extra_files={
+            str(tmp_path / name): (tmp_path / name).read_text().splitlines(True) for name in others
+        },
+    )
+    env.reset(seed=0)
+    assert env.run is not None
+    assert set(env.run.jobs.arrivals.job_types) == {"m-a", "r1"}
