@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -121,6 +121,8 @@ class AllocationEnv(gym.Env[Observation, np.ndarray]):
         seeds: Sequence[int] = TRAIN_SEEDS,
         trace_lines: Sequence[str] | None = None,
         trace_run_lines: Sequence[str] | None = None,
+        trace_source: str = "<trace>",
+        trace_extra_files: Mapping[str, Sequence[str]] | None = None,
         trace_part: TracePart = "train",
         max_jobs: int | None = None,
         slo_miss_penalty_job_s: float = 0.0,
@@ -128,7 +130,9 @@ class AllocationEnv(gym.Env[Observation, np.ndarray]):
         reward_scale: float = 1.0,
     ) -> None:
         """`scenario` parsed or as YAML text; `n_max_queues` defaults to the scenario's queue
-        count; `max_jobs` caps each episode's arrivals (shorter episodes)."""
+        count; `max_jobs` caps each episode's arrivals (shorter episodes). A servegen trace names
+        its model by its file: `trace_source` is the first arrivals file's name, and
+        `trace_extra_files` (name -> lines) its other arrivals files and its lengths files."""
         super().__init__()
         self.scenario = scenario if isinstance(scenario, Scenario) else parse_scenario(scenario)
         n_queues = len(self.scenario.queues)
@@ -154,8 +158,11 @@ class AllocationEnv(gym.Env[Observation, np.ndarray]):
         self.trace = (
             TraceInput(
                 lines=tuple(trace_lines),
-                source="<trace>",
+                source=trace_source,
                 run_lines=None if trace_run_lines is None else tuple(trace_run_lines),
+                extra_files=tuple(
+                    (name, tuple(lines)) for name, lines in (trace_extra_files or {}).items()
+                ),
             )
             if trace_lines is not None
             else None

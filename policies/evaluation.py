@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -47,11 +48,16 @@ class TraceInput:
     source: str = "<trace>"
     # The `*_run.csv` beside an Azure Functions 2019 invocations file.
     run_lines: tuple[str, ...] | None = None
+    # A servegen trace's further files (its other arrivals files, its lengths files): name, lines.
+    extra_files: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def digest(self) -> str:
         """A short hash of the trace's content, so tuned values are tied to the trace they saw."""
         h = hashlib.sha256()
-        for part in (self.lines, self.run_lines or ()):
+        parts = [self.lines, self.run_lines or ()]
+        # Base names only: a servegen model is named by its file, wherever the file lies.
+        parts += [(PurePath(name).name, *lines) for name, lines in self.extra_files]
+        for part in parts:
             for line in part:
                 h.update(line.encode("utf-8"))
             h.update(b"\x00")
@@ -144,6 +150,7 @@ def prepare_part(
         trace_lines=trace.lines,
         trace_source=trace.source,
         run_lines=trace.run_lines,
+        extra_files=dict(trace.extra_files) or None,
     )
     return split_window(prepared, part)
 

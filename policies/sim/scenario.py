@@ -27,6 +27,7 @@ from policies.schema import Layout, Problem, QueueSection, format_problems, vali
 from policies.sim.calibration import Calibration, calibrated
 from policies.sim.run import Jobs, QueueSpec, SimRun, SimSpec, initial_split
 from policies.sim.service import ServiceModel
+from policies.sim.trace_servegen import DEFAULT_MAX_ARRIVALS, ServegenOptions
 from policies.sim.traces import TraceFormat, load_trace
 from policies.sim.workloads import ArrivalTable, Generator, generate
 from policies.views import Allocator, Router
@@ -56,7 +57,9 @@ class TraceConfig(_Section):
     """Trace replay; `path` may be left out and given on the command line instead."""
 
     format: TraceFormat
-    path: str | None = None
+    # One file; for servegen also a list of arrivals files (one model each), relative to the
+    # scenario file, or file names inside the directory given as --trace.
+    path: str | list[str] | None = None
     # Durations file for azure_functions_2019 (its `*_run.csv`).
     run_path: str | None = None
     job_type: str | None = None
@@ -69,6 +72,13 @@ class TraceConfig(_Section):
     job_type_by: str | None = None
     top_functions: int | None = Field(default=None, ge=1)
     max_job_types: int | None = Field(default=None, ge=1)
+    # servegen only: which clients to draw (ids, of every model), or each model's busiest N in the
+    # window; a per-model factor on load_scale (which for servegen scales rates, not time); and
+    # a cap on the expected arrivals, checked before drawing.
+    clients: list[int] | None = None
+    top_clients: int | None = Field(default=None, ge=1)
+    load_scale_by_model: dict[str, float] | None = None
+    max_arrivals: int | None = Field(default=None, ge=1)
 
 
 class WorkloadConfig(_Section):
@@ -175,10 +185,27 @@ def _scenario_problems(s: Scenario) -> list[Problem]:
                 )
     tr = w.trace
     if tr is not None:
-        if tr.load_scale is not None and tr.target_utilization is not None:
+        # Both rescale the clock, except for servegen, whose load_scale thins its rates instead.
+        both = tr.load_scale is not None and tr.target_utilization is not None
+        if both and tr.format is not TraceFormat.SERVEGEN:
             problems.append(("workload.trace", "give load_scale or target_utilization, not both"))
         if tr.window_s is not None and not tr.window_s[0] < tr.window_s[1]:
             problems.append(("workload.trace.window_s", "needs start < end"))
+        if tr.format is not TraceFormat.SERVEGEN:
+            if isinstance(tr.path, list):
+                problems.append(("workload.trace.path", "a list of files is for servegen only"))
+            servegen_only = ("clients", "top_clients", "load_scale_by_model", "max_arrivals")
+            for name in servegen_only:
+                if getattr(tr, name) is not None:
+                    problems.append((f"workload.trace.{name}", "applies to servegen only"))
+        for model, factor in (tr.load_scale_by_model or {}).items():
+            if not factor > 0:
+                problems.append((f"workload.trace.load_scale_by_model.{model}", "must be > 0"))
+            # The model is the job type (or trace.job_type renames it), so a typo shows here.
+            if model not in accepted and tr.job_type is None:
+                problems.append(
+                    (f"workload.trace.load_scale_by_model.{model}", "no queue serves this model")
+                )
     return problems
 
 
@@ -241,6 +268,7 @@ def build_arrivals(
     trace_lines: Iterable[str] | None = None,
     trace_source: str = "<trace>",
     run_lines: Iterable[str] | None = None,
+    extra_files: Mapping[str, Iterable[str]] | None = None,
 ) -> ArrivalTable:
     """The scenario's arrivals: drawn from its generators, or replayed from `trace_lines`.
 
@@ -266,6 +294,20 @@ def build_arrivals(
             "top_functions": tr.top_functions,
             "max_job_types": tr.max_job_types,
         }
+    time_scale = None if tr.load_scale is None else 1.0 / tr.load_scale
+    if tr.format is TraceFormat.SERVEGEN:
+        # Servegen scales its rates instead of its clock, so a day stays a day.
+        options = {
+            "extra_files": extra_files or {},
+            "servegen": ServegenOptions(
+                clients=None if tr.clients is None else tuple(tr.clients),
+                top_clients=tr.top_clients,
+                load_scale=1.0 if tr.load_scale is None else tr.load_scale,
+                load_scale_by_model=tr.load_scale_by_model,
+                max_arrivals=DEFAULT_MAX_ARRIVALS if tr.max_arrivals is None else tr.max_arrivals,
+            ),
+        }
+        time_scale = None
     arrivals = load_trace(
         tr.format,
         trace_lines,
@@ -273,7 +315,7 @@ def build_arrivals(
         job_type=tr.job_type,
         rng=rng,
         window_s=tr.window_s,
-        time_scale=None if tr.load_scale is None else 1.0 / tr.load_scale,
+        time_scale=time_scale,
         **options,
     )
     table = ArrivalTable.from_arrivals(arrivals)
@@ -431,8 +473,10 @@ def prepare(
     trace_lines: Iterable[str] | None = None,
     trace_source: str = "<trace>",
     run_lines: Iterable[str] | None = None,
+    extra_files: Mapping[str, Iterable[str]] | None = None,
 ) -> PreparedRun:
-    """Draws (or replays) the scenario's jobs for `seed`."""
+    """Draws (or replays) the scenario's jobs for `seed`; `extra_files` (name -> lines) are a
+    servegen trace's further arrivals files and its lengths files."""
     streams = Streams.of(seed)
     arrivals = build_arrivals(
         scenario,
@@ -440,6 +484,7 @@ def prepare(
         trace_lines=trace_lines,
         trace_source=trace_source,
         run_lines=run_lines,
+        extra_files=extra_files,
     )
     jobs = build_jobs(scenario, arrivals, streams.service)
     spec = build_spec(scenario, jobs)

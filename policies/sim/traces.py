@@ -30,12 +30,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from policies.sim.arrivals import Arrival
+
+if TYPE_CHECKING:
+    from policies.sim.trace_servegen import ServegenOptions
 
 __all__ = [
     "DEFAULT_MAX_JOB_TYPES",
@@ -68,6 +71,9 @@ class TraceFormat(StrEnum):
     MOONCAKE = "mooncake"
     # Azure Functions 2019: invocation counts per function per minute, duration percentiles.
     AZURE_FUNCTIONS_2019 = "azure_functions_2019"
+    # ServeGen (Alibaba Model Studio): per-client rates and inter-arrival laws per 600 s window,
+    # one file per model, lengths beside them; arrivals are drawn (policies/sim/trace_servegen.py).
+    SERVEGEN = "servegen"
 
 
 class TraceError(ValueError):
@@ -927,6 +933,41 @@ def _as_format(fmt: TraceFormat | str) -> TraceFormat:
         raise ValueError(f"unknown trace format {fmt!r}; known formats: {known}") from None
 
 
+def _load_servegen(
+    lines: Iterable[str],
+    *,
+    source: str,
+    extra_files: Mapping[str, Iterable[str]],
+    options: ServegenOptions | None,
+    rng: np.random.Generator | None,
+    window_s: tuple[float, float] | None,
+    job_type: str | None,
+) -> list[Arrival]:
+    # Imported here: trace_servegen raises this module's TraceError, so a top-level import
+    # would be circular.
+    from policies.sim.trace_servegen import ServegenOptions, is_arrivals_file, parse_servegen
+
+    if rng is None:
+        raise ValueError("servegen draws its arrivals from fitted laws: pass a seeded rng")
+    arrival_files: dict[str, Iterable[str]] = {source: lines}
+    length_files: dict[str, Iterable[str]] = {}
+    for name, file_lines in extra_files.items():
+        (arrival_files if is_arrivals_file(name) else length_files)[name] = file_lines
+    opts = options or ServegenOptions()
+    return parse_servegen(
+        arrival_files,
+        length_files,
+        rng=rng,
+        window_s=window_s,
+        clients=opts.clients,
+        top_clients=opts.top_clients,
+        load_scale=opts.load_scale,
+        load_scale_by_model=opts.load_scale_by_model,
+        job_type=job_type,
+        max_arrivals=opts.max_arrivals,
+    )
+
+
 def load_trace(
     fmt: TraceFormat | str,
     lines: Iterable[str],
@@ -940,6 +981,8 @@ def load_trace(
     job_type_by: JobTypeBy | None = None,
     top_functions: int | None = None,
     max_job_types: int | None = None,
+    extra_files: Mapping[str, Iterable[str]] | None = None,
+    servegen: ServegenOptions | None = None,
     window_s: tuple[float, float] | None = None,
     time_scale: float | None = None,
     target_utilization: float | None = None,
@@ -957,6 +1000,10 @@ def load_trace(
       deterministic and draw nothing from it, so a caller may pass its generator regardless.
     - `run_lines`, `run_source`, `minutes`, `job_type_by`, `top_functions`, `max_job_types`: only
       for azure_functions_2019 (see `parse_azure_functions`).
+    - `extra_files` (name -> lines), `servegen`: only for servegen. `lines` is its first arrivals
+      file; `extra_files` holds any further `arrivals_*.csv` and the lengths files, told apart by
+      name (see `policies.sim.trace_servegen.parse_servegen`). Servegen draws only the windows
+      `window_s` overlaps, so it windows while parsing, never after.
     - `window_s=(start, end)`: keep `start <= t < end` and re-base to 0 (`select_window`); an empty
       window is an error.
     - `time_scale` (see `scale_time`) or `target_utilization` with `workers` and
@@ -976,6 +1023,12 @@ def load_trace(
         raise ValueError(
             f"option(s) {_quoted(misplaced)} only apply to "
             f"{TraceFormat.AZURE_FUNCTIONS_2019.value}, not {trace_format.value}"
+        )
+    if (extra_files is not None or servegen is not None) and (
+        trace_format is not TraceFormat.SERVEGEN
+    ):
+        raise ValueError(
+            f"extra_files and servegen only apply to servegen, not {trace_format.value}"
         )
     if time_scale is not None and target_utilization is not None:
         raise ValueError("give time_scale or target_utilization, not both")
@@ -997,6 +1050,17 @@ def load_trace(
         arrivals = parse_azure_llm(lines, job_type=job_type, source=source)
     elif trace_format is TraceFormat.MOONCAKE:
         arrivals = parse_mooncake(lines, job_type=job_type or "mooncake", source=source)
+    elif trace_format is TraceFormat.SERVEGEN:
+        arrivals = _load_servegen(
+            lines,
+            source=source,
+            extra_files=extra_files or {},
+            options=servegen,
+            rng=rng,
+            window_s=window_s,
+            job_type=job_type,
+        )
+        window_s = None
     else:
         if rng is None:
             raise ValueError(

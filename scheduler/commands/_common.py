@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from policies.evaluation import TraceInput
 from policies.legacy_layout import LayoutDeprecationWarning
 from policies.sim.scenario import Scenario, ScenarioError, parse_scenario
+from policies.sim.trace_servegen import QUANTILES_FILE, is_arrivals_file
 from policies.sim.traces import TraceFormat
 
 
@@ -93,6 +94,12 @@ TRACE_SOURCES: dict[TraceFormat, TraceSource] = {
         "https://github.com/vhive-serverless/invitro/tree/"
         "7e993e92dfacecf19b86ff603fef487404af5357/data/traces",
     ),
+    TraceFormat.SERVEGEN: TraceSource(
+        "the ServeGen trace",
+        "arrivals_<category>_<model>.csv files joined from upstream's per-client chunks, with "
+        "derived_length_quantiles.csv or lengths_<category>_<model>.jsonl beside them",
+        "https://github.com/alibaba/ServeGen/tree/main/data",
+    ),
 }
 
 
@@ -118,6 +125,8 @@ class TraceFiles:
     trace: Path
     # Azure Functions durations (`*_run.csv`), when the format has them and they are found.
     run: Path | None = None
+    # Servegen: the further arrivals files, then the lengths files found beside them.
+    extra: tuple[Path, ...] = ()
 
 
 def trace_files(scenario: Scenario, scenario_path: Path, trace: Path | None) -> TraceFiles | None:
@@ -130,6 +139,9 @@ def trace_files(scenario: Scenario, scenario_path: Path, trace: Path | None) -> 
         if trace is not None:
             raise fail(f"--trace given, but scenario {scenario_path} does not replay a trace")
         return None
+    if spec.format is TraceFormat.SERVEGEN:
+        return _servegen_files(spec.path, scenario_path, trace)
+    assert not isinstance(spec.path, list)  # the scenario's checks allow lists for servegen only
     trace_path = trace
     origin = "--trace"
     if trace_path is None and spec.path is not None:
@@ -153,6 +165,50 @@ def trace_files(scenario: Scenario, scenario_path: Path, trace: Path | None) -> 
     return TraceFiles(trace_path, run_path)
 
 
+def _servegen_files(
+    names: str | list[str] | None, scenario_path: Path, trace: Path | None
+) -> TraceFiles:
+    """Servegen's arrivals files and the lengths files beside them.
+
+    --trace DIR takes the scenario's file names inside DIR (every `arrivals_*.csv` there when it
+    names none); --trace FILE replays that one model; without --trace, the scenario's paths count
+    from the scenario file's directory.
+    """
+    fmt = TraceFormat.SERVEGEN
+    listed = [names] if isinstance(names, str) else list(names or [])
+    if trace is not None and trace.is_dir():
+        arrivals = [trace / name for name in listed] or sorted(trace.glob("arrivals_*.csv"))
+        if not arrivals:
+            raise fail(f"--trace {trace}: no arrivals_*.csv in this directory; {trace_hint(fmt)}")
+        origin = "--trace"
+    elif trace is not None:
+        arrivals, origin = [trace], "--trace"
+    elif listed:
+        arrivals = [scenario_path.parent / name for name in listed]
+        origin = f"{scenario_path}: workload.trace.path"
+    else:
+        raise fail(
+            f"scenario {scenario_path} replays a trace ({fmt.value}): give --trace PATH (a "
+            f"directory of arrivals files, or one); "
+            f"{trace_hint(fmt)}"
+        )
+    for path in arrivals:
+        _check_exists(path, origin, fmt)
+        if not is_arrivals_file(path.name):
+            raise fail(
+                f"{origin} {path}: a servegen arrivals file is named "
+                "arrivals_<category>_<model>.csv"
+            )
+    lengths: list[Path] = []
+    for path in arrivals:
+        beside = [
+            path.with_name(QUANTILES_FILE),
+            path.with_name("lengths_" + path.name.removeprefix("arrivals_")).with_suffix(".jsonl"),
+        ]
+        lengths += [p for p in beside if p.is_file() and p not in lengths]
+    return TraceFiles(arrivals[0], None, tuple(arrivals[1:]) + tuple(lengths))
+
+
 def _read_lines(path: Path) -> tuple[str, ...]:
     try:
         with path.open(encoding="utf-8") as f:
@@ -168,7 +224,12 @@ def read_trace(scenario: Scenario, scenario_path: Path, trace: Path | None) -> T
     if files is None:
         return None
     run_lines = _read_lines(files.run) if files.run is not None else None
-    return TraceInput(lines=_read_lines(files.trace), source=str(files.trace), run_lines=run_lines)
+    return TraceInput(
+        lines=_read_lines(files.trace),
+        source=str(files.trace),
+        run_lines=run_lines,
+        extra_files=tuple((str(path), _read_lines(path)) for path in files.extra),
+    )
 
 
 @dataclass(frozen=True)

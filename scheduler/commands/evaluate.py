@@ -355,7 +355,11 @@ def evaluate(
         int, typer.Option("--seeds", help="Held-out evaluation seeds (at least 5).")
     ] = DEFAULT_EVAL_SEEDS,
     trace: Annotated[
-        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Trace file (servegen: a directory or one arrivals file) for trace-replay scenarios.",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     workers: Annotated[

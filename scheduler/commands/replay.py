@@ -55,7 +55,11 @@ def replay(
         typer.Option("--scenario", metavar="FILE", help="Scenario YAML file.", show_default=False),
     ],
     trace: Annotated[
-        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Trace file (servegen: a directory or one arrivals file) for trace-replay scenarios.",
+        ),
     ] = None,
     speed: Annotated[
         float,

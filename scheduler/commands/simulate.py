@@ -85,6 +85,9 @@ def prepare_run(
                 if run_path is not None
                 else None
             )
+            extra = {
+                str(path): stack.enter_context(path.open(encoding="utf-8")) for path in files.extra
+            }
         except OSError as exc:
             raise fail(f"cannot read trace: {exc}") from None
         try:
@@ -94,6 +97,7 @@ def prepare_run(
                 trace_lines=lines,
                 trace_source=str(trace_path),
                 run_lines=run_lines,
+                extra_files=extra or None,
             )
         except (TraceError, ValueError) as exc:
             raise fail(str(exc)) from None
@@ -210,7 +214,11 @@ def simulate(
         bool, typer.Option("--compare", help="Run every heuristic allocator on the same jobs.")
     ] = False,
     trace: Annotated[
-        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Trace file (servegen: a directory or one arrivals file) for trace-replay scenarios.",
+        ),
     ] = None,
 ) -> None:
     """Simulate a scenario and report JCT, SLO attainment, utilisation and reconfigurations."""

@@ -135,7 +135,11 @@ def tune(
         ),
     ],
     trace: Annotated[
-        Path | None, typer.Option("--trace", help="Trace file for trace-replay scenarios.")
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Trace file (servegen: a directory or one arrivals file) for trace-replay scenarios.",
+        ),
     ] = None,
     write: Annotated[
         Path | None,

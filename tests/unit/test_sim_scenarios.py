@@ -122,7 +122,25 @@ def _write_traces(tmp_path: Path) -> dict[str, Path]:
         f"HashFunction,HashApp,HashOwner,Count,Average,Minimum,Maximum,{percentiles}\n"
         "f1,a1,o1,14,200,100,400,100,200,400\nf2,a2,o2,9,900,500,1500,500,900,1500\n"
     )
-    return {"trace_azure_llm": llm, "trace_mooncake": moon, "trace_azure_functions": inv}
+    servegen = tmp_path / "servegen"
+    servegen.mkdir()
+    quantiles = ["model,client,window_start_s,field,mean,p50,p90,p99,max"]
+    for name in ("language_m-large", "language_m-mid", "language_m-small",
+                 "reason_deepseek-r1", "multimodal_mm-image"):  # fmt: skip
+        (servegen / f"arrivals_{name}.csv").write_text(
+            "client,window_start_s,rate,cv,iat_dist,iat_shape,iat_scale\n"
+            "0,0,200,1.2,Gamma,0.7,1.0\n0,43200,200,2.0,Weibull,0.6,1.0\n"
+        )
+        model = name.split("_", 1)[1]
+        quantiles += [f"{model},0,0,input_tokens,300,200,500,900,1000",
+                      f"{model},0,0,output_tokens,80,50,150,300,400"]  # fmt: skip
+    (servegen / "derived_length_quantiles.csv").write_text("\n".join(quantiles) + "\n")
+    return {
+        "trace_azure_llm": llm,
+        "trace_mooncake": moon,
+        "trace_azure_functions": inv,
+        "trace_servegen": servegen / "arrivals_language_m-large.csv",
+    }
 
 
 def test_all_required_scenarios_are_shipped() -> None:
@@ -153,6 +171,13 @@ def test_shipped_scenario_loads_and_runs_briefly(name: str, tmp_path: Path) -> N
         kwargs["trace_lines"] = traces[name].read_text().splitlines()
         if name == "trace_azure_functions":
             kwargs["run_lines"] = (tmp_path / "f_run.csv").read_text().splitlines()
+        if name == "trace_servegen":
+            kwargs["trace_source"] = str(traces[name])
+            kwargs["extra_files"] = {
+                str(path): path.read_text().splitlines()
+                for path in sorted(traces[name].parent.iterdir())
+                if path != traces[name]
+            }
     else:
         data["duration_s"] = 20.0
         scenario = parse_scenario(data, source=name)

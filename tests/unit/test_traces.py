@@ -144,6 +144,7 @@ class TestPublicApi:
             "azure_llm_2023",
             "mooncake",
             "azure_functions_2019",
+            "servegen",
         ]
         assert TraceFormat("mooncake") == "mooncake"
 
