@@ -17,21 +17,17 @@ import datetime
 import json
 import os
 import random
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from benchmarks.common import REPO_ROOT, bench_ray, commit
 from benchmarks.targets import target
 from scheduler.client import AsyncClient, JobRequest
 from scheduler.config import ServiceConfig
 from scheduler.embedded_redis import EmbeddedRedis
 from scheduler.logs import configure_logging
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 QUEUES = 256
 WORKERS = 4
 TICK_S = 1.0
@@ -111,39 +107,24 @@ def _ms(samples: list[float], q: float) -> float:
 
 
 def _controller(redis_url: str, queues: int, load_s: float) -> dict[str, Any]:
-    import ray
-
     from scheduler.service.runner import start_service
 
-    ray_temp_dir = tempfile.mkdtemp(prefix="blbench", dir="/tmp")
-    ray.init(
-        _temp_dir=ray_temp_dir,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        namespace="bilevel-bench",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-    )
     counts = {"submitted": 0, "rejected": 0}
-    try:
-        with start_service(bench_config(redis_url, queues)) as service:
+    with bench_ray(), start_service(bench_config(redis_url, queues)) as service:
 
-            async def drive() -> tuple[list[float], int]:
-                async with AsyncClient(service.redis_url, settings=service.config.store) as c:
-                    stop = asyncio.Event()
-                    load = asyncio.create_task(_load(c, queues, stop, counts))
-                    try:
-                        await asyncio.sleep(WARMUP_S)
-                        until_s = time.perf_counter() + load_s
-                        return await _sample_ticks(service.actor, until_s)
-                    finally:
-                        stop.set()
-                        await load
+        async def drive() -> tuple[list[float], int]:
+            async with AsyncClient(service.redis_url, settings=service.config.store) as c:
+                stop = asyncio.Event()
+                load = asyncio.create_task(_load(c, queues, stop, counts))
+                try:
+                    await asyncio.sleep(WARMUP_S)
+                    until_s = time.perf_counter() + load_s
+                    return await _sample_ticks(service.actor, until_s)
+                finally:
+                    stop.set()
+                    await load
 
-            samples, ticks = asyncio.run(drive())
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_temp_dir, ignore_errors=True)
+        samples, ticks = asyncio.run(drive())
     if not samples:
         raise RuntimeError("the controller completed no full tick while the load ran")
     return {
@@ -163,16 +144,6 @@ def _controller(redis_url: str, queues: int, load_s: float) -> dict[str, Any]:
     }
 
 
-def _commit() -> str:
-    done = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return done.stdout.strip() or "unknown"
-
-
 def main(queues: int = QUEUES, load_s: float = LOAD_S) -> dict[str, Any]:
     os.environ.setdefault("PYTHONPATH", str(REPO_ROOT))
     with EmbeddedRedis() as server:
@@ -182,7 +153,7 @@ def main(queues: int = QUEUES, load_s: float = LOAD_S) -> dict[str, Any]:
     return {
         "benchmark": "controller_tick",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "cores": os.cpu_count(),
         "setup": f"{WORKERS} ModelWorker actors, rule router, proportional allocation",
         "load_average_1m": [round(before, 2), round(after, 2)],

@@ -20,25 +20,21 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks.common import REPO_ROOT, bench_ray, commit
 from benchmarks.targets import redis_cpu_s, target
 from scheduler.client import AsyncClient, AsyncJobHandle, JobRequest
 from scheduler.config import ServiceConfig
 from scheduler.embedded_redis import EmbeddedRedis
 from scheduler.logs import configure_logging
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 N_BATCHED = 20_000
 N_INDIVIDUAL = 8_000
@@ -146,46 +142,29 @@ def _idle_cpu(ray_temp_dir: str, redis_pid: int | None) -> dict[str, Any]:
 
 
 def _bilevel(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
-    import ray
-
     from scheduler.service.runner import start_service
 
-    ray_temp_dir = tempfile.mkdtemp(prefix="blbench", dir="/tmp")
-    ray.init(
-        _temp_dir=ray_temp_dir,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        namespace="bilevel-bench",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-    )
-    try:
-        with start_service(bench_config(redis_url)) as service:
+    with bench_ray() as ray_temp_dir, start_service(bench_config(redis_url)) as service:
 
-            async def drive() -> dict[str, Any]:
-                async with AsyncClient(service.redis_url, settings=service.config.store) as c:
-                    await _wait_all(c, [await c.submit("noop", 0)])  # warm up: workers ready
-                    batched, batched_us = await _with_redis_cpu(c, _batched, N_BATCHED)
-                    individual_jobs = N_INDIVIDUAL // INDIVIDUAL_CLIENTS * INDIVIDUAL_CLIENTS
-                    individual, individual_us = await _with_redis_cpu(
-                        c, _individual, individual_jobs
-                    )
-                    return {
-                        "batched_jobs_per_s": round(batched),
-                        "individual_jobs_per_s": round(individual),
-                        "individual_clients": INDIVIDUAL_CLIENTS,
-                        "redis_cpu_us_per_job": {
-                            "batched": round(batched_us, 1),
-                            "individual": round(individual_us, 1),
-                        },
-                        "round_trip": await _round_trips(c),
-                    }
+        async def drive() -> dict[str, Any]:
+            async with AsyncClient(service.redis_url, settings=service.config.store) as c:
+                await _wait_all(c, [await c.submit("noop", 0)])  # warm up: workers ready
+                batched, batched_us = await _with_redis_cpu(c, _batched, N_BATCHED)
+                individual_jobs = N_INDIVIDUAL // INDIVIDUAL_CLIENTS * INDIVIDUAL_CLIENTS
+                individual, individual_us = await _with_redis_cpu(c, _individual, individual_jobs)
+                return {
+                    "batched_jobs_per_s": round(batched),
+                    "individual_jobs_per_s": round(individual),
+                    "individual_clients": INDIVIDUAL_CLIENTS,
+                    "redis_cpu_us_per_job": {
+                        "batched": round(batched_us, 1),
+                        "individual": round(individual_us, 1),
+                    },
+                    "round_trip": await _round_trips(c),
+                }
 
-            result = asyncio.run(drive())
-            result.update(_idle_cpu(ray_temp_dir, redis_pid))
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_temp_dir, ignore_errors=True)
+        result = asyncio.run(drive())
+        result.update(_idle_cpu(ray_temp_dir, redis_pid))
     return {"setup": f"{WORKERS} ModelWorker actors, rule router, static allocation", **result}
 
 
@@ -200,22 +179,11 @@ def _recording(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
     seconds per job of the service's processes and Redis (the one idle meanwhile included, alike
     for both): on a machine shared with other work, wall-clock throughput swings with its load,
     while CPU per job hardly does, and bounds throughput once the cores are saturated."""
-    import ray
-
     from scheduler.service.runner import start_service
 
-    ray_temp_dir = tempfile.mkdtemp(prefix="blbench", dir="/tmp")
-    ray.init(
-        _temp_dir=ray_temp_dir,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        namespace="bilevel-bench",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-    )
     samples: dict[bool, list[float]] = {True: [], False: []}
     cpu_us: dict[bool, list[float]] = {True: [], False: []}
-    try:
+    with bench_ray() as ray_temp_dir:
         configs = {
             record: bench_config(redis_url, namespace=f"bench-record-{record}", record=record)
             for record in (True, False)
@@ -244,9 +212,6 @@ def _recording(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
                         await c.close()
 
             asyncio.run(drive())
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_temp_dir, ignore_errors=True)
     on_s, off_s = statistics.median(samples[True]), statistics.median(samples[False])
     on_us, off_us = statistics.median(cpu_us[True]), statistics.median(cpu_us[False])
     return {
@@ -277,23 +242,13 @@ def main_recording() -> dict[str, Any]:
     return {
         "benchmark": "e2e_recording_overhead",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "cores": os.cpu_count(),
         "redis_version": redis_version,
         "setup": f"{WORKERS} ModelWorker actors per service, rule router, static allocation",
         "load_average_1m": [round(before, 2), round(after, 2)],
         "recording": recording,
     }
-
-
-def _commit() -> str:
-    done = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return done.stdout.strip() or "unknown"
 
 
 def _redis_version(redis_url: str) -> str:
@@ -336,7 +291,7 @@ def main(peers: list[str] | None = None, rounds: int = 3) -> dict[str, Any]:
     return {
         "benchmark": "e2e_noop",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "command": " ".join(["python -m benchmarks.bench_e2e", *sys.argv[1:]]),
         "cores": os.cpu_count(),
         "redis_version": redis_version,

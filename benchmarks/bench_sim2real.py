@@ -25,12 +25,11 @@ import asyncio
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from benchmarks.common import REPO_ROOT, commit
 from policies.sim.calibration import MEASURED, Calibration
 from policies.sim.scenario import Scenario, parse_scenario, prepare
 from policies.sim.timescale import shrink
@@ -46,7 +45,6 @@ from policies.sim2real import (
 from scheduler.errors import BilevelError
 from scheduler.logs import configure_logging
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = REPO_ROOT / "policies" / "scenarios"
 
 # Workers of the shrunk scenarios, and the share of their utilisation kept: on 4 workers a queue
@@ -68,21 +66,6 @@ RANK_TIE = 0.05
 # Metrics kept per side in the report.
 KEPT = ("jobs", "mean_jct_s", "p50_jct_s", "p99_jct_s", "slo_attainment", "utilization",
         "reconfigurations")  # fmt: skip
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def shrunk(name: str, duration_s: float) -> Scenario:
@@ -150,7 +133,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "sim2real",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "mode": mode,
         "speed": args.speed,
         "seed": args.seed,
