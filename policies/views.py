@@ -115,7 +115,7 @@ def _table(queues: Sequence[QueueView]) -> np.ndarray:
     return table
 
 
-_RATE_FIELD: Final = _COLUMN["arrival_rate_per_s"]
+_RATE_COLUMN: Final = _COLUMN["arrival_rate_per_s"]
 # Every field of a QueueView in constructor order, for rebuilding one with a field changed.
 _QUEUE_FIELDS: Final = tuple(f.name for f in dataclass_fields(QueueView))
 _RATE_AT: Final = _QUEUE_FIELDS.index("arrival_rate_per_s")
@@ -135,7 +135,7 @@ def with_arrival_rates(
         out.append(QueueView(*values))
     new = tuple(out)
     table = _table(queues).copy()
-    table[:, _RATE_FIELD] = np.asarray(rates, dtype=np.float64)
+    table[:, _RATE_COLUMN] = np.asarray(rates, dtype=np.float64)
     table.setflags(write=False)
     _keep(new, table)
     return new

@@ -21,19 +21,18 @@ key; a bad option raises `ValueError`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from policies.sim.arrivals import Arrival
-from policies.sim.traces import TraceError
+from policies.sim.traces import TraceError, json_objects
 
 __all__ = [
     "ARRIVALS_COLUMNS",
@@ -483,17 +482,7 @@ def _distribution(value: object, *, source: str, line_no: int, key: str) -> _Emp
 
 def _read_lengths_jsonl(lines: Iterable[str], *, source: str) -> _LengthTable:
     table: _LengthTable = {}
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record: Any = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(source, line_no, f"not valid JSON: {exc.msg}") from None
-        if not isinstance(record, dict):
-            raise TraceError(
-                source, line_no, f"expected a JSON object, got {type(record).__name__}"
-            )
+    for line_no, record in json_objects(lines, source=source):
         for key in ("client", "window_start_s"):
             value = record.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -393,15 +393,9 @@ _MOONCAKE_REQUIRED: Final = ("timestamp", "input_length", "output_length")
 _MOONCAKE_ALLOWED: Final = (*_MOONCAKE_REQUIRED, "hash_ids")
 
 
-def _read_mooncake(
-    lines: Iterable[str], source: str
-) -> tuple[list[float], list[int], list[int], list[tuple[int, ...]]]:
-    """Validated columns of a Mooncake trace in file order: (time s, tokens in, out, prefix ids)."""
-    times_s: list[float] = []
-    tokens_in: list[int] = []
-    tokens_out: list[int] = []
-    prefix_ids: list[tuple[int, ...]] = []
-    line_no = 0
+def json_objects(lines: Iterable[str], *, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; a TraceError naming the
+    line when one is not JSON or not an object."""
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -413,6 +407,19 @@ def _read_mooncake(
             raise TraceError(
                 source, line_no, f"expected a JSON object, got {type(record).__name__}"
             )
+        yield line_no, record
+
+
+def _read_mooncake(
+    lines: Iterable[str], source: str
+) -> tuple[list[float], list[int], list[int], list[tuple[int, ...]]]:
+    """Validated columns of a Mooncake trace in file order: (time s, tokens in, out, prefix ids)."""
+    times_s: list[float] = []
+    tokens_in: list[int] = []
+    tokens_out: list[int] = []
+    prefix_ids: list[tuple[int, ...]] = []
+    line_no = 0
+    for line_no, record in json_objects(lines, source=source):
         missing = [key for key in _MOONCAKE_REQUIRED if key not in record]
         if missing:
             raise TraceError(source, line_no, f"missing required key(s) {_quoted(missing)}")

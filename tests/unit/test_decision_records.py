@@ -55,21 +55,26 @@ class TestInterventions:
         assert guard.last_interventions == ()
 
 
+def _bounded_tick(fallback: str | None) -> DecisionRecord:
+    """The record of a tick whose bounds and budget both changed a static proposal."""
+    guard = Guardrails(StaticAllocator(), AllocationBounds(min_workers={"a": 3}))
+    view = _view({"a": 0, "b": 1})
+    target = guard.allocate(view)
+    return decision_record(
+        view,
+        policy=guard.name,
+        before=view.allocation(),
+        proposal=guard.last_proposal,
+        target=target,
+        fallback=fallback,
+        interventions=guard.last_interventions,
+    )
+
+
 class TestDecisionRecord:
     def test_a_record_round_trips_and_explains_itself(self) -> None:
         """JSON out and back is the same record; its reasons and moves read as sentences."""
-        guard = Guardrails(StaticAllocator(), AllocationBounds(min_workers={"a": 3}))
-        view = _view({"a": 0, "b": 1})
-        target = guard.allocate(view)
-        record = decision_record(
-            view,
-            policy=guard.name,
-            before=view.allocation(),
-            proposal=guard.last_proposal,
-            target=target,
-            fallback=None,
-            interventions=guard.last_interventions,
-        )
+        record = _bounded_tick(fallback=None)
         back = DecisionRecord.from_json(record.to_json())
         assert back == record
         assert record.worth_keeping
@@ -96,18 +101,7 @@ class TestDecisionRecord:
     def test_the_json_keeps_asdicts_shape(self) -> None:
         """Every field as dataclasses.asdict names it (interventions as lists), then the reasons
         and the moves."""
-        guard = Guardrails(StaticAllocator(), AllocationBounds(min_workers={"a": 3}))
-        view = _view({"a": 0, "b": 1})
-        target = guard.allocate(view)
-        record = decision_record(
-            view,
-            policy=guard.name,
-            before=view.allocation(),
-            proposal=guard.last_proposal,
-            target=target,
-            fallback="why",
-            interventions=guard.last_interventions,
-        )
+        record = _bounded_tick(fallback="why")
         expected = json.loads(json.dumps(dataclasses.asdict(record)))
         expected["interventions"] = [
             {"guardrail": i.guardrail, "changes": {q: list(c) for q, c in i.changes.items()}}

@@ -390,7 +390,7 @@ class TestReplayInputs:
         assert result.exit_code == 2
         assert message in result.output
 
-    def test_minimums_over_the_shrunk_budget(self, tmp_path: Path) -> None:
+    def test_minimums_over_the_shrunk_budget(self) -> None:
         """Shrinking below the queues' min_workers says so, before anything starts."""
         result = CliRunner().invoke(
             app,
