@@ -80,20 +80,15 @@ class DecisionRecord:
     def to_dict(self) -> dict[str, Any]:
         # dataclasses.asdict's shape, built shallowly: its deep copy of one QueueDecision per
         # queue took a controller tick at 256 queues about 15 ms.
-        return {
-            "t_s": self.t_s,
-            "policy": self.policy,
-            "budget": self.budget,
-            "changed": self.changed,
-            "fallback": self.fallback,
-            "interventions": [
-                {"guardrail": i.guardrail, "changes": {q: list(c) for q, c in i.changes.items()}}
-                for i in self.interventions
-            ],
-            "queues": [field_values(q) for q in self.queues],
-            "reasons": self.reasons(),
-            "moves": self.moves(),
-        }
+        raw = field_values(self)
+        raw["interventions"] = [
+            {"guardrail": i.guardrail, "changes": {q: list(c) for q, c in i.changes.items()}}
+            for i in self.interventions
+        ]
+        raw["queues"] = [field_values(q) for q in self.queues]
+        raw["reasons"] = self.reasons()
+        raw["moves"] = self.moves()
+        return raw
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

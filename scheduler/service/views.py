@@ -234,13 +234,9 @@ class PublishedState:
     def to_json(self) -> str:
         # What dataclasses.asdict would give, built shallowly: every field already holds JSON
         # values, and asdict's deep copy of 256 queues was most of a controller tick's time.
-        raw = {
-            "t_s": self.t_s,
-            "policy": self.policy,
-            "queues": {name: field_values(q) for name, q in self.queues.items()},
-            "fallback": self.fallback,
-            "shadow": None if self.shadow is None else field_values(self.shadow),
-        }
+        raw = field_values(self)
+        raw["queues"] = {name: field_values(q) for name, q in self.queues.items()}
+        raw["shadow"] = None if self.shadow is None else field_values(self.shadow)
         return json.dumps(raw, separators=(",", ":"))
 
     @classmethod
