@@ -242,6 +242,18 @@ class SentinelCluster:
         master.process.wait(timeout=10)
         return master, killed_at
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of every node's log, for a failure message: what the sentinels and
+        replicas did (a full resync, a TILT, a second election) is only written there."""
+        out = []
+        for node in [*self.data_nodes, *self.sentinels]:
+            try:
+                tail = node.log.read_text(errors="replace").splitlines()[-lines:]
+            except OSError as exc:
+                tail = [f"(no log: {exc})"]
+            out.append(f"--- {node.name} :{node.port} ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
     def replicas(self) -> list[Node]:
         """The live data nodes other than the current master."""
         return [n for n in self.data_nodes if n is not self.master and n.alive]

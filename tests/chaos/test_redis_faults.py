@@ -129,8 +129,12 @@ def test_sentinel_failover_under_load_finishes_every_job_once(
     with SentinelCluster(replicas=2) as cluster:
         url = cluster.url()
         # Leases longer than the failover, as in production: a job leased before it keeps its
-        # worker (its heartbeats resume on the new master) instead of running again.
-        config = chaos_config(settings, redis_url=url, store={"replica_acks": 1, "lease_s": 10.0})
+        # worker (its heartbeats resume on the new master) instead of running again. And a
+        # client retry window longer than the whole failover, also as in production: with
+        # replica_acks a submit succeeds only once the surviving replica follows the new master,
+        # which on a loaded 2-core machine once took more than 11 s from the kill.
+        store = {"replica_acks": 1, "lease_s": 10.0, "outage_retry_s": 30.0}
+        config = chaos_config(settings, redis_url=url, store=store)
         services.append(start_service(config, redis_url=url, leader_ttl_s=2.0, wait_s=30.0))
 
         async def scenario() -> dict[str, Any]:
@@ -164,6 +168,7 @@ def test_sentinel_failover_under_load_finishes_every_job_once(
             for handle in services:
                 handle.stop(timeout_s=20.0)
             services.clear()
+        logs = cluster.log_tails()
     tracked: Tracked = out["tracked"]
     summary = tracked.summary()
     stalls = [d for t, d in tracked.submit_s if t >= out["killed_at"] - 1.0]
@@ -175,4 +180,7 @@ def test_sentinel_failover_under_load_finishes_every_job_once(
          "longest_submit_s": round(max(stalls, default=0.0), 2)},
         report_dir,
     )  # fmt: skip
-    assert_every_job_accounted(summary, out["completed"], n=n)
+    try:
+        assert_every_job_accounted(summary, out["completed"], n=n)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{logs}") from None
