@@ -16,6 +16,8 @@ scenario, whether live and calibrated simulation rank the policies alike.
 Bounded: the full run replays the 6 synthetic scenarios x 3 policies of 30 s of arrivals each
 (with the service's start and stop, about a minute each: 18 to 22 minutes on 2 cores); --quick
 replays 2 scenarios x 3 policies of 20 s (about 8 minutes); --only picks scenarios.
+--live-models serves every queue with a torch demo model instead (workers/synthetic.py: real
+loads, timed first and given to the simulator, and real compute for each job's service time).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from typing import Any
 
 from benchmarks.common import REPO_ROOT, commit
 from policies.sim.calibration import MEASURED, Calibration
-from policies.sim.scenario import Scenario, parse_scenario, prepare
+from policies.sim.scenario import LIVE_MODELS, Scenario, parse_scenario, prepare
 from policies.sim.timescale import shrink
 from policies.sim2real import (
     ReplayPlan,
     plan_replay,
     rank,
     rankings_agree,
+    real_model_loads,
     relative_errors,
     rescaled,
     within,
@@ -71,6 +74,16 @@ KEPT = ("jobs", "mean_jct_s", "p50_jct_s", "p99_jct_s", "slo_attainment", "utili
 def shrunk(name: str, duration_s: float) -> Scenario:
     scenario = parse_scenario((SCENARIOS / f"{name}.yaml").read_text(encoding="utf-8"))
     return shrink(scenario, BUDGETS.get(name, BUDGET), duration_s=duration_s, load_scale=LOAD_SCALE)
+
+
+def with_live_models(scenario: Scenario) -> Scenario:
+    """The scenario with every queue on a torch demo model (the three in turn): the replay's
+    workers load real models and compute for each job's service time instead of sleeping."""
+    queues = [
+        q.model_copy(update={"live_model": LIVE_MODELS[i % len(LIVE_MODELS)]})
+        for i, q in enumerate(scenario.queues)
+    ]
+    return scenario.model_copy(update={"queues": queues})
 
 
 def _kept(summary: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +130,11 @@ def main() -> None:
     parser.add_argument(
         "--only", default=None, help="comma-separated scenarios to run (default: all of the mode)"
     )
+    parser.add_argument(
+        "--live-models",
+        action="store_true",
+        help="serve every queue with a real torch demo model (loads and compute) instead of sleeps",
+    )
     args = parser.parse_args()
     configure_logging(level="warning")
     from scheduler.service.live_replay import live_estimators
@@ -146,20 +164,37 @@ def main() -> None:
         "calibration": MEASURED.model_dump(),
         "bounds": BOUNDS,
         "rank_tie": RANK_TIE,
+        "live_models": args.live_models,
     }
     try:
         if not args.no_probe:
             from scheduler.service.overheads import measure_overheads
 
             report["overheads_now"] = measure_overheads().to_dict()
+        loads_by_model: dict[str, float] = {}
+        if args.live_models:
+            from workers.synthetic import time_model_loads
+
+            loads_by_model = time_model_loads(LIVE_MODELS)
+            report["model_loads_s"] = {m: round(v, 3) for m, v in loads_by_model.items()}
         runs: dict[str, list[dict[str, Any]]] = {}
         rankings: dict[str, Any] = {}
         for name in names:
-            prepared = prepare(shrunk(name, DURATION_S[mode]), args.seed)
+            scenario = shrunk(name, DURATION_S[mode])
+            if args.live_models:
+                scenario = with_live_models(scenario)
+            prepared = prepare(scenario, args.seed)
+            loads = real_model_loads(prepared, loads_by_model)
             plan = plan_replay(
-                prepared, speed=args.speed, calibration=MEASURED, estimators=live_estimators()
+                prepared,
+                speed=args.speed,
+                calibration=MEASURED,
+                estimators=live_estimators(),
+                model_loads_s=loads,
             )
-            ideal = plan_replay(prepared, speed=args.speed, calibration=Calibration())
+            ideal = plan_replay(
+                prepared, speed=args.speed, calibration=Calibration(), model_loads_s=loads
+            )
             runs[name] = []
             for policy in POLICIES:
                 try:

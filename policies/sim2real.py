@@ -108,6 +108,43 @@ class ReplayPlan:
                 out[t] = share_s
         return out
 
+    def live_models(self) -> dict[str, str]:
+        """The demo model each job type of a `live_model` queue runs; ValueError when a job
+        type is in queues that name different ones (or one names none)."""
+        models: dict[str, str | None] = {}
+        for q in self.live.scenario.queues:
+            for t in sorted(q.job_types):
+                if t in models and models[t] != q.live_model:
+                    raise ValueError(
+                        f"job type {t!r} is in queues with different live_model "
+                        f"({models[t]!r} and {q.live_model!r}); a live replay runs one model per "
+                        "job type"
+                    )
+                models[t] = q.live_model
+        return {t: m for t, m in models.items() if m is not None}
+
+    def handlers(self) -> dict[str, float | str]:
+        """What each job type's synthetic handler does (workers/synthetic.py): a number is the
+        seconds its model load sleeps, a name the demo model it loads and computes with."""
+        out: dict[str, float | str] = dict(self.load_times_s())
+        out.update(self.live_models())
+        return out
+
+
+def real_model_loads(
+    prepared: PreparedRun, load_s_by_model: Mapping[str, float]
+) -> dict[str, float]:
+    """Seconds a worker of each `live_model` queue takes to load its models (one per job type),
+    from one load of each model as timed on this machine; ValueError naming a model not timed."""
+    out: dict[str, float] = {}
+    for q in prepared.scenario.queues:
+        if q.live_model is None:
+            continue
+        if q.live_model not in load_s_by_model:
+            raise ValueError(f"queue {q.name!r}: no load time of live_model {q.live_model!r}")
+        out[q.name] = load_s_by_model[q.live_model] * len(q.job_types)
+    return out
+
 
 def plan_replay(
     prepared: PreparedRun,
@@ -116,15 +153,30 @@ def plan_replay(
     calibration: Calibration,
     duration_s: float | None = None,
     estimators: LiveEstimators | None = None,
+    model_loads_s: Mapping[str, float] | None = None,
 ) -> ReplayPlan:
     """The plan for replaying an ideal (uncalibrated) prepared run at `speed`, its arrivals cut
     at `duration_s` scenario seconds if given; with `estimators`, the simulator's views estimate
-    rates and service times as the live service's do (real seconds, like the overheads)."""
+    rates and service times as the live service's do (real seconds, like the overheads).
+    `model_loads_s` gives queues whose models really load (live_model, see real_model_loads)
+    their load time in real seconds: a real load is not compressed by the speed."""
     if prepared.scenario.calibration is not None:
         raise ValueError("prepare the run without calibration: overheads are added after")
     if duration_s is not None:
         prepared = cut(prepared, duration_s)
     live = compress(prepared, speed)
+    if model_loads_s:
+        unknown = sorted(set(model_loads_s) - {q.name for q in live.spec.queues})
+        if unknown:
+            raise ValueError(f"model loads name unknown queues {unknown}")
+        queues = tuple(
+            replace(q, model_load_s=float(model_loads_s.get(q.name, q.model_load_s)))
+            for q in live.spec.queues
+        )
+        live = PreparedRun(
+            scenario=live.scenario, spec=replace(live.spec, queues=queues), jobs=live.jobs,
+            seed=live.seed,
+        )  # fmt: skip
     spec, jobs = calibrated(live.spec, live.jobs, calibration)
     if estimators is not None:
         spec = replace(
@@ -287,6 +339,7 @@ __all__ = [
     "plan_replay",
     "rank",
     "rankings_agree",
+    "real_model_loads",
     "relative_error",
     "relative_errors",
     "rescaled",

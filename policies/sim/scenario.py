@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -46,11 +46,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The built-in torch demo models (workers/demo_nets.py) a live replay can run for a queue.
+LIVE_MODELS: tuple[str, ...] = ("embed", "classify", "generate")
+LiveModel = Literal["embed", "classify", "generate"]
+
+
 class QueueConfig(QueueSection):
     """One task queue of the layout, with how long its jobs run and its model's load time."""
 
     service: ServiceModel
     model_load_s: float = Field(default=0.0, ge=0)
+    # For `bilevel replay` only: this queue's workers load this built-in torch demo model (a
+    # real load, which the replay times on this machine and gives the simulator in place of
+    # model_load_s) and each job computes with it for its drawn service time instead of sleeping,
+    # so the replay's CPUs are really busy. `simulate` and the service ignore it.
+    live_model: LiveModel | None = None
 
 
 class TraceConfig(_Section):

@@ -4,8 +4,10 @@ the simulator's error against it.
 The scenario's jobs are drawn as `bilevel simulate` draws them (same generator, same seed), cut
 to --duration-s scenario seconds, and run --speed times faster: the live service (started here,
 embedded Redis and local Ray, unless --redis-url names a Redis to start it on) serves them with
-synthetic handlers that sleep each job's drawn service time, and the simulator runs the same
-jobs with the same policy and the overheads of the live service it models (the scenario's
+synthetic handlers that sleep each job's drawn service time (or, on a queue whose scenario names
+a `live_model`, compute with that torch demo model for it, after a real model load that this
+command times first and gives the simulator), and the simulator runs the same jobs with the same
+policy and the overheads of the live service it models (the scenario's
 `calibration:` section, else the values measured on the development machine; --ideal leaves them
 out). Both are reported in scenario seconds, with the simulator's relative error per metric.
 """
@@ -22,9 +24,15 @@ import typer
 from rich.console import Console
 
 from policies.sim.calibration import MEASURED, Calibration
-from policies.sim.scenario import ScenarioError
+from policies.sim.scenario import Scenario, ScenarioError
 from policies.sim.timescale import shrink
-from policies.sim2real import COMPARED_METRICS, plan_replay, relative_errors, rescaled
+from policies.sim2real import (
+    COMPARED_METRICS,
+    plan_replay,
+    real_model_loads,
+    relative_errors,
+    rescaled,
+)
 from scheduler.commands._common import fail, progress_bar, read_scenario
 from scheduler.commands._tables import Column, print_table
 from scheduler.commands.simulate import check_policy, check_router, prepare_run
@@ -47,6 +55,19 @@ _ROWS: tuple[tuple[str, str], ...] = (
     ("utilization", ".1%"),
     ("reconfigurations", "d"),
 )
+
+
+def timed_live_model_loads(scenario: Scenario, console: Console, quiet: bool) -> dict[str, float]:
+    """One load of each torch demo model the scenario's queues name as `live_model`, timed on
+    this machine: real loads take their own time at any speed, and the simulator is told it."""
+    names = {q.live_model for q in scenario.queues if q.live_model is not None}
+    if not names:
+        return {}
+    from workers.synthetic import time_model_loads
+
+    if not quiet:
+        console.print(f"timing the loads of {', '.join(sorted(names))}", highlight=False)
+    return time_model_loads(names)
 
 
 def replay(
@@ -140,18 +161,23 @@ def replay(
         except ValueError as exc:
             raise fail(str(exc)) from None
     calibration = Calibration() if ideal else (parsed.calibration or MEASURED)
+    # Before anything logs: the service's start-up lines go to stderr, warnings only.
+    configure_logging(level="warning")
+    console = Console(stderr=True)
     try:
         prepared = prepare_run(
             parsed.model_copy(update={"calibration": None}), scenario, seed, trace
         )
+        model_loads = real_model_loads(prepared, timed_live_model_loads(parsed, console, as_json))
         plan = plan_replay(
             prepared,
             speed=speed,
             calibration=calibration,
             duration_s=duration_s,
             estimators=None if ideal else live_estimators(),
+            model_loads_s=model_loads,
         )
-        plan.load_times_s()
+        plan.handlers()
     except (ScenarioError, ValueError) as exc:
         raise fail(str(exc)) from None
     if plan.arrivals == 0:
@@ -163,9 +189,6 @@ def replay(
         submit_and_collect,
     )
 
-    # Before anything logs: the service's start-up lines go to stderr, warnings only.
-    configure_logging(level="warning")
-    console = Console(stderr=True)
     policy_name = policy or parsed.allocation.policy
     router_name = router or parsed.routing.policy
     real_s = plan.live.spec.horizon_s
@@ -205,6 +228,8 @@ def replay(
         "seed": seed,
         "speed": speed,
         "calibration": calibration.model_dump(),
+        # Real seconds a worker of each live_model queue took to load its models, timed here.
+        "model_loads_s": {q: round(v, 3) for q, v in model_loads.items()},
         "live": live,
         "sim": sim,
         "error": error,

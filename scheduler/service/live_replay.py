@@ -133,13 +133,13 @@ def live_config(
     scenario = scenario.model_copy(
         update={"allocation": allocation.model_copy(update=update), "routing": routing}
     )
-    load_times = json.dumps(plan.load_times_s())
+    handlers = json.dumps(plan.handlers())
     return ServiceConfig.from_scenario(
         scenario,
         source=f"replay of {plan.live.scenario.name}",
         store=dict(store),
         handlers=["workers.synthetic"],
-        runtime_env={"env_vars": {SYNTHETIC_HANDLERS_ENV: load_times}},
+        runtime_env={"env_vars": {SYNTHETIC_HANDLERS_ENV: handlers}},
         # One job per lease, as the simulator's workers take them.
         worker={"max_batch": 1},
         # Every tick a full one, as in the simulator.
@@ -153,9 +153,9 @@ def register_here(plan: ReplayPlan) -> None:
     from workers.registry import REGISTRY
     from workers.synthetic import SYNTHETIC_HANDLERS_ENV, register_synthetic
 
-    load_times = plan.load_times_s()
-    os.environ[SYNTHETIC_HANDLERS_ENV] = json.dumps(load_times)
-    register_synthetic(REGISTRY, load_times)
+    handlers = plan.handlers()
+    os.environ[SYNTHETIC_HANDLERS_ENV] = json.dumps(handlers)
+    register_synthetic(REGISTRY, handlers)
 
 
 @dataclass

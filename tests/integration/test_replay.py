@@ -68,6 +68,38 @@ def test_replay_counts_every_job_live_and_reports_the_prediction(
 
 
 @pytest.mark.slow
+def test_replay_runs_a_queue_on_a_real_torch_model(
+    ray_local: None, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """A queue whose scenario names a live_model is served by workers that load that demo model
+    and compute with it: every job finishes, the load was timed here and given to the simulator
+    (uncompressed: a real load takes its own time at any speed)."""
+    raw = {
+        **SMALL,
+        "name": "torch_replay",
+        "queues": [{**SMALL["queues"][0], "live_model": "embed"}, SMALL["queues"][1]],
+    }
+    path = tmp_path / "torch.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    expected = len(cut(prepare(parse_scenario(raw), seed=2), 20.0).jobs.arrivals)
+    result = CliRunner().invoke(
+        app,
+        ["replay", "--scenario", str(path), "--speed", "10", "--duration-s", "20", "--seed", "2",
+         "--json", "--redis-url", redis_server.url],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    live = out["live"]
+    assert expected > 5
+    assert (live["jobs"], live["unfinished"], live["failed"]) == (expected, 0, 0)
+    assert set(out["model_loads_s"]) == {"fast"}
+    # Building the embedding table and a warm-up pass: real work, far from the 0.1 s the
+    # scenario's 1 s load would sleep at 10x.
+    assert out["model_loads_s"]["fast"] > 0.05
+    assert out["sim"]["jobs"] == expected
+
+
+@pytest.mark.slow
 def test_overhead_probe_measures_every_overhead(ray_local: None) -> None:
     """The probe returns samples of dispatch, job overhead and switch, all non-negative means
     that fit a Calibration."""

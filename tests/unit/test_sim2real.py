@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from policies.sim.calibration import Calibration, calibrated
 from policies.sim.metrics import summarize
-from policies.sim.scenario import make_allocator_for, make_router_for, parse_scenario, prepare
+from policies.sim.scenario import (
+    LIVE_MODELS,
+    ScenarioError,
+    make_allocator_for,
+    make_router_for,
+    parse_scenario,
+    prepare,
+)
 from policies.sim.timescale import compress, cut, shrink
 from policies.sim2real import (
     live_record,
@@ -22,6 +29,7 @@ from policies.sim2real import (
     plan_replay,
     rank,
     rankings_agree,
+    real_model_loads,
     relative_error,
     relative_errors,
     rescaled,
@@ -30,7 +38,13 @@ from policies.sim2real import (
 from scheduler.cli import app
 from tests.conftest import REPO_ROOT
 from workers.registry import HandlerRegistry, PayloadError
-from workers.synthetic import parse_load_times, register_synthetic, service_seconds
+from workers.synthetic import (
+    DEMO_MODELS,
+    ModelWork,
+    parse_handlers,
+    register_synthetic,
+    service_seconds,
+)
 
 SCENARIOS = REPO_ROOT / "policies" / "scenarios"
 
@@ -312,13 +326,45 @@ class TestComparison:
 class TestSyntheticHandlers:
     """The sleeping handlers a replay serves its jobs with."""
 
-    def test_load_times_from_the_environment(self) -> None:
-        """The JSON object parses; a bad entry is named."""
-        assert parse_load_times('{"a": 0.5, "b": 0}') == {"a": 0.5, "b": 0.0}
+    def test_handlers_from_the_environment(self) -> None:
+        """The JSON object parses (load seconds, or a demo model's name); a bad entry is named."""
+        assert parse_handlers('{"a": 0.5, "b": 0, "c": "embed"}') == {
+            "a": 0.5,
+            "b": 0.0,
+            "c": "embed",
+        }
         with pytest.raises(ValueError, match=r"BILEVEL_SYNTHETIC_HANDLERS\.b"):
-            parse_load_times('{"a": 1, "b": -1}')
+            parse_handlers('{"a": 1, "b": -1}')
+        with pytest.raises(
+            ValueError, match=r"BILEVEL_SYNTHETIC_HANDLERS\.c: unknown demo model 'bert'"
+        ):
+            parse_handlers('{"c": "bert"}')
         with pytest.raises(ValueError, match="not valid JSON"):
-            parse_load_times("{")
+            parse_handlers("{")
+
+    def test_the_scenario_and_the_workers_know_the_same_demo_models(self) -> None:
+        assert LIVE_MODELS == DEMO_MODELS
+
+    @pytest.mark.parametrize("name", DEMO_MODELS)
+    def test_a_demo_model_job_computes_for_its_service_time(self, name: str) -> None:
+        """A job on a demo-model handler lasts its service time (within one pass of the model)
+        and spends it in forward passes of the real model, not asleep."""
+        import time
+
+        registry = HandlerRegistry()
+        register_synthetic(registry, {"x": name})
+        handler = registry.get("x")
+        work = handler.loader()
+        assert isinstance(work, ModelWork)
+        assert work.pass_s > 0
+        seconds = max(0.2, 5 * work.pass_s)
+        started = time.perf_counter()
+        assert handler.run_batch(work, [{"service_s": seconds}]) == [seconds]
+        took = time.perf_counter() - started
+        assert seconds <= took < seconds + 2 * work.pass_s + 0.05
+        assert work.run_for(seconds) >= 2
+        # Shorter than a pass: it sleeps, and still lasts the time asked for.
+        assert work.run_for(work.pass_s / 2) == 0
 
     def test_a_job_sleeps_what_its_payload_says(self) -> None:
         """The registered handler returns the service seconds it slept; bad payloads are
@@ -331,6 +377,54 @@ class TestSyntheticHandlers:
         for bad in (None, {"service_s": -1}, {"service_s": "1"}, {"service_s": 1e9}):
             with pytest.raises(PayloadError, match="service_s"):
                 service_seconds(bad)
+
+
+class TestLiveModels:
+    """Queues whose replay runs a torch demo model: the plan's handlers and its real loads."""
+
+    RAW: ClassVar[dict[str, Any]] = {
+        **TINY,
+        "queues": [
+            {**TINY["queues"][0], "live_model": "embed"},
+            {**TINY["queues"][1], "job_types": ["b", "b2"], "live_model": "generate"},
+        ],
+        "workload": {"generators": [{"kind": "poisson", "rate_per_s": 4.0,
+                                     "mix": {"a": 2, "b": 1, "b2": 1}}]},
+    }  # fmt: skip
+
+    def test_an_unknown_live_model_is_named(self) -> None:
+        raw = {**TINY, "queues": [{**TINY["queues"][0], "live_model": "bert"}, TINY["queues"][1]]}
+        with pytest.raises(ScenarioError, match=r"queues\.0\.live_model"):
+            parse_scenario(raw)
+
+    def test_handlers_name_the_models_and_real_loads_replace_the_scenarios(self) -> None:
+        """Each job type of a live_model queue runs that model; the queue's load in both runs is
+        the timed load (once per job type), not compressed, and the simulator adds its switch."""
+        prepared = prepare(parse_scenario(self.RAW), 0)
+        loads = real_model_loads(prepared, {"embed": 0.3, "generate": 2.0})
+        assert loads == {"a": 0.3, "b": 4.0}
+        cal = Calibration(switch_s=0.25)
+        plan = plan_replay(prepared, speed=10.0, calibration=cal, model_loads_s=loads)
+        assert plan.handlers() == {"a": "embed", "b": "generate", "b2": "generate"}
+        assert [q.model_load_s for q in plan.live.spec.queues] == [0.3, 4.0]
+        assert [q.model_load_s for q in plan.sim.spec.queues] == pytest.approx([0.55, 4.25])
+        # Without live models the sleeps are the scenario's loads, compressed.
+        plain = plan_replay(prepare(parse_scenario(TINY), 0), speed=10.0, calibration=cal)
+        assert plain.handlers() == {"a": pytest.approx(0.2), "b": pytest.approx(0.4)}
+
+    def test_bad_model_loads_are_named(self) -> None:
+        prepared = prepare(parse_scenario(self.RAW), 0)
+        with pytest.raises(ValueError, match="no load time of live_model 'generate'"):
+            real_model_loads(prepared, {"embed": 0.3})
+        with pytest.raises(ValueError, match=r"unknown queues \['zz'\]"):
+            plan_replay(prepared, speed=2.0, calibration=Calibration(), model_loads_s={"zz": 1.0})
+
+    def test_a_job_type_shared_by_queues_of_different_models_is_refused(self) -> None:
+        raw = {**TINY, "queues": [{**TINY["queues"][0], "live_model": "embed"},
+                                  {**TINY["queues"][0], "name": "a2"}, TINY["queues"][1]]}  # fmt: skip
+        plan = plan_replay(prepare(parse_scenario(raw), 0), speed=2.0, calibration=Calibration())
+        with pytest.raises(ValueError, match="job type 'a' is in queues with different live_model"):
+            plan.handlers()
 
 
 class TestReplayInputs:
