@@ -183,6 +183,9 @@ def _recording(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
 
     samples: dict[bool, list[float]] = {True: [], False: []}
     cpu_us: dict[bool, list[float]] = {True: [], False: []}
+    # Redis's share of it: the recording adds work only there (the services run the same code
+    # either way), so a difference in the services' CPU per job is the machine's noise.
+    redis_us: dict[bool, list[float]] = {True: [], False: []}
     with bench_ray() as ray_temp_dir:
         configs = {
             record: bench_config(redis_url, namespace=f"bench-record-{record}", record=record)
@@ -200,13 +203,16 @@ def _recording(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
                         await c.connect()
                         await _wait_all(c, [await c.submit("noop", 0)])  # workers ready
                     procs = _service_processes(ray_temp_dir)
-                    if redis_pid is not None:
-                        procs.append(psutil.Process(redis_pid))
+                    redis = [psutil.Process(redis_pid)] if redis_pid is not None else []
+                    procs += redis
                     for _ in range(RECORDING_ROUNDS):
                         for record in (False, True):
-                            before_s = _cpu_s(procs)
+                            before_s, redis_before_s = _cpu_s(procs), _cpu_s(redis)
                             samples[record].append(await _batched(clients[record], N_RECORDING))
                             cpu_us[record].append((_cpu_s(procs) - before_s) * 1e6 / N_RECORDING)
+                            redis_us[record].append(
+                                (_cpu_s(redis) - redis_before_s) * 1e6 / N_RECORDING
+                            )
                 finally:
                     for c in clients.values():
                         await c.close()
@@ -214,11 +220,19 @@ def _recording(redis_url: str, redis_pid: int | None) -> dict[str, Any]:
             asyncio.run(drive())
     on_s, off_s = statistics.median(samples[True]), statistics.median(samples[False])
     on_us, off_us = statistics.median(cpu_us[True]), statistics.median(cpu_us[False])
+    redis_on, redis_off = statistics.median(redis_us[True]), statistics.median(redis_us[False])
     return {
         "batched_jobs_per_s": {"record_off": round(off_s), "record_on": round(on_s)},
         "overhead_pct": round(100.0 * (off_s - on_s) / off_s, 1),
         "cpu_us_per_job": {"record_off": round(off_us, 1), "record_on": round(on_us, 1)},
         "cpu_overhead_pct": round(100.0 * (on_us - off_us) / off_us, 1),
+        "redis_cpu_us_per_job": {
+            "record_off": round(redis_off, 1),
+            "record_on": round(redis_on, 1),
+        },
+        # What the recording costs on cores that are saturated: Redis's added CPU per job over
+        # the whole CPU per job with the recording off (the bound on the throughput lost).
+        "redis_added_cpu_pct_of_total": round(100.0 * (redis_on - redis_off) / off_us, 1),
         "rounds": RECORDING_ROUNDS,
         "jobs_per_round": N_RECORDING,
         "samples_jobs_per_s": {
