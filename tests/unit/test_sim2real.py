@@ -361,7 +361,8 @@ class TestSyntheticHandlers:
         started = time.perf_counter()
         assert handler.run_batch(work, [{"service_s": seconds}]) == [seconds]
         took = time.perf_counter() - started
-        assert seconds <= took < seconds + 2 * work.pass_s + 0.05
+        # Generous above: a busy machine may preempt the last pass.
+        assert seconds <= took < seconds + 4 * work.pass_s + 0.25
         assert work.run_for(seconds) >= 2
         # Shorter than a pass: it sleeps, and still lasts the time asked for.
         assert work.run_for(work.pass_s / 2) == 0
