@@ -393,6 +393,16 @@ class TestLiveModels:
                                      "mix": {"a": 2, "b": 1, "b2": 1}}]},
     }  # fmt: skip
 
+    def test_live_models_leave_the_fingerprint_alone(self) -> None:
+        """Only a live replay reads live_model: the tuned values of a scenario still apply."""
+        from policies.evaluation import scenario_fingerprint
+
+        plain = {**self.RAW, "queues": [
+            {k: v for k, v in q.items() if k != "live_model"} for q in self.RAW["queues"]]}  # fmt: skip
+        assert scenario_fingerprint(parse_scenario(self.RAW)) == scenario_fingerprint(
+            parse_scenario(plain)
+        )
+
     def test_an_unknown_live_model_is_named(self) -> None:
         raw = {**TINY, "queues": [{**TINY["queues"][0], "live_model": "bert"}, TINY["queues"][1]]}
         with pytest.raises(ScenarioError, match=r"queues\.0\.live_model"):
