@@ -68,8 +68,9 @@ def scenario_fingerprint(scenario: Scenario, trace: TraceInput | None = None) ->
     """A short hash of everything about a scenario that changes its runs (and the trace's content).
 
     The description, the shadow policy (which decides only in the live service) and the queues'
-    live_model (which only a live replay reads) are left out: none changes a run. Tuned parameters are stored with this, so a user's scenario that merely
-    reuses a shipped name is tuned afresh, not given foreign values. Sections a scenario does not
+    live_model (which only a live replay reads) are left out: none changes a run. Tuned parameters
+    are stored with this, so a user's scenario that merely reuses a shipped name is tuned afresh,
+    not given foreign values. Sections a scenario does not
     give (tenants, calibration) are left out too, so scenarios hash as they did before those existed.
     """
     shadow = {"shadow": True, "shadow_params": True, "shadow_promote": True}

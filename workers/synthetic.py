@@ -149,14 +149,13 @@ class ModelWork:
         else:
             raise ValueError(f"unknown demo model {name!r} (known: {', '.join(DEMO_MODELS)})")
         self.name = name
-        self.pass_s = 0.0
+        # Seconds a pass takes: the first (warm-up) pass, then a running average.
         self.pass_s = self._timed_pass()
 
     def _timed_pass(self) -> float:
         started = time.perf_counter()
         self._forward()
-        took = time.perf_counter() - started
-        return took if self.pass_s == 0.0 else (1 - self._ALPHA) * self.pass_s + self._ALPHA * took
+        return time.perf_counter() - started
 
     def run_for(self, seconds: float) -> int:
         """Forward passes until `seconds` have gone by (the last stretch, shorter than a pass,
@@ -167,14 +166,9 @@ class ModelWork:
             if left < self.pass_s:
                 time.sleep(left)
                 break
-            self.pass_s = self._timed_pass()
+            self.pass_s = (1 - self._ALPHA) * self.pass_s + self._ALPHA * self._timed_pass()
             passes += 1
         return passes
-
-
-def load_model_work(name: str) -> ModelWork:
-    """Build demo model `name` and time its first pass: the loader of a demo-model handler."""
-    return ModelWork(name)
 
 
 def time_model_loads(names: Iterable[str]) -> dict[str, float]:
@@ -185,7 +179,7 @@ def time_model_loads(names: Iterable[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in sorted(set(names)):
         started = time.perf_counter()
-        load_model_work(name)
+        ModelWork(name)
         out[name] = time.perf_counter() - started
     return out
 
@@ -205,19 +199,13 @@ def register_synthetic(registry: HandlerRegistry, handlers: Mapping[str, float |
         if job_type in known:
             continue
         if isinstance(spec, str):
-            registry.register(
-                job_type,
-                loader=partial(load_model_work, spec),
-                run=_serve_on_model,
-                resources=Resources(num_cpus=WORKER_CPUS),
-            )
+            loader: Callable[[], Any] = partial(ModelWork, spec)
+            run: Callable[[Any, Any], float] = _serve_on_model
         else:
-            registry.register(
-                job_type,
-                loader=_sleeping_loader(spec),
-                run=_serve,
-                resources=Resources(num_cpus=WORKER_CPUS),
-            )
+            loader, run = _sleeping_loader(spec), _serve
+        registry.register(
+            job_type, loader=loader, run=run, resources=Resources(num_cpus=WORKER_CPUS)
+        )
 
 
 _HANDLERS = parse_handlers(os.environ.get(SYNTHETIC_HANDLERS_ENV, "{}"))
@@ -234,7 +222,6 @@ __all__ = [
     "SYNTHETIC_HANDLERS_ENV",
     "WORKER_CPUS",
     "ModelWork",
-    "load_model_work",
     "parse_handlers",
     "register_synthetic",
     "service_seconds",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import yaml
@@ -47,8 +47,8 @@ class _Section(BaseModel):
 
 
 # The built-in torch demo models (workers/demo_nets.py) a live replay can run for a queue.
-LIVE_MODELS: tuple[str, ...] = ("embed", "classify", "generate")
 LiveModel = Literal["embed", "classify", "generate"]
+LIVE_MODELS: tuple[str, ...] = get_args(LiveModel)
 
 
 class QueueConfig(QueueSection):

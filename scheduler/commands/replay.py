@@ -7,9 +7,8 @@ embedded Redis and local Ray, unless --redis-url names a Redis to start it on) s
 synthetic handlers that sleep each job's drawn service time (or, on a queue whose scenario names
 a `live_model`, compute with that torch demo model for it, after a real model load that this
 command times first and gives the simulator), and the simulator runs the same jobs with the same
-policy and the overheads of the live service it models (the scenario's
-`calibration:` section, else the values measured on the development machine; --ideal leaves them
-out). Both are reported in scenario seconds, with the simulator's relative error per metric.
+policy and the overheads of the live service it models (the scenario's `calibration:` section,
+else the values measured on the development machine; --ideal leaves them out). Both are reported in scenario seconds, with the simulator's relative error per metric.
 """
 
 from __future__ import annotations

@@ -31,22 +31,31 @@ SMALL: dict[str, Any] = {
 }  # fmt: skip
 
 
+def _replay(
+    raw: dict[str, Any], tmp_path: Path, redis_url: str, *, seed: int, duration_s: float
+) -> tuple[int, dict[str, Any]]:
+    """`bilevel replay --json` of scenario `raw` at 10x on `redis_url`: the number of jobs the
+    simulator draws for it, and the JSON it printed (it must exit 0)."""
+    path = tmp_path / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    expected = len(cut(prepare(parse_scenario(raw), seed=seed), duration_s).jobs.arrivals)
+    result = CliRunner().invoke(
+        app,
+        ["replay", "--scenario", str(path), "--speed", "10", "--duration-s", str(duration_s),
+         "--seed", str(seed), "--json", "--redis-url", redis_url],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return expected, out
+
+
 @pytest.mark.slow
 def test_replay_counts_every_job_live_and_reports_the_prediction(
     ray_local: None, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     """Every submitted job is in the live JSON, finished; the simulator ran the same jobs; the
     errors name every compared metric; the service it started is gone afterwards."""
-    path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(SMALL), encoding="utf-8")
-    expected = len(cut(prepare(parse_scenario(SMALL), seed=4), 30.0).jobs.arrivals)
-    result = CliRunner().invoke(
-        app,
-        ["replay", "--scenario", str(path), "--speed", "10", "--duration-s", "30", "--seed", "4",
-         "--json", "--redis-url", redis_server.url],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    expected, out = _replay(SMALL, tmp_path, redis_server.url, seed=4, duration_s=30.0)
     live, sim = out["live"], out["sim"]
     assert expected > 10
     assert live["submitted"] == expected
@@ -79,16 +88,7 @@ def test_replay_runs_a_queue_on_a_real_torch_model(
         "name": "torch_replay",
         "queues": [{**SMALL["queues"][0], "live_model": "embed"}, SMALL["queues"][1]],
     }
-    path = tmp_path / "torch.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    expected = len(cut(prepare(parse_scenario(raw), seed=2), 20.0).jobs.arrivals)
-    result = CliRunner().invoke(
-        app,
-        ["replay", "--scenario", str(path), "--speed", "10", "--duration-s", "20", "--seed", "2",
-         "--json", "--redis-url", redis_server.url],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    expected, out = _replay(raw, tmp_path, redis_server.url, seed=2, duration_s=20.0)
     live = out["live"]
     assert expected > 5
     assert (live["jobs"], live["unfinished"], live["failed"]) == (expected, 0, 0)
